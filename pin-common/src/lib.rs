@@ -1,0 +1,284 @@
+//! Types shared by the eBPF programs (`pin-ebpf`) and userspace (`pin-user`).
+//!
+//! Everything here crosses the kernel boundary, so every struct is `#[repr(C)]`
+//! with explicit padding and no `bool`. Map names are exported as constants so
+//! userspace never repeats a string the eBPF side defines.
+#![no_std]
+
+/// Length of `task_struct::comm`, including the trailing NUL.
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Upper bound on CPU ids the per-CPU arrays can describe.
+pub const MAX_CPUS: u32 = 1024;
+
+/// Capacity of the per-(cpu, thread) intruder accounting map. When it is full,
+/// further threads are still counted in the per-CPU class totals and the
+/// overflow is counted in [`counter::THREAD_MAP_FULL`].
+pub const MAX_THREADS: u32 = 16384;
+
+/// Capacity of the owner (vCPU) and allowlist maps.
+pub const MAX_OWNERS: u32 = 4096;
+pub const MAX_ALLOWED: u32 = 16384;
+
+/// Size of the event ring buffer in bytes (a power of two multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Names of the maps defined by pin-ebpf.
+pub mod map {
+    pub const GUARDED: &str = "GUARDED";
+    pub const OWNERS: &str = "OWNERS";
+    pub const ALLOWED: &str = "ALLOWED";
+    pub const CPU_STATS: &str = "CPU_STATS";
+    pub const THREADS: &str = "THREADS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const PENDING_AFFINITY: &str = "PENDING_AFFINITY";
+}
+
+/// Names of the programs defined by pin-ebpf.
+pub mod program {
+    /// `sched_switch` as a BTF-enabled raw tracepoint (the default).
+    pub const SWITCH_TP_BTF: &str = "switch_tp_btf";
+    /// `sched_switch` as a raw tracepoint (no BTF needed for attach).
+    pub const SWITCH_RAW_TP: &str = "switch_raw_tp";
+    /// `sched/sched_switch` as a classic tracepoint (perf-event based).
+    pub const SWITCH_TRACEPOINT: &str = "switch_tracepoint";
+    pub const MIGRATE_TP_BTF: &str = "migrate_tp_btf";
+    pub const SETAFFINITY_ENTER: &str = "setaffinity_enter";
+    pub const SETAFFINITY_EXIT: &str = "setaffinity_exit";
+    /// Programs that do nothing, used by the benchmark as the cost floor of a hook.
+    pub const EMPTY_TP_BTF: &str = "empty_tp_btf";
+    pub const EMPTY_RAW_TP: &str = "empty_raw_tp";
+    pub const EMPTY_TRACEPOINT: &str = "empty_tracepoint";
+}
+
+/// Names of load-time globals (`Global<T>` in pin-ebpf, `EbpfLoader::set_global` in userspace).
+pub mod global {
+    /// `u32`: pinguard's own tgid; its threads never produce events.
+    pub const SELF_TGID: &str = "SELF_TGID";
+    /// `u64`: minimum nanoseconds between two intrusion events of one thread on one CPU.
+    pub const EVENT_INTERVAL_NS: &str = "EVENT_INTERVAL_NS";
+    /// `TaskOffsets`: field offsets inside `struct task_struct`, read from kernel BTF.
+    pub const TASK_OFFSETS: &str = "TASK_OFFSETS";
+}
+
+/// Byte offsets of the `task_struct` fields the programs read. Resolved from
+/// `/sys/kernel/btf/vmlinux` at load time, never baked in from the build machine
+/// (the layout depends on kernel version and configuration, e.g. RANDSTRUCT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub pid: u32,
+    pub tgid: u32,
+    pub flags: u32,
+    pub nr_cpus_allowed: u32,
+    pub comm: u32,
+    /// Offset of the CPU the task is on (`task_struct::cpu`, or `thread_info.cpu`).
+    pub cpu: u32,
+}
+
+/// `task_struct::flags` bit for kernel threads (include/linux/sched.h).
+pub const PF_KTHREAD: u32 = 0x0020_0000;
+/// `task_struct::flags` bit for threads whose affinity userspace may not change.
+pub const PF_NO_SETAFFINITY: u32 = 0x0400_0000;
+
+/// How a run slice on a guarded CPU is classified.
+pub mod class {
+    /// The idle task (pid 0).
+    pub const IDLE: u32 = 0;
+    /// The vCPU thread that owns this CPU.
+    pub const VCPU: u32 = 1;
+    /// A per-CPU kernel thread bound to this CPU (migration/N, ksoftirqd/N, kworker/N:*).
+    pub const KERNEL: u32 = 2;
+    /// A user thread on the allowlist, or pinguard itself.
+    pub const ALLOWED: u32 = 3;
+    /// Any other user thread, including another guest's vCPU.
+    pub const INTRUDER_USER: u32 = 4;
+    /// A kernel thread not bound to this CPU (kworker/u*, ...).
+    pub const INTRUDER_KTHREAD: u32 = 5;
+    pub const COUNT: usize = 6;
+
+    pub const fn name(class: u32) -> &'static str {
+        match class {
+            IDLE => "idle",
+            VCPU => "vcpu",
+            KERNEL => "kernel",
+            ALLOWED => "allowed",
+            INTRUDER_USER => "intruder_user",
+            INTRUDER_KTHREAD => "intruder_kthread",
+            _ => "unknown",
+        }
+    }
+
+    pub const fn is_intruder(class: u32) -> bool {
+        matches!(class, INTRUDER_USER | INTRUDER_KTHREAD)
+    }
+}
+
+/// Indices into the `COUNTERS` per-CPU array.
+pub mod counter {
+    /// Ring buffer full: an event could not be reserved.
+    pub const EVENTS_LOST: u32 = 0;
+    /// `THREADS` map full: a new intruder thread is counted only in the class totals.
+    pub const THREAD_MAP_FULL: u32 = 1;
+    /// sched_switch events seen on guarded CPUs.
+    pub const GUARDED_SWITCHES: u32 = 2;
+    /// Reads of task_struct fields that failed.
+    pub const READ_ERRORS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Kinds of [`Event`].
+pub mod event {
+    /// A thread that is neither owner nor allowed ran on a guarded CPU.
+    pub const INTRUSION: u32 = 1;
+    /// A non-owner thread was migrated onto a guarded CPU.
+    pub const MIGRATE_IN: u32 = 2;
+    /// An owner (vCPU) thread was migrated away from its CPU.
+    pub const OWNER_AWAY: u32 = 3;
+    /// Someone called sched_setaffinity on an owner thread (emitted at syscall exit).
+    pub const AFFINITY_CHANGE: u32 = 4;
+
+    pub const fn name(kind: u32) -> &'static str {
+        match kind {
+            INTRUSION => "intrusion",
+            MIGRATE_IN => "migrate_in",
+            OWNER_AWAY => "owner_away",
+            AFFINITY_CHANGE => "affinity_change",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Key of the `THREADS` map: one entry per intruder thread per guarded CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ThreadKey {
+    pub cpu: u32,
+    pub tid: u32,
+}
+
+/// Value of the `THREADS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadStats {
+    /// Total nanoseconds run on this CPU since first seen.
+    pub run_ns: u64,
+    /// Number of run slices.
+    pub slices: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the start of the first slice.
+    pub first_ns: u64,
+    /// When the last event for this thread was sent (rate limit).
+    pub last_event_ns: u64,
+    /// Longest single slice.
+    pub max_slice_ns: u64,
+    pub tgid: u32,
+    pub class: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// Per-CPU state and class totals (one entry of the `CPU_STATS` per-CPU array).
+/// Only the CPU itself writes its slot, so no atomics are needed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuStats {
+    /// Time of the last context switch on this CPU (0 until the first one seen).
+    pub last_switch_ns: u64,
+    pub run_ns: [u64; class::COUNT],
+    pub slices: [u64; class::COUNT],
+}
+
+/// Value of the `OWNERS` map (key: tid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// The guarded CPU this vCPU thread is assigned to.
+    pub cpu: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `ALLOWED` map (key: tid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    /// The CPU the thread is allowed on, or [`ANY_CPU`].
+    pub cpu: u32,
+    pub _pad: u32,
+}
+
+pub const ANY_CPU: u32 = u32::MAX;
+
+/// Stashed arguments of an in-flight sched_setaffinity call (key: caller tid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingAffinity {
+    pub target_tid: u32,
+    pub _pad: u32,
+    /// First 64 bits of the requested mask.
+    pub mask: u64,
+}
+
+/// A record sent through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    pub kind: u32,
+    /// The guarded CPU concerned (for OWNER_AWAY: the owner's assigned CPU).
+    pub cpu: u32,
+    /// The thread that ran / migrated / called sched_setaffinity.
+    pub tid: u32,
+    pub tgid: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub cgroup_id: u64,
+    /// Start of the run slice (CLOCK_MONOTONIC ns), or time of the event.
+    pub start_ns: u64,
+    /// Length of this run slice.
+    pub run_ns: u64,
+    /// Cumulative run time and slices of this thread on this CPU.
+    pub total_ns: u64,
+    pub slices: u64,
+    pub class: u32,
+    /// MIGRATE_IN: origin CPU; OWNER_AWAY: destination CPU.
+    pub other_cpu: u32,
+    /// AFFINITY_CHANGE: the thread whose affinity was changed.
+    pub target_tid: u32,
+    pub _pad: u32,
+    /// AFFINITY_CHANGE: the first 64 bits of the new mask.
+    pub mask: u64,
+}
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Self {
+            kind: 0,
+            cpu: 0,
+            tid: 0,
+            tgid: 0,
+            comm: [0; TASK_COMM_LEN],
+            cgroup_id: 0,
+            start_ns: 0,
+            run_ns: 0,
+            total_ns: 0,
+            slices: 0,
+            class: 0,
+            other_cpu: 0,
+            target_tid: 0,
+            _pad: 0,
+            mask: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, contain only integers and arrays
+    // of integers, and have explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::ThreadKey {}
+    unsafe impl aya::Pod for super::ThreadStats {}
+    unsafe impl aya::Pod for super::CpuStats {}
+    unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::Allowed {}
+    unsafe impl aya::Pod for super::TaskOffsets {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::PendingAffinity {}
+}

@@ -1,0 +1,83 @@
+//! Maps and load-time globals shared by all programs.
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use pin_common::{
+    Allowed, CpuStats, EVENTS_BYTES, Event, MAX_ALLOWED, MAX_CPUS, MAX_OWNERS, MAX_THREADS, Owner,
+    PendingAffinity, TaskOffsets, ThreadKey, ThreadStats, counter,
+};
+
+/// 1 at index `cpu` when that CPU is guarded. Userspace may change it at run time.
+#[map]
+pub static GUARDED: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// vCPU thread id -> the guarded CPU it owns.
+#[map]
+pub static OWNERS: HashMap<u32, Owner> = HashMap::with_max_entries(MAX_OWNERS, 0);
+
+/// User thread id -> CPU it may run on without being an intruder (allowlist).
+#[map]
+pub static ALLOWED: HashMap<u32, Allowed> = HashMap::with_max_entries(MAX_ALLOWED, 0);
+
+/// Per-CPU class totals and the time of the last switch.
+#[map]
+pub static CPU_STATS: PerCpuArray<CpuStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-(cpu, tid) accounting of intruders. A plain hash (not LRU) so nothing is
+/// evicted silently: when full, inserts fail and are counted, and userspace
+/// prunes entries of threads that have exited.
+#[map]
+pub static THREADS: HashMap<ThreadKey, ThreadStats> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// sched_setaffinity arguments between syscall entry and exit, keyed by caller tid.
+#[map]
+pub static PENDING_AFFINITY: HashMap<u32, PendingAffinity> = HashMap::with_max_entries(1024, 0);
+
+#[unsafe(no_mangle)]
+pub static SELF_TGID: Global<u32> = Global::new(0);
+
+#[unsafe(no_mangle)]
+pub static EVENT_INTERVAL_NS: Global<u64> = Global::new(1_000_000_000);
+
+#[unsafe(no_mangle)]
+pub static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
+    pid: 0,
+    tgid: 0,
+    flags: 0,
+    nr_cpus_allowed: 0,
+    comm: 0,
+    cpu: 0,
+});
+
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn is_guarded(cpu: u32) -> bool {
+    matches!(GUARDED.get(cpu), Some(&g) if g != 0)
+}
+
+/// Sends an event, counting it as lost when the ring buffer is full.
+#[inline(always)]
+pub fn send(event: &Event) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(*event);
+            entry.submit(0);
+        }
+        None => bump(counter::EVENTS_LOST),
+    }
+}

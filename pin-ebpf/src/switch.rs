@@ -1,0 +1,160 @@
+//! `sched_switch`: attribute every run slice on a guarded CPU to its thread.
+//!
+//! The same body is attached through three hook types so the benchmark can
+//! compare their cost on one kernel; userspace attaches exactly one of them.
+//! Kernel: kernel/sched/core.c `__schedule()` calls `trace_sched_switch()`
+//! before `context_switch()`, so `current` is still `prev`
+//! (https://elixir.bootlin.com/linux/v6.18/source/kernel/sched/core.c).
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    },
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+};
+use pin_common::{ANY_CPU, Event, ThreadKey, ThreadStats, class, counter, event};
+
+use crate::{
+    maps::{
+        ALLOWED, CPU_STATS, EVENT_INTERVAL_NS, OWNERS, SELF_TGID, THREADS, bump, is_guarded, send,
+    },
+    task::{self, Kthread},
+};
+
+/// `trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`
+#[btf_tracepoint(function = "sched_switch")]
+pub fn switch_tp_btf(ctx: BtfTracePointContext) -> i32 {
+    let prev: *const u8 = ctx.arg(1);
+    on_switch(prev)
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn switch_raw_tp(ctx: RawTracePointContext) -> i32 {
+    let prev: *const u8 = ctx.arg(1);
+    on_switch(prev)
+}
+
+/// The classic tracepoint's record has no task pointer; `current` is `prev`.
+#[tracepoint(category = "sched", name = "sched_switch")]
+pub fn switch_tracepoint(ctx: TracePointContext) -> i32 {
+    let _ = ctx.as_ptr();
+    // SAFETY: plain helper call.
+    let prev = unsafe { bpf_get_current_task() } as *const u8;
+    on_switch(prev)
+}
+
+#[inline(always)]
+fn on_switch(prev: *const u8) -> i32 {
+    // SAFETY: helper calls without preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // The cheap test first: most switches happen on housekeeping CPUs.
+    if !is_guarded(cpu) {
+        return 0;
+    }
+    let Some(stats) = CPU_STATS.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, written only by this CPU.
+    let stats = unsafe { &mut *stats };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let start = stats.last_switch_ns;
+    stats.last_switch_ns = now;
+    if start == 0 || start > now {
+        // First switch seen on this CPU: the slice began before we attached.
+        return 0;
+    }
+    let run_ns = now - start;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    let class = classify(cpu, tid, tgid, prev);
+    let c = class as usize;
+    if c < class::COUNT {
+        stats.run_ns[c] += run_ns;
+        stats.slices[c] += 1;
+    }
+    if class::is_intruder(class) {
+        record_intruder(cpu, tid, tgid, class, start, run_ns);
+    }
+    0
+}
+
+#[inline(always)]
+fn classify(cpu: u32, tid: u32, tgid: u32, prev: *const u8) -> u32 {
+    if tid == 0 {
+        return class::IDLE;
+    }
+    if let Some(owner) = unsafe { OWNERS.get(&tid) } {
+        // Another guest's vCPU running here steals this CPU from its owner.
+        return if owner.cpu == cpu { class::VCPU } else { class::INTRUDER_USER };
+    }
+    if tgid == SELF_TGID.load() {
+        return class::ALLOWED;
+    }
+    match task::kthread(prev) {
+        Kthread::PerCpu => return class::KERNEL,
+        Kthread::Unbound => return class::INTRUDER_KTHREAD,
+        Kthread::No => {}
+    }
+    match unsafe { ALLOWED.get(&tid) } {
+        Some(a) if a.cpu == ANY_CPU || a.cpu == cpu => class::ALLOWED,
+        _ => class::INTRUDER_USER,
+    }
+}
+
+/// Accounts an intruder slice per thread and sends an event the first time the
+/// thread is seen on this CPU, then at most once per `EVENT_INTERVAL_NS`, so a
+/// kworker running thousands of times a second cannot flood the ring buffer.
+#[inline(always)]
+fn record_intruder(cpu: u32, tid: u32, tgid: u32, class: u32, start: u64, run_ns: u64) {
+    let key = ThreadKey { cpu, tid };
+    let now = start + run_ns;
+    let (total_ns, slices) = match THREADS.get_ptr_mut(&key) {
+        Some(t) => {
+            // SAFETY: entries for `cpu` are only written by this CPU.
+            let t = unsafe { &mut *t };
+            t.run_ns += run_ns;
+            t.slices += 1;
+            if run_ns > t.max_slice_ns {
+                t.max_slice_ns = run_ns;
+            }
+            if now.wrapping_sub(t.last_event_ns) < EVENT_INTERVAL_NS.load() {
+                return;
+            }
+            t.last_event_ns = now;
+            (t.run_ns, t.slices)
+        }
+        None => {
+            let stats = ThreadStats {
+                run_ns,
+                slices: 1,
+                first_ns: start,
+                last_event_ns: now,
+                max_slice_ns: run_ns,
+                tgid,
+                class,
+                comm: bpf_get_current_comm().unwrap_or_default(),
+            };
+            if THREADS.insert(&key, &stats, 0).is_err() {
+                bump(counter::THREAD_MAP_FULL);
+            }
+            (run_ns, 1)
+        }
+    };
+    let mut ev = Event::zeroed();
+    ev.kind = event::INTRUSION;
+    ev.cpu = cpu;
+    ev.tid = tid;
+    ev.tgid = tgid;
+    ev.comm = bpf_get_current_comm().unwrap_or_default();
+    // SAFETY: helper without preconditions; `current` is the thread that ran.
+    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    ev.start_ns = start;
+    ev.run_ns = run_ns;
+    ev.total_ns = total_ns;
+    ev.slices = slices;
+    ev.class = class;
+    send(&ev);
+}

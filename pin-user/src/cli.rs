@@ -1,0 +1,270 @@
+//! Command-line interface: clap derive types for every subcommand.
+//! Values are validated at parse time where clap can; the rest is validated
+//! against the host (online CPUs, running guests) before anything is changed.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cpulist::CpuSet;
+
+#[derive(Debug, Parser)]
+#[command(name = "pinguard", version, about = "Keeps the dedicated CPUs of virtual machines dedicated", long_about = None)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace); RUST_LOG also works.
+    #[arg(long, global = true, default_value = "info", env = "PINGUARD_LOG")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the eBPF observer and stream what runs on the guarded CPUs.
+    Watch(WatchArgs),
+    /// Discover QEMU/KVM guests and pin each vCPU to its own guarded CPU.
+    Pin(PinArgs),
+    /// Report what runs on the guarded CPUs (snapshot, or observed over a window).
+    /// Exit code 0 clean, 1 violations found, 2 could not audit.
+    Audit(AuditArgs),
+    /// Check whether the host is configured for CPU isolation. Exit 1 on any failure.
+    Check(CheckArgs),
+    /// Run the isolation daemon: classify, enforce and export Prometheus metrics.
+    Run(RunArgs),
+}
+
+/// How the guarded CPUs are chosen, shared by every subcommand.
+#[derive(Debug, Args, Clone, Default)]
+pub struct GuardArgs {
+    /// CPUs to guard, in kernel list format ("2,3" or "2-5"). Default: the
+    /// isolated CPUs (/sys/devices/system/cpu/isolated).
+    #[arg(long, value_name = "CPULIST", value_parser = parse_cpulist)]
+    pub guard: Option<CpuSet>,
+}
+
+/// How guests are found, shared by pin/audit/run.
+#[derive(Debug, Args, Clone, Default)]
+pub struct DiscoverArgs {
+    /// QMP monitor socket of a guest (repeatable). Sockets on QEMU command lines are found anyway.
+    #[arg(long = "qmp", value_name = "PATH")]
+    pub qmp: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    /// A thread that owns a guarded CPU (its vCPU), as CPU=TID (repeatable).
+    #[arg(long = "owner", value_name = "CPU=TID", value_parser = parse_owner)]
+    pub owners: Vec<(u32, u32)>,
+    /// Stop after this many seconds (default: until Ctrl-C).
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// One JSON object per line instead of human-readable lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Minimum time between two events for one intruder on one CPU (e.g. 1s, 100ms, 0).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub event_interval: Duration,
+    /// Which kind of hook carries the sched_switch program.
+    #[arg(long, value_enum, default_value_t = Hook::TpBtf)]
+    pub hook: Hook,
+    /// How many intruders to list per CPU in the summary.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+}
+
+/// Kind of kernel hook for `sched_switch` (the benchmark compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Hook {
+    /// BTF-enabled raw tracepoint (tp_btf): cheapest, needs kernel BTF.
+    #[default]
+    TpBtf,
+    /// Raw tracepoint.
+    RawTp,
+    /// Classic perf-event tracepoint.
+    Tracepoint,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmtPolicy {
+    /// Place one guest's vCPUs on SMT siblings of the same core.
+    #[default]
+    PreferSiblings,
+    /// Use one thread per core and keep its sibling free (no SMT noise between vCPUs).
+    KeepSiblingsFree,
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    #[command(flatten)]
+    pub discover: DiscoverArgs,
+    /// Explicit placement for a guest: NAME=CPULIST, one CPU per vCPU in order (repeatable).
+    #[arg(long = "vm", value_name = "NAME=CPULIST", value_parser = parse_vm_map)]
+    pub vm: Vec<(String, CpuSet)>,
+    /// Where emulator (non-vCPU) threads go: "housekeeping" (default), "with-vcpu0", or a CPU list.
+    #[arg(long, value_name = "POLICY", default_value = "housekeeping", value_parser = parse_emulator)]
+    pub emulator: EmulatorPolicy,
+    #[arg(long, value_enum, default_value_t = SmtPolicy::PreferSiblings)]
+    pub smt: SmtPolicy,
+    /// Allow several vCPUs on one CPU when there are not enough guarded CPUs.
+    #[arg(long)]
+    pub allow_shared: bool,
+    /// Print the plan without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum EmulatorPolicy {
+    Housekeeping,
+    WithVcpu0,
+    Cpus(CpuSet),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    #[command(flatten)]
+    pub discover: DiscoverArgs,
+    /// Observe with the eBPF observer for this long (e.g. 5s, 500ms) instead of a snapshot.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub window: Option<Duration>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Watch and report only; never change an affinity.
+    Observe,
+    /// Re-pin drifted vCPUs and evict intruders.
+    Enforce,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    #[command(flatten)]
+    pub discover: DiscoverArgs,
+    /// observe (default) or enforce.
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Address for /metrics and /healthz (default 127.0.0.1:9477).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+pub fn parse_cpulist(s: &str) -> Result<CpuSet, String> {
+    let set = CpuSet::parse(s).map_err(|e| e.to_string())?;
+    if set.is_empty() {
+        return Err("the CPU list is empty".into());
+    }
+    Ok(set)
+}
+
+/// Durations as "5s", "200ms", "10us", "2m", or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected a number with a unit such as 5s, 200ms, 2m"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "ns" => value / 1e9,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ns, us, ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let (cpu, tid) = s
+        .split_once('=')
+        .ok_or_else(|| format!("invalid owner {s:?}: expected CPU=TID, e.g. 1=4242"))?;
+    let cpu = cpu.trim().parse().map_err(|_| format!("invalid CPU {cpu:?} in owner {s:?}"))?;
+    let tid = tid.trim().parse().map_err(|_| format!("invalid thread id {tid:?} in owner {s:?}"))?;
+    Ok((cpu, tid))
+}
+
+fn parse_vm_map(s: &str) -> Result<(String, CpuSet), String> {
+    let (name, cpus) = s
+        .split_once('=')
+        .ok_or_else(|| format!("invalid --vm {s:?}: expected NAME=CPULIST, e.g. web1=2,3"))?;
+    if name.trim().is_empty() {
+        return Err(format!("invalid --vm {s:?}: the guest name is empty"));
+    }
+    let cpus = parse_cpulist(cpus).map_err(|e| format!("invalid --vm {s:?}: {e}"))?;
+    Ok((name.trim().to_string(), cpus))
+}
+
+pub fn parse_emulator(s: &str) -> Result<EmulatorPolicy, String> {
+    match s.trim() {
+        "housekeeping" => Ok(EmulatorPolicy::Housekeeping),
+        "with-vcpu0" => Ok(EmulatorPolicy::WithVcpu0),
+        list => parse_cpulist(list).map(EmulatorPolicy::Cpus).map_err(|e| {
+            format!("invalid --emulator {s:?}: expected housekeeping, with-vcpu0 or a CPU list ({e})")
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unit"));
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn owners_and_maps() {
+        assert_eq!(parse_owner("1=4242").unwrap(), (1, 4242));
+        assert!(parse_owner("1:4242").unwrap_err().contains("CPU=TID"));
+        let (n, c) = parse_vm_map("web=2,3").unwrap();
+        assert_eq!((n.as_str(), c.to_string().as_str()), ("web", "2-3"));
+        assert!(parse_vm_map("=2").is_err());
+        assert!(parse_vm_map("web=").is_err());
+        assert_eq!(parse_emulator("with-vcpu0").unwrap(), EmulatorPolicy::WithVcpu0);
+        assert_eq!(parse_emulator("0").unwrap(), EmulatorPolicy::Cpus(CpuSet::single(0)));
+        assert!(parse_emulator("nowhere").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,267 @@
+//! Reading processes and threads from procfs.
+//!
+//! Every read tolerates the process or thread vanishing between listing and
+//! reading (ENOENT/ESRCH): that is the normal life of a host, not an error, so
+//! such reads return `None` and callers move on.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use crate::cpulist::CpuSet;
+
+/// A procfs mount (normally `/proc`; tests point it at a fixture tree).
+#[derive(Debug, Clone)]
+pub struct Proc {
+    root: PathBuf,
+}
+
+impl Default for Proc {
+    fn default() -> Self {
+        Self::new("/proc")
+    }
+}
+
+/// The facts about one thread that pinguard classifies on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ThreadInfo {
+    /// Thread group id (the process).
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// Scheduler state letter (R, S, D, I, ...).
+    pub state: char,
+    /// `task_struct::flags` (PF_KTHREAD, PF_NO_SETAFFINITY, ...).
+    pub flags: u32,
+    /// CPU the thread last ran on.
+    pub last_cpu: u32,
+    /// The thread's affinity.
+    pub allowed: CpuSet,
+}
+
+impl ThreadInfo {
+    pub fn is_kthread(&self) -> bool {
+        self.flags & pin_common::PF_KTHREAD != 0
+    }
+
+    pub fn no_setaffinity(&self) -> bool {
+        self.flags & pin_common::PF_NO_SETAFFINITY != 0
+    }
+
+    /// A kernel thread bound to exactly one CPU (migration/N, ksoftirqd/N, kworker/N:M).
+    pub fn is_percpu_kthread(&self) -> bool {
+        self.is_kthread() && self.allowed.len() == 1
+    }
+}
+
+/// Scheduler statistics of a thread (`/proc/<pid>/task/<tid>/schedstat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SchedStat {
+    /// Time spent on the CPU (ns): the kernel's `sum_exec_runtime`.
+    pub run_ns: u64,
+    /// Time spent runnable but waiting for a CPU (ns).
+    pub wait_ns: u64,
+    pub slices: u64,
+}
+
+/// Reads a file, mapping "the task is gone" to `None`.
+fn read_gone_ok(path: &Path) -> io::Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// ENOENT and ESRCH both mean the task exited under us.
+pub fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
+}
+
+impl Proc {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn numeric_entries(dir: &Path) -> io::Result<Vec<u32>> {
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if is_gone(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut ids: Vec<u32> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// All process ids.
+    pub fn pids(&self) -> io::Result<Vec<u32>> {
+        Self::numeric_entries(&self.root)
+    }
+
+    /// Thread ids of a process (empty if it exited).
+    pub fn tids(&self, pid: u32) -> io::Result<Vec<u32>> {
+        Self::numeric_entries(&self.root.join(pid.to_string()).join("task"))
+    }
+
+    fn task_dir(&self, pid: u32, tid: u32) -> PathBuf {
+        self.root.join(pid.to_string()).join("task").join(tid.to_string())
+    }
+
+    /// Reads one thread's facts; `None` if it exited.
+    pub fn thread(&self, pid: u32, tid: u32) -> io::Result<Option<ThreadInfo>> {
+        let dir = self.task_dir(pid, tid);
+        let Some(stat) = read_gone_ok(&dir.join("stat"))? else {
+            return Ok(None);
+        };
+        let Some(status) = read_gone_ok(&dir.join("status"))? else {
+            return Ok(None);
+        };
+        let parsed = parse_stat(&stat).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("unparsable {}/stat", dir.display()))
+        })?;
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .and_then(|v| CpuSet::parse(v).ok())
+            .unwrap_or_default();
+        Ok(Some(ThreadInfo {
+            tgid: pid,
+            tid,
+            comm: parsed.comm,
+            state: parsed.state,
+            flags: parsed.flags,
+            last_cpu: parsed.processor,
+            allowed,
+        }))
+    }
+
+    /// All threads of a process that are still there.
+    pub fn threads(&self, pid: u32) -> io::Result<Vec<ThreadInfo>> {
+        let mut out = Vec::new();
+        for tid in self.tids(pid)? {
+            if let Some(t) = self.thread(pid, tid)? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every thread on the host (the `ps -eLo` view).
+    pub fn all_threads(&self) -> io::Result<Vec<ThreadInfo>> {
+        let mut out = Vec::new();
+        for pid in self.pids()? {
+            out.extend(self.threads(pid)?);
+        }
+        Ok(out)
+    }
+
+    /// The command line of a process, split at NULs; `None` if it exited.
+    /// Kernel threads have an empty command line.
+    pub fn cmdline(&self, pid: u32) -> io::Result<Option<Vec<String>>> {
+        let path = self.root.join(pid.to_string()).join("cmdline");
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(
+                bytes
+                    .split(|b| *b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect(),
+            )),
+            Err(e) if is_gone(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `comm` of a thread (`None` if it exited).
+    pub fn comm(&self, pid: u32, tid: u32) -> io::Result<Option<String>> {
+        Ok(read_gone_ok(&self.task_dir(pid, tid).join("comm"))?.map(|s| s.trim_end().to_string()))
+    }
+
+    /// The thread group a thread id belongs to (`Tgid:` of /proc/<tid>/status).
+    pub fn tgid_of(&self, tid: u32) -> io::Result<Option<u32>> {
+        let Some(status) = read_gone_ok(&self.root.join(tid.to_string()).join("status"))? else {
+            return Ok(None);
+        };
+        Ok(status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .and_then(|v| v.trim().parse().ok()))
+    }
+
+    pub fn schedstat(&self, pid: u32, tid: u32) -> io::Result<Option<SchedStat>> {
+        let Some(s) = read_gone_ok(&self.task_dir(pid, tid).join("schedstat"))? else {
+            return Ok(None);
+        };
+        let v: Vec<u64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        Ok(match v.as_slice() {
+            [run, wait, slices, ..] => Some(SchedStat { run_ns: *run, wait_ns: *wait, slices: *slices }),
+            _ => None,
+        })
+    }
+}
+
+struct Stat {
+    comm: String,
+    state: char,
+    flags: u32,
+    processor: u32,
+}
+
+/// Parses `/proc/<pid>/stat`. The comm field is in parentheses and may itself
+/// contain spaces and parentheses, so split at the *last* `)`.
+fn parse_stat(s: &str) -> Option<Stat> {
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let comm = s.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = s.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state); field N is rest[N - 3].
+    let field = |n: usize| rest.get(n - 3).copied();
+    Some(Stat {
+        comm,
+        state: field(3)?.chars().next()?,
+        flags: field(9)?.parse().ok()?,
+        processor: field(39)?.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_awkward_comm() {
+        let line = "4242 (CPU 0/KVM) S 1 4242 4242 0 -1 4194624 2637 0 0 0 12 34 0 0 20 0 5 0 \
+                    123 1000 200 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0";
+        let st = parse_stat(line).unwrap();
+        assert_eq!(st.comm, "CPU 0/KVM");
+        assert_eq!(st.state, 'S');
+        assert_eq!(st.flags, 4194624);
+        assert_eq!(st.processor, 1);
+        let odd = "7 (a) b) R 1 7 7 0 -1 2097216 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0";
+        let st = parse_stat(odd).unwrap();
+        assert_eq!(st.comm, "a) b");
+        assert_eq!(st.processor, 0);
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn reads_live_self() {
+        let proc = Proc::default();
+        let me = std::process::id();
+        let threads = proc.threads(me).unwrap();
+        assert!(threads.iter().any(|t| t.tid == me), "own main thread missing: {threads:?}");
+        assert!(!threads[0].allowed.is_empty());
+        assert_eq!(proc.tgid_of(me).unwrap(), Some(me));
+        // A process that does not exist is not an error.
+        assert_eq!(proc.thread(u32::MAX - 1, u32::MAX - 1).unwrap(), None);
+        assert!(proc.tids(u32::MAX - 1).unwrap().is_empty());
+    }
+}
