@@ -4,7 +4,8 @@ use anyhow::Context as _;
 /// object in OUT_DIR, where `include_bytes_aligned!` embeds it in the binary.
 /// `AYA_BUILD_SKIP=1` skips this for fast `cargo check`/`clippy`.
 fn main() -> anyhow::Result<()> {
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // Leave an empty object so the crate still compiles; the loader reports
         // it clearly if such a binary is ever run.

@@ -44,7 +44,11 @@ pub fn setaffinity_enter(ctx: TracePointContext) -> i32 {
     } else {
         0
     };
-    let pending = PendingAffinity { target_tid: target, _pad: 0, mask };
+    let pending = PendingAffinity {
+        target_tid: target,
+        _pad: 0,
+        mask,
+    };
     let _ = PENDING_AFFINITY.insert(&caller, &pending, 0);
     0
 }
@@ -75,7 +79,10 @@ pub fn setaffinity_exit(ctx: TracePointContext) -> i32 {
     ev.start_ns = unsafe { bpf_ktime_get_ns() };
     ev.target_tid = pending.target_tid;
     ev.mask = pending.mask;
-    debug!(&ctx, "affinity of vCPU thread {} changed by {}", pending.target_tid, caller);
+    debug!(
+        &ctx,
+        "affinity of vCPU thread {} changed by {}", pending.target_tid, caller
+    );
     send(&ev);
     0
 }

@@ -88,7 +88,11 @@ fn classify(cpu: u32, tid: u32, tgid: u32, prev: *const u8) -> u32 {
     }
     if let Some(owner) = unsafe { OWNERS.get(&tid) } {
         // Another guest's vCPU running here steals this CPU from its owner.
-        return if owner.cpu == cpu { class::VCPU } else { class::INTRUDER_USER };
+        return if owner.cpu == cpu {
+            class::VCPU
+        } else {
+            class::INTRUDER_USER
+        };
     }
     if tgid == SELF_TGID.load() {
         return class::ALLOWED;

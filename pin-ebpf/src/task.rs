@@ -60,5 +60,9 @@ pub fn kthread(task: *const u8) -> Kthread {
         return Kthread::No;
     }
     let nr: i32 = read(task, offsets.nr_cpus_allowed);
-    if nr == 1 { Kthread::PerCpu } else { Kthread::Unbound }
+    if nr == 1 {
+        Kthread::PerCpu
+    } else {
+        Kthread::Unbound
+    }
 }

@@ -85,7 +85,9 @@ pub enum Hook {
     Tracepoint,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SmtPolicy {
     /// Place one guest's vCPUs on SMT siblings of the same core.
@@ -184,11 +186,13 @@ pub fn parse_cpulist(s: &str) -> Result<CpuSet, String> {
 /// Durations as "5s", "200ms", "10us", "2m", or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected a number with a unit such as 5s, 200ms, 2m"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid duration {s:?}: expected a number with a unit such as 5s, 200ms, 2m")
+    })?;
     let secs = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1e3,
@@ -196,7 +200,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ns" => value / 1e9,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ns, us, ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?}: use ns, us, ms, s, m or h"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
         return Err(format!("duration {s:?} is out of range"));
@@ -208,8 +216,14 @@ fn parse_owner(s: &str) -> Result<(u32, u32), String> {
     let (cpu, tid) = s
         .split_once('=')
         .ok_or_else(|| format!("invalid owner {s:?}: expected CPU=TID, e.g. 1=4242"))?;
-    let cpu = cpu.trim().parse().map_err(|_| format!("invalid CPU {cpu:?} in owner {s:?}"))?;
-    let tid = tid.trim().parse().map_err(|_| format!("invalid thread id {tid:?} in owner {s:?}"))?;
+    let cpu = cpu
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid CPU {cpu:?} in owner {s:?}"))?;
+    let tid = tid
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid thread id {tid:?} in owner {s:?}"))?;
     Ok((cpu, tid))
 }
 
@@ -229,7 +243,9 @@ pub fn parse_emulator(s: &str) -> Result<EmulatorPolicy, String> {
         "housekeeping" => Ok(EmulatorPolicy::Housekeeping),
         "with-vcpu0" => Ok(EmulatorPolicy::WithVcpu0),
         list => parse_cpulist(list).map(EmulatorPolicy::Cpus).map_err(|e| {
-            format!("invalid --emulator {s:?}: expected housekeeping, with-vcpu0 or a CPU list ({e})")
+            format!(
+                "invalid --emulator {s:?}: expected housekeeping, with-vcpu0 or a CPU list ({e})"
+            )
         }),
     }
 }
@@ -257,8 +273,14 @@ mod tests {
         assert_eq!((n.as_str(), c.to_string().as_str()), ("web", "2-3"));
         assert!(parse_vm_map("=2").is_err());
         assert!(parse_vm_map("web=").is_err());
-        assert_eq!(parse_emulator("with-vcpu0").unwrap(), EmulatorPolicy::WithVcpu0);
-        assert_eq!(parse_emulator("0").unwrap(), EmulatorPolicy::Cpus(CpuSet::single(0)));
+        assert_eq!(
+            parse_emulator("with-vcpu0").unwrap(),
+            EmulatorPolicy::WithVcpu0
+        );
+        assert_eq!(
+            parse_emulator("0").unwrap(),
+            EmulatorPolicy::Cpus(CpuSet::single(0))
+        );
         assert!(parse_emulator("nowhere").is_err());
     }
 

@@ -27,7 +27,10 @@ impl CpuSet {
     /// Parses a kernel CPU list. The empty string (as in an empty
     /// `/sys/devices/system/cpu/isolated`) is the empty set.
     pub fn parse(input: &str) -> Result<Self, CpuListError> {
-        let err = |reason: String| CpuListError::Syntax { input: input.to_string(), reason };
+        let err = |reason: String| CpuListError::Syntax {
+            input: input.to_string(),
+            reason,
+        };
         let mut set = BTreeSet::new();
         let trimmed = input.trim();
         if trimmed.is_empty() {
@@ -127,7 +130,10 @@ impl CpuSet {
     /// Checks that every CPU is in `online`, naming the first one that is not.
     pub fn check_within(&self, online: &CpuSet) -> Result<(), CpuListError> {
         match self.iter().find(|c| !online.contains(*c)) {
-            Some(cpu) => Err(CpuListError::NotOnline { cpu, online: online.clone() }),
+            Some(cpu) => Err(CpuListError::NotOnline {
+                cpu,
+                online: online.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -135,11 +141,15 @@ impl CpuSet {
     /// Parses the hexadecimal mask format of `/proc/irq/N/smp_affinity` and
     /// `Cpus_allowed` ("ff,ffffffff": 32-bit words, most significant first).
     pub fn parse_mask(input: &str) -> Result<Self, CpuListError> {
-        let err = |reason: String| CpuListError::Syntax { input: input.to_string(), reason };
+        let err = |reason: String| CpuListError::Syntax {
+            input: input.to_string(),
+            reason,
+        };
         let mut set = BTreeSet::new();
         let words: Vec<&str> = input.trim().split(',').collect();
         for (i, word) in words.iter().rev().enumerate() {
-            let v = u32::from_str_radix(word, 16).map_err(|_| err(format!("bad hex word {word:?}")))?;
+            let v =
+                u32::from_str_radix(word, 16).map_err(|_| err(format!("bad hex word {word:?}")))?;
             for bit in 0..32 {
                 if v & (1 << bit) != 0 {
                     set.insert(i as u32 * 32 + bit);
@@ -151,15 +161,21 @@ impl CpuSet {
 
     /// The first 64 CPUs as a bitmask (for compact display and eBPF).
     pub fn mask64(&self) -> u64 {
-        self.iter().filter(|c| *c < 64).fold(0, |m, c| m | (1u64 << c))
+        self.iter()
+            .filter(|c| *c < 64)
+            .fold(0, |m, c| m | (1u64 << c))
     }
 }
 
 fn parse_id(s: &str, err: &impl Fn(String) -> CpuListError) -> Result<u32, CpuListError> {
     let s = s.trim();
-    let v: u32 = s.parse().map_err(|_| err(format!("{s:?} is not a CPU number")))?;
+    let v: u32 = s
+        .parse()
+        .map_err(|_| err(format!("{s:?} is not a CPU number")))?;
     if v > MAX_CPU_ID {
-        return Err(err(format!("CPU {v} is above the kernel limit {MAX_CPU_ID}")));
+        return Err(err(format!(
+            "CPU {v} is above the kernel limit {MAX_CPU_ID}"
+        )));
     }
     Ok(v)
 }
@@ -229,22 +245,37 @@ mod tests {
         assert_eq!(CpuSet::parse("").unwrap(), CpuSet::new());
         assert_eq!(CpuSet::parse("\n").unwrap(), CpuSet::new());
         assert_eq!(CpuSet::parse("2,3").unwrap(), CpuSet::from_cpus([2, 3]));
-        assert_eq!(CpuSet::parse("0-3,8").unwrap(), CpuSet::from_cpus([0, 1, 2, 3, 8]));
-        assert_eq!(CpuSet::parse(" 1 , 4-5 ").unwrap(), CpuSet::from_cpus([1, 4, 5]));
-        assert_eq!(CpuSet::parse("0-7:2").unwrap(), CpuSet::from_cpus([0, 2, 4, 6]));
+        assert_eq!(
+            CpuSet::parse("0-3,8").unwrap(),
+            CpuSet::from_cpus([0, 1, 2, 3, 8])
+        );
+        assert_eq!(
+            CpuSet::parse(" 1 , 4-5 ").unwrap(),
+            CpuSet::from_cpus([1, 4, 5])
+        );
+        assert_eq!(
+            CpuSet::parse("0-7:2").unwrap(),
+            CpuSet::from_cpus([0, 2, 4, 6])
+        );
     }
 
     #[test]
     fn rejects_bad_lists_with_reason() {
         for bad in ["a", "1-", "3-1", "1,,2", "-1", "0-7:0", "99999"] {
             let e = CpuSet::parse(bad).unwrap_err().to_string();
-            assert!(e.contains(bad), "error for {bad:?} should quote the input: {e}");
+            assert!(
+                e.contains(bad),
+                "error for {bad:?} should quote the input: {e}"
+            );
         }
     }
 
     #[test]
     fn formats_as_ranges() {
-        assert_eq!(CpuSet::from_cpus([0, 1, 2, 5, 7, 8]).to_string(), "0-2,5,7-8");
+        assert_eq!(
+            CpuSet::from_cpus([0, 1, 2, 5, 7, 8]).to_string(),
+            "0-2,5,7-8"
+        );
         assert_eq!(CpuSet::from_cpus([4]).to_string(), "4");
         assert_eq!(CpuSet::new().to_string(), "");
         let s = "0-3,16-19,32";
@@ -254,14 +285,20 @@ mod tests {
     #[test]
     fn parses_hex_masks() {
         assert_eq!(CpuSet::parse_mask("3").unwrap(), CpuSet::from_cpus([0, 1]));
-        assert_eq!(CpuSet::parse_mask("00000001,00000004").unwrap(), CpuSet::from_cpus([2, 32]));
+        assert_eq!(
+            CpuSet::parse_mask("00000001,00000004").unwrap(),
+            CpuSet::from_cpus([2, 32])
+        );
         assert!(CpuSet::parse_mask("xyz").is_err());
     }
 
     #[test]
     fn checks_online() {
         let online = CpuSet::parse("0-1").unwrap();
-        let e = CpuSet::parse("7").unwrap().check_within(&online).unwrap_err();
+        let e = CpuSet::parse("7")
+            .unwrap()
+            .check_within(&online)
+            .unwrap_err();
         assert_eq!(e.to_string(), "CPU 7 is not online (online CPUs: 0-1)");
         assert!(CpuSet::parse("1").unwrap().check_within(&online).is_ok());
     }

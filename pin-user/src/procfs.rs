@@ -112,7 +112,10 @@ impl Proc {
     }
 
     fn task_dir(&self, pid: u32, tid: u32) -> PathBuf {
-        self.root.join(pid.to_string()).join("task").join(tid.to_string())
+        self.root
+            .join(pid.to_string())
+            .join("task")
+            .join(tid.to_string())
     }
 
     /// Reads one thread's facts; `None` if it exited.
@@ -125,7 +128,10 @@ impl Proc {
             return Ok(None);
         };
         let parsed = parse_stat(&stat).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("unparsable {}/stat", dir.display()))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unparsable {}/stat", dir.display()),
+            )
         })?;
         let allowed = status
             .lines()
@@ -200,9 +206,16 @@ impl Proc {
         let Some(s) = read_gone_ok(&self.task_dir(pid, tid).join("schedstat"))? else {
             return Ok(None);
         };
-        let v: Vec<u64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let v: Vec<u64> = s
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
         Ok(match v.as_slice() {
-            [run, wait, slices, ..] => Some(SchedStat { run_ns: *run, wait_ns: *wait, slices: *slices }),
+            [run, wait, slices, ..] => Some(SchedStat {
+                run_ns: *run,
+                wait_ns: *wait,
+                slices: *slices,
+            }),
             _ => None,
         })
     }
@@ -257,7 +270,10 @@ mod tests {
         let proc = Proc::default();
         let me = std::process::id();
         let threads = proc.threads(me).unwrap();
-        assert!(threads.iter().any(|t| t.tid == me), "own main thread missing: {threads:?}");
+        assert!(
+            threads.iter().any(|t| t.tid == me),
+            "own main thread missing: {threads:?}"
+        );
         assert!(!threads[0].allowed.is_empty());
         assert_eq!(proc.tgid_of(me).unwrap(), Some(me));
         // A process that does not exist is not an error.
