@@ -30,6 +30,19 @@ pub enum Command {
     Check(CheckArgs),
     /// Run the isolation daemon: classify, enforce and export Prometheus metrics.
     Run(RunArgs),
+    /// Attach only the named eBPF program until SIGTERM/SIGINT (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    Attach(AttachArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    /// Program to attach (repeatable): switch_tp_btf, switch_raw_tp, switch_tracepoint,
+    /// migrate_tp_btf, setaffinity_enter, setaffinity_exit, empty_tp_btf, empty_raw_tp, empty_tracepoint.
+    #[arg(long = "program", required = true)]
+    pub programs: Vec<String>,
 }
 
 /// How the guarded CPUs are chosen, shared by every subcommand.

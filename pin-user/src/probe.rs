@@ -1,1 +1,689 @@
-//! TODO
+//! Loading, configuring and reading pinguard's eBPF observer.
+//!
+//! One `Probe` owns the loaded object: its programs stay attached until the
+//! `Probe` is dropped (aya detaches links on drop), so an early return or a
+//! panic never leaves a program behind.
+use std::{collections::BTreeMap, io, path::Path, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint},
+};
+use pin_common::{
+    ANY_CPU, Allowed, CpuStats, Event, Owner, TASK_COMM_LEN, ThreadKey, ThreadStats, counter,
+    global, map, program,
+};
+use thiserror::Error;
+
+use crate::{
+    btf::{Btf, BtfError},
+    cli::Hook,
+    cpulist::CpuSet,
+};
+
+/// The eBPF object built from pin-ebpf by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pin"));
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(
+        "permission denied loading eBPF programs: run pinguard as root, or grant it CAP_BPF, CAP_PERFMON \
+         and CAP_SYS_RESOURCE (see packaging/pinguard.service)"
+    )]
+    Permission,
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(
+        "tracefs is not mounted at /sys/kernel/tracing (needed for the sched_setaffinity and classic \
+         tracepoints): mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
+    )]
+    NoTracefs,
+    #[error(
+        "this pinguard binary was built with AYA_BUILD_SKIP=1 and contains no eBPF programs; rebuild with `cargo build --release`"
+    )]
+    EmptyObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("CPU {0} is beyond the {max} CPUs pinguard supports", max = pin_common::MAX_CPUS)]
+    CpuOutOfRange(u32),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> ProbeError {
+    move |source| ProbeError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> ProbeError {
+    move |source| {
+        if is_eperm(&source) {
+            ProbeError::Permission
+        } else {
+            ProbeError::Program { name, source }
+        }
+    }
+}
+
+fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.raw_os_error() == Some(libc::EPERM) || io.raw_os_error() == Some(libc::EACCES) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// What to load and attach.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub guarded: CpuSet,
+    pub hook: Hook,
+    /// Minimum time between two intrusion events of one thread on one CPU.
+    pub event_interval: Duration,
+    /// Attach sched_migrate_task (migrations onto guarded CPUs, owners leaving).
+    pub migrations: bool,
+    /// Attach the sched_setaffinity syscall tracepoints (who changed a vCPU's affinity).
+    pub affinity: bool,
+}
+
+impl ProbeConfig {
+    pub fn new(guarded: CpuSet) -> Self {
+        Self {
+            guarded,
+            hook: Hook::TpBtf,
+            event_interval: Duration::from_secs(1),
+            migrations: true,
+            affinity: true,
+        }
+    }
+}
+
+/// Kernel-side counters of things that went wrong or were dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub events_lost: u64,
+    pub thread_map_full: u64,
+    pub read_errors: u64,
+}
+
+/// Cumulative run time and call count of one attached program (`bpf_stats`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_time: Duration,
+    pub run_count: u64,
+}
+
+pub struct Probe {
+    ebpf: Ebpf,
+    attached: Vec<&'static str>,
+    guarded: CpuSet,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+pub fn tracefs_mounted() -> bool {
+    [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ]
+    .iter()
+    .any(|p| Path::new(p).is_dir())
+}
+
+impl Probe {
+    /// Loads the object with the running kernel's offsets and attaches the
+    /// observer. Nothing stays attached if any step fails.
+    pub fn load(config: &ProbeConfig) -> Result<Self, ProbeError> {
+        Self::load_programs(config, &[])
+    }
+
+    /// Loads the object and attaches exactly the named programs (benchmarks).
+    pub fn load_only(config: &ProbeConfig, programs: &[&'static str]) -> Result<Self, ProbeError> {
+        Self::load_programs(config, programs)
+    }
+
+    fn load_programs(config: &ProbeConfig, only: &[&'static str]) -> Result<Self, ProbeError> {
+        if OBJECT.is_empty() {
+            return Err(ProbeError::EmptyObject);
+        }
+        if !nix::unistd::geteuid().is_root() && !has_cap_bpf() {
+            return Err(ProbeError::Permission);
+        }
+        let needs_tracefs = config.affinity
+            || config.hook == Hook::Tracepoint
+            || only
+                .iter()
+                .any(|p| p.contains("tracepoint") || p.starts_with("setaffinity"));
+        if needs_tracefs && !tracefs_mounted() {
+            return Err(ProbeError::NoTracefs);
+        }
+        raise_memlock();
+        let kernel_btf = Btf::from_sys()?;
+        let offsets = kernel_btf.task_offsets()?;
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| BtfError::Read {
+            path: "/sys/kernel/btf/vmlinux".into(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let self_tgid = std::process::id();
+        let interval_ns = u64::try_from(config.event_interval.as_nanos()).unwrap_or(u64::MAX);
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
+            .override_global(global::SELF_TGID, &self_tgid, true)
+            .override_global(global::EVENT_INTERVAL_NS, &interval_ns, true)
+            .override_global(global::TASK_OFFSETS, &offsets, true)
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_eperm(&e) {
+                    ProbeError::Permission
+                } else {
+                    ProbeError::Load(e)
+                }
+            })?;
+        // Diagnostics from the programs (aya-log); optional, never per event.
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
+        let mut probe = Self {
+            ebpf,
+            attached: Vec::new(),
+            guarded: CpuSet::new(),
+            _logger: logger,
+        };
+        probe.set_guarded(&config.guarded)?;
+
+        let programs: Vec<&'static str> = if only.is_empty() {
+            let mut p = vec![match config.hook {
+                Hook::TpBtf => program::SWITCH_TP_BTF,
+                Hook::RawTp => program::SWITCH_RAW_TP,
+                Hook::Tracepoint => program::SWITCH_TRACEPOINT,
+            }];
+            if config.migrations {
+                p.push(program::MIGRATE_TP_BTF);
+            }
+            if config.affinity {
+                p.extend([program::SETAFFINITY_ENTER, program::SETAFFINITY_EXIT]);
+            }
+            p
+        } else {
+            only.to_vec()
+        };
+        for name in programs {
+            probe.attach(name, &aya_btf)?;
+        }
+        Ok(probe)
+    }
+
+    fn attach(&mut self, name: &'static str, btf: &aya::Btf) -> Result<(), ProbeError> {
+        let prog = self.ebpf.program_mut(name).ok_or(ProbeError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?;
+        let (kind, hook) = hook_of(name);
+        match kind {
+            HookKind::TpBtf => {
+                let p: &mut BtfTracePoint = prog.try_into().map_err(prog_err(name))?;
+                p.load(hook, btf).map_err(prog_err(name))?;
+                p.attach().map_err(prog_err(name))?;
+            }
+            HookKind::RawTp => {
+                let p: &mut RawTracePoint = prog.try_into().map_err(prog_err(name))?;
+                p.load().map_err(prog_err(name))?;
+                p.attach(hook).map_err(prog_err(name))?;
+            }
+            HookKind::Tracepoint(category) => {
+                let p: &mut TracePoint = prog.try_into().map_err(prog_err(name))?;
+                p.load().map_err(prog_err(name))?;
+                p.attach(category, hook).map_err(prog_err(name))?;
+            }
+        }
+        self.attached.push(name);
+        Ok(())
+    }
+
+    pub fn attached(&self) -> &[&'static str] {
+        &self.attached
+    }
+
+    pub fn guarded(&self) -> &CpuSet {
+        &self.guarded
+    }
+
+    /// Replaces the guarded set (the programs see the change at once).
+    pub fn set_guarded(&mut self, guarded: &CpuSet) -> Result<(), ProbeError> {
+        if let Some(cpu) = guarded.iter().find(|c| *c >= pin_common::MAX_CPUS) {
+            return Err(ProbeError::CpuOutOfRange(cpu));
+        }
+        let m = self
+            .ebpf
+            .map_mut(map::GUARDED)
+            .ok_or(ProbeError::MissingMap(map::GUARDED))?;
+        let mut arr: Array<_, u32> = Array::try_from(m).map_err(map_err(map::GUARDED))?;
+        for cpu in self.guarded.union(guarded).iter() {
+            arr.set(cpu, u32::from(guarded.contains(cpu)), 0)
+                .map_err(map_err(map::GUARDED))?;
+        }
+        self.guarded = guarded.clone();
+        Ok(())
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, ProbeError> {
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(ProbeError::MissingMap(name))?;
+        HashMap::try_from(m).map_err(map_err(name))
+    }
+
+    fn hash_ro<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<&MapData, K, V>, ProbeError> {
+        let m = self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))?;
+        HashMap::try_from(m).map_err(map_err(name))
+    }
+
+    /// Declares `tid` the owner (vCPU) of guarded CPU `cpu`.
+    pub fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError> {
+        self.hash::<u32, Owner>(map::OWNERS)?
+            .insert(tid, Owner { cpu, _pad: 0 }, 0)
+            .map_err(map_err(map::OWNERS))
+    }
+
+    pub fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError> {
+        ignore_missing(self.hash::<u32, Owner>(map::OWNERS)?.remove(&tid))
+            .map_err(map_err(map::OWNERS))
+    }
+
+    /// Current owners: tid -> CPU.
+    pub fn owners(&self) -> Result<BTreeMap<u32, u32>, ProbeError> {
+        let h = self.hash_ro::<u32, Owner>(map::OWNERS)?;
+        h.iter()
+            .map(|r| r.map(|(k, v)| (k, v.cpu)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map::OWNERS))
+    }
+
+    /// Allows user thread `tid` on `cpu` (None: on every guarded CPU).
+    pub fn set_allowed(&mut self, tid: u32, cpu: Option<u32>) -> Result<(), ProbeError> {
+        let v = Allowed {
+            cpu: cpu.unwrap_or(ANY_CPU),
+            _pad: 0,
+        };
+        self.hash::<u32, Allowed>(map::ALLOWED)?
+            .insert(tid, v, 0)
+            .map_err(map_err(map::ALLOWED))
+    }
+
+    pub fn remove_allowed(&mut self, tid: u32) -> Result<(), ProbeError> {
+        ignore_missing(self.hash::<u32, Allowed>(map::ALLOWED)?.remove(&tid))
+            .map_err(map_err(map::ALLOWED))
+    }
+
+    pub fn allowed(&self) -> Result<Vec<u32>, ProbeError> {
+        let h = self.hash_ro::<u32, Allowed>(map::ALLOWED)?;
+        h.keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map::ALLOWED))
+    }
+
+    /// Class totals of every guarded CPU, as accumulated in the kernel.
+    pub fn cpu_stats(&self) -> Result<BTreeMap<u32, CpuStats>, ProbeError> {
+        let m = self
+            .ebpf
+            .map(map::CPU_STATS)
+            .ok_or(ProbeError::MissingMap(map::CPU_STATS))?;
+        let arr: PerCpuArray<_, CpuStats> =
+            PerCpuArray::try_from(m).map_err(map_err(map::CPU_STATS))?;
+        let values = arr.get(&0, 0).map_err(map_err(map::CPU_STATS))?;
+        Ok(self
+            .guarded
+            .iter()
+            .filter_map(|cpu| values.get(cpu as usize).map(|v| (cpu, *v)))
+            .collect())
+    }
+
+    /// Per-thread intruder accounting.
+    pub fn threads(&self) -> Result<Vec<(ThreadKey, ThreadStats)>, ProbeError> {
+        let h = self.hash_ro::<ThreadKey, ThreadStats>(map::THREADS)?;
+        // Entries can vanish between key and value lookups while the kernel runs; skip those.
+        Ok(h.iter().filter_map(Result::ok).collect())
+    }
+
+    pub fn remove_thread(&mut self, key: ThreadKey) -> Result<(), ProbeError> {
+        ignore_missing(
+            self.hash::<ThreadKey, ThreadStats>(map::THREADS)?
+                .remove(&key),
+        )
+        .map_err(map_err(map::THREADS))
+    }
+
+    pub fn counters(&self) -> Result<Counters, ProbeError> {
+        let m = self
+            .ebpf
+            .map(map::COUNTERS)
+            .ok_or(ProbeError::MissingMap(map::COUNTERS))?;
+        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(m).map_err(map_err(map::COUNTERS))?;
+        let sum = |i: u32| -> Result<u64, ProbeError> {
+            Ok(arr.get(&i, 0).map_err(map_err(map::COUNTERS))?.iter().sum())
+        };
+        Ok(Counters {
+            events_lost: sum(counter::EVENTS_LOST)?,
+            thread_map_full: sum(counter::THREAD_MAP_FULL)?,
+            read_errors: sum(counter::READ_ERRORS)?,
+        })
+    }
+
+    /// Takes the event ring buffer (once) for a reader task.
+    pub fn take_events(&mut self) -> Result<EventReader, ProbeError> {
+        let m = self
+            .ebpf
+            .take_map(map::EVENTS)
+            .ok_or(ProbeError::MissingMap(map::EVENTS))?;
+        let ring = RingBuf::try_from(m).map_err(map_err(map::EVENTS))?;
+        Ok(EventReader { ring })
+    }
+
+    /// Run time and count of each attached program. Counted by the kernel only
+    /// while BPF statistics are enabled (see [`StatsGuard`]).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.attached
+            .iter()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some(ProgramStats {
+                    name,
+                    run_time: info.run_time(),
+                    run_count: info.run_count(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+enum HookKind {
+    TpBtf,
+    RawTp,
+    Tracepoint(&'static str),
+}
+
+fn hook_of(name: &str) -> (HookKind, &'static str) {
+    match name {
+        program::SWITCH_TP_BTF | program::EMPTY_TP_BTF => (HookKind::TpBtf, "sched_switch"),
+        program::SWITCH_RAW_TP | program::EMPTY_RAW_TP => (HookKind::RawTp, "sched_switch"),
+        program::SWITCH_TRACEPOINT | program::EMPTY_TRACEPOINT => {
+            (HookKind::Tracepoint("sched"), "sched_switch")
+        }
+        program::MIGRATE_TP_BTF => (HookKind::TpBtf, "sched_migrate_task"),
+        program::SETAFFINITY_ENTER => (
+            HookKind::Tracepoint("syscalls"),
+            "sys_enter_sched_setaffinity",
+        ),
+        _ => (
+            HookKind::Tracepoint("syscalls"),
+            "sys_exit_sched_setaffinity",
+        ),
+    }
+}
+
+/// Every program name `load_only` accepts.
+pub const PROGRAMS: &[&str] = &[
+    program::SWITCH_TP_BTF,
+    program::SWITCH_RAW_TP,
+    program::SWITCH_TRACEPOINT,
+    program::MIGRATE_TP_BTF,
+    program::SETAFFINITY_ENTER,
+    program::SETAFFINITY_EXIT,
+    program::EMPTY_TP_BTF,
+    program::EMPTY_RAW_TP,
+    program::EMPTY_TRACEPOINT,
+];
+
+fn has_cap_bpf() -> bool {
+    // CapEff bit 39 is CAP_BPF.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 39) != 0)
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct; failure only matters on old kernels.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Keeps kernel BPF run-time statistics enabled while alive (BPF_ENABLE_STATS).
+/// The kernel disables them again when the last such fd closes, so nothing
+/// needs restoring, even after a crash.
+pub struct StatsGuard(#[allow(dead_code)] std::os::fd::OwnedFd);
+
+impl StatsGuard {
+    pub fn enable() -> Result<Self, io::Error> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map(Self)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+/// Reads events from the ring buffer.
+pub struct EventReader {
+    ring: RingBuf<aya::maps::MapData>,
+}
+
+impl EventReader {
+    /// Registers the ring buffer with the tokio reactor (needs a runtime).
+    pub fn into_async(self) -> io::Result<tokio::io::unix::AsyncFd<EventReader>> {
+        // SAFETY: the fd belongs to the ring buffer map owned by `self`, which the
+        // AsyncFd owns from now on, so it stays open and unchanged while registered.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)
+    }
+
+    /// Drains every event currently in the buffer.
+    pub fn drain(&mut self, mut f: impl FnMut(Result<DecodedEvent, DecodeError>)) {
+        while let Some(item) = self.ring.next() {
+            f(decode(&item));
+        }
+    }
+
+    /// Waits (async) until events are available, then drains them.
+    pub async fn next_batch(
+        fd: &mut tokio::io::unix::AsyncFd<EventReader>,
+        f: impl FnMut(Result<DecodedEvent, DecodeError>),
+    ) -> io::Result<()> {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().drain(f);
+        guard.clear_ready();
+        Ok(())
+    }
+}
+
+impl std::os::fd::AsRawFd for EventReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("event of {got} bytes, expected {expected}")]
+pub struct DecodeError {
+    pub got: usize,
+    pub expected: usize,
+}
+
+/// An event as userspace uses it (and prints as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DecodedEvent {
+    pub event: &'static str,
+    pub kind: u32,
+    pub cpu: u32,
+    pub tid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub start_ns: u64,
+    pub run_ns: u64,
+    pub total_ns: u64,
+    pub slices: u64,
+    pub class: &'static str,
+    /// MIGRATE_IN: origin CPU; OWNER_AWAY: destination CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_cpu: Option<u32>,
+    /// AFFINITY_CHANGE: the vCPU thread whose affinity was changed, and the new mask.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_tid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+}
+
+pub fn comm_str(comm: &[u8; TASK_COMM_LEN]) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(bytes: &[u8]) -> Result<DecodedEvent, DecodeError> {
+    let expected = size_of::<Event>();
+    if bytes.len() < expected {
+        return Err(DecodeError {
+            got: bytes.len(),
+            expected,
+        });
+    }
+    // SAFETY: length checked; Event is plain old data; the record may be unaligned.
+    let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    use pin_common::event as k;
+    Ok(DecodedEvent {
+        event: k::name(e.kind),
+        kind: e.kind,
+        cpu: e.cpu,
+        tid: e.tid,
+        tgid: e.tgid,
+        comm: comm_str(&e.comm),
+        cgroup_id: e.cgroup_id,
+        start_ns: e.start_ns,
+        run_ns: e.run_ns,
+        total_ns: e.total_ns,
+        slices: e.slices,
+        class: pin_common::class::name(e.class),
+        other_cpu: matches!(e.kind, k::MIGRATE_IN | k::OWNER_AWAY).then_some(e.other_cpu),
+        target_tid: (e.kind == k::AFFINITY_CHANGE).then_some(e.target_tid),
+        mask: (e.kind == k::AFFINITY_CHANGE)
+            .then(|| CpuSet::from_cpus((0..64).filter(|b| e.mask & (1 << b) != 0)).to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use pin_common::{class, event};
+
+    use super::*;
+
+    fn bytes(e: &Event) -> Vec<u8> {
+        // SAFETY: Event is repr(C) plain data.
+        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_intrusion() {
+        let mut e = Event::zeroed();
+        e.kind = event::INTRUSION;
+        e.cpu = 1;
+        e.tid = 4243;
+        e.tgid = 4242;
+        e.comm[..7].copy_from_slice(b"stress\0");
+        e.run_ns = 200_000;
+        e.class = class::INTRUDER_USER;
+        let mut raw = vec![0xAB]; // force misalignment
+        raw.extend(bytes(&e));
+        let d = decode(&raw[1..]).unwrap();
+        assert_eq!(
+            (d.event, d.cpu, d.tid, d.tgid),
+            ("intrusion", 1, 4243, 4242)
+        );
+        assert_eq!(d.comm, "stress");
+        assert_eq!(d.class, "intruder_user");
+        assert_eq!(d.other_cpu, None);
+        let json = serde_json::to_value(&d).unwrap();
+        for key in ["event", "cpu", "tid", "tgid", "comm"] {
+            assert!(json.get(key).is_some(), "JSON lacks {key}: {json}");
+        }
+    }
+
+    #[test]
+    fn decodes_affinity_change_and_migration() {
+        let mut e = Event::zeroed();
+        e.kind = event::AFFINITY_CHANGE;
+        e.target_tid = 77;
+        e.mask = 0b101;
+        e.comm = *b"taskset\0\0\0\0\0\0\0\0\0";
+        let d = decode(&bytes(&e)).unwrap();
+        assert_eq!(
+            (d.event, d.target_tid, d.mask.as_deref()),
+            ("affinity_change", Some(77), Some("0,2"))
+        );
+        e.kind = event::MIGRATE_IN;
+        e.other_cpu = 0;
+        let d = decode(&bytes(&e)).unwrap();
+        assert_eq!(
+            (d.event, d.other_cpu, d.target_tid),
+            ("migrate_in", Some(0), None)
+        );
+    }
+
+    #[test]
+    fn rejects_short_records() {
+        assert_eq!(
+            decode(&[0; 10]),
+            Err(DecodeError {
+                got: 10,
+                expected: size_of::<Event>()
+            })
+        );
+    }
+
+    #[test]
+    fn full_comm_has_no_nul() {
+        assert_eq!(comm_str(b"0123456789abcdef"), "0123456789abcdef");
+    }
+}

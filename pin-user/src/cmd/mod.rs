@@ -1,6 +1,39 @@
 //! Subcommands: the binary edge. Each returns the process exit code.
+pub mod attach;
 pub mod audit;
 pub mod check;
 pub mod pin;
 pub mod run;
 pub mod watch;
+
+use anyhow::Context as _;
+
+use crate::{cpulist::CpuSet, procfs::Proc};
+
+/// Moves every thread of this process onto `cpus` (the housekeeping set), so
+/// pinguard never runs on the CPUs it guards. Threads created later (tokio
+/// workers, blocking pool) inherit the affinity, so call this before starting
+/// the runtime.
+pub fn move_self_to(cpus: &CpuSet) -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in cpus.iter() {
+        set.set(cpu as usize)
+            .with_context(|| format!("CPU {cpu} does not fit in a cpu_set_t"))?;
+    }
+    let me = std::process::id();
+    for tid in Proc::default().tids(me)? {
+        let pid = nix::unistd::Pid::from_raw(tid as i32);
+        nix::sched::sched_setaffinity(pid, &set)
+            .with_context(|| format!("moving pinguard thread {tid} to housekeeping CPUs {cpus}"))?;
+    }
+    Ok(())
+}
+
+/// A single-threaded tokio runtime: pinguard's work is small and latency-tolerant,
+/// and one thread on a housekeeping CPU is the least intrusive footprint.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}

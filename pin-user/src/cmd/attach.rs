@@ -1,0 +1,51 @@
+//! Hidden `pinguard attach`: one program attached until a signal, for benchmarks.
+use std::{io::Write as _, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    cli::AttachArgs,
+    cmd::{move_self_to, runtime},
+    exit,
+    probe::{PROGRAMS, Probe, ProbeConfig},
+    topology::Topology,
+};
+
+pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
+    let guard = Topology::read()?.guard(args.guard.guard.as_ref())?;
+    let mut programs = Vec::new();
+    for name in &args.programs {
+        match PROGRAMS.iter().find(|p| **p == name.as_str()) {
+            Some(p) => programs.push(*p),
+            None => bail!(
+                "--program {name:?}: unknown program; expected one of {}",
+                PROGRAMS.join(", ")
+            ),
+        }
+    }
+    move_self_to(&guard.housekeeping)?;
+    runtime()?.block_on(async {
+        let probe = Probe::load_only(&ProbeConfig::new(guard.guarded.clone()), &programs)?;
+        let mut out = std::io::stdout().lock();
+        for name in probe.attached() {
+            writeln!(out, "attached {name}")?;
+        }
+        out.flush()?;
+        drop(out);
+        wait_for_stop().await?;
+        drop(probe);
+        Ok(ExitCode::from(exit::OK))
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_stop() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
