@@ -75,6 +75,10 @@ pub struct TaskOffsets {
     pub comm: u32,
     /// Offset of the CPU the task is on (`task_struct::cpu`, or `thread_info.cpu`).
     pub cpu: u32,
+    /// Offset of `se.sum_exec_runtime`: the task's CPU time as the scheduler
+    /// accounts it (without IRQ and steal time), the same clock as
+    /// `/proc/<tid>/schedstat`.
+    pub sum_exec_runtime: u32,
 }
 
 /// `task_struct::flags` bit for kernel threads (include/linux/sched.h).
@@ -184,6 +188,10 @@ pub struct ThreadStats {
 pub struct CpuStats {
     /// Time of the last context switch on this CPU (0 until the first one seen).
     pub last_switch_ns: u64,
+    /// The task switched in at `last_switch_ns` (its `task_struct` address) and
+    /// its `sum_exec_runtime` then; 0 when unknown (classic tracepoint hook).
+    pub cur_task: u64,
+    pub cur_runtime: u64,
     pub run_ns: [u64; class::COUNT],
     pub slices: [u64; class::COUNT],
 }

@@ -55,6 +55,7 @@ pub static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
     nr_cpus_allowed: 0,
     comm: 0,
     cpu: 0,
+    sum_exec_runtime: 0,
 });
 
 #[inline(always)]

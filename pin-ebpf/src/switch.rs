@@ -26,27 +26,32 @@ use crate::{
 /// `trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`
 #[btf_tracepoint(function = "sched_switch")]
 pub fn switch_tp_btf(ctx: BtfTracePointContext) -> i32 {
-    let prev: *const u8 = ctx.arg(1);
-    on_switch(prev)
+    on_switch(ctx.arg(1), ctx.arg(2))
 }
 
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn switch_raw_tp(ctx: RawTracePointContext) -> i32 {
-    let prev: *const u8 = ctx.arg(1);
-    on_switch(prev)
+    on_switch(ctx.arg(1), ctx.arg(2))
 }
 
-/// The classic tracepoint's record has no task pointer; `current` is `prev`.
+/// The classic tracepoint's record has no task pointers; `current` is `prev`,
+/// and without `next` slices are measured in wall-clock time (IRQ and steal
+/// time included), unlike the two hooks above.
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn switch_tracepoint(ctx: TracePointContext) -> i32 {
     let _ = ctx.as_ptr();
     // SAFETY: plain helper call.
     let prev = unsafe { bpf_get_current_task() } as *const u8;
-    on_switch(prev)
+    on_switch(prev, core::ptr::null())
 }
 
+/// Slices are measured with the scheduler's own clock where possible: the
+/// difference of `se.sum_exec_runtime` between switch-in and switch-out, which
+/// `pick_next_task()` has just updated for `prev` when the tracepoint fires.
+/// That excludes IRQ and steal time exactly as `/proc/<tid>/schedstat` does.
+/// The idle task does not accumulate it, so idle slices use wall-clock time.
 #[inline(always)]
-fn on_switch(prev: *const u8) -> i32 {
+fn on_switch(prev: *const u8, next: *const u8) -> i32 {
     // SAFETY: helper calls without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     // The cheap test first: most switches happen on housekeeping CPUs.
@@ -60,15 +65,27 @@ fn on_switch(prev: *const u8) -> i32 {
     let stats = unsafe { &mut *stats };
     let now = unsafe { bpf_ktime_get_ns() };
     let start = stats.last_switch_ns;
+    let cur_task = stats.cur_task;
+    let cur_runtime = stats.cur_runtime;
     stats.last_switch_ns = now;
+    if next.is_null() {
+        stats.cur_task = 0;
+    } else {
+        stats.cur_task = next as u64;
+        stats.cur_runtime = task::sum_exec_runtime(next);
+    }
     if start == 0 || start > now {
         // First switch seen on this CPU: the slice began before we attached.
         return 0;
     }
-    let run_ns = now - start;
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
+    let run_ns = if tid != 0 && cur_task != 0 && cur_task == prev as u64 {
+        task::sum_exec_runtime(prev).saturating_sub(cur_runtime)
+    } else {
+        now - start
+    };
     let class = classify(cpu, tid, tgid, prev);
     let c = class as usize;
     if c < class::COUNT {
@@ -76,7 +93,7 @@ fn on_switch(prev: *const u8) -> i32 {
         stats.slices[c] += 1;
     }
     if class::is_intruder(class) {
-        record_intruder(cpu, tid, tgid, class, start, run_ns);
+        record_intruder(cpu, tid, tgid, class, start, now, run_ns);
     }
     0
 }
@@ -112,9 +129,8 @@ fn classify(cpu: u32, tid: u32, tgid: u32, prev: *const u8) -> u32 {
 /// thread is seen on this CPU, then at most once per `EVENT_INTERVAL_NS`, so a
 /// kworker running thousands of times a second cannot flood the ring buffer.
 #[inline(always)]
-fn record_intruder(cpu: u32, tid: u32, tgid: u32, class: u32, start: u64, run_ns: u64) {
+fn record_intruder(cpu: u32, tid: u32, tgid: u32, class: u32, start: u64, now: u64, run_ns: u64) {
     let key = ThreadKey { cpu, tid };
-    let now = start + run_ns;
     let (total_ns, slices) = match THREADS.get_ptr_mut(&key) {
         Some(t) => {
             // SAFETY: entries for `cpu` are only written by this CPU.

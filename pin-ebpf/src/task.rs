@@ -26,6 +26,12 @@ pub fn tgid(task: *const u8) -> u32 {
     read::<i32>(task, TASK_OFFSETS.load().tgid) as u32
 }
 
+/// CPU time of the task so far (ns), as the scheduler accounts it.
+#[inline(always)]
+pub fn sum_exec_runtime(task: *const u8) -> u64 {
+    read::<u64>(task, TASK_OFFSETS.load().sum_exec_runtime)
+}
+
 #[inline(always)]
 pub fn cpu(task: *const u8) -> u32 {
     read::<u32>(task, TASK_OFFSETS.load().cpu)

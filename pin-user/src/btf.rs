@@ -224,6 +224,7 @@ impl Btf {
             nr_cpus_allowed: f("nr_cpus_allowed")?,
             comm: f("comm")?,
             cpu,
+            sum_exec_runtime: f("se")? + self.field_offset("sched_entity", "sum_exec_runtime")?,
         })
     }
 }

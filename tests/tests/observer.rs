@@ -1,0 +1,228 @@
+//! The eBPF observer (`pinguard watch`) against real threads on the real kernel.
+//! CPU 1 is guarded; CPU 0 is housekeeping.
+use std::time::Duration;
+
+use integration_tests::{
+    process::Pinguard,
+    require,
+    threads::{Worker, schedstat_run_ns, set_affinity, spin},
+    util::missing_bpf,
+};
+use serde_json::Value;
+
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn start_watch(extra: &[&str]) -> Pinguard {
+    let mut args = vec![
+        "watch",
+        "--guard",
+        "1",
+        "--json",
+        "--event-interval",
+        "0",
+        "--top",
+        "1000",
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Pinguard::spawn(&args);
+    p.wait_stderr("watching CPUs", ATTACH_TIMEOUT);
+    p
+}
+
+fn parse(lines: &[String]) -> (Vec<Value>, Value) {
+    let mut events = Vec::new();
+    let mut summary = None;
+    for l in lines {
+        let v: Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}"));
+        if v["event"] == "summary" {
+            summary = Some(v);
+        } else {
+            events.push(v);
+        }
+    }
+    (
+        events,
+        summary.unwrap_or_else(|| panic!("no summary line in output:\n{}", lines.join("\n"))),
+    )
+}
+
+fn cpu_summary(summary: &Value, cpu: u64) -> &Value {
+    summary["cpus"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["cpu"] == cpu))
+        .unwrap_or_else(|| panic!("summary has no CPU {cpu}: {summary}"))
+}
+
+#[test]
+fn intruder_bursts_are_reported_and_accounted_like_schedstat() {
+    require!(missing_bpf());
+    let watch = start_watch(&[]);
+    let intruder = Worker::spawn_on("pg-intruder", &[1]);
+    let tid = intruder.tid();
+    intruder.run(|| {
+        for _ in 0..50 {
+            spin(Duration::from_micros(200));
+            // Blocking ends the run slice: one burst, one slice.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    // The worker is now blocked (off the CPU), so its schedstat is final for this window.
+    let kernel_ns = schedstat_run_ns(tid);
+    let (status, out, err) = watch.stop(EXIT_TIMEOUT);
+    assert!(
+        status.success(),
+        "watch failed: {status:?}\n{}",
+        err.join("\n")
+    );
+    let (events, summary) = parse(&out);
+
+    let mine: Vec<&Value> = events.iter().filter(|e| e["tid"] == tid).collect();
+    let pid = std::process::id();
+    assert!(
+        mine.len() >= 50,
+        "expected an intrusion event for each of the 50 bursts of tid {tid}, got {}",
+        mine.len()
+    );
+    for e in &mine {
+        assert_eq!(e["event"], "intrusion", "{e}");
+        assert_eq!(e["cpu"], 1, "{e}");
+        assert_eq!(e["tgid"], pid, "{e}");
+        assert_eq!(e["comm"], "pg-intruder", "{e}");
+        assert_eq!(e["class"], "intruder_user", "{e}");
+    }
+    let cpu1 = cpu_summary(&summary, 1);
+    let accounted = cpu1["top_intruders"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["tid"] == tid))
+        .unwrap_or_else(|| panic!("tid {tid} missing from the summary: {cpu1}"))["run_ns"]
+        .as_u64()
+        .unwrap();
+    let diff = (accounted as f64 - kernel_ns as f64).abs() / kernel_ns as f64;
+    assert!(
+        diff <= 0.05,
+        "pinguard accounted {accounted} ns for tid {tid}, /proc schedstat says {kernel_ns} ns ({:.1}% apart, limit 5%)",
+        diff * 100.0
+    );
+    assert_eq!(summary["events_lost"], 0, "{summary}");
+    // With --event-interval 0 every slice is an event: together they are the whole run time
+    // (bursts may be split into several slices when something preempts them).
+    let reported: u64 = mine.iter().map(|e| e["run_ns"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(
+        reported, accounted,
+        "events of tid {tid} do not add up to its accounted time"
+    );
+    // Bursts are timed by the wall clock; IRQs inside them are not the thread's CPU time.
+    assert!(
+        accounted >= 50 * 150_000,
+        "50 bursts of 200 µs should add up to about 10 ms, got {accounted} ns"
+    );
+}
+
+#[test]
+fn migration_onto_guarded_cpu_is_reported_owner_and_kernel_threads_are_not() {
+    require!(missing_bpf());
+    // The owner exists before the observer starts so it can be named with --owner.
+    let owner = Worker::spawn_on("pg-owner", &[1]);
+    let owner_arg = format!("1={}", owner.tid());
+    let watch = start_watch(&["--owner", &owner_arg]);
+
+    // The owner works on its CPU: no intrusion.
+    owner.run(|| {
+        for _ in 0..20 {
+            spin(Duration::from_micros(300));
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    });
+
+    // A thread on CPU 0 is moved onto CPU 1 with sched_setaffinity, works, and
+    // is moved back while running there, which runs the per-CPU stopper thread
+    // migration/1 on CPU 1: an allowed kernel thread that must not be reported.
+    let mover = Worker::spawn_on("pg-mover", &[0]);
+    let mover_tid = mover.tid();
+    mover.run(move || {
+        set_affinity(mover_tid, &[1]);
+        spin(Duration::from_millis(2));
+        set_affinity(mover_tid, &[0]);
+        spin(Duration::from_millis(1));
+    });
+
+    let (status, out, err) = watch.stop(EXIT_TIMEOUT);
+    assert!(
+        status.success(),
+        "watch failed: {status:?}\n{}",
+        err.join("\n")
+    );
+    let (events, summary) = parse(&out);
+
+    let migrated = events
+        .iter()
+        .find(|e| e["event"] == "migrate_in" && e["tid"] == mover_tid)
+        .unwrap_or_else(|| panic!("no migrate_in event for tid {mover_tid}; events: {events:?}"));
+    assert_eq!(migrated["cpu"], 1, "{migrated}");
+    assert_eq!(migrated["other_cpu"], 0, "{migrated}");
+    assert_eq!(migrated["comm"], "pg-mover", "{migrated}");
+    assert_eq!(migrated["tgid"], std::process::id(), "{migrated}");
+
+    let owner_events: Vec<&Value> = events.iter().filter(|e| e["tid"] == owner.tid()).collect();
+    assert!(
+        owner_events.is_empty(),
+        "the owner produced events: {owner_events:?}"
+    );
+
+    let cpu1 = cpu_summary(&summary, 1);
+    assert!(
+        cpu1["run_ns"]["vcpu"].as_u64().unwrap() >= 5_000_000,
+        "owner time not counted as vcpu: {cpu1}"
+    );
+    assert!(
+        cpu1["run_ns"]["kernel"].as_u64().unwrap() > 0,
+        "no per-CPU kernel thread time seen: {cpu1}"
+    );
+    let percpu_kthread = |comm: &str| {
+        [
+            "migration/",
+            "ksoftirqd/",
+            "cpuhp/",
+            "kworker/1:",
+            "idle_inject/",
+        ]
+        .iter()
+        .any(|p| comm.starts_with(p))
+    };
+    let bad: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "intrusion" && percpu_kthread(e["comm"].as_str().unwrap_or("")))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "per-CPU kernel threads reported as intruders: {bad:?}"
+    );
+}
+
+#[test]
+fn bad_guard_and_owner_are_clear_errors() {
+    require!(missing_bpf());
+    let (code, _, err) =
+        integration_tests::process::run(&["watch", "--guard", "7", "--duration", "1"]);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(
+        err.contains("CPU 7 is not online") && err.contains("0-1"),
+        "stderr: {err}"
+    );
+    let (code, _, err) = integration_tests::process::run(&[
+        "watch",
+        "--guard",
+        "1",
+        "--owner",
+        "0=1",
+        "--duration",
+        "1",
+    ]);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("CPU 0 is not guarded"), "stderr: {err}");
+    let (code, _, err) = integration_tests::process::run(&["watch", "--guard", "1-x"]);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("--guard"), "stderr: {err}");
+}
