@@ -1,1 +1,67 @@
-fn main() {}
+//! Project orchestration: `cargo xtask setup|build|test|run|bench`.
+//!
+//! Everything the project needs on a fresh Debian 12 machine with stable and
+//! nightly Rust is installed by `setup`; every other subcommand runs it first,
+//! so `cargo xtask test` works on a fresh clone. Progress goes to stderr so
+//! that `cargo xtask run -- ... --json` keeps a clean stdout.
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod build;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, test, run and benchmark pinguard"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing to build and test pinguard (nightly, rust-src,
+    /// apt packages, bpf-linker, tracefs). Idempotent.
+    Setup,
+    /// setup, then `cargo build --release` (the binary embeds the eBPF object).
+    Build,
+    /// setup, build, unit tests, integration tests, Prometheus rule checks.
+    Test,
+    /// build, then run target/release/pinguard with ARGS (exit code passed through).
+    Run {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+    /// Measure the eBPF observer's overhead (ns per sched_switch, throughput loss).
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    util::put_cargo_bin_on_path();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::run().map(|()| ExitCode::SUCCESS),
+        Cmd::Build => build::run().map(|()| ExitCode::SUCCESS),
+        Cmd::Test => test::run(),
+        Cmd::Run { args } => run::run(&args),
+        Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
