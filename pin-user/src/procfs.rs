@@ -186,6 +186,30 @@ impl Proc {
         }
     }
 
+    /// The environment a process started with (`/proc/<pid>/environ`) as
+    /// (name, value) pairs; `None` if it exited. Needs ptrace access to the
+    /// process (root, or the same user): otherwise a PermissionDenied error.
+    pub fn environ(&self, pid: u32) -> io::Result<Option<Vec<(String, String)>>> {
+        let path = self.root.join(pid.to_string()).join("environ");
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(
+                bytes
+                    .split(|b| *b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        let s = String::from_utf8_lossy(s);
+                        match s.split_once('=') {
+                            Some((k, v)) => (k.to_string(), v.to_string()),
+                            None => (s.into_owned(), String::new()),
+                        }
+                    })
+                    .collect(),
+            )),
+            Err(e) if is_gone(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `comm` of a thread (`None` if it exited).
     pub fn comm(&self, pid: u32, tid: u32) -> io::Result<Option<String>> {
         Ok(read_gone_ok(&self.task_dir(pid, tid).join("comm"))?.map(|s| s.trim_end().to_string()))
@@ -279,5 +303,18 @@ mod tests {
         // A process that does not exist is not an error.
         assert_eq!(proc.thread(u32::MAX - 1, u32::MAX - 1).unwrap(), None);
         assert!(proc.tids(u32::MAX - 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn reads_own_environ() {
+        let proc = Proc::default();
+        let env = proc.environ(std::process::id()).unwrap().unwrap();
+        // The initial environment, as std sees it unless a test changed it.
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert!(
+            env.iter().any(|(k, v)| k == "PATH" && *v == path),
+            "PATH={path:?} missing from {env:?}"
+        );
+        assert_eq!(proc.environ(u32::MAX - 1).unwrap(), None);
     }
 }

@@ -12,10 +12,12 @@ use crate::cpulist::{CpuListError, CpuSet};
 
 #[derive(Debug, Error)]
 pub enum TopologyError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot parse {path}: {source}")]
-    Parse { path: PathBuf, source: CpuListError },
+    // The underlying errors are part of the message rather than `source()`,
+    // so `{:#}` chains (anyhow) do not print them twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
+    #[error("cannot parse {path}: {error}")]
+    Parse { path: PathBuf, error: CpuListError },
     #[error("cannot parse {path}: {value:?} is not a number")]
     BadNumber { path: PathBuf, value: String },
     #[error(
@@ -36,8 +38,8 @@ pub enum TopologyError {
          (online CPUs: {online}); pass --guard CPULIST with online CPUs"
     )]
     IsolatedOffline { isolated: CpuSet, online: CpuSet },
-    #[error("--guard {guard}: {source}")]
-    GuardNotOnline { guard: CpuSet, source: CpuListError },
+    #[error("--guard {guard}: {error}")]
+    GuardNotOnline { guard: CpuSet, error: CpuListError },
     #[error("--guard is empty: give at least one CPU, e.g. --guard 2,3")]
     EmptyGuard,
     #[error(
@@ -86,9 +88,9 @@ pub struct Guard {
 }
 
 fn read(path: &Path) -> Result<String, TopologyError> {
-    fs::read_to_string(path).map_err(|source| TopologyError::Read {
+    fs::read_to_string(path).map_err(|error| TopologyError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -99,16 +101,16 @@ fn read_list(path: &Path) -> Result<CpuSet, TopologyError> {
     if text.trim() == "(null)" {
         return Ok(CpuSet::new());
     }
-    CpuSet::parse(&text).map_err(|source| TopologyError::Parse {
+    CpuSet::parse(&text).map_err(|error| TopologyError::Parse {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
 /// Like `read_list`, but a missing file (kernel without the feature) is the empty set.
 fn read_list_opt(path: &Path) -> Result<CpuSet, TopologyError> {
     match read_list(path) {
-        Err(TopologyError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+        Err(TopologyError::Read { error, .. }) if error.kind() == io::ErrorKind::NotFound => {
             Ok(CpuSet::new())
         }
         other => other,
@@ -121,10 +123,10 @@ fn read_num_opt(path: &Path) -> Result<Option<u32>, TopologyError> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
+        Err(error) => {
             return Err(TopologyError::Read {
                 path: path.to_owned(),
-                source,
+                error,
             });
         }
     };
@@ -195,10 +197,10 @@ impl Topology {
             }
             // No NUMA support (CONFIG_NUMA=n, many small VMs): one node.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
+            Err(error) => {
                 return Err(TopologyError::Read {
                     path: node_dir,
-                    source,
+                    error,
                 });
             }
         }
@@ -265,9 +267,9 @@ impl Topology {
             Some(g) if g.is_empty() => return Err(TopologyError::EmptyGuard),
             Some(g) => {
                 g.check_within(&self.online)
-                    .map_err(|source| TopologyError::GuardNotOnline {
+                    .map_err(|error| TopologyError::GuardNotOnline {
                         guard: g.clone(),
-                        source,
+                        error,
                     })?;
                 g.clone()
             }
