@@ -1,5 +1,434 @@
-use std::process::ExitCode;
+//! `pinguard pin`: discover the guests, plan the placement, validate it all,
+//! then apply it thread by thread with read-back verification.
+//!
+//! Exit 0 when every thread is where the plan puts it (threads that exited
+//! meanwhile are reported, not fatal). Exit 2 on bad input, with nothing
+//! changed, or when applying fails: what was already changed is rolled back
+//! and the message says what was and was not applied.
+use std::{collections::BTreeMap, io::Write as _, process::ExitCode};
 
-pub fn run(_args: crate::cli::PinArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+use anyhow::{Context as _, bail};
+
+use crate::{
+    affinity::{self, AffinityError},
+    cli::PinArgs,
+    cpulist::CpuSet,
+    discover::{DiscoverOptions, Discoverer, Guest},
+    exit,
+    plan::{self, Entry, Plan, PlanOptions, Role},
+    procfs::Proc,
+    topology::Topology,
+};
+
+/// What happened to one thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    /// Already where the plan puts it.
+    Unchanged,
+    /// Would change (dry run).
+    Planned,
+    /// Changed and verified.
+    Applied,
+    /// Exited before it could be changed.
+    Vanished,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    #[serde(flatten)]
+    entry: Entry,
+    status: Status,
+}
+
+/// A thread that exited between discovery and planning.
+#[derive(Debug, serde::Serialize)]
+struct Gone {
+    vm: String,
+    tid: u32,
+    role: Role,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report<'a> {
+    dry_run: bool,
+    guarded: &'a CpuSet,
+    housekeeping: &'a CpuSet,
+    guests: &'a [Guest],
+    entries: Vec<Row>,
+    shared_cpus: &'a CpuSet,
+    warnings: &'a [String],
+    /// Threads that exited before planning (those that exited while
+    /// applying are entries with status "vanished").
+    vanished: Vec<Gone>,
+}
+
+pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
+    let topo = Topology::read()?;
+    let guard = topo.guard(args.guard.guard.as_ref())?;
+
+    let mut discoverer = Discoverer::new(Proc::default(), DiscoverOptions::from(&args.discover));
+    let discovery = discoverer.scan()?;
+    for w in &discovery.warnings {
+        log::warn!("{w}");
+    }
+    if !discovery.errors.is_empty() {
+        let msgs: Vec<String> = discovery.errors.iter().map(|e| e.to_string()).collect();
+        bail!("{}\nnothing was changed", msgs.join("\n"));
+    }
+
+    let (guests, current, vanished) = read_affinities(discovery.guests)?;
+    let plan = plan::plan(&topo, &guard, &guests, &current, &PlanOptions::from(&args))
+        .map_err(|e| anyhow::anyhow!("{e}\nnothing was changed"))?;
+    for w in &plan.warnings {
+        log::warn!("{w}");
+    }
+
+    let statuses = if args.dry_run {
+        plan.entries
+            .iter()
+            .map(|e| {
+                if e.change {
+                    Status::Planned
+                } else {
+                    Status::Unchanged
+                }
+            })
+            .collect()
+    } else {
+        apply(&plan)?
+    };
+
+    let report = Report {
+        dry_run: args.dry_run,
+        guarded: &guard.guarded,
+        housekeeping: &guard.housekeeping,
+        guests: &guests,
+        entries: plan
+            .entries
+            .iter()
+            .cloned()
+            .zip(statuses)
+            .map(|(entry, status)| Row { entry, status })
+            .collect(),
+        shared_cpus: &plan.shared_cpus,
+        warnings: &plan.warnings,
+        vanished,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report).context("cannot write the JSON report")?;
+        writeln!(out)?;
+    } else {
+        out.write_all(render(&report).as_bytes())?;
+    }
+    out.flush()?;
+    Ok(ExitCode::from(exit::OK))
+}
+
+type Affinities = BTreeMap<u32, CpuSet>;
+
+/// Reads every thread's current affinity. Threads that exited are dropped
+/// (and guests left without vCPUs); any other failure stops before
+/// anything is changed.
+fn read_affinities(guests: Vec<Guest>) -> anyhow::Result<(Vec<Guest>, Affinities, Vec<Gone>)> {
+    let mut current = BTreeMap::new();
+    let mut vanished = Vec::new();
+    let mut out = Vec::new();
+    for mut g in guests {
+        let mut read = |tid: u32, role: Role| -> anyhow::Result<bool> {
+            match affinity::get(tid) {
+                Ok(cpus) => {
+                    current.insert(tid, cpus);
+                    Ok(true)
+                }
+                Err(e) if e.is_gone() => {
+                    vanished.push(Gone {
+                        vm: g.name.clone(),
+                        tid,
+                        role,
+                    });
+                    Ok(false)
+                }
+                Err(e) => Err(anyhow::anyhow!(
+                    "guest {}: {e}\nnothing was changed",
+                    g.name
+                )),
+            }
+        };
+        let mut vcpus = Vec::new();
+        for v in &g.vcpus {
+            if read(v.tid, Role::Vcpu)? {
+                vcpus.push(*v);
+            }
+        }
+        let mut emulator = Vec::new();
+        for &tid in &g.emulator_tids {
+            if read(tid, Role::Emulator)? {
+                emulator.push(tid);
+            }
+        }
+        if vcpus.is_empty() {
+            // The guest exited while we looked.
+            continue;
+        }
+        g.vcpus = vcpus;
+        g.emulator_tids = emulator;
+        out.push(g);
+    }
+    Ok((out, current, vanished))
+}
+
+fn describe(e: &Entry) -> String {
+    match e.vcpu {
+        Some(i) => format!("thread {} (guest {} vCPU {i})", e.tid, e.vm),
+        None => format!("thread {} (guest {} emulator thread)", e.tid, e.vm),
+    }
+}
+
+/// Applies the plan: emulator threads first (they leave the guarded CPUs
+/// before the vCPUs arrive), then vCPUs. On a failure other than a thread
+/// exiting, restores what was changed and fails.
+fn apply(plan: &Plan) -> anyhow::Result<Vec<Status>> {
+    let mut statuses: Vec<Status> = plan
+        .entries
+        .iter()
+        .map(|e| {
+            if e.change {
+                Status::Planned
+            } else {
+                Status::Unchanged
+            }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..plan.entries.len())
+        .filter(|&i| plan.entries[i].change)
+        .collect();
+    order.sort_by_key(|&i| plan.entries[i].role == Role::Vcpu);
+    let mut applied: Vec<usize> = Vec::new();
+    for (n, &i) in order.iter().enumerate() {
+        let e = &plan.entries[i];
+        match affinity::apply_and_verify(e.tid, &e.to) {
+            Ok(()) => {
+                statuses[i] = Status::Applied;
+                applied.push(i);
+            }
+            Err(err) if err.is_gone() => {
+                log::info!("{} exited before it could be pinned", describe(e));
+                statuses[i] = Status::Vanished;
+            }
+            Err(err) => {
+                let not_attempted = order.len() - n - 1;
+                bail!(
+                    "cannot pin {} to CPU {}: {err}\n{}",
+                    describe(e),
+                    e.to,
+                    rollback(plan, &applied, not_attempted)
+                );
+            }
+        }
+    }
+    Ok(statuses)
+}
+
+/// Puts the threads changed so far back where they were; says what
+/// was and was not applied.
+fn rollback(plan: &Plan, applied: &[usize], not_attempted: usize) -> String {
+    let mut failed: Vec<String> = Vec::new();
+    for &i in applied.iter().rev() {
+        let e = &plan.entries[i];
+        match affinity::apply_and_verify(e.tid, &e.from) {
+            Ok(()) => {}
+            Err(AffinityError::Gone { .. }) => {}
+            Err(err) => failed.push(format!(
+                "  {} stays on CPU {} (was {}): {err}",
+                describe(e),
+                e.to,
+                e.from
+            )),
+        }
+    }
+    let mut msg = format!(
+        "{} thread(s) had been changed and were restored to their previous affinity; \
+         {not_attempted} more were not attempted",
+        applied.len() - failed.len()
+    );
+    if failed.is_empty() {
+        msg.push_str("; nothing is left changed");
+    } else {
+        msg.push_str(&format!(
+            "\n{} thread(s) could not be restored:\n{}",
+            failed.len(),
+            failed.join("\n")
+        ));
+    }
+    msg
+}
+
+fn render(r: &Report) -> String {
+    let mut s = String::new();
+    if r.entries.is_empty() {
+        s.push_str("No QEMU guests found.\n");
+        return s;
+    }
+    let vm_w = r
+        .entries
+        .iter()
+        .map(|e| e.entry.vm.len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    let from_w = r
+        .entries
+        .iter()
+        .map(|e| e.entry.from.to_string().len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let to_w = r
+        .entries
+        .iter()
+        .map(|e| e.entry.to.to_string().len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    s.push_str(&format!(
+        "{:<vm_w$}  {:<4}  {:<8}  {:<from_w$}    {:<to_w$}  STATUS\n",
+        "VM", "VCPU", "TID", "FROM", "TO"
+    ));
+    for row in &r.entries {
+        let e = &row.entry;
+        let vcpu = e.vcpu.map_or_else(|| "emu".to_string(), |i| i.to_string());
+        let mut status = match row.status {
+            Status::Unchanged => "unchanged",
+            Status::Planned => "would change",
+            Status::Applied => "pinned",
+            Status::Vanished => "exited",
+        }
+        .to_string();
+        if e.shared {
+            status.push_str(", shared");
+        }
+        s.push_str(&format!(
+            "{:<vm_w$}  {vcpu:<4}  {:<8}  {:<from_w$} -> {:<to_w$}  {status}\n",
+            e.vm,
+            e.tid,
+            e.from.to_string(),
+            e.to.to_string()
+        ));
+    }
+    let count = |st: Status| r.entries.iter().filter(|e| e.status == st).count();
+    s.push('\n');
+    if r.dry_run {
+        s.push_str(&format!(
+            "Dry run: {} of {} thread(s) of {} guest(s) would change; nothing was changed.\n",
+            count(Status::Planned),
+            r.entries.len(),
+            r.guests.len()
+        ));
+    } else {
+        s.push_str(&format!(
+            "Pinned {} guest(s) on guarded CPUs {}: {} thread(s) changed, {} already in place.\n",
+            r.guests.len(),
+            r.guarded,
+            count(Status::Applied),
+            count(Status::Unchanged)
+        ));
+    }
+    let exited: Vec<String> = r
+        .vanished
+        .iter()
+        .map(|g| g.tid)
+        .chain(
+            r.entries
+                .iter()
+                .filter(|e| e.status == Status::Vanished)
+                .map(|e| e.entry.tid),
+        )
+        .map(|t| t.to_string())
+        .collect();
+    if !exited.is_empty() {
+        s.push_str(&format!(
+            "{} thread(s) exited before they could be pinned: {}\n",
+            exited.len(),
+            exited.join(", ")
+        ));
+    }
+    if !r.shared_cpus.is_empty() {
+        s.push_str(&format!(
+            "CPU {} run more than one vCPU (--allow-shared).\n",
+            r.shared_cpus
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(vm: &str, vcpu: Option<u32>, tid: u32, from: &str, to: &str) -> Entry {
+        let from = CpuSet::parse(from).unwrap();
+        let to = CpuSet::parse(to).unwrap();
+        Entry {
+            vm: vm.into(),
+            pid: 1,
+            vcpu,
+            tid,
+            role: if vcpu.is_some() {
+                Role::Vcpu
+            } else {
+                Role::Emulator
+            },
+            change: from != to,
+            from,
+            to,
+            shared: false,
+        }
+    }
+
+    #[test]
+    fn renders_table_and_summary() {
+        let guarded = CpuSet::single(1);
+        let hk = CpuSet::single(0);
+        let report = Report {
+            dry_run: false,
+            guarded: &guarded,
+            housekeeping: &hk,
+            guests: &[],
+            entries: vec![
+                Row {
+                    entry: entry("g1", Some(0), 4242, "0-1", "1"),
+                    status: Status::Applied,
+                },
+                Row {
+                    entry: entry("g1", None, 4240, "0", "0"),
+                    status: Status::Unchanged,
+                },
+                Row {
+                    entry: entry("g1", None, 4241, "0-1", "0"),
+                    status: Status::Vanished,
+                },
+            ],
+            shared_cpus: &CpuSet::new(),
+            warnings: &[],
+            vanished: vec![],
+        };
+        let s = render(&report);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "VM  VCPU  TID       FROM    TO  STATUS");
+        assert_eq!(lines[1], "g1  0     4242      0-1  -> 1   pinned");
+        assert_eq!(lines[2], "g1  emu   4240      0    -> 0   unchanged");
+        assert!(s.contains("1 thread(s) changed, 1 already in place"), "{s}");
+        assert!(
+            s.contains("exited before they could be pinned: 4241"),
+            "{s}"
+        );
+
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["entries"][0]["status"], "applied");
+        assert_eq!(json["entries"][0]["change"], true);
+        assert_eq!(json["entries"][1]["vcpu"], serde_json::Value::Null);
+        assert_eq!(json["guarded"], "1");
+    }
 }
