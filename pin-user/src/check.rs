@@ -104,6 +104,9 @@ pub struct IrqFinding {
     pub effective: Option<CpuSet>,
     /// False when the kernel refuses affinity changes (managed or per-CPU IRQs).
     pub movable: bool,
+    /// The affinity already excludes guarded CPUs but the effective one does
+    /// not yet: the kernel moves it when it next fires.
+    pub pending: bool,
     /// Housekeeping CPUs to move it to (those on the device's NUMA node when there are any).
     pub target: CpuSet,
 }
@@ -843,7 +846,10 @@ impl<'a> Ctx<'a> {
                 .map(|cpus| cpus.intersection(self.housekeeping))
                 .filter(|t| !t.is_empty())
                 .unwrap_or_else(|| self.housekeeping.clone());
+            // x86 IO-APIC and similar defer a move until the IRQ next fires.
+            let pending = !affinity.intersects(g);
             findings.push(IrqFinding {
+                pending,
                 irq,
                 action: if action.is_empty() {
                     "?".into()
@@ -862,81 +868,88 @@ impl<'a> Ctx<'a> {
                 .as_ref()
                 .map(|e| format!(", effective {e}"))
                 .unwrap_or_default();
-            let fixed = if f.movable {
-                ""
-            } else {
+            let note = if !f.movable {
                 " [kernel-managed: cannot be moved]"
+            } else if f.pending {
+                " [move pending: happens at its next interrupt]"
+            } else {
+                ""
             };
             format!(
-                "IRQ {} ({}): affinity {}{eff}{fixed}",
+                "IRQ {} ({}): affinity {}{eff}{note}",
                 f.irq, f.action, f.affinity
             )
         };
-        let (movable, fixed): (Vec<&IrqFinding>, Vec<&IrqFinding>) =
-            findings.iter().partition(|f| f.movable);
-        let mut item = if !movable.is_empty() {
-            // One command per target set, grouping IRQs that go to the same CPUs.
-            let mut by_target: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-            for f in &movable {
-                by_target
-                    .entry(f.target.to_string())
-                    .or_default()
-                    .push(f.irq);
-            }
-            let fix = by_target
-                .iter()
-                .map(|(target, irqs)| match irqs.as_slice() {
-                    [one] => format!("echo {target} > /proc/irq/{one}/smp_affinity_list"),
-                    many => format!(
-                        "for irq in {}; do echo {target} > /proc/irq/$irq/smp_affinity_list; done",
-                        many.iter()
-                            .map(u32::to_string)
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    ),
-                })
-                .collect::<Vec<_>>();
-            let mut fix = fix.join("\n");
-            if !fixed.is_empty() {
-                fix.push_str(&format!(
-                    "\nkernel-managed IRQs {} follow the boot parameter instead: {}",
-                    fixed
-                        .iter()
-                        .map(|f| f.irq.to_string())
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    self.grub_fix(format!("isolcpus=managed_irq,domain,{g}"))
-                ));
-            }
-            let lines: Vec<String> = findings.iter().map(describe).collect();
-            fail(
-                ID,
-                format!(
-                    "{} of {checked} IRQs may fire on guarded CPUs {g}:\n{}",
-                    findings.len(),
-                    capped(&lines, 20)
-                ),
-                fix,
+        let numbers = |v: &[&IrqFinding]| {
+            let s: Vec<String> = v.iter().map(|f| f.irq.to_string()).collect();
+            format!(
+                "{} {}",
+                if v.len() == 1 { "IRQ" } else { "IRQs" },
+                s.join(" ")
             )
-        } else if !fixed.is_empty() {
-            let lines: Vec<String> = fixed.iter().map(|f| describe(f)).collect();
-            warn(
-                ID,
-                format!(
-                    "{} kernel-managed IRQs may fire on guarded CPUs {g}; their affinity cannot be changed at runtime:\n{}",
-                    fixed.len(),
-                    capped(&lines, 20)
-                ),
-                self.grub_fix(format!("isolcpus=managed_irq,domain,{g}")),
-            )
-        } else {
-            pass(
+        };
+        let to_move: Vec<&IrqFinding> = findings
+            .iter()
+            .filter(|f| f.movable && !f.pending)
+            .collect();
+        let managed: Vec<&IrqFinding> = findings.iter().filter(|f| !f.movable).collect();
+        let pending: Vec<&IrqFinding> =
+            findings.iter().filter(|f| f.movable && f.pending).collect();
+        if findings.is_empty() {
+            return pass(
                 ID,
                 format!(
                     "none of the {checked} device IRQs may fire on guarded CPUs {g} (IRQ 0, 2 and per-CPU vectors are not movable and not counted)"
                 ),
-            )
+            );
+        }
+        // One command per target set, grouping IRQs that go to the same CPUs.
+        let mut by_target: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for f in &to_move {
+            by_target
+                .entry(f.target.to_string())
+                .or_default()
+                .push(f.irq);
+        }
+        let mut fixes: Vec<String> = by_target
+            .iter()
+            .map(|(target, irqs)| match irqs.as_slice() {
+                [one] => format!("echo {target} > /proc/irq/{one}/smp_affinity_list"),
+                many => format!(
+                    "for irq in {}; do echo {target} > /proc/irq/$irq/smp_affinity_list; done",
+                    many.iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            })
+            .collect();
+        if !managed.is_empty() {
+            fixes.push(format!(
+                "kernel-managed {} cannot be moved at runtime: {}",
+                numbers(&managed),
+                self.grub_fix(format!("isolcpus=managed_irq,domain,{g}"))
+            ));
+        }
+        if !pending.is_empty() {
+            fixes.push(format!(
+                "{}: affinity already excludes guarded CPUs, the kernel moves each at its next interrupt (nothing to do)",
+                numbers(&pending)
+            ));
+        }
+        let lines: Vec<String> = findings.iter().map(describe).collect();
+        let message = format!(
+            "{} of {checked} IRQs may fire on guarded CPUs {g}:\n{}",
+            findings.len(),
+            capped(&lines, 20)
+        );
+        // Only IRQs a command can move right now make this a failure.
+        let status = if to_move.is_empty() {
+            Status::Warn
+        } else {
+            Status::Fail
         };
+        let mut item = not_ok(ID, status, message, fixes.join("\n"));
         item.irqs = findings;
         item
     }
@@ -1668,7 +1681,10 @@ mod tests {
             ),
             "{fix}"
         );
-        assert!(fix.contains("kernel-managed IRQs 24 follow"), "{fix}");
+        assert!(
+            fix.contains("kernel-managed IRQ 24 cannot be moved at runtime: add isolcpus=managed_irq,domain,1 "),
+            "{fix}"
+        );
         assert!(
             irqs.message
                 .contains("IRQ 24 (virtio0-input.0): affinity 1, effective 1 [kernel-managed"),
@@ -1690,6 +1706,51 @@ mod tests {
                 .as_deref()
                 .unwrap()
                 .contains("isolcpus=managed_irq,domain,1")
+        );
+    }
+
+    #[test]
+    fn pending_moves_only_warn() {
+        let dir = copy_fixture("small-2cpu");
+        let root = dir.path();
+        // Written but not yet effective: IO-APIC IRQs move when they next fire.
+        fs::write(root.join("proc/irq/16/smp_affinity_list"), "0\n").unwrap();
+        let report = check(&Host::under(root), Some(&set("1"))).unwrap();
+        let irqs = report.item("irqs").unwrap();
+        assert_eq!(irqs.status, Status::Fail);
+        let f16 = irqs.irqs.iter().find(|f| f.irq == 16).unwrap();
+        assert!(f16.pending && f16.movable);
+        let fix = irqs.fix.as_deref().unwrap();
+        assert!(
+            fix.starts_with(
+                "for irq in 1 9 24; do echo 0 > /proc/irq/$irq/smp_affinity_list; done\n"
+            ),
+            "{fix}"
+        );
+        assert!(
+            fix.contains("IRQ 16: affinity already excludes guarded CPUs"),
+            "{fix}"
+        );
+        assert!(irqs.message.contains("[move pending"), "{}", irqs.message);
+
+        for irq in [1, 9, 24] {
+            fs::write(
+                root.join(format!("proc/irq/{irq}/smp_affinity_list")),
+                "0\n",
+            )
+            .unwrap();
+        }
+        let report = check(&Host::under(root), Some(&set("1"))).unwrap();
+        let irqs = report.item("irqs").unwrap();
+        assert_eq!(irqs.status, Status::Warn, "{irqs:#?}");
+        // IRQ 9 was already delivered to CPU 0, so it is fully moved.
+        let found: Vec<u32> = irqs.irqs.iter().map(|f| f.irq).collect();
+        assert_eq!(found, vec![1, 16, 24]);
+        assert!(irqs.irqs.iter().all(|f| f.pending));
+        assert!(
+            !irqs.fix.as_deref().unwrap().contains("echo"),
+            "{:?}",
+            irqs.fix
         );
     }
 
