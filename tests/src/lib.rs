@@ -3,6 +3,7 @@
 //!
 //! Every helper that starts something returns a guard whose `Drop` stops it,
 //! so a failing assertion leaves no process, VM or BPF link behind.
+pub mod guest;
 pub mod process;
 pub mod threads;
 pub mod util;

@@ -1,0 +1,240 @@
+//! `pinguard pin` against real QEMU/KVM guests. CPU 1 is guarded, CPU 0 is
+//! housekeeping. Guests are started paused (-S) and killed on drop, so no
+//! affinity needs restoring. These tests share CPUs and every guest on the
+//! host is managed by `pin`: run them serially (--test-threads=1).
+use std::{process::ExitStatus, time::Duration};
+
+use integration_tests::{
+    guest::{Guest, GuestOptions, affinities, cpus_allowed, wait_for_no_other_guests},
+    process::Pinguard,
+    require,
+    util::missing_kvm,
+};
+use serde_json::Value;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+fn pin(args: &[&str]) -> Run {
+    let mut full = vec!["pin"];
+    full.extend_from_slice(args);
+    let (status, out, err) = Pinguard::spawn(&full).finish(RUN_TIMEOUT);
+    Run {
+        status,
+        stdout: out.join("\n"),
+        stderr: err.join("\n"),
+    }
+}
+
+fn start(name: &str) -> Guest {
+    Guest::start(GuestOptions::new(name))
+}
+
+fn entries(v: &Value) -> &Vec<Value> {
+    v["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no entries in {v}"))
+}
+
+#[test]
+fn pins_vcpu_to_guarded_cpu_and_emulators_to_housekeeping_then_is_stable() {
+    require!(missing_kvm());
+    let g = start("pin-g1");
+    wait_for_no_other_guests(&[&g]);
+    let vcpus = g.vcpu_tids();
+    assert_eq!(vcpus.len(), 1);
+    let emulators = g.emulator_tids();
+    assert!(!emulators.is_empty());
+
+    let r = pin(&["--guard", "1", "--json"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    assert_eq!(cpus_allowed(g.pid(), vcpus[0]), "1");
+    for t in &emulators {
+        assert_eq!(cpus_allowed(g.pid(), *t), "0", "emulator thread {t}");
+    }
+    let v = r.json();
+    let vcpu_entry = entries(&v)
+        .iter()
+        .find(|e| e["tid"] == vcpus[0])
+        .unwrap_or_else(|| panic!("vCPU thread {} not in the plan: {v}", vcpus[0]));
+    assert_eq!(vcpu_entry["role"], "vcpu");
+    assert_eq!(vcpu_entry["vcpu"], 0);
+    assert_eq!(vcpu_entry["vm"], "pin-g1");
+    assert_eq!(vcpu_entry["to"], "1");
+    assert_eq!(vcpu_entry["change"], true);
+    assert_eq!(entries(&v).len(), 1 + emulators.len(), "{v}");
+
+    // A second run finds everything in place.
+    let before = affinities(&g);
+    let r = pin(&["--guard", "1", "--json"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    let v = r.json();
+    assert!(
+        entries(&v).iter().all(|e| e["change"] == false),
+        "second run changed something: {v:#}"
+    );
+    assert_eq!(affinities(&g), before);
+}
+
+#[test]
+fn guest_without_debug_threads_is_found_through_qmp() {
+    require!(missing_kvm());
+    let g = Guest::start(GuestOptions {
+        debug_threads: false,
+        ..GuestOptions::new("pin-nonames")
+    });
+    wait_for_no_other_guests(&[&g]);
+    let vcpu = g.vcpu_tids()[0];
+    let comm = std::fs::read_to_string(format!("/proc/{}/task/{vcpu}/comm", g.pid())).unwrap();
+    assert!(
+        !comm.starts_with("CPU "),
+        "the vCPU thread is named {comm:?}: this test needs it unnamed"
+    );
+
+    let r = pin(&["--guard", "1", "--json"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    let v = r.json();
+    assert_eq!(v["guests"][0]["source"], "qmp", "{v:#}");
+    assert_eq!(v["guests"][0]["name"], "pin-nonames");
+    assert_eq!(cpus_allowed(g.pid(), vcpu), "1");
+    for t in g.emulator_tids() {
+        assert_eq!(cpus_allowed(g.pid(), t), "0", "emulator thread {t}");
+    }
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    require!(missing_kvm());
+    let g = start("pin-dry");
+    wait_for_no_other_guests(&[&g]);
+    let before = affinities(&g);
+    let r = pin(&["--guard", "1", "--dry-run", "--json"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    let v = r.json();
+    assert_eq!(v["dry_run"], true);
+    let vcpu = g.vcpu_tids()[0];
+    let e = entries(&v)
+        .iter()
+        .find(|e| e["tid"] == vcpu)
+        .expect("vCPU entry");
+    assert_eq!(
+        (e["to"].as_str(), e["change"].as_bool()),
+        (Some("1"), Some(true))
+    );
+    assert_eq!(e["status"], "planned");
+    assert_eq!(affinities(&g), before);
+
+    let r = pin(&["--guard", "1", "--dry-run"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    assert!(r.stdout.contains("nothing was changed"), "{}", r.stdout);
+    assert_eq!(affinities(&g), before);
+}
+
+/// Runs pin expecting exit 2, an error naming `needle`, and no change.
+fn rejected(guests: &[&Guest], args: &[&str], needle: &str) {
+    let before: Vec<_> = guests.iter().map(|g| affinities(g)).collect();
+    let r = pin(args);
+    assert_eq!(
+        r.code(),
+        Some(2),
+        "pin {args:?} should fail with exit 2; stdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(needle),
+        "pin {args:?}: stderr should name {needle:?}:\n{}",
+        r.stderr
+    );
+    let after: Vec<_> = guests.iter().map(|g| affinities(g)).collect();
+    assert_eq!(before, after, "pin {args:?} changed affinities");
+}
+
+#[test]
+fn bad_input_is_rejected_and_changes_nothing() {
+    require!(missing_kvm());
+    let g1 = start("g1");
+    wait_for_no_other_guests(&[&g1]);
+    rejected(
+        &[&g1],
+        &["--guard", "1", "--vm", "nope=1"],
+        "no running guest is named \"nope\" (running guests: g1)",
+    );
+    rejected(
+        &[&g1],
+        &["--guard", "1", "--vm", "g1=7"],
+        "--vm g1=7: CPU 7 is not online",
+    );
+    rejected(
+        &[&g1],
+        &["--guard", "1", "--qmp", "/nonexistent.sock"],
+        "--qmp /nonexistent.sock: cannot connect: No such file or directory",
+    );
+    rejected(&[&g1], &["--guard", "7"], "--guard");
+
+    let g2 = start("g2");
+    wait_for_no_other_guests(&[&g1, &g2]);
+    rejected(
+        &[&g1, &g2],
+        &["--guard", "1", "--vm", "g1=1", "--vm", "g2=1"],
+        "--vm g1=1 and --vm g2=1 both claim CPU 1",
+    );
+}
+
+#[test]
+fn two_guests_on_one_cpu_need_allow_shared() {
+    require!(missing_kvm());
+    let g1 = start("share-a");
+    let g2 = start("share-b");
+    wait_for_no_other_guests(&[&g1, &g2]);
+    rejected(&[&g1, &g2], &["--guard", "1"], "--allow-shared");
+
+    let r = pin(&["--guard", "1", "--allow-shared", "--json"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    assert_eq!(r.json()["shared_cpus"], "1");
+    for g in [&g1, &g2] {
+        let vcpu = g.vcpu_tids()[0];
+        assert_eq!(cpus_allowed(g.pid(), vcpu), "1", "{}", g.name());
+    }
+}
+
+#[test]
+fn exited_guest_is_not_pinned() {
+    require!(missing_kvm());
+    let g1 = start("alive");
+    let mut g2 = start("killed");
+    g2.kill();
+    assert!(!g2.is_running());
+    wait_for_no_other_guests(&[&g1]);
+    // One guarded CPU is enough: the killed guest is gone.
+    let r = pin(&["--guard", "1", "--json"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    let v = r.json();
+    let names: Vec<&str> = v["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["alive"]);
+}
