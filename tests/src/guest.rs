@@ -194,6 +194,21 @@ impl Guest {
             .collect()
     }
 
+    /// Connects to the QMP socket and keeps the connection: QEMU serves one
+    /// client at a time, so other clients get no answer until it is dropped.
+    pub fn hold_qmp(&self) -> UnixStream {
+        let stream = UnixStream::connect(&self.qmp)
+            .unwrap_or_else(|e| panic!("connecting to QMP {}: {e}", self.qmp.display()));
+        stream.set_read_timeout(Some(QMP_TIMEOUT)).unwrap();
+        // Once the greeting arrived, QEMU is serving this connection.
+        let mut greeting = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut greeting)
+            .unwrap_or_else(|e| panic!("reading the QMP greeting: {e}"));
+        assert!(greeting.contains("\"QMP\""), "no QMP greeting: {greeting}");
+        stream
+    }
+
     /// Whether the QEMU process still runs (a zombie does not).
     pub fn is_running(&self) -> bool {
         is_alive(self.pid)

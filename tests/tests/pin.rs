@@ -120,6 +120,39 @@ fn guest_without_debug_threads_is_found_through_qmp() {
     for t in g.emulator_tids() {
         assert_eq!(cpus_allowed(g.pid(), t), "0", "emulator thread {t}");
     }
+
+    // The same socket given explicitly: found, and nothing left to change.
+    let qmp = g.qmp_path().to_str().unwrap().to_string();
+    let r = pin(&["--guard", "1", "--qmp", &qmp, "--json"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    let v = r.json();
+    assert_eq!(v["guests"][0]["source"], "qmp", "{v:#}");
+    assert!(entries(&v).iter().all(|e| e["change"] == false), "{v:#}");
+}
+
+#[test]
+fn busy_qmp_socket_on_command_line_falls_back_to_thread_names() {
+    require!(missing_kvm());
+    let g = start("pin-busy");
+    wait_for_no_other_guests(&[&g]);
+    let vcpu = g.vcpu_tids()[0];
+    // Another client holds the monitor: pinguard gets no answer.
+    let held = g.hold_qmp();
+    let r = pin(&["--guard", "1", "--json"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("falling back to thread names") && r.stderr.contains("no answer"),
+        "expected a warning about the busy socket:\n{}",
+        r.stderr
+    );
+    let v = r.json();
+    assert_eq!(v["guests"][0]["source"], "thread-names", "{v:#}");
+    assert_eq!(cpus_allowed(g.pid(), vcpu), "1");
+
+    // Given explicitly, the same busy socket is an error, and nothing changes.
+    let qmp = g.qmp_path().to_str().unwrap().to_string();
+    rejected(&[&g], &["--guard", "1", "--qmp", &qmp], "no answer within");
+    drop(held);
 }
 
 #[test]
