@@ -5,5 +5,6 @@
 //! so a failing assertion leaves no process, VM or BPF link behind.
 pub mod guest;
 pub mod process;
+pub mod prometheus;
 pub mod threads;
 pub mod util;
