@@ -170,6 +170,7 @@ pub fn check_guard(host: &Host, topo: &Topology, guard: &Guard) -> Report {
         ctx.rt_throttling(),
         ctx.timer_migration(),
         ctx.cpufreq(),
+        ctx.smt(),
         ctx.irqbalance(),
     ];
     let mut summary = Summary::default();
@@ -1201,6 +1202,48 @@ impl<'a> Ctx<'a> {
         )
     }
 
+    fn smt(&self) -> Item {
+        const ID: &str = "smt";
+        let g = self.guarded;
+        // A hardware thread shares its core's execution units and caches with
+        // its siblings: housekeeping work on a sibling slows the guarded one.
+        let shared: CpuSet = g
+            .iter()
+            .filter(|c| self.topo.siblings(*c).intersects(self.housekeeping))
+            .collect();
+        if shared.is_empty() {
+            let smt = g.iter().any(|c| self.topo.siblings(c).len() > 1);
+            return pass(
+                ID,
+                if smt {
+                    format!(
+                        "guarded CPUs {g} are whole cores: no SMT sibling does housekeeping work"
+                    )
+                } else {
+                    format!("guarded CPUs {g} have no SMT siblings")
+                },
+            );
+        }
+        let whole: CpuSet = g
+            .iter()
+            .fold(CpuSet::new(), |acc, c| acc.union(&self.topo.siblings(c)));
+        let partners = whole.difference(g);
+        let alternative = if whole.len() < self.topo.online.len() {
+            format!("guard whole cores (--guard {whole}) or ")
+        } else {
+            String::new()
+        };
+        warn(
+            ID,
+            format!(
+                "guarded CPUs {shared} share cores with housekeeping CPUs {partners}: work there competes for the same core and caches"
+            ),
+            format!(
+                "{alternative}turn SMT off: `echo off > /sys/devices/system/cpu/smt/control` (nosmt on the kernel command line to keep it)"
+            ),
+        )
+    }
+
     fn irqbalance(&self) -> Item {
         const ID: &str = "irqbalance";
         let g = self.guarded;
@@ -1276,11 +1319,11 @@ impl<'a> Ctx<'a> {
             worst = worst.max(status);
             let mut note = if exposed.is_empty() {
                 format!(
-                    "irqbalance (pid {pid}) keeps IRQs off guarded CPUs {g}: {how}, from {source}"
+                    "irqbalance (pid {pid}) keeps IRQs off guarded CPUs {g}: {how} (read from {source})"
                 )
             } else {
                 format!(
-                    "irqbalance (pid {pid}) may move IRQs onto guarded CPUs {exposed} and undo manual IRQ affinity: {how}, from {source}"
+                    "irqbalance (pid {pid}) may move IRQs onto guarded CPUs {exposed} and undo manual IRQ affinity: {how} (read from {source})"
                 )
             };
             let keys = ["IRQBALANCE_BANNED_CPUS", "IRQBALANCE_BANNED_CPULIST"];
@@ -1327,7 +1370,7 @@ mod tests {
         report.items.iter().map(|i| i.id).collect()
     }
 
-    const ALL_IDS: [&str; 11] = [
+    const ALL_IDS: [&str; 12] = [
         "isolcpus",
         "nohz_full",
         "rcu_nocbs",
@@ -1338,6 +1381,7 @@ mod tests {
         "sched_rt_runtime",
         "timer_migration",
         "cpufreq",
+        "smt",
         "irqbalance",
     ];
 
@@ -1354,7 +1398,7 @@ mod tests {
         assert_eq!(
             report.summary,
             Summary {
-                pass: 11,
+                pass: 12,
                 warn: 0,
                 fail: 0
             }
@@ -1405,6 +1449,22 @@ mod tests {
         assert_eq!(status("nohz_full"), Status::Warn);
         assert_eq!(status("irqaffinity"), Status::Warn);
         assert_eq!(status("cpufreq"), Status::Pass);
+        assert_eq!(status("smt"), Status::Warn);
+        let smt = report.item("smt").unwrap();
+        assert!(
+            smt.message
+                .contains("guarded CPUs 1-15 share cores with housekeeping CPUs 33-47"),
+            "{}",
+            smt.message
+        );
+        assert!(
+            smt.fix
+                .as_deref()
+                .unwrap()
+                .starts_with("guard whole cores (--guard 1-15,33-47)"),
+            "{:?}",
+            smt.fix
+        );
         let irqs = report.item("irqs").unwrap();
         let found: Vec<u32> = irqs.irqs.iter().map(|f| f.irq).collect();
         // 9 and 121 (effective CPU 1), plus 8 and 120 whose affinity includes CPU 1.
@@ -1444,6 +1504,7 @@ mod tests {
             ("sched_rt_runtime", Status::Warn),
             ("timer_migration", Status::Warn),
             ("cpufreq", Status::Warn),
+            ("smt", Status::Warn),
             ("irqbalance", Status::Fail),
         ];
         for (id, status) in expect {
@@ -1456,7 +1517,7 @@ mod tests {
             report.summary,
             Summary {
                 pass: 0,
-                warn: 7,
+                warn: 8,
                 fail: 4
             }
         );
@@ -1592,6 +1653,21 @@ mod tests {
                 .contains("cpupower -c 1 frequency-set -g performance")
         );
 
+        let smt = item("smt");
+        assert!(
+            smt.message
+                .contains("guarded CPUs 1 share cores with housekeeping CPUs 0"),
+            "{}",
+            smt.message
+        );
+        // Guarding the whole core would leave nothing: only turning SMT off helps.
+        assert_eq!(
+            smt.fix.as_deref(),
+            Some(
+                "turn SMT off: `echo off > /sys/devices/system/cpu/smt/control` (nosmt on the kernel command line to keep it)"
+            )
+        );
+
         let irqb = item("irqbalance");
         assert!(irqb.message.contains("pid 812"), "{}", irqb.message);
         assert!(
@@ -1617,7 +1693,7 @@ mod tests {
         assert_eq!(v["housekeeping"], "0");
         assert_eq!(v["summary"]["fail"], 4);
         let items = v["items"].as_array().unwrap();
-        assert_eq!(items.len(), 11);
+        assert_eq!(items.len(), 12);
         let irqs = items.iter().find(|i| i["id"] == "irqs").unwrap();
         assert_eq!(irqs["status"], "fail");
         assert_eq!(irqs["irqs"][0]["irq"], 1);
@@ -1937,8 +2013,8 @@ mod tests {
             return;
         };
         let report = check(&Host::default(), Some(&CpuSet::single(last))).unwrap();
-        assert_eq!(report.items.len(), 11);
+        assert_eq!(report.items.len(), 12);
         let s = report.summary;
-        assert_eq!(s.pass + s.warn + s.fail, 11);
+        assert_eq!(s.pass + s.warn + s.fail, 12);
     }
 }

@@ -381,7 +381,9 @@ mod tests {
         assert_eq!(t.nodes.len(), 1);
         assert_eq!(t.nodes[&0], set("0-1"));
         assert_eq!(t.node_of(1), 0);
-        assert_eq!(t.siblings(1), set("1"));
+        assert_eq!(t.siblings(1), set("0-1"));
+        // One core: the suggestion still leaves CPU 0 for housekeeping.
+        assert_eq!(t.suggested_guard(), set("1"));
     }
 
     #[test]

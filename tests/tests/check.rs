@@ -173,6 +173,7 @@ fn json_report_matches_the_host() {
             "sched_rt_runtime",
             "timer_migration",
             "cpufreq",
+            "smt",
             "irqbalance",
         ]
     );
@@ -271,6 +272,19 @@ fn json_report_matches_the_host() {
         assert_eq!(rt["status"], expected);
         assert!(rt["message"].as_str().unwrap().contains(&v), "{rt}");
     }
+
+    // SMT: warn exactly when a sibling of the guarded CPU does housekeeping.
+    let siblings = fs::read_to_string(format!(
+        "/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+    ))
+    .map(|s| cpu_list(&s))
+    .unwrap_or_default();
+    let smt_expected = if siblings.iter().any(|s| housekeeping.contains(s)) {
+        "warn"
+    } else {
+        "pass"
+    };
+    assert_eq!(item(&report, "smt")["status"], smt_expected);
 
     // The human table reports the same verdict.
     let human = pinguard_check(&["--guard", &cpu_arg]);

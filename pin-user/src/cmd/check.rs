@@ -151,7 +151,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("0 passed, 7 warned, 4 failed (exit 1).\n"),
+            text.contains("0 passed, 8 warned, 4 failed (exit 1).\n"),
             "{text}"
         );
         assert!(
@@ -170,7 +170,7 @@ mod tests {
 
         let good = check::check(&fixture("intel-2s16c2t"), None).unwrap();
         let text = render(&good, 100);
-        assert!(text.contains("11 passed, 0 warned, 0 failed.\n"), "{text}");
+        assert!(text.contains("12 passed, 0 warned, 0 failed.\n"), "{text}");
         assert!(!text.contains("Kernel parameters"), "{text}");
         assert!(!text.contains("fix:"), "{text}");
     }
