@@ -923,7 +923,10 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
         .series(r#"ALERTS{alertname=~"PinguardDown|PinguardNotScraped|PinguardMetricsMissing"}"#);
     let mut bad: Vec<String> = failing
         .iter()
-        .map(|(e, why)| format!("{}: {why}\n      {}", e.origin, e.expr))
+        .map(|(e, why)| {
+            let one_line = e.expr.split_whitespace().collect::<Vec<_>>().join(" ");
+            format!("{}: {why}\n      {one_line}", e.origin)
+        })
         .collect();
     if !quiet.as_ref().is_ok_and(Vec::is_empty) {
         bad.push(format!(
