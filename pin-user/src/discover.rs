@@ -526,6 +526,10 @@ impl Discoverer {
             } else if c.explicit.is_none() {
                 for sock in &cmd.qmp_sockets {
                     let path = self.resolve(pid, sock);
+                    if self.opts.qmp.contains(&path) {
+                        // Given with --qmp and already failed: reported as an error.
+                        continue;
+                    }
                     match query_cpus_fast(&path, QMP_TIMEOUT) {
                         Ok(vcpus) if valid(&vcpus) => {
                             self.qmp_cache.insert(pid, vcpus.clone());

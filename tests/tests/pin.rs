@@ -172,7 +172,8 @@ fn dry_run_changes_nothing() {
         .expect("vCPU entry");
     assert_eq!(
         (e["to"].as_str(), e["change"].as_bool()),
-        (Some("1"), Some(true))
+        (Some("1"), Some(true)),
+        "entry {e}; affinities before: {before:?} (did something else pin this guest?)"
     );
     assert_eq!(e["status"], "planned");
     assert_eq!(affinities(&g), before);
