@@ -33,6 +33,7 @@ pub mod map {
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const PENDING_AFFINITY: &str = "PENDING_AFFINITY";
+    pub const GUESTS: &str = "GUESTS";
 }
 
 /// Names of the programs defined by pin-ebpf.
@@ -46,6 +47,10 @@ pub mod program {
     pub const MIGRATE_TP_BTF: &str = "migrate_tp_btf";
     pub const SETAFFINITY_ENTER: &str = "setaffinity_enter";
     pub const SETAFFINITY_EXIT: &str = "setaffinity_exit";
+    /// `sched_process_exec` of QEMU/KVM binaries: a guest may be starting.
+    pub const PROC_EXEC: &str = "proc_exec";
+    /// `sched_process_exit` of known guests and vCPU threads.
+    pub const PROC_EXIT: &str = "proc_exit";
     /// Programs that do nothing, used by the benchmark as the cost floor of a hook.
     pub const EMPTY_TP_BTF: &str = "empty_tp_btf";
     pub const EMPTY_RAW_TP: &str = "empty_raw_tp";
@@ -142,6 +147,10 @@ pub mod event {
     pub const OWNER_AWAY: u32 = 3;
     /// Someone called sched_setaffinity on an owner thread (emitted at syscall exit).
     pub const AFFINITY_CHANGE: u32 = 4;
+    /// A process whose name starts with "qemu" or "kvm" called exec.
+    pub const EXEC: u32 = 5;
+    /// A known guest process (tgid in GUESTS) or an owner thread exited.
+    pub const EXIT: u32 = 6;
 
     pub const fn name(kind: u32) -> &'static str {
         match kind {
@@ -149,6 +158,8 @@ pub mod event {
             MIGRATE_IN => "migrate_in",
             OWNER_AWAY => "owner_away",
             AFFINITY_CHANGE => "affinity_change",
+            EXEC => "exec",
+            EXIT => "exit",
             _ => "unknown",
         }
     }

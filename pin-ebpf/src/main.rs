@@ -14,6 +14,8 @@ mod affinity;
 #[cfg(target_arch = "bpf")]
 mod empty;
 #[cfg(target_arch = "bpf")]
+mod lifecycle;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod migrate;

@@ -41,6 +41,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 pub static PENDING_AFFINITY: HashMap<u32, PendingAffinity> = HashMap::with_max_entries(1024, 0);
 
+/// Guest (QEMU) process ids whose exit userspace wants to hear about.
+#[map]
+pub static GUESTS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_OWNERS, 0);
+
 #[unsafe(no_mangle)]
 pub static SELF_TGID: Global<u32> = Global::new(0);
 

@@ -79,7 +79,8 @@ fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<io::Error>() {
-            if io.raw_os_error() == Some(libc::EPERM) || io.raw_os_error() == Some(libc::EACCES) {
+            // EACCES is what the verifier returns for a rejected program: not a privilege problem.
+            if io.raw_os_error() == Some(libc::EPERM) {
                 return true;
             }
         }
@@ -99,6 +100,8 @@ pub struct ProbeConfig {
     pub migrations: bool,
     /// Attach the sched_setaffinity syscall tracepoints (who changed a vCPU's affinity).
     pub affinity: bool,
+    /// Attach exec/exit hooks (QEMU starting, guests and vCPU threads exiting).
+    pub lifecycle: bool,
 }
 
 impl ProbeConfig {
@@ -109,6 +112,7 @@ impl ProbeConfig {
             event_interval: Duration::from_secs(1),
             migrations: true,
             affinity: true,
+            lifecycle: false,
         }
     }
 }
@@ -216,6 +220,9 @@ impl Probe {
             if config.affinity {
                 p.extend([program::SETAFFINITY_ENTER, program::SETAFFINITY_EXIT]);
             }
+            if config.lifecycle {
+                p.extend([program::PROC_EXEC, program::PROC_EXIT]);
+            }
             p
         } else {
             only.to_vec()
@@ -317,6 +324,18 @@ impl Probe {
             .map(|r| r.map(|(k, v)| (k, v.cpu)))
             .collect::<Result<_, _>>()
             .map_err(map_err(map::OWNERS))
+    }
+
+    /// Registers a guest process so its exit is reported.
+    pub fn set_guest(&mut self, tgid: u32) -> Result<(), ProbeError> {
+        self.hash::<u32, u32>(map::GUESTS)?
+            .insert(tgid, 1, 0)
+            .map_err(map_err(map::GUESTS))
+    }
+
+    pub fn remove_guest(&mut self, tgid: u32) -> Result<(), ProbeError> {
+        ignore_missing(self.hash::<u32, u32>(map::GUESTS)?.remove(&tgid))
+            .map_err(map_err(map::GUESTS))
     }
 
     /// Allows user thread `tid` on `cpu` (None: on every guarded CPU).
@@ -438,6 +457,8 @@ fn hook_of(name: &str) -> (HookKind, &'static str) {
             (HookKind::Tracepoint("sched"), "sched_switch")
         }
         program::MIGRATE_TP_BTF => (HookKind::TpBtf, "sched_migrate_task"),
+        program::PROC_EXEC => (HookKind::TpBtf, "sched_process_exec"),
+        program::PROC_EXIT => (HookKind::TpBtf, "sched_process_exit"),
         program::SETAFFINITY_ENTER => (
             HookKind::Tracepoint("syscalls"),
             "sys_enter_sched_setaffinity",
@@ -457,6 +478,8 @@ pub const PROGRAMS: &[&str] = &[
     program::MIGRATE_TP_BTF,
     program::SETAFFINITY_ENTER,
     program::SETAFFINITY_EXIT,
+    program::PROC_EXEC,
+    program::PROC_EXIT,
     program::EMPTY_TP_BTF,
     program::EMPTY_RAW_TP,
     program::EMPTY_TRACEPOINT,

@@ -3,6 +3,7 @@
 //!
 //! Every helper that starts something returns a guard whose `Drop` stops it,
 //! so a failing assertion leaves no process, VM or BPF link behind.
+pub mod daemon;
 pub mod guest;
 pub mod process;
 pub mod prometheus;

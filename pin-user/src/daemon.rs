@@ -1,0 +1,964 @@
+//! The isolation daemon's state machine: guest inventory, CPU ownership,
+//! event classification into violations, enforcement and metrics.
+//!
+//! Everything runs on one thread (a current-thread tokio runtime), so the
+//! state needs no locks; the HTTP server only reads the metrics registry and
+//! the recent-violations list.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use pin_common::class;
+
+use crate::{
+    affinity::{self, AffinityError},
+    cli::Mode,
+    config::Config,
+    cpulist::CpuSet,
+    discover::{DiscoverOptions, Discoverer, Discovery, Guest},
+    enforce::{self, Limiter},
+    metrics::{Deltas, Metrics},
+    plan::{self, PlanOptions, Role},
+    probe::{DecodedEvent, Probe, ProbeError, StatsGuard},
+    procfs::Proc,
+    topology::{Guard, Topology},
+};
+
+/// How many violations the recent list keeps.
+pub const RECENT_VIOLATIONS: usize = 256;
+
+/// One violation, as logged and listed on `/violations`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Violation {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub kind: &'static str,
+    pub cpu: u32,
+    pub tid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u32>,
+    pub detail: String,
+}
+
+pub type RecentViolations = Arc<Mutex<VecDeque<Violation>>>;
+
+/// How many intruders `/intruders` lists.
+pub const TOP_INTRUDERS: usize = 100;
+
+/// One thread's intrusion on one guarded CPU since pinguard started (or since
+/// the thread first intruded), from the kernel's per-thread accounting.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IntruderRecord {
+    pub cpu: u32,
+    pub tid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub class: &'static str,
+    pub run_ns: u64,
+    pub slices: u64,
+    pub max_slice_ns: u64,
+}
+
+/// A vCPU thread and the guarded CPU it owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Assignment {
+    vm: String,
+    pid: u32,
+    vcpu: u32,
+    cpu: u32,
+}
+
+/// A guest process to look at again (it just exec'ed, or a thread vanished).
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    due: Instant,
+    attempt: u32,
+}
+
+/// Back-off schedule after an exec: QEMU creates its vCPU threads and QMP
+/// socket during start-up, so look again a few times.
+const RETRY_DELAYS_MS: [u64; 6] = [100, 300, 1000, 3000, 10_000, 30_000];
+
+pub struct Daemon {
+    pub config: Config,
+    topo: Topology,
+    guard: Guard,
+    probe: Probe,
+    proc: Proc,
+    discoverer: Discoverer,
+    metrics: Arc<Metrics>,
+    recent: RecentViolations,
+    /// JSON of the top intruders, refreshed every tick, served on `/intruders`.
+    intruders: Arc<Mutex<String>>,
+    guests: BTreeMap<u32, Guest>,
+    /// vCPU tid -> assignment.
+    assignments: BTreeMap<u32, Assignment>,
+    /// vCPU tid -> whether its affinity equalled its assignment at the last check.
+    pinned: HashMap<u32, bool>,
+    retries: BTreeMap<u32, Retry>,
+    /// Full rescans scheduled after a QEMU exec: with `-daemonize` the guest
+    /// is a forked child whose pid the exec event cannot name.
+    scan_retry: Option<Retry>,
+    limiter: Limiter,
+    /// (kind, cpu, tid) already logged: each violation is logged once.
+    logged: HashSet<(&'static str, u32, u32)>,
+    deltas: Deltas,
+    _stats: Option<StatsGuard>,
+    ticks: u64,
+}
+
+fn now_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Daemon {
+    pub fn new(
+        config: Config,
+        topo: Topology,
+        guard: Guard,
+        probe: Probe,
+        metrics: Arc<Metrics>,
+        recent: RecentViolations,
+        intruders: Arc<Mutex<String>>,
+    ) -> Self {
+        let stats = if config.bpf_stats {
+            StatsGuard::enable()
+                .map_err(|e| log::warn!("BPF run-time statistics unavailable: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        let proc = Proc::default();
+        let discoverer = Discoverer::new(proc.clone(), Self::discover_options(&config));
+        let limiter = Limiter::new(config.min_interval, config.max_backoff);
+        let d = Self {
+            topo,
+            guard,
+            probe,
+            proc,
+            discoverer,
+            metrics,
+            recent,
+            intruders,
+            guests: BTreeMap::new(),
+            assignments: BTreeMap::new(),
+            pinned: HashMap::new(),
+            retries: BTreeMap::new(),
+            scan_retry: None,
+            limiter,
+            logged: HashSet::new(),
+            deltas: Deltas::default(),
+            _stats: stats,
+            ticks: 0,
+            config,
+        };
+        d.publish_static();
+        d
+    }
+
+    fn discover_options(config: &Config) -> DiscoverOptions {
+        DiscoverOptions {
+            qmp: config.qmp.clone(),
+            ..DiscoverOptions::default()
+        }
+    }
+
+    fn publish_static(&self) {
+        let m = &self.metrics;
+        m.cpu_guarded.reset();
+        for cpu in self.guard.guarded.iter() {
+            m.cpu_guarded.with_label_values(&[&cpu.to_string()]).set(1);
+            // Every class is present from the start, so dashboards and rate() see zeros, not gaps.
+            for class in crate::metrics::CLASSES {
+                m.cpu_run_seconds
+                    .with_label_values(&[&cpu.to_string(), class])
+                    .inc_by(0.0);
+            }
+        }
+        m.mode.reset();
+        m.mode
+            .with_label_values(&[mode_name(self.config.mode)])
+            .set(1);
+        m.events_lost.inc_by(0);
+    }
+
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Applies a reloaded configuration. The guarded set and listen address
+    /// need a restart; everything else takes effect now.
+    pub fn reload(&mut self, config: Config) -> Result<(), String> {
+        let guard = self
+            .topo
+            .guard(config.guard.as_ref().or(self.config.guard.as_ref()))
+            .map_err(|e| e.to_string())?;
+        if guard != self.guard {
+            return Err(format!(
+                "the guarded CPUs cannot change on reload (running with {}, config says {}); restart pinguard",
+                self.guard.guarded, guard.guarded
+            ));
+        }
+        self.limiter = Limiter::new(config.min_interval, config.max_backoff);
+        self.discoverer = Discoverer::new(self.proc.clone(), Self::discover_options(&config));
+        self.config = config;
+        self.publish_static();
+        self.rescan();
+        Ok(())
+    }
+
+    fn record(&mut self, v: Violation) {
+        self.metrics
+            .violations
+            .with_label_values(&[&v.cpu.to_string(), v.kind])
+            .inc();
+        if self.logged.len() > 65536 {
+            self.logged.clear();
+        }
+        if self.logged.insert((v.kind, v.cpu, v.tid)) {
+            let who = match (&v.vm, v.vcpu) {
+                (Some(vm), Some(i)) => format!(" (vm {vm} vcpu {i})"),
+                _ => String::new(),
+            };
+            log::warn!(
+                "violation {} on CPU {}: tid {} pid {} {:?}{}: {}",
+                v.kind,
+                v.cpu,
+                v.tid,
+                v.tgid,
+                v.comm,
+                who,
+                v.detail
+            );
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_VIOLATIONS {
+            recent.pop_front();
+        }
+        recent.push_back(v);
+    }
+
+    /// Full rescan of /proc (start-up, SIGHUP, and a periodic safety net).
+    pub fn rescan(&mut self) {
+        match self.discoverer.scan() {
+            Ok(d) => self.apply_discovery(d, None),
+            Err(e) => {
+                self.metrics.discovery_errors.inc();
+                log::error!("guest discovery failed: {e}");
+            }
+        }
+    }
+
+    fn rediscover(&mut self, pid: u32) {
+        match self.discoverer.rediscover(pid) {
+            Ok(d) => self.apply_discovery(d, Some(pid)),
+            Err(e) => {
+                self.metrics.discovery_errors.inc();
+                log::warn!("rediscovering pid {pid}: {e}");
+            }
+        }
+    }
+
+    /// Merges a discovery result (of everything, or of one pid) and re-plans.
+    fn apply_discovery(&mut self, d: Discovery, only: Option<u32>) {
+        for w in &d.warnings {
+            log::debug!("discovery: {w}");
+        }
+        for e in &d.errors {
+            self.metrics.discovery_errors.inc();
+            log::warn!("discovery: {e}");
+        }
+        match only {
+            None => {
+                self.guests = d.guests.into_iter().map(|g| (g.pid, g)).collect();
+            }
+            Some(pid) => {
+                self.guests.remove(&pid);
+                for g in d.guests {
+                    self.guests.insert(g.pid, g);
+                }
+                // Still no vCPUs: QEMU may still be starting; look again later.
+                let found = self.guests.get(&pid).is_some_and(|g| !g.vcpus.is_empty());
+                if found {
+                    self.retries.remove(&pid);
+                } else if let Some(r) = self.retries.get_mut(&pid) {
+                    r.attempt += 1;
+                    match RETRY_DELAYS_MS.get(r.attempt as usize) {
+                        Some(ms) => r.due = Instant::now() + Duration::from_millis(*ms),
+                        None => {
+                            self.retries.remove(&pid);
+                        }
+                    }
+                }
+            }
+        }
+        self.replan();
+    }
+
+    /// Computes ownership from the guests and (in enforce mode) applies it.
+    fn replan(&mut self) {
+        let guests: Vec<Guest> = self.guests.values().cloned().collect();
+        let mut current = BTreeMap::new();
+        for g in &guests {
+            for tid in g.tids() {
+                match affinity::get(tid) {
+                    Ok(set) => {
+                        current.insert(tid, set);
+                    }
+                    Err(e) if e.is_gone() => self.metrics.tasks_vanished.inc(),
+                    Err(e) => log::debug!("affinity of {tid}: {e}"),
+                }
+            }
+        }
+        // Configured placements apply to guests that are running now.
+        let names: HashSet<&str> = guests.iter().map(|g| g.name.as_str()).collect();
+        let mut opts = PlanOptions {
+            vm: self
+                .config
+                .vm
+                .iter()
+                .filter(|(n, _)| names.contains(n.as_str()))
+                .cloned()
+                .collect(),
+            emulator: self.config.emulator.clone(),
+            smt: self.config.smt,
+            allow_shared: self.config.allow_shared,
+        };
+        let plan = match plan::plan(&self.topo, &self.guard, &guests, &current, &opts) {
+            Ok(p) => p,
+            Err(e) => {
+                // A daemon keeps going: place what it can, sharing CPUs, and say so.
+                log::error!("placement: {e}; falling back to sharing guarded CPUs");
+                opts.allow_shared = true;
+                opts.vm.clear();
+                match plan::plan(&self.topo, &self.guard, &guests, &current, &opts) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        log::error!("placement impossible: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        for w in &plan.warnings {
+            log::info!("placement: {w}");
+        }
+        let mut next: BTreeMap<u32, Assignment> = BTreeMap::new();
+        for e in plan.entries.iter().filter(|e| e.role == Role::Vcpu) {
+            let (Some(vcpu), Some(cpu)) = (e.vcpu, e.to.first()) else {
+                continue;
+            };
+            next.insert(
+                e.tid,
+                Assignment {
+                    vm: e.vm.clone(),
+                    pid: e.pid,
+                    vcpu,
+                    cpu,
+                },
+            );
+        }
+        if self.config.mode == Mode::Enforce {
+            for e in plan.changes() {
+                match enforce::repin(e.tid, &e.to) {
+                    Ok(()) => {
+                        if e.role == Role::Vcpu {
+                            self.metrics.repins.with_label_values(&[&e.vm]).inc();
+                        }
+                        log::info!(
+                            "pinned {} {} (tid {}) to CPUs {} (was {})",
+                            e.vm,
+                            role_name(e),
+                            e.tid,
+                            e.to,
+                            e.from
+                        );
+                    }
+                    Err(err) => self.enforcement_error("pin", &err),
+                }
+            }
+        }
+        self.set_assignments(next);
+        // Two vCPUs on one CPU cannot both have it to themselves.
+        for cpu in plan.shared_cpus.iter() {
+            let sharing: Vec<String> = self
+                .assignments
+                .iter()
+                .filter(|(_, a)| a.cpu == cpu)
+                .map(|(tid, a)| format!("{} vcpu {} (tid {tid})", a.vm, a.vcpu))
+                .collect();
+            self.record(Violation {
+                time: now_epoch(),
+                kind: "shared_cpu",
+                cpu,
+                tid: 0,
+                tgid: 0,
+                comm: String::new(),
+                vm: None,
+                vcpu: None,
+                detail: format!("vCPUs share this CPU: {}", sharing.join(", ")),
+            });
+        }
+        self.verify_pins();
+    }
+
+    /// Brings the kernel's OWNERS/GUESTS maps and the placement metrics in line.
+    fn set_assignments(&mut self, next: BTreeMap<u32, Assignment>) {
+        let m = self.metrics.clone();
+        for (tid, old) in &self.assignments {
+            if next.get(tid) != Some(old) {
+                let _ = m.vcpu_info.remove_label_values(&[
+                    &old.vm,
+                    &old.vcpu.to_string(),
+                    &old.cpu.to_string(),
+                ]);
+                let _ = m
+                    .vcpu_pinned
+                    .remove_label_values(&[&old.vm, &old.vcpu.to_string()]);
+                if !next.contains_key(tid) {
+                    self.pinned.remove(tid);
+                    self.limiter.forget(*tid);
+                    if let Err(e) = self.probe.remove_owner(*tid) {
+                        log::warn!("removing owner {tid}: {e}");
+                    }
+                }
+            }
+        }
+        for (tid, a) in &next {
+            if self.assignments.get(tid) != Some(a) {
+                if let Err(e) = self.probe.set_owner(*tid, a.cpu) {
+                    log::error!(
+                        "registering vCPU thread {tid} as owner of CPU {}: {e}",
+                        a.cpu
+                    );
+                }
+            }
+            m.vcpu_info
+                .with_label_values(&[&a.vm, &a.vcpu.to_string(), &a.cpu.to_string()])
+                .set(1);
+        }
+        let old_pids: HashSet<u32> = self.assignments.values().map(|a| a.pid).collect();
+        let new_pids: HashSet<u32> = self.guests.keys().copied().collect();
+        for pid in old_pids.difference(&new_pids) {
+            let _ = self.probe.remove_guest(*pid);
+        }
+        for pid in &new_pids {
+            if let Err(e) = self.probe.set_guest(*pid) {
+                log::warn!("watching guest {pid} for exit: {e}");
+            }
+        }
+        self.assignments = next;
+        m.vms.set(self.guests.len() as i64);
+    }
+
+    fn enforcement_error(&mut self, action: &str, err: &AffinityError) {
+        if err.is_gone() {
+            // The thread exited under us: normal, counted, not an error.
+            self.metrics.tasks_vanished.inc();
+            return;
+        }
+        self.metrics
+            .enforcement_errors
+            .with_label_values(&[action, &err.errno_name()])
+            .inc();
+        log::warn!("{action} failed: {err}");
+    }
+
+    /// Checks every vCPU's affinity against its assignment (and re-pins in enforce mode).
+    fn verify_pins(&mut self) {
+        let tids: Vec<u32> = self.assignments.keys().copied().collect();
+        for tid in tids {
+            self.verify_one(tid, None);
+        }
+    }
+
+    fn verify_one(&mut self, tid: u32, cause: Option<&DecodedEvent>) {
+        let Some(a) = self.assignments.get(&tid).cloned() else {
+            return;
+        };
+        let want = CpuSet::single(a.cpu);
+        let have = match affinity::get(tid) {
+            Ok(s) => s,
+            Err(e) if e.is_gone() => {
+                self.metrics.tasks_vanished.inc();
+                self.schedule_retry(a.pid, 0);
+                return;
+            }
+            Err(e) => {
+                log::warn!("reading affinity of vCPU thread {tid}: {e}");
+                return;
+            }
+        };
+        let ok = have == want;
+        let was = self.pinned.insert(tid, ok);
+        let label = [a.vm.as_str(), &a.vcpu.to_string()];
+        self.metrics
+            .vcpu_pinned
+            .with_label_values(&label)
+            .set(i64::from(ok));
+        if ok {
+            return;
+        }
+        // A drift is reported when it starts (or when an event explains it), not every second.
+        if was != Some(false) || cause.is_some() {
+            let comm = self
+                .proc
+                .comm(a.pid, tid)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let detail = match cause {
+                Some(ev) => format!(
+                    "affinity is {have}, assigned {want}; changed by {:?} (tid {}, pid {})",
+                    ev.comm, ev.tid, ev.tgid
+                ),
+                None => format!("affinity is {have}, assigned {want}"),
+            };
+            if cause.is_none() {
+                self.record(Violation {
+                    time: now_epoch(),
+                    kind: "vcpu_drift",
+                    cpu: a.cpu,
+                    tid,
+                    tgid: a.pid,
+                    comm,
+                    vm: Some(a.vm.clone()),
+                    vcpu: Some(a.vcpu),
+                    detail,
+                });
+            }
+        }
+        if self.config.mode == Mode::Enforce {
+            self.repin(tid, &a);
+        }
+    }
+
+    fn repin(&mut self, tid: u32, a: &Assignment) {
+        if let Err(wait) = self.limiter.check(tid, Instant::now()) {
+            log::debug!("not re-pinning {tid} for another {wait:?} (back-off)");
+            return;
+        }
+        match enforce::repin(tid, &CpuSet::single(a.cpu)) {
+            Ok(()) => {
+                self.metrics.repins.with_label_values(&[&a.vm]).inc();
+                self.pinned.insert(tid, true);
+                self.metrics
+                    .vcpu_pinned
+                    .with_label_values(&[a.vm.as_str(), &a.vcpu.to_string()])
+                    .set(1);
+                log::info!(
+                    "re-pinned {} vcpu {} (tid {tid}) to CPU {}",
+                    a.vm,
+                    a.vcpu,
+                    a.cpu
+                );
+            }
+            Err(e) => self.enforcement_error("repin", &e),
+        }
+    }
+
+    fn schedule_retry(&mut self, pid: u32, attempt: u32) {
+        let ms = RETRY_DELAYS_MS[(attempt as usize).min(RETRY_DELAYS_MS.len() - 1)];
+        self.retries.entry(pid).or_insert(Retry {
+            due: Instant::now() + Duration::from_millis(ms),
+            attempt,
+        });
+    }
+
+    /// Handles one event from the kernel.
+    pub fn handle(&mut self, ev: &DecodedEvent) {
+        match ev.event {
+            "intrusion" => self.on_intrusion(ev),
+            "migrate_in" => self.on_migrate_in(ev),
+            "owner_away" => {
+                if let Some(a) = self.assignments.get(&ev.tid).cloned() {
+                    self.record(Violation {
+                        time: now_epoch(),
+                        kind: "vcpu_drift",
+                        cpu: a.cpu,
+                        tid: ev.tid,
+                        tgid: ev.tgid,
+                        comm: ev.comm.clone(),
+                        vm: Some(a.vm.clone()),
+                        vcpu: Some(a.vcpu),
+                        detail: format!(
+                            "left its CPU {} for CPU {}",
+                            a.cpu,
+                            ev.other_cpu.unwrap_or_default()
+                        ),
+                    });
+                    self.pinned.insert(ev.tid, false);
+                    self.verify_one(ev.tid, Some(ev));
+                }
+            }
+            "affinity_change" => {
+                let target = ev.target_tid.unwrap_or_default();
+                if let Some(a) = self.assignments.get(&target).cloned() {
+                    self.record(Violation {
+                        time: now_epoch(),
+                        kind: "affinity_changed",
+                        cpu: a.cpu,
+                        tid: ev.tid,
+                        tgid: ev.tgid,
+                        comm: ev.comm.clone(),
+                        vm: Some(a.vm.clone()),
+                        vcpu: Some(a.vcpu),
+                        detail: format!(
+                            "{:?} (pid {}) set the affinity of {} vcpu {} (tid {target}) to {}",
+                            ev.comm,
+                            ev.tgid,
+                            a.vm,
+                            a.vcpu,
+                            ev.mask.as_deref().unwrap_or("?")
+                        ),
+                    });
+                    self.verify_one(target, Some(ev));
+                }
+            }
+            "exec" => {
+                log::debug!(
+                    "exec of {:?} (pid {}): looking for a new guest",
+                    ev.comm,
+                    ev.tgid
+                );
+                self.scan_retry = Some(Retry {
+                    due: Instant::now() + Duration::from_millis(RETRY_DELAYS_MS[0]),
+                    attempt: 0,
+                });
+            }
+            "exit" => {
+                if ev.tid == ev.tgid && self.guests.contains_key(&ev.tgid) {
+                    log::info!("guest process {} exited", ev.tgid);
+                    self.guests.remove(&ev.tgid);
+                    self.retries.remove(&ev.tgid);
+                    self.discoverer.forget(ev.tgid);
+                    let next = self
+                        .assignments
+                        .iter()
+                        .filter(|(_, a)| a.pid != ev.tgid)
+                        .map(|(t, a)| (*t, a.clone()))
+                        .collect();
+                    self.set_assignments(next);
+                } else if self.assignments.contains_key(&ev.tid) {
+                    // A vCPU thread exited (CPU hot-unplug in the guest, or the guest is going away).
+                    self.schedule_retry(ev.tgid, 0);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn allowlisted(&self, tid: u32, tgid: u32, comm: &str) -> Option<Option<CpuSet>> {
+        let cgroup = || {
+            std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/cgroup"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+                })
+        };
+        self.config
+            .allow
+            .iter()
+            .find(|r| r.matches(comm, tgid, cgroup))
+            .map(|r| r.cpus.clone())
+    }
+
+    fn on_intrusion(&mut self, ev: &DecodedEvent) {
+        // Another guest's vCPU running here: its owner CPU lost it too.
+        if let Some(a) = self.assignments.get(&ev.tid).cloned() {
+            if a.cpu != ev.cpu {
+                self.record(Violation {
+                    time: now_epoch(),
+                    kind: "vcpu_drift",
+                    cpu: a.cpu,
+                    tid: ev.tid,
+                    tgid: ev.tgid,
+                    comm: ev.comm.clone(),
+                    vm: Some(a.vm.clone()),
+                    vcpu: Some(a.vcpu),
+                    detail: format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu),
+                });
+                self.verify_one(ev.tid, None);
+            }
+        }
+        if ev.class == class::name(class::INTRUDER_USER) {
+            if let Some(cpus) = self.allowlisted(ev.tid, ev.tgid, &ev.comm) {
+                let cpu = cpus
+                    .as_ref()
+                    .and_then(|c| (c.len() == 1).then(|| c.first()).flatten());
+                if cpus.as_ref().is_none_or(|c| c.contains(ev.cpu)) {
+                    if let Err(e) = self.probe.set_allowed(
+                        ev.tid,
+                        if cpus.is_none() {
+                            None
+                        } else {
+                            cpu.or(Some(ev.cpu))
+                        },
+                    ) {
+                        log::warn!("allowlisting {}: {e}", ev.tid);
+                    }
+                    return;
+                }
+            }
+        }
+        self.record(Violation {
+            time: now_epoch(),
+            kind: "intruder",
+            cpu: ev.cpu,
+            tid: ev.tid,
+            tgid: ev.tgid,
+            comm: ev.comm.clone(),
+            vm: None,
+            vcpu: None,
+            detail: format!(
+                "{} ran {} µs (total {} µs in {} slices)",
+                ev.class,
+                ev.run_ns / 1000,
+                ev.total_ns / 1000,
+                ev.slices
+            ),
+        });
+        self.evict(ev);
+    }
+
+    fn on_migrate_in(&mut self, ev: &DecodedEvent) {
+        if self.allowlisted(ev.tid, ev.tgid, &ev.comm).is_some() {
+            return;
+        }
+        self.record(Violation {
+            time: now_epoch(),
+            kind: "migration_in",
+            cpu: ev.cpu,
+            tid: ev.tid,
+            tgid: ev.tgid,
+            comm: ev.comm.clone(),
+            vm: None,
+            vcpu: None,
+            detail: format!(
+                "moved from CPU {} onto guarded CPU {}",
+                ev.other_cpu.unwrap_or_default(),
+                ev.cpu
+            ),
+        });
+        self.evict(ev);
+    }
+
+    /// Enforce mode: moves a user intruder off the guarded CPUs.
+    fn evict(&mut self, ev: &DecodedEvent) {
+        if self.config.mode != Mode::Enforce || self.assignments.contains_key(&ev.tid) {
+            return;
+        }
+        let info = match self.proc.thread(ev.tgid, ev.tid) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                self.metrics.tasks_vanished.inc();
+                return;
+            }
+            Err(e) => {
+                log::debug!("reading thread {}: {e}", ev.tid);
+                return;
+            }
+        };
+        if enforce::untouchable(&info).is_some() {
+            return;
+        }
+        if let Err(wait) = self.limiter.check(ev.tid, Instant::now()) {
+            log::debug!("not evicting {} for another {wait:?} (back-off)", ev.tid);
+            return;
+        }
+        let target =
+            enforce::eviction_target(&info.allowed, &self.guard.guarded, &self.guard.housekeeping);
+        match affinity::set(ev.tid, &target) {
+            Ok(()) => {
+                self.metrics
+                    .evictions
+                    .with_label_values(&[&ev.cpu.to_string()])
+                    .inc();
+                log::info!(
+                    "evicted tid {} ({:?}, pid {}) from CPU {} to CPUs {target} (was {})",
+                    ev.tid,
+                    ev.comm,
+                    ev.tgid,
+                    ev.cpu,
+                    info.allowed
+                );
+            }
+            Err(e) => self.enforcement_error("evict", &e),
+        }
+    }
+
+    /// Periodic work: retries, affinity verification, metrics from the maps,
+    /// pruning of per-thread entries of threads that exited.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.due <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in due {
+            self.rediscover(pid);
+            if let Some(r) = self.retries.get(&pid) {
+                if r.due <= now {
+                    // rediscover() did not reschedule (e.g. the process is gone).
+                    self.retries.remove(&pid);
+                }
+            }
+        }
+        if let Some(r) = self.scan_retry {
+            if r.due <= now {
+                self.rescan();
+                self.scan_retry = RETRY_DELAYS_MS.get(r.attempt as usize + 1).map(|ms| Retry {
+                    due: now + Duration::from_millis(*ms),
+                    attempt: r.attempt + 1,
+                });
+            }
+        }
+        self.verify_pins();
+        if let Err(e) = self.update_metrics() {
+            log::warn!("reading the eBPF maps: {e}");
+        }
+        self.publish_intruders();
+        if self.ticks % 10 == 0 {
+            self.prune_threads();
+        }
+    }
+
+    /// Time until the earliest pending retry (the run loop wakes for it).
+    pub fn next_retry_in(&self) -> Option<Duration> {
+        self.retries
+            .values()
+            .chain(self.scan_retry.as_ref())
+            .map(|r| r.due.saturating_duration_since(Instant::now()))
+            .min()
+    }
+
+    pub fn update_metrics(&mut self) -> Result<(), ProbeError> {
+        let m = self.metrics.clone();
+        for (cpu, s) in self.probe.cpu_stats()? {
+            let c = cpu.to_string();
+            let by = |k: u32| s.run_ns[k as usize];
+            let slices = |k: u32| s.slices[k as usize];
+            for (label, ns) in [
+                ("vcpu", by(class::VCPU)),
+                ("kernel", by(class::KERNEL)),
+                ("allowed", by(class::ALLOWED)),
+                (
+                    "intruder",
+                    by(class::INTRUDER_USER) + by(class::INTRUDER_KTHREAD),
+                ),
+                ("idle", by(class::IDLE)),
+            ] {
+                let d = self.deltas.delta(format!("run/{c}/{label}"), ns);
+                m.cpu_run_seconds
+                    .with_label_values(&[&c, label])
+                    .inc_by(d as f64 / 1e9);
+            }
+            for (source, k) in [
+                ("user", class::INTRUDER_USER),
+                ("kthread", class::INTRUDER_KTHREAD),
+            ] {
+                let d = self.deltas.delta(format!("intr/{c}/{source}"), by(k));
+                m.intruder_run_seconds
+                    .with_label_values(&[&c, source])
+                    .inc_by(d as f64 / 1e9);
+                let n = self.deltas.delta(format!("slices/{c}/{source}"), slices(k));
+                m.intrusions.with_label_values(&[&c, source]).inc_by(n);
+            }
+        }
+        let counters = self.probe.counters()?;
+        m.events_lost.inc_by(
+            self.deltas
+                .delta("events_lost".into(), counters.events_lost),
+        );
+        m.thread_map_full.inc_by(
+            self.deltas
+                .delta("thread_map_full".into(), counters.thread_map_full),
+        );
+        for p in self.probe.program_stats() {
+            let d = self
+                .deltas
+                .delta(format!("bpf_ns/{}", p.name), p.run_time.as_nanos() as u64);
+            m.bpf_run_seconds
+                .with_label_values(&[p.name])
+                .inc_by(d as f64 / 1e9);
+            m.bpf_runs.with_label_values(&[p.name]).inc_by(
+                self.deltas
+                    .delta(format!("bpf_runs/{}", p.name), p.run_count),
+            );
+        }
+        Ok(())
+    }
+
+    /// Counts events the userspace reader could not decode as lost.
+    pub fn count_lost(&self, n: u64) {
+        self.metrics.events_lost.inc_by(n);
+    }
+
+    fn publish_intruders(&self) {
+        let Ok(threads) = self.probe.threads() else {
+            return;
+        };
+        let mut list: Vec<IntruderRecord> = threads
+            .into_iter()
+            .map(|(k, t)| IntruderRecord {
+                cpu: k.cpu,
+                tid: k.tid,
+                tgid: t.tgid,
+                comm: crate::probe::comm_str(&t.comm),
+                class: class::name(t.class),
+                run_ns: t.run_ns,
+                slices: t.slices,
+                max_slice_ns: t.max_slice_ns,
+            })
+            .collect();
+        list.sort_by(|a, b| b.run_ns.cmp(&a.run_ns));
+        list.truncate(TOP_INTRUDERS);
+        let json = serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()) + "\n";
+        *self.intruders.lock().unwrap_or_else(|e| e.into_inner()) = json;
+    }
+
+    fn prune_threads(&mut self) {
+        let Ok(threads) = self.probe.threads() else {
+            return;
+        };
+        let mut alive_cache: HashMap<u32, bool> = HashMap::new();
+        for (key, stats) in threads {
+            let alive = *alive_cache.entry(key.tid).or_insert_with(|| {
+                std::path::Path::new(&format!("/proc/{}/task/{}", stats.tgid, key.tid)).exists()
+            });
+            if !alive {
+                let _ = self.probe.remove_thread(key);
+            }
+        }
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Observe => "observe",
+        Mode::Enforce => "enforce",
+    }
+}
+
+fn role_name(e: &plan::Entry) -> String {
+    match (e.role, e.vcpu) {
+        (Role::Vcpu, Some(i)) => format!("vcpu {i}"),
+        _ => "emulator thread".into(),
+    }
+}

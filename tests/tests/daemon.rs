@@ -1,0 +1,314 @@
+//! The daemon (`pinguard run`) with real guests, real threads and real scrapes.
+//! CPU 1 is guarded, CPU 0 is housekeeping.
+use std::{collections::BTreeMap, process::Command, time::Duration};
+
+use integration_tests::{
+    daemon::Daemon,
+    guest::{Guest, GuestOptions, cpus_allowed},
+    require,
+    threads::{Worker, allowed_list, schedstat_run_ns, spin},
+    util::{missing_kvm, wait_for},
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Affinity of every thread on the host, as /proc shows it.
+fn all_affinities() -> BTreeMap<(u32, u32), String> {
+    let mut out = BTreeMap::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(tid) = t.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(s) = std::fs::read_to_string(t.path().join("status")) {
+                if let Some(l) = s.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+                    out.insert((pid, tid), l.trim().to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn violations(d: &Daemon) -> Vec<Value> {
+    let (status, body) = d.get("/violations");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn observe_mode_reports_guests_and_intruders_and_changes_no_affinity() {
+    require!(missing_kvm());
+    let mut daemon = Daemon::start("mode = \"observe\"\n", &[]);
+    let guest = Guest::start(GuestOptions::new("pg-observe"));
+    let vm = [("vm", "pg-observe")];
+    daemon.wait_metric(
+        "the guest to be discovered",
+        "pinguard_vcpu_info",
+        &vm,
+        |v| v == 1.0,
+    );
+    assert_eq!(
+        daemon.metric("pinguard_vcpu_pinned", &vm),
+        Some(0.0),
+        "an unpinned vCPU must read 0"
+    );
+    let before = all_affinities();
+
+    let intruder_seconds = |d: &Daemon| {
+        d.metric(
+            "pinguard_intruder_run_seconds_total",
+            &[("cpu", "1"), ("source", "user")],
+        )
+        .unwrap_or(0.0)
+    };
+    let start = intruder_seconds(&daemon);
+    let intruder = Worker::spawn_on("pg-intruder", &[1]);
+    intruder.run(|| {
+        for _ in 0..100 {
+            spin(Duration::from_micros(500));
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    });
+    let ran_ns = schedstat_run_ns(intruder.tid());
+    let ran = ran_ns as f64 / 1e9;
+    // The CPU's intruder time grew by at least what the intruder ran (others may intrude too)...
+    daemon.wait_metric(
+        "intruder time to be accounted",
+        "pinguard_intruder_run_seconds_total",
+        &[("cpu", "1"), ("source", "user")],
+        |v| v - start >= ran * 0.95,
+    );
+    // ...and the daemon's per-thread accounting of this intruder is what the kernel says it ran.
+    let tid = intruder.tid();
+    let entry = wait_for("the intruder in /intruders", WAIT, || {
+        let (_, body) = daemon.get("/intruders");
+        let list: Value = serde_json::from_str(&body).ok()?;
+        list.as_array()?
+            .iter()
+            .find(|i| i["tid"] == tid && i["cpu"] == 1)
+            .cloned()
+    });
+    let accounted = entry["run_ns"].as_u64().unwrap();
+    let diff = (accounted as f64 - ran_ns as f64).abs() / ran_ns as f64;
+    assert!(
+        diff <= 0.05,
+        "daemon accounted {accounted} ns for tid {tid}, schedstat says {ran_ns} ns: {entry}"
+    );
+    assert_eq!(entry["comm"], "pg-intruder", "{entry}");
+    daemon.wait_metric(
+        "the intrusion violation",
+        "pinguard_violations_total",
+        &[("cpu", "1"), ("kind", "intruder")],
+        |v| v >= 1.0,
+    );
+    wait_for("the intruder in /violations", WAIT, || {
+        violations(&daemon)
+            .into_iter()
+            .find(|v| v["kind"] == "intruder" && v["tid"] == tid)
+    });
+
+    // Observe mode: no thread's affinity changed except by this test's own doing.
+    let after = all_affinities();
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|(k, v)| after.get(k).is_some_and(|a| a != *v))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "observe mode changed affinities: {changed:?}"
+    );
+    assert_eq!(cpus_allowed(guest.pid(), guest.vcpu_tids()[0]), "0-1");
+    assert_eq!(
+        daemon.metric("pinguard_repins_total", &[]),
+        None,
+        "no repins in observe mode"
+    );
+    assert_eq!(
+        daemon.metric("pinguard_evictions_total", &[]),
+        None,
+        "no evictions in observe mode"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn enforce_mode_pins_repins_after_taskset_and_evicts_user_intruders() {
+    require!(missing_kvm());
+    let daemon = Daemon::start("mode = \"enforce\"\n", &[]);
+    let guest = Guest::start(GuestOptions::new("pg-enforce"));
+    let vcpu = guest.vcpu_tids()[0];
+    let vm = [("vm", "pg-enforce")];
+    daemon.wait_metric("the vCPU to be pinned", "pinguard_vcpu_pinned", &vm, |v| {
+        v == 1.0
+    });
+    assert_eq!(cpus_allowed(guest.pid(), vcpu), "1");
+    for t in guest.emulator_tids() {
+        assert_eq!(
+            cpus_allowed(guest.pid(), t),
+            "0",
+            "emulator thread {t} not on housekeeping"
+        );
+    }
+    let repins = daemon.metric("pinguard_repins_total", &vm).unwrap_or(0.0);
+
+    // Someone moves the vCPU to the housekeeping CPU by hand.
+    let out = Command::new("taskset")
+        .args(["-p", "0x1", &vcpu.to_string()])
+        .output()
+        .expect("run taskset");
+    assert!(out.status.success(), "taskset failed: {out:?}");
+    wait_for("the vCPU to be re-pinned to CPU 1", WAIT, || {
+        (cpus_allowed(guest.pid(), vcpu) == "1").then_some(())
+    });
+    daemon.wait_metric(
+        "a re-pin to be counted",
+        "pinguard_repins_total",
+        &vm,
+        |v| v > repins,
+    );
+    let v = wait_for("an affinity_changed violation naming taskset", WAIT, || {
+        violations(&daemon)
+            .into_iter()
+            .find(|v| v["kind"] == "affinity_changed" && v["comm"] == "taskset")
+    });
+    assert_eq!(v["vm"], "pg-enforce", "{v}");
+    assert!(
+        daemon
+            .metric("pinguard_violations_total", &[("kind", "affinity_changed")])
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // A user thread bound to the guarded CPU is moved to housekeeping.
+    let intruder = Worker::spawn_on("pg-evictee", &[1]);
+    let itid = intruder.tid();
+    let me = std::process::id();
+    intruder.run(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        while allowed_list(me, itid) != "0" && std::time::Instant::now() < deadline {
+            spin(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    assert_eq!(
+        allowed_list(me, itid),
+        "0",
+        "the intruder was not evicted to the housekeeping CPU"
+    );
+    daemon.wait_metric(
+        "an eviction to be counted",
+        "pinguard_evictions_total",
+        &[("cpu", "1")],
+        |v| v >= 1.0,
+    );
+
+    // Kernel threads are never touched: had pinguard tried, the kernel would
+    // have refused with EINVAL (PF_NO_SETAFFINITY) and it would be counted.
+    assert_eq!(
+        daemon.metric("pinguard_enforcement_errors_total", &[("action", "evict")]),
+        None
+    );
+    for comm in ["ksoftirqd/1", "migration/1", "cpuhp/1"] {
+        if let Some(pid) = find_kthread(comm) {
+            assert_eq!(allowed_list(pid, pid), "1", "{comm} was moved");
+        }
+    }
+    drop(guest);
+    drop(daemon);
+}
+
+fn find_kthread(comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: u32 = p.file_name().to_string_lossy().parse().ok()?;
+        (std::fs::read_to_string(p.path().join("comm")).ok()?.trim() == comm).then_some(pid)
+    })
+}
+
+#[test]
+fn survives_guest_kill_bad_reload_and_repeated_scrapes() {
+    require!(missing_kvm());
+    let mut daemon = Daemon::start("mode = \"observe\"\n", &[]);
+    let mut guest = Guest::start(GuestOptions::new("pg-victim"));
+    let vm = [("vm", "pg-victim")];
+    daemon.wait_metric(
+        "the guest to be discovered",
+        "pinguard_vcpu_info",
+        &vm,
+        |v| v == 1.0,
+    );
+    guest.kill();
+    wait_for(
+        "the killed guest to disappear from the metrics",
+        WAIT,
+        || {
+            daemon
+                .metric("pinguard_vcpu_info", &vm)
+                .is_none()
+                .then_some(())
+        },
+    );
+
+    // A new guest after the old one's threads are gone (their ids may be reused).
+    let second = Guest::start(GuestOptions::new("pg-second"));
+    daemon.wait_metric(
+        "the second guest",
+        "pinguard_vcpu_info",
+        &[("vm", "pg-second")],
+        |v| v == 1.0,
+    );
+
+    // A broken config on SIGHUP is refused and the daemon keeps running.
+    std::fs::write(&daemon.config, "mode = \"sideways\"\n").unwrap();
+    daemon.process().signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_metric(
+        "the failed reload to be counted",
+        "pinguard_config_reloads_total",
+        &[("result", "failure")],
+        |v| v == 1.0,
+    );
+    let line = daemon.process().wait_stderr("reload failed", WAIT);
+    assert!(
+        line.contains("mode") && line.contains("keeping the running configuration"),
+        "{line}"
+    );
+    assert_eq!(
+        daemon.metric("pinguard_mode", &[("mode", "observe")]),
+        Some(1.0)
+    );
+    std::fs::write(
+        &daemon.config,
+        "mode = \"observe\"\nevent_interval = \"2s\"\n",
+    )
+    .unwrap();
+    daemon.process().signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_metric(
+        "the good reload",
+        "pinguard_config_reloads_total",
+        &[("result", "success")],
+        |v| v == 1.0,
+    );
+
+    // Many scrapes: every one answers, and the daemon stays up.
+    for i in 0..200 {
+        let (status, body) = daemon.get(if i % 2 == 0 { "/metrics" } else { "/healthz" });
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+    let (status, _) = daemon.get("/nope");
+    assert_eq!(status, 404);
+    assert!(daemon.metric("pinguard_vms", &[]).unwrap_or(0.0) >= 1.0);
+    drop(second);
+    let err = daemon.stop();
+    assert!(!err.iter().any(|l| l.contains("panicked")), "{err:?}");
+}
