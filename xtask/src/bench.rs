@@ -154,7 +154,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Some(bin)
     };
 
-    let run_len = Duration::from_millis(if args.quick { 300 } else { 800 });
+    let run_len = Duration::from_millis(if args.quick { 300 } else { 600 });
+    let idle_before = idle_pct(Duration::from_secs(1))?;
+    warn_if_busy(idle_before, "before");
     eprintln!("{W}: warming up and calibrating the loads");
     let round_trips = match args.round_trips {
         Some(0) => bail!("--round-trips must be at least 1"),
@@ -235,8 +237,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     drop(stats);
+    let idle_after = idle_pct(Duration::from_secs(1))?;
+    warn_if_busy(idle_after, "after");
 
-    let report = Report::new(&plan, &results);
+    let report = Report::new(&plan, &results, [idle_before, idle_after]);
     let md = report.markdown();
     println!("{md}");
     let out = util::root().join("bench-out");
@@ -327,12 +331,14 @@ impl EventCost {
 }
 
 fn measure_ns_per_event(bin: &Path, program: &str, round_trips: u64) -> Result<EventCost> {
+    let existing = matching_ids(&bpftool_progs()?, program, None);
     let guard = Attached::start(bin, program)?;
-    let before = prog_stats(program, guard.pid())?;
+    let id = our_prog_id(&bpftool_progs()?, program, guard.pid(), &existing)?;
+    let before = prog_stats(id)?;
     let t = Instant::now();
     ping_pong(round_trips)?;
     let window = t.elapsed();
-    let after = prog_stats(program, guard.pid())?;
+    let after = prog_stats(id)?;
     guard.stop()?;
     let cost = EventCost {
         run_time_ns: after.0.saturating_sub(before.0),
@@ -341,7 +347,7 @@ fn measure_ns_per_event(bin: &Path, program: &str, round_trips: u64) -> Result<E
     };
     if cost.run_cnt == 0 {
         bail!(
-            "{program} ran 0 times during the load: it is loaded but not attached to sched_switch?"
+            "{program} (BPF prog id {id}) ran 0 times during the load: loaded but not attached to sched_switch?"
         );
     }
     eprintln!(
@@ -353,53 +359,74 @@ fn measure_ns_per_event(bin: &Path, program: &str, round_trips: u64) -> Result<E
     Ok(cost)
 }
 
-/// (run_time_ns, run_cnt) of `program` loaded by process `pid`, from bpftool.
-fn prog_stats(program: &str, pid: u32) -> Result<(u64, u64)> {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
+fn bpftool_json(args: &[&str]) -> Result<Value> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(args).arg("--json");
+    let out = cmd
         .output()
-        .context("could not run bpftool")?;
+        .with_context(|| format!("could not run `{}`", util::show(&cmd)))?;
     if !out.status.success() {
         bail!(
-            "`bpftool prog show --json` failed: {}",
+            "`{}` failed: {}",
+            util::show(&cmd),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let progs: Value =
-        serde_json::from_slice(&out.stdout).context("bpftool printed invalid JSON")?;
-    find_prog_stats(&progs, program, pid)
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("`{}` printed invalid JSON", util::show(&cmd)))
 }
 
-/// Matches by (truncated) name and, when bpftool reports holders, by pid, so a
-/// pinguard running elsewhere on the machine is not mistaken for ours.
-fn find_prog_stats(progs: &Value, program: &str, pid: u32) -> Result<(u64, u64)> {
-    let kname: String = program.chars().take(KERNEL_NAME_LEN).collect();
-    let list = progs
+fn bpftool_progs() -> Result<Value> {
+    bpftool_json(&["prog", "show"])
+}
+
+/// (run_time_ns, run_cnt) of one program. bpftool omits both while zero.
+fn prog_stats(id: u64) -> Result<(u64, u64)> {
+    let p = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
+    Ok((
+        p["run_time_ns"].as_u64().unwrap_or(0),
+        p["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// IDs of programs called `program` and, when given and bpftool reports
+/// holders (builds with skeleton support), held by `pid`. The kernel keeps 15
+/// characters of a name; bpftool shows the full one when BTF has it.
+fn matching_ids(progs: &Value, program: &str, pid: Option<u32>) -> Vec<u64> {
+    let truncated: String = program.chars().take(KERNEL_NAME_LEN).collect();
+    progs
         .as_array()
-        .context("bpftool prog show --json: expected an array")?;
-    let named: Vec<&Value> = list
+        .map(Vec::as_slice)
+        .unwrap_or_default()
         .iter()
-        .filter(|p| p["name"].as_str() == Some(kname.as_str()))
-        .collect();
-    let ours: Vec<&Value> = named
-        .iter()
-        .copied()
-        .filter(|p| match p["pids"].as_array() {
-            Some(pids) => pids.iter().any(|h| h["pid"].as_u64() == Some(pid.into())),
-            None => true,
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n == program || n == truncated)
         })
+        .filter(|p| match (pid, p["pids"].as_array()) {
+            (Some(pid), Some(holders)) => holders
+                .iter()
+                .any(|h| h["pid"].as_u64() == Some(pid.into())),
+            _ => true,
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// The program our child loaded: matching name (and pid, when known), and not
+/// there before it started, so a pinguard running elsewhere is not mistaken for ours.
+fn our_prog_id(progs: &Value, program: &str, pid: u32, existing: &[u64]) -> Result<u64> {
+    let ids: Vec<u64> = matching_ids(progs, program, Some(pid))
+        .into_iter()
+        .filter(|id| !existing.contains(id))
         .collect();
-    match ours.as_slice() {
-        [p] => Ok((
-            p["run_time_ns"].as_u64().unwrap_or(0),
-            p["run_cnt"].as_u64().unwrap_or(0),
-        )),
-        [] => bail!(
-            "no BPF program named {kname:?} held by pid {pid} in `bpftool prog show` ({} with that name)",
-            named.len()
-        ),
+    match ids.as_slice() {
+        [id] => Ok(*id),
+        [] => bail!("`bpftool prog show` lists no new BPF program named {program:?} (pid {pid})"),
         many => bail!(
-            "{} BPF programs named {kname:?} held by pid {pid}: cannot tell which one is attached",
+            "{} new BPF programs named {program:?} ({many:?}): another pinguard started at the same time? \
+             Stop it and rerun",
             many.len()
         ),
     }
@@ -747,8 +774,48 @@ fn loss_pct(ratios: &[f64]) -> Option<(f64, f64, f64)> {
     ))
 }
 
+/// Below this share of idle CPU time, others' work swamps the effect we measure.
+const QUIET_IDLE_PCT: f64 = 90.0;
+
+/// Share of all CPUs' time spent idle over `over`, from /proc/stat.
+fn idle_pct(over: Duration) -> Result<f64> {
+    let sample = || -> Result<(u64, u64)> {
+        let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .context("/proc/stat has no \"cpu\" line")?;
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if v.len() < 8 {
+            bail!("unexpected /proc/stat line: {line}");
+        }
+        Ok((v[3] + v[4], v.iter().sum()))
+    };
+    let (idle0, total0) = sample()?;
+    std::thread::sleep(over);
+    let (idle1, total1) = sample()?;
+    let total = total1.saturating_sub(total0).max(1);
+    Ok(idle1.saturating_sub(idle0) as f64 * 100.0 / total as f64)
+}
+
+fn warn_if_busy(idle: f64, when: &str) {
+    if idle < QUIET_IDLE_PCT {
+        eprintln!(
+            "{W}: WARNING: CPUs only {idle:.0}% idle {when} the benchmark: other work makes the \
+             throughput numbers noisy; rerun on a quiet machine"
+        );
+    }
+}
+
 struct Report<'a> {
     plan: &'a Plan,
+    idle: [f64; 2],
     results: &'a [ProgResult],
     command: String,
     kernel: String,
@@ -757,7 +824,7 @@ struct Report<'a> {
 }
 
 impl<'a> Report<'a> {
-    fn new(plan: &'a Plan, results: &'a [ProgResult]) -> Self {
+    fn new(plan: &'a Plan, results: &'a [ProgResult], idle: [f64; 2]) -> Self {
         let command = std::iter::once("cargo xtask".to_string())
             .chain(std::env::args().skip(1).map(|a| util::shell_quote(&a)))
             .collect::<Vec<_>>()
@@ -776,6 +843,7 @@ impl<'a> Report<'a> {
             .unwrap_or_default();
         Self {
             plan,
+            idle,
             results,
             command,
             kernel,
@@ -796,6 +864,15 @@ impl<'a> Report<'a> {
             self.cpu,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ));
+        let [before, after] = self.idle;
+        s.push_str(&format!(
+            "CPUs idle before/after the run (1 s each): {before:.0}% / {after:.0}%{}  \n",
+            if before.min(after) < QUIET_IDLE_PCT {
+                " — **busy machine: throughput losses are mostly noise**"
+            } else {
+                ""
+            }
+        ));
         s.push_str(&format!(
             "Load: {} round trips of a 1-byte pipe ping-pong between CPU {OTHER_CPU} and guarded CPU {GUARDED_CPU}{}; \
              {} rounds; each round runs detached, attached, detached back to back (~{} ms each) per program, \
@@ -811,8 +888,9 @@ impl<'a> Report<'a> {
             p.run_len.as_millis()
         ));
         s.push_str(&format!(
-            "Targets: ≤ {TARGET_NS_PER_EVENT:.0} ns per sched_switch event (switch_* programs), \
-             ≤ {TARGET_LOSS_PCT:.0}% throughput loss (median). Loss = 1 − attached / mean(detached before, after) \
+            "Targets (switch_* programs; empty_* are the hook's floor): ≤ {TARGET_NS_PER_EVENT:.0} ns per \
+             sched_switch event, ≤ {TARGET_LOSS_PCT:.0}% throughput loss (median). ns/event = run_time_ns / run_cnt \
+             from `bpftool prog show` with kernel.bpf_stats_enabled=1, averaged over every sched_switch on both CPUs. Loss = 1 − attached / mean(detached before, after) \
              throughput per round: median [min..max] over rounds; negative = attached run was faster (noise).\n\n"
         ));
         let perf = p.perf_loops.is_some();
@@ -851,10 +929,10 @@ impl<'a> Report<'a> {
             };
             s.push_str(&format!(
                 "| {name} | {ns} | {eps} | {} |",
-                fmt_loss(&r.ping_pong, r.name != NONE)
+                fmt_loss(&r.ping_pong, is_switch)
             ));
             if perf {
-                s.push_str(&format!(" {} |", fmt_loss(&r.perf, r.name != NONE)));
+                s.push_str(&format!(" {} |", fmt_loss(&r.perf, is_switch)));
             }
             s.push('\n');
         }
@@ -893,6 +971,8 @@ impl<'a> Report<'a> {
             "round_trips": p.round_trips,
             "perf_loops": p.perf_loops,
             "run_ms": p.run_len.as_millis() as u64,
+            "idle_pct_before": self.idle[0],
+            "idle_pct_after": self.idle[1],
             "targets": { "ns_per_event_max": TARGET_NS_PER_EVENT, "loss_pct_median_max": TARGET_LOSS_PCT },
             "programs": programs,
         })
@@ -960,25 +1040,24 @@ mod tests {
     }
 
     #[test]
-    fn prog_matched_by_truncated_name_and_pid() {
+    fn prog_matched_by_name_pid_and_novelty() {
         let progs = json!([
-            {"id": 1, "name": "switch_tracepoi", "run_time_ns": 10, "run_cnt": 1, "pids": [{"pid": 99, "comm": "other"}]},
-            {"id": 2, "name": "switch_tracepoi", "run_time_ns": 500, "run_cnt": 5, "pids": [{"pid": 42, "comm": "pinguard"}]},
-            {"id": 3, "name": "empty_tracepoin", "pids": [{"pid": 42, "comm": "pinguard"}]},
+            {"id": 1, "name": "switch_tracepoi", "pids": [{"pid": 99, "comm": "other"}]},
+            {"id": 2, "name": "switch_tracepoi", "pids": [{"pid": 42, "comm": "pinguard"}]},
+            {"id": 3, "name": "empty_tracepoint"},
+            {"id": 4, "name": "empty_tracepoint"},
+            {"id": 5, "name": "switch_tp_btf"},
         ]);
+        assert_eq!(matching_ids(&progs, "switch_tracepoint", None), [1, 2]);
         assert_eq!(
-            find_prog_stats(&progs, "switch_tracepoint", 42).unwrap(),
-            (500, 5)
+            our_prog_id(&progs, "switch_tracepoint", 42, &[]).unwrap(),
+            2
         );
-        // Loaded but never run: bpftool omits the counters.
-        assert_eq!(
-            find_prog_stats(&progs, "empty_tracepoint", 42).unwrap(),
-            (0, 0)
-        );
-        assert!(find_prog_stats(&progs, "switch_raw_tp", 42).is_err());
-        // Without holder info, two programs of the same name are ambiguous.
-        let no_pids = json!([{"name": "empty_raw_tp"}, {"name": "empty_raw_tp"}]);
-        assert!(find_prog_stats(&no_pids, "empty_raw_tp", 1).is_err());
+        // bpftool without holder info: only the program that is new counts.
+        assert_eq!(our_prog_id(&progs, "empty_tracepoint", 7, &[3]).unwrap(), 4);
+        assert!(our_prog_id(&progs, "empty_tracepoint", 7, &[]).is_err());
+        assert!(our_prog_id(&progs, "switch_tp_btf", 7, &[5]).is_err());
+        assert!(our_prog_id(&progs, "switch_raw_tp", 7, &[]).is_err());
     }
 
     #[test]
