@@ -97,16 +97,14 @@ impl AllowRule {
         if self.comm.is_none() && self.cgroup.is_none() && self.tgid.is_none() {
             return false;
         }
-        if let Some(p) = &self.comm {
-            if !glob(p, comm) {
+        if let Some(p) = &self.comm
+            && !glob(p, comm) {
                 return false;
             }
-        }
-        if let Some(t) = self.tgid {
-            if t != tgid {
+        if let Some(t) = self.tgid
+            && t != tgid {
                 return false;
             }
-        }
         if let Some(prefix) = &self.cgroup {
             match cgroup() {
                 Some(path)
@@ -285,14 +283,13 @@ impl Config {
                 ));
             }
         }
-        if let Some(g) = &file.guard {
-            if g.is_empty() {
+        if let Some(g) = &file.guard
+            && g.is_empty() {
                 return Err(invalid(
                     "guard",
                     "must list at least one CPU, e.g. \"2-3\"".into(),
                 ));
             }
-        }
         Ok(Self {
             guard: file.guard,
             mode: file.mode.unwrap_or(d.mode),

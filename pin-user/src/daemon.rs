@@ -437,14 +437,13 @@ impl Daemon {
             }
         }
         for (tid, a) in &next {
-            if self.assignments.get(tid) != Some(a) {
-                if let Err(e) = self.probe.set_owner(*tid, a.cpu) {
+            if self.assignments.get(tid) != Some(a)
+                && let Err(e) = self.probe.set_owner(*tid, a.cpu) {
                     log::error!(
                         "registering vCPU thread {tid} as owner of CPU {}: {e}",
                         a.cpu
                     );
                 }
-            }
             m.vcpu_info
                 .with_label_values(&[&a.vm, &a.vcpu.to_string(), &a.cpu.to_string()])
                 .set(1);
@@ -678,8 +677,8 @@ impl Daemon {
 
     fn on_intrusion(&mut self, ev: &DecodedEvent) {
         // Another guest's vCPU running here: its owner CPU lost it too.
-        if let Some(a) = self.assignments.get(&ev.tid).cloned() {
-            if a.cpu != ev.cpu {
+        if let Some(a) = self.assignments.get(&ev.tid).cloned()
+            && a.cpu != ev.cpu {
                 self.record(Violation {
                     time: now_epoch(),
                     kind: "vcpu_drift",
@@ -693,9 +692,8 @@ impl Daemon {
                 });
                 self.verify_one(ev.tid, None);
             }
-        }
-        if ev.class == class::name(class::INTRUDER_USER) {
-            if let Some(cpus) = self.allowlisted(ev.tid, ev.tgid, &ev.comm) {
+        if ev.class == class::name(class::INTRUDER_USER)
+            && let Some(cpus) = self.allowlisted(ev.tid, ev.tgid, &ev.comm) {
                 let cpu = cpus
                     .as_ref()
                     .and_then(|c| (c.len() == 1).then(|| c.first()).flatten());
@@ -713,7 +711,6 @@ impl Daemon {
                     return;
                 }
             }
-        }
         self.record(Violation {
             time: now_epoch(),
             kind: "intruder",
@@ -813,28 +810,26 @@ impl Daemon {
             .collect();
         for pid in due {
             self.rediscover(pid);
-            if let Some(r) = self.retries.get(&pid) {
-                if r.due <= now {
+            if let Some(r) = self.retries.get(&pid)
+                && r.due <= now {
                     // rediscover() did not reschedule (e.g. the process is gone).
                     self.retries.remove(&pid);
                 }
-            }
         }
-        if let Some(r) = self.scan_retry {
-            if r.due <= now {
+        if let Some(r) = self.scan_retry
+            && r.due <= now {
                 self.rescan();
                 self.scan_retry = RETRY_DELAYS_MS.get(r.attempt as usize + 1).map(|ms| Retry {
                     due: now + Duration::from_millis(*ms),
                     attempt: r.attempt + 1,
                 });
             }
-        }
         self.verify_pins();
         if let Err(e) = self.update_metrics() {
             log::warn!("reading the eBPF maps: {e}");
         }
         self.publish_intruders();
-        if self.ticks % 10 == 0 {
+        if self.ticks.is_multiple_of(10) {
             self.prune_threads();
         }
     }
@@ -927,7 +922,7 @@ impl Daemon {
                 max_slice_ns: t.max_slice_ns,
             })
             .collect();
-        list.sort_by(|a, b| b.run_ns.cmp(&a.run_ns));
+        list.sort_by_key(|i| std::cmp::Reverse(i.run_ns));
         list.truncate(TOP_INTRUDERS);
         let json = serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()) + "\n";
         *self.intruders.lock().unwrap_or_else(|e| e.into_inner()) = json;

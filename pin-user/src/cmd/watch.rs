@@ -160,7 +160,7 @@ fn print_summary(probe: &Probe, top: usize, json: bool, decode_errors: u64) -> a
                 max_slice_ns: t.max_slice_ns,
             })
             .collect();
-        intruders.sort_by(|a, b| b.run_ns.cmp(&a.run_ns));
+        intruders.sort_by_key(|i| std::cmp::Reverse(i.run_ns));
         intruders.truncate(top);
         cpus.push(CpuSummary {
             cpu: *cpu,
