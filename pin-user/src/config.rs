@@ -98,13 +98,15 @@ impl AllowRule {
             return false;
         }
         if let Some(p) = &self.comm
-            && !glob(p, comm) {
-                return false;
-            }
+            && !glob(p, comm)
+        {
+            return false;
+        }
         if let Some(t) = self.tgid
-            && t != tgid {
-                return false;
-            }
+            && t != tgid
+        {
+            return false;
+        }
         if let Some(prefix) = &self.cgroup {
             match cgroup() {
                 Some(path)
@@ -284,12 +286,13 @@ impl Config {
             }
         }
         if let Some(g) = &file.guard
-            && g.is_empty() {
-                return Err(invalid(
-                    "guard",
-                    "must list at least one CPU, e.g. \"2-3\"".into(),
-                ));
-            }
+            && g.is_empty()
+        {
+            return Err(invalid(
+                "guard",
+                "must list at least one CPU, e.g. \"2-3\"".into(),
+            ));
+        }
         Ok(Self {
             guard: file.guard,
             mode: file.mode.unwrap_or(d.mode),

@@ -438,12 +438,13 @@ impl Daemon {
         }
         for (tid, a) in &next {
             if self.assignments.get(tid) != Some(a)
-                && let Err(e) = self.probe.set_owner(*tid, a.cpu) {
-                    log::error!(
-                        "registering vCPU thread {tid} as owner of CPU {}: {e}",
-                        a.cpu
-                    );
-                }
+                && let Err(e) = self.probe.set_owner(*tid, a.cpu)
+            {
+                log::error!(
+                    "registering vCPU thread {tid} as owner of CPU {}: {e}",
+                    a.cpu
+                );
+            }
             m.vcpu_info
                 .with_label_values(&[&a.vm, &a.vcpu.to_string(), &a.cpu.to_string()])
                 .set(1);
@@ -678,39 +679,41 @@ impl Daemon {
     fn on_intrusion(&mut self, ev: &DecodedEvent) {
         // Another guest's vCPU running here: its owner CPU lost it too.
         if let Some(a) = self.assignments.get(&ev.tid).cloned()
-            && a.cpu != ev.cpu {
-                self.record(Violation {
-                    time: now_epoch(),
-                    kind: "vcpu_drift",
-                    cpu: a.cpu,
-                    tid: ev.tid,
-                    tgid: ev.tgid,
-                    comm: ev.comm.clone(),
-                    vm: Some(a.vm.clone()),
-                    vcpu: Some(a.vcpu),
-                    detail: format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu),
-                });
-                self.verify_one(ev.tid, None);
-            }
+            && a.cpu != ev.cpu
+        {
+            self.record(Violation {
+                time: now_epoch(),
+                kind: "vcpu_drift",
+                cpu: a.cpu,
+                tid: ev.tid,
+                tgid: ev.tgid,
+                comm: ev.comm.clone(),
+                vm: Some(a.vm.clone()),
+                vcpu: Some(a.vcpu),
+                detail: format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu),
+            });
+            self.verify_one(ev.tid, None);
+        }
         if ev.class == class::name(class::INTRUDER_USER)
-            && let Some(cpus) = self.allowlisted(ev.tid, ev.tgid, &ev.comm) {
-                let cpu = cpus
-                    .as_ref()
-                    .and_then(|c| (c.len() == 1).then(|| c.first()).flatten());
-                if cpus.as_ref().is_none_or(|c| c.contains(ev.cpu)) {
-                    if let Err(e) = self.probe.set_allowed(
-                        ev.tid,
-                        if cpus.is_none() {
-                            None
-                        } else {
-                            cpu.or(Some(ev.cpu))
-                        },
-                    ) {
-                        log::warn!("allowlisting {}: {e}", ev.tid);
-                    }
-                    return;
+            && let Some(cpus) = self.allowlisted(ev.tid, ev.tgid, &ev.comm)
+        {
+            let cpu = cpus
+                .as_ref()
+                .and_then(|c| (c.len() == 1).then(|| c.first()).flatten());
+            if cpus.as_ref().is_none_or(|c| c.contains(ev.cpu)) {
+                if let Err(e) = self.probe.set_allowed(
+                    ev.tid,
+                    if cpus.is_none() {
+                        None
+                    } else {
+                        cpu.or(Some(ev.cpu))
+                    },
+                ) {
+                    log::warn!("allowlisting {}: {e}", ev.tid);
                 }
+                return;
             }
+        }
         self.record(Violation {
             time: now_epoch(),
             kind: "intruder",
@@ -811,19 +814,21 @@ impl Daemon {
         for pid in due {
             self.rediscover(pid);
             if let Some(r) = self.retries.get(&pid)
-                && r.due <= now {
-                    // rediscover() did not reschedule (e.g. the process is gone).
-                    self.retries.remove(&pid);
-                }
+                && r.due <= now
+            {
+                // rediscover() did not reschedule (e.g. the process is gone).
+                self.retries.remove(&pid);
+            }
         }
         if let Some(r) = self.scan_retry
-            && r.due <= now {
-                self.rescan();
-                self.scan_retry = RETRY_DELAYS_MS.get(r.attempt as usize + 1).map(|ms| Retry {
-                    due: now + Duration::from_millis(*ms),
-                    attempt: r.attempt + 1,
-                });
-            }
+            && r.due <= now
+        {
+            self.rescan();
+            self.scan_retry = RETRY_DELAYS_MS.get(r.attempt as usize + 1).map(|ms| Retry {
+                due: now + Duration::from_millis(*ms),
+                attempt: r.attempt + 1,
+            });
+        }
         self.verify_pins();
         if let Err(e) = self.update_metrics() {
             log::warn!("reading the eBPF maps: {e}");

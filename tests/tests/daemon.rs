@@ -28,9 +28,10 @@ fn all_affinities() -> BTreeMap<(u32, u32), String> {
                 continue;
             };
             if let Ok(s) = std::fs::read_to_string(t.path().join("status"))
-                && let Some(l) = s.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
-                    out.insert((pid, tid), l.trim().to_string());
-                }
+                && let Some(l) = s.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            {
+                out.insert((pid, tid), l.trim().to_string());
+            }
         }
     }
     out
