@@ -341,6 +341,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_sample_config_is_valid_and_safe() {
+        let c = parse(include_str!("../../packaging/pinguard.toml")).unwrap();
+        assert_eq!(c.mode, Mode::Observe, "the sample must default to observe");
+        assert_eq!(c, Config::default(), "the sample documents the defaults");
+    }
+
+    #[test]
     fn empty_file_is_the_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
     }
