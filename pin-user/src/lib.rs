@@ -4,6 +4,7 @@
 //! are the subcommands (the binary edge, where errors become messages and
 //! exit codes).
 pub mod affinity;
+pub mod audit;
 pub mod btf;
 pub mod check;
 pub mod cli;

@@ -1,0 +1,1820 @@
+//! `pinguard audit`: what runs on the guarded CPUs, classified and explained.
+//!
+//! Two views, both pure functions over facts gathered by `cmd::audit`:
+//! - [`snapshot`]: every thread whose last CPU is a guarded CPU or whose
+//!   affinity includes one (the `ps -eLo lwp,psr` view), classified against
+//!   the guests' ownership (who owns which CPU, from discovery + planning);
+//! - [`window`]: what the eBPF observer saw during a window: time by class,
+//!   every intruder with its run time (also the short ones a snapshot never
+//!   sees), migrations onto guarded CPUs and vCPUs running off their CPU.
+//!
+//! A snapshot judges the present: a thread whose last CPU is guarded but whose
+//! affinity no longer includes it (moved while asleep; the kernel only updates
+//! `task_cpu` when it next wakes) is reported, not counted as a violation.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    time::Duration,
+};
+
+use pin_common::{CpuStats, ThreadKey, ThreadStats, class};
+
+use crate::{
+    cpulist::CpuSet,
+    exit,
+    plan::{Plan, Role},
+    probe::{Counters, DecodedEvent, comm_str},
+    procfs::ThreadInfo,
+    topology::Guard,
+};
+
+/// A vCPU thread and the guarded CPU the plan gives it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuOwner {
+    pub vm: String,
+    /// The guest's QEMU process.
+    pub pid: u32,
+    /// QEMU's cpu-index.
+    pub vcpu: u32,
+    pub tid: u32,
+    /// The guarded CPU this vCPU owns.
+    pub cpu: u32,
+    /// Another vCPU is assigned the same CPU (more vCPUs than guarded CPUs).
+    pub shared: bool,
+}
+
+/// Who owns what: vCPU threads by CPU, and every thread that belongs to a guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ownership {
+    /// vCPU tid -> its assignment.
+    vcpus: BTreeMap<u32, VcpuOwner>,
+    /// Guest process -> guest name: any of its threads that is not a vCPU is an emulator thread.
+    guests: BTreeMap<u32, String>,
+    /// Emulator threads outside the guest process (vhost kernel workers) -> (guest name, guest pid).
+    emulators: BTreeMap<u32, (String, u32)>,
+    /// Guarded CPUs assigned to more than one vCPU.
+    shared: CpuSet,
+}
+
+impl Ownership {
+    /// The ownership a placement plan describes (vCPU entries own the CPU they go to).
+    pub fn from_plan(plan: &Plan) -> Self {
+        let mut own = Self {
+            shared: plan.shared_cpus.clone(),
+            ..Self::default()
+        };
+        for e in &plan.entries {
+            own.guests.insert(e.pid, e.vm.clone());
+            match (e.role, e.vcpu, e.to.first()) {
+                (Role::Vcpu, Some(vcpu), Some(cpu)) => {
+                    own.vcpus.insert(
+                        e.tid,
+                        VcpuOwner {
+                            vm: e.vm.clone(),
+                            pid: e.pid,
+                            vcpu,
+                            tid: e.tid,
+                            cpu,
+                            shared: e.shared,
+                        },
+                    );
+                }
+                _ => {
+                    own.emulators.insert(e.tid, (e.vm.clone(), e.pid));
+                }
+            }
+        }
+        own
+    }
+
+    /// Adds one vCPU assignment (tests, or callers without a plan).
+    pub fn add_vcpu(&mut self, owner: VcpuOwner) {
+        self.guests.insert(owner.pid, owner.vm.clone());
+        if self.vcpus.values().any(|o| o.cpu == owner.cpu) {
+            self.shared.insert(owner.cpu);
+        }
+        self.vcpus.insert(owner.tid, owner);
+    }
+
+    /// Adds a guest process whose non-vCPU threads are emulator threads.
+    pub fn add_guest(&mut self, pid: u32, vm: &str) {
+        self.guests.insert(pid, vm.to_string());
+    }
+
+    /// Adds an emulator thread of another process (a vhost kernel worker).
+    pub fn add_emulator(&mut self, tid: u32, vm: &str, pid: u32) {
+        self.emulators.insert(tid, (vm.to_string(), pid));
+    }
+
+    pub fn vcpu(&self, tid: u32) -> Option<&VcpuOwner> {
+        self.vcpus.get(&tid)
+    }
+
+    /// Every vCPU assignment, by tid.
+    pub fn vcpus(&self) -> impl Iterator<Item = &VcpuOwner> {
+        self.vcpus.values()
+    }
+
+    /// The vCPUs that own `cpu`.
+    pub fn owners_of(&self, cpu: u32) -> Vec<VcpuOwner> {
+        let mut v: Vec<VcpuOwner> = self
+            .vcpus
+            .values()
+            .filter(|o| o.cpu == cpu)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| (&a.vm, a.vcpu).cmp(&(&b.vm, b.vcpu)));
+        v
+    }
+
+    /// The guest a non-vCPU thread belongs to, if any.
+    pub fn emulator_of(&self, tid: u32, tgid: u32) -> Option<&str> {
+        if self.vcpus.contains_key(&tid) {
+            return None;
+        }
+        self.guests
+            .get(&tgid)
+            .map(String::as_str)
+            .or_else(|| self.emulators.get(&tid).map(|(vm, _)| vm.as_str()))
+    }
+
+    pub fn shared_cpus(&self) -> &CpuSet {
+        &self.shared
+    }
+}
+
+/// What a thread is, as far as a guarded CPU is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// The vCPU assigned to this CPU.
+    Owner,
+    /// A vCPU assigned to another CPU.
+    OtherVcpu,
+    /// A non-vCPU thread of a guest (QEMU main loop, IO threads, vhost workers).
+    Emulator,
+    /// A kernel thread bound to exactly one CPU (migration/N, ksoftirqd/N, kworker/N:M).
+    PercpuKthread,
+    /// A kernel thread that may run on several CPUs (kworker/u*, rcu_preempt, ...).
+    UnboundKthread,
+    /// Any other user thread.
+    User,
+}
+
+impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::OtherVcpu => "other_vcpu",
+            Self::Emulator => "emulator",
+            Self::PercpuKthread => "percpu_kthread",
+            Self::UnboundKthread => "unbound_kthread",
+            Self::User => "user",
+        }
+    }
+}
+
+/// Verdict on one thread (snapshot) or finding (window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    // Ordered so that sorting puts violations first.
+    Violation,
+    Warning,
+    Ok,
+}
+
+/// What is wrong (violations) or worth knowing (warnings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finding {
+    /// A user thread ran (or is confined to run) on a guarded CPU.
+    Intruder,
+    /// A kernel thread not bound to this CPU ran (or is confined to run) here.
+    UnboundKthread,
+    /// The CPU's vCPU may run elsewhere (its affinity is not exactly its CPU).
+    VcpuNotPinned,
+    /// A vCPU ran away from its CPU (on another guarded CPU, or moved away).
+    VcpuOffCpu,
+    /// An emulator thread may run on a guarded CPU.
+    EmulatorOnGuarded,
+    /// A thread was migrated onto a guarded CPU (window).
+    MigrationIn,
+    /// The thread's affinity includes the CPU, but it did not last run there (warning).
+    Exposed,
+}
+
+impl Finding {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Intruder => "intruder",
+            Self::UnboundKthread => "unbound_kthread",
+            Self::VcpuNotPinned => "vcpu_not_pinned",
+            Self::VcpuOffCpu => "vcpu_off_cpu",
+            Self::EmulatorOnGuarded => "emulator_on_guarded",
+            Self::MigrationIn => "migration_in",
+            Self::Exposed => "exposed",
+        }
+    }
+
+    /// How to fix it, for the human report.
+    fn hint(self, housekeeping: &CpuSet) -> String {
+        match self {
+            Self::Intruder => format!(
+                "intruder: move it to housekeeping CPUs with `taskset -apc {housekeeping} PID` \
+                 (or its unit's CPUAffinity=/AllowedCPUs=), or run `pinguard run --mode enforce`"
+            ),
+            Self::UnboundKthread => format!(
+                "unbound_kthread: keep unbound kernel work off guarded CPUs with isolcpus=domain,managed_irq \
+                 and the workqueue cpumask (echo {housekeeping} > /sys/devices/virtual/workqueue/cpumask; \
+                 see `pinguard check`)"
+            ),
+            Self::VcpuNotPinned | Self::EmulatorOnGuarded => {
+                format!("{}: pin the guests with `pinguard pin`", self.name())
+            }
+            Self::VcpuOffCpu => "vcpu_off_cpu: re-pin with `pinguard pin`; find who changed the \
+                                 affinity with `pinguard watch`"
+                .to_string(),
+            Self::MigrationIn => "migration_in: a thread allowed on guarded CPUs was moved there; \
+                                  narrow its affinity to housekeeping CPUs or isolate the CPUs (isolcpus=)"
+                .to_string(),
+            Self::Exposed => String::new(),
+        }
+    }
+}
+
+/// One thread listed under a guarded CPU.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ThreadRow {
+    pub class: Class,
+    pub tid: u32,
+    /// Thread group (process) id.
+    pub pid: u32,
+    pub comm: String,
+    /// Scheduler state letter; `None` when the thread exited (window).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<char>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_cpu: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<CpuSet>,
+    pub vm: Option<String>,
+    pub vcpu: Option<u32>,
+    /// For vCPUs: the CPU they own.
+    pub assigned_cpu: Option<u32>,
+    pub status: Status,
+    pub finding: Option<Finding>,
+    pub note: String,
+    /// Window: nanoseconds run on this CPU during the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slices: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_slice_ns: Option<u64>,
+}
+
+/// A violation on one guarded CPU.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    pub kind: Finding,
+    pub cpu: u32,
+    pub tid: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub vm: Option<String>,
+    pub vcpu: Option<u32>,
+    pub detail: String,
+}
+
+/// Window: time spent by one class on a CPU.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ClassTime {
+    pub ns: u64,
+    /// Share of the window.
+    pub pct: f64,
+}
+
+/// Window: a thread migrated onto a guarded CPU.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Migration {
+    pub tid: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub count: u64,
+    pub from_cpus: CpuSet,
+}
+
+/// Window: a vCPU seen away from its CPU.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuOff {
+    pub vm: String,
+    pub vcpu: u32,
+    pub tid: u32,
+    /// Other guarded CPUs it ran on.
+    pub ran_on: CpuSet,
+    /// Nanoseconds it ran on other guarded CPUs.
+    pub ran_ns: u64,
+    /// CPUs the scheduler moved it to (owner_away events).
+    pub moved_to: CpuSet,
+    pub moves: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CpuReport {
+    pub cpu: u32,
+    /// The vCPUs that own this CPU (empty: no guest is assigned to it).
+    pub owners: Vec<VcpuOwner>,
+    /// Snapshot: every thread on or allowed on this CPU; window: every
+    /// intruder that ran here. Violations first, then warnings.
+    pub threads: Vec<ThreadRow>,
+    pub violations: Vec<Violation>,
+    /// Window: time by class (idle, vcpu, kernel, allowed, intruder_user, intruder_kthread).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<BTreeMap<&'static str, ClassTime>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<Vec<Migration>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpus_off: Option<Vec<VcpuOff>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Snapshot,
+    Window,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// Number of entries in every CPU's `violations`.
+    pub violations: usize,
+    /// Threads with a warning and no violation, plus the report's `warnings` messages.
+    pub warnings: usize,
+    /// Distinct threads that may run on guarded CPUs without having last run there.
+    pub exposed: usize,
+    /// Window: events the kernel could not deliver (ring buffer full).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events_lost: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub guarded: CpuSet,
+    pub housekeeping: CpuSet,
+    pub mode: Mode,
+    /// Window: how long was observed (ns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_ns: Option<u64>,
+    pub cpus: Vec<CpuReport>,
+    pub summary: Summary,
+    /// Things worth knowing that are not tied to one thread.
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// 0 clean, 1 violations found.
+    pub fn exit_code(&self) -> u8 {
+        if self.summary.violations > 0 {
+            exit::VIOLATIONS
+        } else {
+            exit::OK
+        }
+    }
+}
+
+/// The class of `t` as seen from guarded CPU `cpu`.
+pub fn classify(t: &ThreadInfo, cpu: u32, own: &Ownership) -> Class {
+    if let Some(o) = own.vcpu(t.tid) {
+        return if o.cpu == cpu {
+            Class::Owner
+        } else {
+            Class::OtherVcpu
+        };
+    }
+    if own.emulator_of(t.tid, t.tgid).is_some() {
+        return Class::Emulator;
+    }
+    if t.is_kthread() {
+        // Bound to one CPU: it serves that CPU (the observer's rule too).
+        return if t.allowed.len() == 1 {
+            Class::PercpuKthread
+        } else {
+            Class::UnboundKthread
+        };
+    }
+    Class::User
+}
+
+/// The verdict on one thread listed under guarded CPU `cpu`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assessment {
+    pub class: Class,
+    pub status: Status,
+    pub finding: Option<Finding>,
+    pub note: String,
+}
+
+/// Classifies `t` on guarded CPU `cpu` and judges it (the rules are in the
+/// module documentation of each [`Finding`]).
+pub fn assess(t: &ThreadInfo, cpu: u32, guarded: &CpuSet, own: &Ownership) -> Assessment {
+    let class = classify(t, cpu, own);
+    let here = t.last_cpu == cpu;
+    let can = t.allowed.contains(cpu);
+    // Affinity within the guarded CPUs: it will run on one of them whenever it runs.
+    let confined = !t.allowed.is_empty() && t.allowed.is_subset(guarded);
+    let aff = &t.allowed;
+    let verdict = |status, finding, note: String| Assessment {
+        class,
+        status,
+        finding,
+        note,
+    };
+    let ok = |note: String| verdict(Status::Ok, None, note);
+    let moved_off = || {
+        ok(format!(
+            "last ran here, but its affinity ({aff}) no longer includes CPU {cpu}; it moves when it next wakes"
+        ))
+    };
+    if matches!(t.state, 'Z' | 'X') {
+        return ok("exited (zombie)".into());
+    }
+    match class {
+        Class::Owner => {
+            if *aff == CpuSet::single(cpu) {
+                ok("owner vCPU, pinned".into())
+            } else {
+                verdict(
+                    Status::Violation,
+                    Some(Finding::VcpuNotPinned),
+                    format!("vCPU not pinned: affinity {aff}, should be exactly CPU {cpu}"),
+                )
+            }
+        }
+        Class::OtherVcpu => {
+            let home = own.vcpu(t.tid).map_or(cpu, |o| o.cpu);
+            if can && (here || confined) {
+                verdict(
+                    Status::Violation,
+                    Some(Finding::VcpuOffCpu),
+                    if here {
+                        format!("vCPU of CPU {home} last ran here (affinity {aff})")
+                    } else {
+                        format!("vCPU of CPU {home} is confined here (affinity {aff})")
+                    },
+                )
+            } else if can {
+                verdict(
+                    Status::Warning,
+                    Some(Finding::Exposed),
+                    format!("vCPU of CPU {home} may run here (affinity {aff}; see CPU {home})"),
+                )
+            } else {
+                moved_off()
+            }
+        }
+        Class::Emulator => {
+            if can {
+                verdict(
+                    Status::Violation,
+                    Some(Finding::EmulatorOnGuarded),
+                    format!("emulator thread may run on this guarded CPU (affinity {aff})"),
+                )
+            } else if here {
+                moved_off()
+            } else {
+                ok(format!("emulator thread (affinity {aff})"))
+            }
+        }
+        Class::PercpuKthread => {
+            if can {
+                ok("per-CPU kernel thread (allowed)".into())
+            } else {
+                moved_off()
+            }
+        }
+        Class::UnboundKthread | Class::User => {
+            let (finding, what) = if class == Class::User {
+                (Finding::Intruder, "user thread")
+            } else {
+                (Finding::UnboundKthread, "unbound kernel thread")
+            };
+            if can && here {
+                verdict(
+                    Status::Violation,
+                    Some(finding),
+                    format!("{what} last ran here (affinity {aff})"),
+                )
+            } else if can && confined {
+                verdict(
+                    Status::Violation,
+                    Some(finding),
+                    format!("{what} confined to guarded CPUs (affinity {aff})"),
+                )
+            } else if can {
+                verdict(
+                    Status::Warning,
+                    Some(Finding::Exposed),
+                    format!("may run here (affinity {aff})"),
+                )
+            } else {
+                moved_off()
+            }
+        }
+    }
+}
+
+fn vcpu_fields(
+    t_tid: u32,
+    t_tgid: u32,
+    own: &Ownership,
+) -> (Option<String>, Option<u32>, Option<u32>) {
+    match own.vcpu(t_tid) {
+        Some(o) => (Some(o.vm.clone()), Some(o.vcpu), Some(o.cpu)),
+        None => (
+            own.emulator_of(t_tid, t_tgid).map(str::to_string),
+            None,
+            None,
+        ),
+    }
+}
+
+/// The snapshot audit of `threads` (the whole host, as `Proc::all_threads`
+/// reads it). Threads of `exclude_tgid` (pinguard itself) are left out.
+pub fn snapshot(
+    guard: &Guard,
+    threads: &[ThreadInfo],
+    own: &Ownership,
+    exclude_tgid: u32,
+) -> Report {
+    let mut cpus = Vec::new();
+    for cpu in guard.guarded.iter() {
+        let mut rows = Vec::new();
+        let mut violations = Vec::new();
+        for t in threads.iter().filter(|t| t.tgid != exclude_tgid) {
+            let owner_here = own.vcpu(t.tid).is_some_and(|o| o.cpu == cpu);
+            if !(t.last_cpu == cpu || t.allowed.contains(cpu) || owner_here) {
+                continue;
+            }
+            let a = assess(t, cpu, &guard.guarded, own);
+            let (vm, vcpu, assigned_cpu) = vcpu_fields(t.tid, t.tgid, own);
+            if a.status == Status::Violation
+                && let Some(kind) = a.finding
+            {
+                violations.push(Violation {
+                    kind,
+                    cpu,
+                    tid: t.tid,
+                    pid: t.tgid,
+                    comm: t.comm.clone(),
+                    vm: vm.clone(),
+                    vcpu,
+                    detail: a.note.clone(),
+                });
+            }
+            rows.push(ThreadRow {
+                class: a.class,
+                tid: t.tid,
+                pid: t.tgid,
+                comm: t.comm.clone(),
+                state: Some(t.state),
+                last_cpu: Some(t.last_cpu),
+                affinity: Some(t.allowed.clone()),
+                vm,
+                vcpu,
+                assigned_cpu,
+                status: a.status,
+                finding: a.finding,
+                note: a.note,
+                run_ns: None,
+                slices: None,
+                max_slice_ns: None,
+            });
+        }
+        rows.sort_by_key(|r| (r.status, r.class, r.tid));
+        let owners = own.owners_of(cpu);
+        // A vCPU that exited between discovery and the listing cannot be judged.
+        cpus.push(CpuReport {
+            cpu,
+            owners,
+            threads: rows,
+            violations,
+            time: None,
+            migrations: None,
+            vcpus_off: None,
+        });
+    }
+    let mut warnings = Vec::new();
+    shared_warnings(own, &mut warnings);
+    finish(guard, Mode::Snapshot, None, cpus, warnings, None)
+}
+
+fn exposed_message(n: usize, guard: &Guard) -> String {
+    format!(
+        "{n} threads may run on guarded CPUs (affinity includes them); isolate with isolcpus= \
+         (e.g. isolcpus=domain,managed_irq,{} nohz_full={} on the kernel command line; see `pinguard check`)",
+        guard.guarded, guard.guarded
+    )
+}
+
+fn shared_warnings(own: &Ownership, warnings: &mut Vec<String>) {
+    for cpu in own.shared_cpus().iter() {
+        let who: Vec<String> = own
+            .owners_of(cpu)
+            .iter()
+            .map(|o| format!("{} vCPU {} (tid {})", o.vm, o.vcpu, o.tid))
+            .collect();
+        warnings.push(format!(
+            "CPU {cpu} is assigned to {} vCPUs, which contend for it: {} (guard more CPUs)",
+            who.len(),
+            who.join(", ")
+        ));
+    }
+}
+
+fn finish(
+    guard: &Guard,
+    mode: Mode,
+    window_ns: Option<u64>,
+    cpus: Vec<CpuReport>,
+    mut warnings: Vec<String>,
+    events_lost: Option<u64>,
+) -> Report {
+    // A thread counts once, as its worst finding on any CPU.
+    let violators: BTreeSet<u32> = cpus
+        .iter()
+        .flat_map(|c| &c.violations)
+        .map(|v| v.tid)
+        .collect();
+    let warned = |only_exposed: bool| -> BTreeSet<u32> {
+        cpus.iter()
+            .flat_map(|c| &c.threads)
+            .filter(|r| r.status == Status::Warning && !violators.contains(&r.tid))
+            .filter(|r| !only_exposed || r.finding == Some(Finding::Exposed))
+            .map(|r| r.tid)
+            .collect()
+    };
+    let exposed = warned(true).len();
+    let messages = warnings.len();
+    if exposed > 0 {
+        // Summarises threads already counted one by one: not counted again.
+        warnings.push(exposed_message(exposed, guard));
+    }
+    let summary = Summary {
+        violations: cpus.iter().map(|c| c.violations.len()).sum(),
+        warnings: warned(false).len() + messages,
+        exposed,
+        events_lost,
+    };
+    Report {
+        guarded: guard.guarded.clone(),
+        housekeeping: guard.housekeeping.clone(),
+        mode,
+        window_ns,
+        cpus,
+        summary,
+        warnings,
+    }
+}
+
+/// How many affinity changes a window report lists one by one.
+const MAX_AFFINITY_CHANGES: usize = 100;
+
+/// Window: someone called sched_setaffinity on a vCPU thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AffinityChange {
+    /// The vCPU thread.
+    target: u32,
+    /// The caller.
+    tid: u32,
+    pid: u32,
+    comm: String,
+    /// The new affinity.
+    mask: String,
+}
+
+/// Window: events aggregated as they arrive, so memory stays bounded by the
+/// number of distinct threads however long the window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventTally {
+    /// (cpu, tid) -> migrations onto that guarded CPU.
+    migrations: BTreeMap<(u32, u32), Migration>,
+    /// tid -> guarded CPUs it was reported intruding on (rate-limited events).
+    intrusions: BTreeMap<u32, (u32, String, CpuSet)>,
+    /// owner tid -> (moves, destinations).
+    away: BTreeMap<u32, (u64, CpuSet)>,
+    /// sched_setaffinity calls on vCPU threads, in order (the first few).
+    affinity: Vec<AffinityChange>,
+    affinity_dropped: u64,
+    pub decode_errors: u64,
+}
+
+impl EventTally {
+    pub fn add(&mut self, ev: &DecodedEvent) {
+        match ev.event {
+            "migrate_in" => {
+                let m = self
+                    .migrations
+                    .entry((ev.cpu, ev.tid))
+                    .or_insert_with(|| Migration {
+                        tid: ev.tid,
+                        pid: ev.tgid,
+                        comm: ev.comm.clone(),
+                        count: 0,
+                        from_cpus: CpuSet::new(),
+                    });
+                m.count += 1;
+                if let Some(from) = ev.other_cpu {
+                    m.from_cpus.insert(from);
+                }
+            }
+            "intrusion" => {
+                self.intrusions
+                    .entry(ev.tid)
+                    .or_insert_with(|| (ev.tgid, ev.comm.clone(), CpuSet::new()))
+                    .2
+                    .insert(ev.cpu);
+            }
+            "owner_away" => {
+                let a = self.away.entry(ev.tid).or_default();
+                a.0 += 1;
+                if let Some(to) = ev.other_cpu {
+                    a.1.insert(to);
+                }
+            }
+            // Bounded: a loop re-pinning a vCPU should not grow memory.
+            "affinity_change" if self.affinity.len() < MAX_AFFINITY_CHANGES => {
+                self.affinity.push(AffinityChange {
+                    target: ev.target_tid.unwrap_or_default(),
+                    tid: ev.tid,
+                    pid: ev.tgid,
+                    comm: ev.comm.clone(),
+                    mask: ev.mask.clone().unwrap_or_default(),
+                });
+            }
+            "affinity_change" => self.affinity_dropped += 1,
+            _ => {}
+        }
+    }
+}
+
+/// The observer's maps at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct MapSnapshot {
+    pub cpu_stats: BTreeMap<u32, CpuStats>,
+    pub threads: Vec<(ThreadKey, ThreadStats)>,
+    pub counters: Counters,
+}
+
+impl MapSnapshot {
+    /// What accumulated between `before` and `self` (the window). Threads
+    /// first seen in the window keep all their time; `max_slice_ns` is the
+    /// longest slice since the thread was first seen (it cannot be split).
+    pub fn since(&self, before: &MapSnapshot) -> MapSnapshot {
+        let cpu_stats = self
+            .cpu_stats
+            .iter()
+            .map(|(cpu, s)| {
+                let mut d = *s;
+                if let Some(b) = before.cpu_stats.get(cpu) {
+                    for c in 0..class::COUNT {
+                        d.run_ns[c] = s.run_ns[c].saturating_sub(b.run_ns[c]);
+                        d.slices[c] = s.slices[c].saturating_sub(b.slices[c]);
+                    }
+                }
+                (*cpu, d)
+            })
+            .collect();
+        let old: BTreeMap<(u32, u32), &ThreadStats> = before
+            .threads
+            .iter()
+            .map(|(k, v)| ((k.cpu, k.tid), v))
+            .collect();
+        let threads = self
+            .threads
+            .iter()
+            .filter_map(|(k, v)| {
+                let mut d = *v;
+                if let Some(b) = old.get(&(k.cpu, k.tid)) {
+                    d.run_ns = v.run_ns.saturating_sub(b.run_ns);
+                    d.slices = v.slices.saturating_sub(b.slices);
+                }
+                (d.slices > 0).then_some((*k, d))
+            })
+            .collect();
+        let c = |a: u64, b: u64| a.saturating_sub(b);
+        MapSnapshot {
+            cpu_stats,
+            threads,
+            counters: Counters {
+                events_lost: c(self.counters.events_lost, before.counters.events_lost),
+                thread_map_full: c(
+                    self.counters.thread_map_full,
+                    before.counters.thread_map_full,
+                ),
+                read_errors: c(self.counters.read_errors, before.counters.read_errors),
+            },
+        }
+    }
+}
+
+/// What the observer saw during one window.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub elapsed: Duration,
+    /// The maps' growth over the window ([`MapSnapshot::since`]).
+    pub maps: MapSnapshot,
+    pub events: EventTally,
+}
+
+/// The window audit. `live` holds what /proc says now about threads that
+/// still exist (for their affinity); threads that exited are reported from
+/// the observer's records alone.
+pub fn window(
+    guard: &Guard,
+    own: &Ownership,
+    obs: &Observation,
+    live: &BTreeMap<u32, ThreadInfo>,
+) -> Report {
+    let window_ns = u64::try_from(obs.elapsed.as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let pct = |ns: u64| (ns as f64 * 1000.0 / window_ns as f64).round() / 10.0;
+    let mut cpus = Vec::new();
+    // Off-CPU vCPUs, by their own CPU.
+    let mut off: BTreeMap<u32, VcpuOff> = BTreeMap::new();
+    let off_entry = |off: &mut BTreeMap<u32, VcpuOff>, o: &VcpuOwner| -> VcpuOff {
+        off.remove(&o.tid).unwrap_or_else(|| VcpuOff {
+            vm: o.vm.clone(),
+            vcpu: o.vcpu,
+            tid: o.tid,
+            ran_on: CpuSet::new(),
+            ran_ns: 0,
+            moved_to: CpuSet::new(),
+            moves: 0,
+        })
+    };
+    for (k, t) in &obs.maps.threads {
+        if let Some(o) = own.vcpu(k.tid)
+            && o.cpu != k.cpu
+        {
+            let mut e = off_entry(&mut off, o);
+            e.ran_on.insert(k.cpu);
+            e.ran_ns += t.run_ns;
+            off.insert(o.tid, e);
+        }
+    }
+    for (tid, (_, _, on)) in &obs.events.intrusions {
+        if let Some(o) = own.vcpu(*tid) {
+            let elsewhere: CpuSet = on.iter().filter(|c| *c != o.cpu).collect();
+            if !elsewhere.is_empty() {
+                let mut e = off_entry(&mut off, o);
+                e.ran_on = e.ran_on.union(&elsewhere);
+                off.insert(o.tid, e);
+            }
+        }
+    }
+    for (tid, (moves, to)) in &obs.events.away {
+        if let Some(o) = own.vcpu(*tid) {
+            let mut e = off_entry(&mut off, o);
+            e.moves += moves;
+            e.moved_to = e.moved_to.union(to);
+            off.insert(o.tid, e);
+        }
+    }
+
+    for cpu in guard.guarded.iter() {
+        let stats = obs.maps.cpu_stats.get(&cpu).copied().unwrap_or_default();
+        let time: BTreeMap<&'static str, ClassTime> = (0..class::COUNT as u32)
+            .map(|c| {
+                let ns = stats.run_ns[c as usize];
+                (class::name(c), ClassTime { ns, pct: pct(ns) })
+            })
+            .collect();
+        let mut rows = Vec::new();
+        let mut violations = Vec::new();
+        for (k, t) in obs.maps.threads.iter().filter(|(k, _)| k.cpu == cpu) {
+            let now = live.get(&k.tid).filter(|i| i.tgid == t.tgid);
+            let comm = now.map_or_else(|| comm_str(&t.comm), |i| i.comm.clone());
+            let kthread = t.class == class::INTRUDER_KTHREAD;
+            let (vm, vcpu, assigned_cpu) = vcpu_fields(k.tid, t.tgid, own);
+            let (row_class, finding) = match (own.vcpu(k.tid), vm.is_some(), kthread) {
+                (Some(_), _, _) => (Class::OtherVcpu, Finding::Intruder),
+                (None, true, _) => (Class::Emulator, Finding::Intruder),
+                (None, false, true) => (Class::UnboundKthread, Finding::UnboundKthread),
+                (None, false, false) => (Class::User, Finding::Intruder),
+            };
+            let mut note = format!(
+                "{} ran {} in {} slice(s), longest {}",
+                class::name(t.class),
+                fmt_ns(t.run_ns),
+                t.slices,
+                fmt_ns(t.max_slice_ns)
+            );
+            match (own.vcpu(k.tid), &vm) {
+                (Some(o), _) => {
+                    let _ = write!(note, "; vCPU {} of {} (owns CPU {})", o.vcpu, o.vm, o.cpu);
+                }
+                (None, Some(vm)) => {
+                    let _ = write!(note, "; emulator thread of {vm}");
+                }
+                _ => {}
+            }
+            if now.is_none() {
+                note.push_str("; exited since");
+            }
+            violations.push(Violation {
+                kind: finding,
+                cpu,
+                tid: k.tid,
+                pid: t.tgid,
+                comm: comm.clone(),
+                vm: vm.clone(),
+                vcpu,
+                detail: note.clone(),
+            });
+            rows.push(ThreadRow {
+                class: row_class,
+                tid: k.tid,
+                pid: t.tgid,
+                comm,
+                state: now.map(|i| i.state),
+                last_cpu: now.map(|i| i.last_cpu),
+                affinity: now.map(|i| i.allowed.clone()),
+                vm,
+                vcpu,
+                assigned_cpu,
+                status: Status::Violation,
+                finding: Some(finding),
+                note,
+                run_ns: Some(t.run_ns),
+                slices: Some(t.slices),
+                max_slice_ns: Some(t.max_slice_ns),
+            });
+        }
+        rows.sort_by(|a, b| b.run_ns.cmp(&a.run_ns).then(a.tid.cmp(&b.tid)));
+        violations.sort_by(|a, b| {
+            let ns = |v: &Violation| {
+                rows.iter()
+                    .find(|r| r.tid == v.tid)
+                    .and_then(|r| r.run_ns)
+                    .unwrap_or(0)
+            };
+            ns(b).cmp(&ns(a)).then(a.tid.cmp(&b.tid))
+        });
+
+        let migrations: Vec<Migration> = obs
+            .events
+            .migrations
+            .iter()
+            .filter(|((c, _), _)| *c == cpu)
+            .map(|(_, m)| m.clone())
+            .collect();
+        for m in &migrations {
+            let (vm, vcpu, _) = vcpu_fields(m.tid, m.pid, own);
+            violations.push(Violation {
+                kind: Finding::MigrationIn,
+                cpu,
+                tid: m.tid,
+                pid: m.pid,
+                comm: m.comm.clone(),
+                vm,
+                vcpu,
+                detail: format!(
+                    "migrated onto CPU {cpu} {} time(s) from CPU {}",
+                    m.count, m.from_cpus
+                ),
+            });
+        }
+        let vcpus_off: Vec<VcpuOff> = own
+            .owners_of(cpu)
+            .iter()
+            .filter_map(|o| off.get(&o.tid).cloned())
+            .collect();
+        for v in &vcpus_off {
+            let mut what = Vec::new();
+            if !v.ran_on.is_empty() {
+                what.push(format!("ran on CPU {} for {}", v.ran_on, fmt_ns(v.ran_ns)));
+            }
+            if v.moves > 0 {
+                what.push(format!(
+                    "was moved to CPU {} {} time(s)",
+                    v.moved_to, v.moves
+                ));
+            }
+            let pid = own.vcpu(v.tid).map_or(0, |o| o.pid);
+            violations.push(Violation {
+                kind: Finding::VcpuOffCpu,
+                cpu,
+                tid: v.tid,
+                pid,
+                comm: live.get(&v.tid).map(|i| i.comm.clone()).unwrap_or_default(),
+                vm: Some(v.vm.clone()),
+                vcpu: Some(v.vcpu),
+                detail: format!(
+                    "vCPU {} of {} left CPU {cpu}: {}",
+                    v.vcpu,
+                    v.vm,
+                    what.join(", ")
+                ),
+            });
+        }
+        cpus.push(CpuReport {
+            cpu,
+            owners: own.owners_of(cpu),
+            threads: rows,
+            violations,
+            time: Some(time),
+            migrations: Some(migrations),
+            vcpus_off: Some(vcpus_off),
+        });
+    }
+
+    let mut warnings = Vec::new();
+    shared_warnings(own, &mut warnings);
+    for a in &obs.events.affinity {
+        let whom = own.vcpu(a.target).map_or_else(
+            || format!("thread {}", a.target),
+            |o| format!("{} vCPU {} (tid {})", o.vm, o.vcpu, a.target),
+        );
+        warnings.push(format!(
+            "{:?} (pid {}, tid {}) set the affinity of {whom} to {}",
+            a.comm, a.pid, a.tid, a.mask
+        ));
+    }
+    if obs.events.affinity_dropped > 0 {
+        warnings.push(format!(
+            "... and {} more affinity changes of vCPU threads",
+            obs.events.affinity_dropped
+        ));
+    }
+    let c = &obs.maps.counters;
+    if c.events_lost > 0 {
+        warnings.push(format!(
+            "{} events were lost (ring buffer full): migration and vCPU-move counts are incomplete; \
+             time totals and intruders are not affected",
+            c.events_lost
+        ));
+    }
+    if c.thread_map_full > 0 {
+        warnings.push(format!(
+            "{} intruder slices were not tracked per thread (thread map full): they count in the \
+             time by class only",
+            c.thread_map_full
+        ));
+    }
+    if obs.events.decode_errors > 0 {
+        warnings.push(format!("{} undecodable events", obs.events.decode_errors));
+    }
+    finish(
+        guard,
+        Mode::Window,
+        Some(window_ns),
+        cpus,
+        warnings,
+        Some(c.events_lost),
+    )
+}
+
+/// Human-friendly durations (the same style as `pinguard watch`).
+pub fn fmt_ns(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns}ns"),
+        1_000..1_000_000 => format!("{:.1}µs", ns as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.2}ms", ns as f64 / 1e6),
+        _ => format!("{:.3}s", ns as f64 / 1e9),
+    }
+}
+
+/// A plain-text table with left-aligned columns sized to their content.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, cell) in r.iter().enumerate() {
+            width[i] = width[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::from("  ");
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                let pad = width[i] - cell.chars().count();
+                s.push_str(cell);
+                s.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn vm_cell(r: &ThreadRow) -> String {
+    match (&r.vm, r.vcpu) {
+        (Some(vm), Some(i)) => format!("{vm}/{i}"),
+        (Some(vm), None) => format!("{vm}/emu"),
+        _ => "-".into(),
+    }
+}
+
+fn status_prefix(r: &ThreadRow) -> String {
+    match (r.status, r.finding) {
+        (Status::Violation, Some(f)) => format!("VIOLATION {}: ", f.name()),
+        (Status::Warning, Some(f)) => format!("warning {}: ", f.name()),
+        _ => String::new(),
+    }
+}
+
+/// The human report: per CPU a table (violations first) and a summary.
+pub fn render(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "pinguard audit ({}): guarded CPUs {}, housekeeping CPUs {}",
+        match (r.mode, r.window_ns) {
+            (Mode::Window, Some(ns)) => format!("observed for {}", fmt_ns(ns)),
+            _ => "snapshot".into(),
+        },
+        r.guarded,
+        r.housekeeping
+    );
+    for c in &r.cpus {
+        let owners = if c.owners.is_empty() {
+            "no vCPU assigned".to_string()
+        } else {
+            c.owners
+                .iter()
+                .map(|o| format!("{} vCPU {} (tid {})", o.vm, o.vcpu, o.tid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "\nCPU {}: owner {owners}; {} violation(s)",
+            c.cpu,
+            c.violations.len()
+        );
+        match r.mode {
+            Mode::Snapshot => {
+                let rows: Vec<Vec<String>> = c
+                    .threads
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.class.name().to_string(),
+                            t.tid.to_string(),
+                            t.pid.to_string(),
+                            t.comm.clone(),
+                            t.last_cpu.map_or("-".into(), |v| v.to_string()),
+                            t.affinity.as_ref().map_or("-".into(), |a| a.to_string()),
+                            vm_cell(t),
+                            format!("{}{}", status_prefix(t), t.note),
+                        ]
+                    })
+                    .collect();
+                s.push_str(&table(
+                    &[
+                        "CLASS", "TID", "PID", "COMM", "LAST CPU", "AFFINITY", "VM/VCPU", "NOTE",
+                    ],
+                    &rows,
+                ));
+            }
+            Mode::Window => {
+                if let Some(time) = &c.time {
+                    let order = [
+                        "vcpu",
+                        "kernel",
+                        "allowed",
+                        "intruder_user",
+                        "intruder_kthread",
+                        "idle",
+                    ];
+                    let parts: Vec<String> = order
+                        .iter()
+                        .filter_map(|k| {
+                            time.get(k)
+                                .map(|t| format!("{k} {} ({:.1}%)", fmt_ns(t.ns), t.pct))
+                        })
+                        .collect();
+                    let _ = writeln!(s, "  time: {}", parts.join(", "));
+                }
+                if c.threads.is_empty() {
+                    s.push_str("  no intruders\n");
+                } else {
+                    let rows: Vec<Vec<String>> = c
+                        .threads
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.class.name().to_string(),
+                                t.tid.to_string(),
+                                t.pid.to_string(),
+                                t.comm.clone(),
+                                fmt_ns(t.run_ns.unwrap_or(0)),
+                                t.slices.unwrap_or(0).to_string(),
+                                fmt_ns(t.max_slice_ns.unwrap_or(0)),
+                                t.affinity
+                                    .as_ref()
+                                    .map_or("exited".into(), |a| a.to_string()),
+                                vm_cell(t),
+                            ]
+                        })
+                        .collect();
+                    s.push_str(&table(
+                        &[
+                            "CLASS", "TID", "PID", "COMM", "RUN", "SLICES", "LONGEST", "AFFINITY",
+                            "VM/VCPU",
+                        ],
+                        &rows,
+                    ));
+                }
+                if let Some(m) = &c.migrations
+                    && !m.is_empty()
+                {
+                    let total: u64 = m.iter().map(|m| m.count).sum();
+                    let _ = writeln!(s, "  migrations onto CPU {}: {total}", c.cpu);
+                    for m in m {
+                        let _ = writeln!(
+                            s,
+                            "    {} (tid {}, pid {}) x{} from CPU {}",
+                            m.comm, m.tid, m.pid, m.count, m.from_cpus
+                        );
+                    }
+                }
+                if let Some(v) = &c.vcpus_off {
+                    for v in v {
+                        let _ = writeln!(s, "  VIOLATION vcpu_off_cpu: {}", {
+                            c.violations
+                                .iter()
+                                .find(|x| x.kind == Finding::VcpuOffCpu && x.tid == v.tid)
+                                .map_or_else(String::new, |x| x.detail.clone())
+                        });
+                    }
+                }
+            }
+        }
+    }
+    s.push('\n');
+    for w in &r.warnings {
+        let _ = writeln!(s, "warning: {w}");
+    }
+    let kinds: BTreeSet<Finding> = r
+        .cpus
+        .iter()
+        .flat_map(|c| &c.violations)
+        .map(|v| v.kind)
+        .collect();
+    for k in &kinds {
+        let _ = writeln!(s, "fix {}", k.hint(&r.housekeeping));
+    }
+    let _ = writeln!(
+        s,
+        "Summary: {} violation(s), {} warning(s) on guarded CPUs {}{}.",
+        r.summary.violations,
+        r.summary.warnings,
+        r.guarded,
+        match r.summary.events_lost {
+            Some(n) if n > 0 => format!("; {n} events lost"),
+            _ => String::new(),
+        }
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use pin_common::{PF_KTHREAD, TASK_COMM_LEN};
+
+    use super::*;
+
+    fn set(s: &str) -> CpuSet {
+        CpuSet::parse(s).unwrap()
+    }
+
+    fn guard() -> Guard {
+        Guard {
+            guarded: set("2-3"),
+            housekeeping: set("0-1"),
+        }
+    }
+
+    fn thread(tgid: u32, tid: u32, comm: &str, last_cpu: u32, allowed: &str) -> ThreadInfo {
+        ThreadInfo {
+            tgid,
+            tid,
+            comm: comm.into(),
+            state: 'S',
+            flags: 0,
+            last_cpu,
+            allowed: set(allowed),
+        }
+    }
+
+    fn kthread(tid: u32, comm: &str, last_cpu: u32, allowed: &str) -> ThreadInfo {
+        ThreadInfo {
+            flags: PF_KTHREAD,
+            ..thread(tid, tid, comm, last_cpu, allowed)
+        }
+    }
+
+    /// Guest g1 (pid 100): vCPU 0 (tid 101) owns CPU 2, vCPU 1 (tid 102) owns CPU 3;
+    /// tid 103 is its main loop, tid 900 its vhost worker.
+    fn ownership() -> Ownership {
+        let mut own = Ownership::default();
+        for (vcpu, tid, cpu) in [(0, 101, 2), (1, 102, 3)] {
+            own.add_vcpu(VcpuOwner {
+                vm: "g1".into(),
+                pid: 100,
+                vcpu,
+                tid,
+                cpu,
+                shared: false,
+            });
+        }
+        own.add_emulator(900, "g1", 100);
+        own
+    }
+
+    /// A host where everything is in its place.
+    fn clean_host() -> Vec<ThreadInfo> {
+        vec![
+            thread(100, 101, "CPU 0/KVM", 2, "2"),
+            thread(100, 102, "CPU 1/KVM", 3, "3"),
+            thread(100, 103, "qemu-system-x86", 0, "0-1"),
+            // Pinned away while asleep: its last CPU is stale.
+            thread(100, 104, "IO mon_iothread", 2, "0-1"),
+            ThreadInfo {
+                flags: PF_KTHREAD,
+                ..thread(900, 900, "vhost-100", 1, "0-1")
+            },
+            kthread(20, "migration/2", 2, "2"),
+            kthread(21, "ksoftirqd/3", 3, "3"),
+            kthread(22, "kworker/u8:1", 0, "0-1"),
+            thread(500, 500, "sshd", 1, "0-1"),
+            thread(501, 501, "zombie", 2, "0-3"),
+        ]
+        .into_iter()
+        .map(|mut t| {
+            if t.comm == "zombie" {
+                t.state = 'Z';
+            }
+            t
+        })
+        .collect()
+    }
+
+    #[test]
+    fn classifies_every_kind_of_thread() {
+        let own = ownership();
+        let c = |t: &ThreadInfo, cpu| classify(t, cpu, &own);
+        assert_eq!(c(&thread(100, 101, "CPU 0/KVM", 2, "2"), 2), Class::Owner);
+        assert_eq!(
+            c(&thread(100, 101, "CPU 0/KVM", 2, "2"), 3),
+            Class::OtherVcpu
+        );
+        assert_eq!(c(&thread(100, 103, "qemu", 0, "0-1"), 2), Class::Emulator);
+        // vhost workers are kernel threads, but they belong to the guest.
+        assert_eq!(c(&kthread(900, "vhost-100", 2, "0-3"), 2), Class::Emulator);
+        assert_eq!(
+            c(&kthread(20, "migration/2", 2, "2"), 2),
+            Class::PercpuKthread
+        );
+        assert_eq!(
+            c(&kthread(22, "kworker/u8:1", 2, "0-3"), 2),
+            Class::UnboundKthread
+        );
+        assert_eq!(c(&thread(500, 501, "stress", 2, "0-3"), 2), Class::User);
+    }
+
+    #[test]
+    fn clean_host_has_no_violations_and_exits_0() {
+        let r = snapshot(&guard(), &clean_host(), &ownership(), 0);
+        assert_eq!(r.summary.violations, 0, "{}", render(&r));
+        assert_eq!(r.summary.warnings, 0, "{}", render(&r));
+        assert_eq!(r.exit_code(), exit::OK);
+        let cpu2 = &r.cpus[0];
+        assert_eq!(cpu2.cpu, 2);
+        assert_eq!(cpu2.owners.len(), 1);
+        assert_eq!(cpu2.owners[0].tid, 101);
+        let tids: Vec<u32> = cpu2.threads.iter().map(|t| t.tid).collect();
+        // Listed: the owner, the per-CPU kthread, the stale emulator and the zombie.
+        assert_eq!(tids, vec![101, 104, 20, 501], "{}", render(&r));
+        let io = cpu2.threads.iter().find(|t| t.tid == 104).unwrap();
+        assert_eq!((io.class, io.status), (Class::Emulator, Status::Ok));
+        assert!(io.note.contains("no longer includes CPU 2"), "{}", io.note);
+        let text = render(&r);
+        assert!(
+            text.contains("Summary: 0 violation(s), 0 warning(s) on guarded CPUs 2-3."),
+            "{text}"
+        );
+        assert!(!text.contains("VIOLATION"), "{text}");
+    }
+
+    #[test]
+    fn violations_are_found_and_explained() {
+        let mut host = clean_host();
+        host.extend([
+            // Intruder pinned to a guarded CPU, asleep on it.
+            thread(600, 601, "pg-intr", 2, "2"),
+            // A user thread allowed everywhere that last ran on CPU 3.
+            thread(700, 700, "cron", 3, "0-3"),
+            // An unbound kthread that last ran on CPU 2.
+            kthread(23, "kworker/u8:2", 2, "0-3"),
+        ]);
+        // vCPU 1 lost its pin; the main loop may run on guarded CPUs.
+        for t in host.iter_mut() {
+            if t.tid == 102 {
+                t.allowed = set("0-3");
+                t.last_cpu = 2;
+            }
+            if t.tid == 103 {
+                t.allowed = set("0-3");
+            }
+        }
+        let r = snapshot(&guard(), &host, &ownership(), 0);
+        assert_eq!(r.exit_code(), exit::VIOLATIONS);
+        let kinds = |cpu: u32| -> Vec<(Finding, u32)> {
+            let c = r.cpus.iter().find(|c| c.cpu == cpu).unwrap();
+            let mut v: Vec<_> = c.violations.iter().map(|v| (v.kind, v.tid)).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            kinds(2),
+            vec![
+                (Finding::Intruder, 601),
+                (Finding::UnboundKthread, 23),
+                (Finding::VcpuOffCpu, 102),
+                (Finding::EmulatorOnGuarded, 103),
+            ],
+            "{}",
+            render(&r)
+        );
+        assert_eq!(
+            kinds(3),
+            vec![
+                (Finding::Intruder, 700),
+                (Finding::VcpuNotPinned, 102),
+                (Finding::EmulatorOnGuarded, 103),
+            ],
+            "{}",
+            render(&r)
+        );
+        assert_eq!(r.summary.violations, 7);
+        // sshd (0-1) is not exposed; nothing else may merely run there.
+        assert_eq!(r.summary.exposed, 0);
+        // Violations come first in each table.
+        let cpu2 = &r.cpus[0];
+        let first_ok = cpu2
+            .threads
+            .iter()
+            .position(|t| t.status != Status::Violation)
+            .unwrap();
+        assert!(
+            cpu2.threads[first_ok..]
+                .iter()
+                .all(|t| t.status != Status::Violation)
+        );
+        let text = render(&r);
+        let line = text.lines().find(|l| l.contains("pg-intr")).unwrap();
+        assert!(
+            line.contains("601") && line.contains("VIOLATION intruder"),
+            "{line}"
+        );
+        assert!(text.contains("fix intruder"), "{text}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["mode"], "snapshot");
+        assert_eq!(json["guarded"], "2-3");
+        assert_eq!(json["summary"]["violations"], 7);
+        let v = &json["cpus"][0]["violations"][0];
+        assert!(
+            v["kind"].is_string() && v["tid"].is_number() && v["comm"].is_string(),
+            "{v}"
+        );
+        let row = json["cpus"][0]["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tid"] == 102)
+            .unwrap();
+        assert_eq!(row["class"], "other_vcpu");
+        assert_eq!(row["vm"], "g1");
+        assert_eq!(row["vcpu"], 1);
+        assert_eq!(row["assigned_cpu"], 3);
+        assert_eq!(row["affinity"], "0-3");
+        assert_eq!(row["last_cpu"], 2);
+    }
+
+    #[test]
+    fn default_affinity_is_a_warning_not_a_violation() {
+        // The lab machine: no isolcpus, everything allowed everywhere.
+        let host = vec![
+            thread(500, 500, "sshd", 0, "0-3"),
+            thread(501, 501, "bash", 1, "0-3"),
+            kthread(22, "kworker/u8:1", 0, "0-3"),
+        ];
+        let r = snapshot(&guard(), &host, &Ownership::default(), 0);
+        assert_eq!(r.summary.violations, 0);
+        assert_eq!(r.summary.exposed, 3);
+        assert_eq!(r.summary.warnings, 3);
+        assert_eq!(r.exit_code(), exit::OK);
+        assert!(
+            r.warnings[0].starts_with(
+                "3 threads may run on guarded CPUs (affinity includes them); isolate with isolcpus="
+            ),
+            "{:?}",
+            r.warnings
+        );
+        // Each is listed under both guarded CPUs, with its reason.
+        for c in &r.cpus {
+            assert_eq!(c.threads.len(), 3);
+            assert!(
+                c.threads
+                    .iter()
+                    .all(|t| t.finding == Some(Finding::Exposed))
+            );
+        }
+        // An unowned CPU says so.
+        assert!(
+            render(&r).contains("CPU 2: owner no vCPU assigned; 0 violation(s)"),
+            "{}",
+            render(&r)
+        );
+    }
+
+    #[test]
+    fn own_threads_are_left_out() {
+        let host = vec![
+            thread(42, 42, "pinguard", 2, "0-3"),
+            thread(42, 43, "pinguard", 2, "0-3"),
+        ];
+        let r = snapshot(&guard(), &host, &Ownership::default(), 42);
+        assert!(r.cpus.iter().all(|c| c.threads.is_empty()));
+        assert_eq!(r.summary.violations, 0);
+    }
+
+    #[test]
+    fn owner_assigned_elsewhere_is_listed_under_its_cpu() {
+        // A vCPU pinned to a housekeeping CPU: not on CPU 2 by any measure,
+        // but CPU 2 is its CPU, so the audit must say it is not there.
+        let host = vec![
+            thread(100, 101, "CPU 0/KVM", 0, "0"),
+            thread(100, 102, "CPU 1/KVM", 3, "3"),
+        ];
+        let r = snapshot(&guard(), &host, &ownership(), 0);
+        let v = &r.cpus[0].violations;
+        assert_eq!(v.len(), 1);
+        assert_eq!((v[0].kind, v[0].tid), (Finding::VcpuNotPinned, 101));
+        assert_eq!(v[0].vm.as_deref(), Some("g1"));
+        assert_eq!(v[0].vcpu, Some(0));
+    }
+
+    #[test]
+    fn shared_cpus_warn() {
+        let mut own = ownership();
+        own.add_vcpu(VcpuOwner {
+            vm: "g2".into(),
+            pid: 200,
+            vcpu: 0,
+            tid: 201,
+            cpu: 2,
+            shared: true,
+        });
+        let r = snapshot(&guard(), &[], &own, 0);
+        assert_eq!(r.summary.warnings, 1, "{:?}", r.warnings);
+        assert!(
+            r.warnings[0].contains("CPU 2 is assigned to 2 vCPUs"),
+            "{:?}",
+            r.warnings
+        );
+    }
+
+    fn comm(s: &str) -> [u8; TASK_COMM_LEN] {
+        let mut c = [0u8; TASK_COMM_LEN];
+        c[..s.len()].copy_from_slice(s.as_bytes());
+        c
+    }
+
+    fn stats(tgid: u32, cls: u32, name: &str, run_ns: u64, slices: u64, max: u64) -> ThreadStats {
+        ThreadStats {
+            run_ns,
+            slices,
+            max_slice_ns: max,
+            tgid,
+            class: cls,
+            comm: comm(name),
+            ..ThreadStats::default()
+        }
+    }
+
+    /// An event as the kernel would send it, decoded like the real ones.
+    fn event(kind: u32, cpu: u32, tid: u32, other: u32) -> DecodedEvent {
+        let mut e = pin_common::Event::zeroed();
+        e.kind = kind;
+        e.cpu = cpu;
+        e.tid = tid;
+        e.tgid = tid;
+        e.comm = comm(&format!("t{tid}"));
+        e.class = class::INTRUDER_USER;
+        e.other_cpu = other;
+        e.target_tid = 77;
+        e.mask = 0b11;
+        // SAFETY: Event is repr(C) plain data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&e as *const pin_common::Event).cast::<u8>(),
+                size_of::<pin_common::Event>(),
+            )
+        };
+        crate::probe::decode(bytes).unwrap()
+    }
+
+    #[test]
+    fn map_deltas_cover_only_the_window() {
+        let key = ThreadKey { cpu: 2, tid: 7 };
+        let mut before = MapSnapshot::default();
+        let mut s = CpuStats::default();
+        s.run_ns[class::IDLE as usize] = 100;
+        before.cpu_stats.insert(2, s);
+        before
+            .threads
+            .push((key, stats(7, class::INTRUDER_USER, "a", 50, 2, 30)));
+        before.threads.push((
+            ThreadKey { cpu: 2, tid: 8 },
+            stats(8, class::INTRUDER_USER, "b", 5, 1, 5),
+        ));
+        let mut after = before.clone();
+        after.cpu_stats.get_mut(&2).unwrap().run_ns[class::IDLE as usize] = 1100;
+        after.threads[0].1.run_ns = 80;
+        after.threads[0].1.slices = 3;
+        after.threads.push((
+            ThreadKey { cpu: 3, tid: 9 },
+            stats(9, class::INTRUDER_KTHREAD, "c", 9, 1, 9),
+        ));
+        after.counters.events_lost = 4;
+        let d = after.since(&before);
+        assert_eq!(d.cpu_stats[&2].run_ns[class::IDLE as usize], 1000);
+        let tids: Vec<(u32, u64, u64)> = d
+            .threads
+            .iter()
+            .map(|(k, v)| (k.tid, v.run_ns, v.slices))
+            .collect();
+        // tid 8 did not run in the window; tid 9 is new.
+        assert_eq!(tids, vec![(7, 30, 1), (9, 9, 1)]);
+        assert_eq!(d.counters.events_lost, 4);
+    }
+
+    #[test]
+    fn window_reports_intruders_migrations_and_vcpus_off() {
+        let own = ownership();
+        let mut obs = Observation {
+            elapsed: Duration::from_secs(2),
+            ..Observation::default()
+        };
+        let mut s2 = CpuStats::default();
+        s2.run_ns[class::IDLE as usize] = 1_000_000_000;
+        s2.run_ns[class::VCPU as usize] = 500_000_000;
+        s2.run_ns[class::INTRUDER_USER as usize] = 300_000 + 2_000_000;
+        obs.maps.cpu_stats.insert(2, s2);
+        obs.maps.cpu_stats.insert(3, CpuStats::default());
+        obs.maps.threads = vec![
+            (
+                ThreadKey { cpu: 2, tid: 601 },
+                stats(600, class::INTRUDER_USER, "pg-short", 300_000, 1, 300_000),
+            ),
+            // vCPU 1 (CPU 3's owner) ran on CPU 2.
+            (
+                ThreadKey { cpu: 2, tid: 102 },
+                stats(
+                    100,
+                    class::INTRUDER_USER,
+                    "CPU 1/KVM",
+                    2_000_000,
+                    4,
+                    900_000,
+                ),
+            ),
+            (
+                ThreadKey { cpu: 3, tid: 23 },
+                stats(
+                    23,
+                    class::INTRUDER_KTHREAD,
+                    "kworker/u8:2",
+                    40_000,
+                    2,
+                    30_000,
+                ),
+            ),
+        ];
+        obs.maps.counters.events_lost = 3;
+        obs.events
+            .add(&event(pin_common::event::MIGRATE_IN, 2, 700, 0));
+        obs.events
+            .add(&event(pin_common::event::MIGRATE_IN, 2, 700, 1));
+        obs.events
+            .add(&event(pin_common::event::OWNER_AWAY, 2, 101, 0));
+        obs.events
+            .add(&event(pin_common::event::INTRUSION, 2, 601, 0));
+        let mut live = BTreeMap::new();
+        live.insert(23, kthread(23, "kworker/u8:2", 3, "0-3"));
+        let r = window(&guard(), &own, &obs, &live);
+        assert_eq!(r.mode, Mode::Window);
+        assert_eq!(r.window_ns, Some(2_000_000_000));
+        let cpu2 = &r.cpus[0];
+        let t = cpu2.time.as_ref().unwrap();
+        assert_eq!(t["idle"].ns, 1_000_000_000);
+        assert_eq!(t["idle"].pct, 50.0);
+        assert_eq!(t["vcpu"].pct, 25.0);
+        let short = cpu2.threads.iter().find(|t| t.tid == 601).unwrap();
+        assert_eq!(
+            (short.run_ns, short.slices, short.comm.as_str()),
+            (Some(300_000), Some(1), "pg-short")
+        );
+        assert_eq!(short.affinity, None, "it exited");
+        assert!(short.note.contains("exited since"), "{}", short.note);
+        let foreign = cpu2.threads.iter().find(|t| t.tid == 102).unwrap();
+        assert_eq!(foreign.class, Class::OtherVcpu);
+        // The longest runner comes first.
+        assert_eq!(cpu2.threads[0].tid, 102);
+        let m = &cpu2.migrations.as_ref().unwrap()[0];
+        assert_eq!(
+            (m.tid, m.count, m.from_cpus.to_string().as_str()),
+            (700, 2, "0-1")
+        );
+        // CPU 2's own vCPU was moved away; CPU 3's ran on CPU 2.
+        let off2 = &cpu2.vcpus_off.as_ref().unwrap()[0];
+        assert_eq!(
+            (off2.tid, off2.moves, off2.moved_to.to_string().as_str()),
+            (101, 1, "0")
+        );
+        let cpu3 = &r.cpus[1];
+        let off3 = &cpu3.vcpus_off.as_ref().unwrap()[0];
+        assert_eq!(
+            (off3.tid, off3.ran_on.to_string().as_str(), off3.ran_ns),
+            (102, "2", 2_000_000)
+        );
+        let mut kinds: Vec<(u32, Finding, u32)> = r
+            .cpus
+            .iter()
+            .flat_map(|c| c.violations.iter().map(|v| (v.cpu, v.kind, v.tid)))
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            vec![
+                (2, Finding::Intruder, 102),
+                (2, Finding::Intruder, 601),
+                (2, Finding::VcpuOffCpu, 101),
+                (2, Finding::MigrationIn, 700),
+                (3, Finding::UnboundKthread, 23),
+                (3, Finding::VcpuOffCpu, 102),
+            ]
+        );
+        assert_eq!(r.exit_code(), exit::VIOLATIONS);
+        assert_eq!(r.summary.events_lost, Some(3));
+        assert!(
+            r.warnings.iter().any(|w| w.contains("3 events were lost")),
+            "{:?}",
+            r.warnings
+        );
+        let text = render(&r);
+        assert!(
+            text.contains("pg-short") && text.contains("300.0µs"),
+            "{text}"
+        );
+        assert!(text.contains("migrations onto CPU 2: 2"), "{text}");
+        assert!(text.contains("idle 1.000s (50.0%)"), "{text}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["mode"], "window");
+        assert_eq!(json["summary"]["events_lost"], 3);
+        assert_eq!(json["cpus"][0]["time"]["idle"]["pct"], 50.0);
+    }
+
+    #[test]
+    fn quiet_window_is_clean() {
+        let mut obs = Observation {
+            elapsed: Duration::from_millis(500),
+            ..Observation::default()
+        };
+        let mut s = CpuStats::default();
+        s.run_ns[class::KERNEL as usize] = 1_000;
+        s.run_ns[class::IDLE as usize] = 499_999_000;
+        obs.maps.cpu_stats.insert(2, s);
+        // Someone changed a thread's affinity: worth a warning, not a violation.
+        obs.events
+            .add(&event(pin_common::event::AFFINITY_CHANGE, 2, 55, 0));
+        let r = window(&guard(), &ownership(), &obs, &BTreeMap::new());
+        assert_eq!(r.summary.violations, 0, "{}", render(&r));
+        assert_eq!(r.exit_code(), exit::OK);
+        assert!(render(&r).contains("no intruders"));
+        // The affinity change is reported as a warning.
+        assert_eq!(r.summary.warnings, 1, "{:?}", r.warnings);
+    }
+}
