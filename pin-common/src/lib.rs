@@ -34,6 +34,12 @@ pub mod map {
     pub const EVENTS: &str = "EVENTS";
     pub const PENDING_AFFINITY: &str = "PENDING_AFFINITY";
     pub const GUESTS: &str = "GUESTS";
+    pub const IRQ_STATS: &str = "IRQ_STATS";
+    pub const SOFTIRQ_STATS: &str = "SOFTIRQ_STATS";
+    pub const NOISE: &str = "NOISE";
+    pub const WATCHED: &str = "WATCHED";
+    pub const WAITING: &str = "WAITING";
+    pub const WAIT_HIST: &str = "WAIT_HIST";
 }
 
 /// Names of the programs defined by pin-ebpf.
@@ -51,6 +57,13 @@ pub mod program {
     pub const PROC_EXEC: &str = "proc_exec";
     /// `sched_process_exit` of known guests and vCPU threads.
     pub const PROC_EXIT: &str = "proc_exit";
+    pub const IRQ_ENTRY: &str = "irq_entry";
+    pub const IRQ_EXIT: &str = "irq_exit";
+    pub const SOFTIRQ_ENTRY: &str = "softirq_entry";
+    pub const SOFTIRQ_EXIT: &str = "softirq_exit";
+    pub const NMI: &str = "nmi";
+    pub const WAKEUP: &str = "wakeup";
+    pub const WAKEUP_NEW: &str = "wakeup_new";
     /// Programs that do nothing, used by the benchmark as the cost floor of a hook.
     pub const EMPTY_TP_BTF: &str = "empty_tp_btf";
     pub const EMPTY_RAW_TP: &str = "empty_raw_tp";
@@ -151,6 +164,12 @@ pub mod event {
     pub const EXEC: u32 = 5;
     /// A known guest process (tgid in GUESTS) or an owner thread exited.
     pub const EXIT: u32 = 6;
+    /// A watched latency-probe thread waited from wake-up to running. Fields:
+    /// tid/tgid: the probe thread; start_ns: wake-up time; run_ns: the wait;
+    /// total_ns: hard IRQ time and slices: softirq time on the CPU meanwhile;
+    /// target_tid/comm/mask: the thread that ran just before it and that
+    /// thread's last slice (ns); other_cpu: NMIs meanwhile.
+    pub const EPISODE: u32 = 7;
 
     pub const fn name(kind: u32) -> &'static str {
         match kind {
@@ -160,7 +179,98 @@ pub mod event {
             AFFINITY_CHANGE => "affinity_change",
             EXEC => "exec",
             EXIT => "exit",
+            EPISODE => "episode",
             _ => "unknown",
+        }
+    }
+}
+
+/// Softirq vectors (include/linux/interrupt.h: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED, HRTIMER, RCU).
+pub const NR_SOFTIRQS: usize = 10;
+pub const SOFTIRQ_NAMES: [&str; NR_SOFTIRQS] = [
+    "hi", "timer", "net_tx", "net_rx", "block", "irq_poll", "tasklet", "sched", "hrtimer", "rcu",
+];
+
+/// Count and time of one kind of noise (an IRQ line, a softirq vector).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoiseStat {
+    pub count: u64,
+    pub ns: u64,
+    pub max_ns: u64,
+}
+
+/// Key of `IRQ_STATS`: hardware IRQ `irq` handled on guarded CPU `cpu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IrqKey {
+    pub cpu: u32,
+    pub irq: u32,
+}
+
+/// Slots in [`SoftirqStats`]: a power of two, so the eBPF side can mask the
+/// vector number instead of relying on a bounds check the verifier may not see.
+pub const SOFTIRQ_SLOTS: usize = 16;
+
+/// Value of `SOFTIRQ_STATS` (per-CPU array, one entry); slots past
+/// [`NR_SOFTIRQS`] stay zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SoftirqStats {
+    pub vec: [NoiseStat; SOFTIRQ_SLOTS],
+}
+
+/// Per-CPU noise state (`NOISE` array indexed by CPU): entry times of the
+/// handler in progress and running totals, so a waiting thread can see how
+/// much IRQ/softirq time passed while it waited. Written only by its CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoiseState {
+    pub irq_start: u64,
+    pub softirq_start: u64,
+    pub irq_ns: u64,
+    pub softirq_ns: u64,
+    pub nmi_count: u64,
+    pub nmi_ns: u64,
+}
+
+/// Why a thread is in `WATCHED`.
+pub mod watch {
+    /// An owner vCPU: its wait times feed the "CPU ready" histogram.
+    pub const VCPU: u32 = 1;
+    /// A latency probe (cyclictest): every wait is also sent as an EPISODE event.
+    pub const PROBE: u32 = 2;
+}
+
+/// A waiting watched thread (`WAITING`, key tid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Waiting {
+    pub since_ns: u64,
+    pub irq_ns: u64,
+    pub softirq_ns: u64,
+    pub nmi_count: u64,
+}
+
+/// log2 buckets of wait times: bucket `i` counts waits in [2^i, 2^(i+1)) ns
+/// (bucket 0 also holds 0 and 1 ns; the last one everything above).
+pub const WAIT_BUCKETS: usize = 32;
+
+/// Value of `WAIT_HIST` (key tid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct WaitHist {
+    pub buckets: [u64; WAIT_BUCKETS],
+    pub count: u64,
+    pub total_ns: u64,
+}
+
+impl Default for WaitHist {
+    fn default() -> Self {
+        Self {
+            buckets: [0; WAIT_BUCKETS],
+            count: 0,
+            total_ns: 0,
         }
     }
 }
@@ -300,4 +410,10 @@ mod pod {
     unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::PendingAffinity {}
+    unsafe impl aya::Pod for super::NoiseStat {}
+    unsafe impl aya::Pod for super::IrqKey {}
+    unsafe impl aya::Pod for super::SoftirqStats {}
+    unsafe impl aya::Pod for super::NoiseState {}
+    unsafe impl aya::Pod for super::Waiting {}
+    unsafe impl aya::Pod for super::WaitHist {}
 }

@@ -20,6 +20,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod migrate;
 #[cfg(target_arch = "bpf")]
+mod noise;
+#[cfg(target_arch = "bpf")]
 mod switch;
 #[cfg(target_arch = "bpf")]
 mod task;

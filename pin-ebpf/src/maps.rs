@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use pin_common::{
-    Allowed, CpuStats, EVENTS_BYTES, Event, MAX_ALLOWED, MAX_CPUS, MAX_OWNERS, MAX_THREADS, Owner,
-    PendingAffinity, TaskOffsets, ThreadKey, ThreadStats, counter,
+    Allowed, CpuStats, EVENTS_BYTES, Event, IrqKey, MAX_ALLOWED, MAX_CPUS, MAX_OWNERS, MAX_THREADS,
+    NoiseStat, NoiseState, Owner, PendingAffinity, SoftirqStats, TaskOffsets, ThreadKey,
+    ThreadStats, WaitHist, Waiting, counter,
 };
 
 /// 1 at index `cpu` when that CPU is guarded. Userspace may change it at run time.
@@ -40,6 +41,31 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// sched_setaffinity arguments between syscall entry and exit, keyed by caller tid.
 #[map]
 pub static PENDING_AFFINITY: HashMap<u32, PendingAffinity> = HashMap::with_max_entries(1024, 0);
+
+/// Hardware IRQs handled on guarded CPUs.
+#[map]
+pub static IRQ_STATS: HashMap<IrqKey, NoiseStat> = HashMap::with_max_entries(4096, 0);
+
+/// Softirqs run on guarded CPUs, per vector.
+#[map]
+pub static SOFTIRQ_STATS: PerCpuArray<SoftirqStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU handler entry times and running noise totals (indexed by CPU so a
+/// wake-up on one CPU can snapshot another CPU's totals).
+#[map]
+pub static NOISE: Array<NoiseState> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// Threads whose wake-up-to-run latency is measured (vCPUs, latency probes).
+#[map]
+pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_OWNERS, 0);
+
+/// Watched threads currently runnable but not running, since when.
+#[map]
+pub static WAITING: HashMap<u32, Waiting> = HashMap::with_max_entries(MAX_OWNERS, 0);
+
+/// Wait-time histograms of watched threads.
+#[map]
+pub static WAIT_HIST: HashMap<u32, WaitHist> = HashMap::with_max_entries(MAX_OWNERS, 0);
 
 /// Guest (QEMU) process ids whose exit userspace wants to hear about.
 #[map]

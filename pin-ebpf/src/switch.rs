@@ -18,20 +18,22 @@ use pin_common::{ANY_CPU, Event, ThreadKey, ThreadStats, class, counter, event};
 
 use crate::{
     maps::{
-        ALLOWED, CPU_STATS, EVENT_INTERVAL_NS, OWNERS, SELF_TGID, THREADS, bump, is_guarded, send,
+        ALLOWED, CPU_STATS, EVENT_INTERVAL_NS, OWNERS, SELF_TGID, THREADS, WAITING, WATCHED, bump,
+        is_guarded, send,
     },
+    noise,
     task::{self, Kthread},
 };
 
 /// `trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`
 #[btf_tracepoint(function = "sched_switch")]
 pub fn switch_tp_btf(ctx: BtfTracePointContext) -> i32 {
-    on_switch(ctx.arg(1), ctx.arg(2))
+    on_switch(ctx.arg(1), ctx.arg(2), ctx.arg(3))
 }
 
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn switch_raw_tp(ctx: RawTracePointContext) -> i32 {
-    on_switch(ctx.arg(1), ctx.arg(2))
+    on_switch(ctx.arg(1), ctx.arg(2), ctx.arg(3))
 }
 
 /// The classic tracepoint's record has no task pointers; `current` is `prev`,
@@ -42,7 +44,7 @@ pub fn switch_tracepoint(ctx: TracePointContext) -> i32 {
     let _ = ctx.as_ptr();
     // SAFETY: plain helper call.
     let prev = unsafe { bpf_get_current_task() } as *const u8;
-    on_switch(prev, core::ptr::null())
+    on_switch(prev, core::ptr::null(), u32::MAX)
 }
 
 /// Slices are measured with the scheduler's own clock where possible: the
@@ -51,7 +53,7 @@ pub fn switch_tracepoint(ctx: TracePointContext) -> i32 {
 /// That excludes IRQ and steal time exactly as `/proc/<tid>/schedstat` does.
 /// The idle task does not accumulate it, so idle slices use wall-clock time.
 #[inline(always)]
-fn on_switch(prev: *const u8, next: *const u8) -> i32 {
+fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
     // SAFETY: helper calls without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     // The cheap test first: most switches happen on housekeeping CPUs.
@@ -94,6 +96,23 @@ fn on_switch(prev: *const u8, next: *const u8) -> i32 {
     }
     if class::is_intruder(class) {
         record_intruder(cpu, tid, tgid, class, start, now, run_ns);
+    }
+    // Wait tracking of watched threads needs `next` (not on the classic tracepoint).
+    if !next.is_null() {
+        if tid != 0 && unsafe { WATCHED.get(&tid) }.is_some() {
+            if prev_state == 0 {
+                // TASK_RUNNING at switch-out: preempted, still runnable, so waiting from now.
+                noise::start_wait(tid, cpu, now);
+            } else {
+                // Going to sleep: forget a wake-up seen while it was still running
+                // (ttwu of a running task fires sched_wakeup too).
+                let _ = WAITING.remove(&tid);
+            }
+        }
+        let next_tid = task::pid(next);
+        if next_tid != 0 {
+            noise::end_wait(next_tid, cpu, now, tid, run_ns);
+        }
     }
     0
 }

@@ -109,6 +109,8 @@ pub struct Daemon {
     /// (kind, cpu, tid) already logged: each violation is logged once.
     logged: HashSet<(&'static str, u32, u32)>,
     deltas: Deltas,
+    /// IRQ number -> its actions' names (from /proc/irq/N/), for labels.
+    irq_names: HashMap<u32, String>,
     _stats: Option<StatsGuard>,
     ticks: u64,
 }
@@ -156,6 +158,7 @@ impl Daemon {
             limiter,
             logged: HashSet::new(),
             deltas: Deltas::default(),
+            irq_names: HashMap::new(),
             _stats: stats,
             ticks: 0,
             config,
@@ -433,17 +436,24 @@ impl Daemon {
                     if let Err(e) = self.probe.remove_owner(*tid) {
                         log::warn!("removing owner {tid}: {e}");
                     }
+                    let _ = self.probe.remove_watched(*tid);
+                    let _ = m
+                        .vcpu_wait_seconds_total
+                        .remove_label_values(&[&old.vm, &old.vcpu.to_string()]);
                 }
             }
         }
         for (tid, a) in &next {
-            if self.assignments.get(tid) != Some(a)
-                && let Err(e) = self.probe.set_owner(*tid, a.cpu)
-            {
-                log::error!(
-                    "registering vCPU thread {tid} as owner of CPU {}: {e}",
-                    a.cpu
-                );
+            if self.assignments.get(tid) != Some(a) {
+                if let Err(e) = self.probe.set_owner(*tid, a.cpu) {
+                    log::error!(
+                        "registering vCPU thread {tid} as owner of CPU {}: {e}",
+                        a.cpu
+                    );
+                }
+                if let Err(e) = self.probe.set_watched(*tid, pin_common::watch::VCPU) {
+                    log::warn!("measuring the waits of vCPU thread {tid}: {e}");
+                }
             }
             m.vcpu_info
                 .with_label_values(&[&a.vm, &a.vcpu.to_string(), &a.cpu.to_string()])
@@ -881,6 +891,7 @@ impl Daemon {
                 m.intrusions.with_label_values(&[&c, source]).inc_by(n);
             }
         }
+        self.update_noise_metrics()?;
         let counters = self.probe.counters()?;
         m.events_lost.inc_by(
             self.deltas
@@ -902,6 +913,60 @@ impl Daemon {
                     .delta(format!("bpf_runs/{}", p.name), p.run_count),
             );
         }
+        Ok(())
+    }
+
+    fn update_noise_metrics(&mut self) -> Result<(), ProbeError> {
+        let m = self.metrics.clone();
+        for (key, stat) in self.probe.irq_stats()? {
+            let name = self
+                .irq_names
+                .entry(key.irq)
+                .or_insert_with(|| irq_name(key.irq))
+                .clone();
+            let (cpu, irq) = (key.cpu.to_string(), key.irq.to_string());
+            let labels = [cpu.as_str(), irq.as_str(), name.as_str()];
+            let d = self.deltas.delta(format!("irq_ns/{cpu}/{irq}"), stat.ns);
+            m.irq_seconds
+                .with_label_values(&labels)
+                .inc_by(d as f64 / 1e9);
+            m.irqs
+                .with_label_values(&labels)
+                .inc_by(self.deltas.delta(format!("irq_n/{cpu}/{irq}"), stat.count));
+        }
+        for (cpu, s) in self.probe.softirq_stats()? {
+            let c = cpu.to_string();
+            for (i, stat) in s.vec.iter().take(pin_common::NR_SOFTIRQS).enumerate() {
+                let vector = pin_common::SOFTIRQ_NAMES[i];
+                let d = self.deltas.delta(format!("sirq_ns/{c}/{vector}"), stat.ns);
+                m.softirq_seconds
+                    .with_label_values(&[&c, vector])
+                    .inc_by(d as f64 / 1e9);
+                m.softirqs.with_label_values(&[&c, vector]).inc_by(
+                    self.deltas
+                        .delta(format!("sirq_n/{c}/{vector}"), stat.count),
+                );
+            }
+        }
+        for (cpu, (count, _ns)) in self.probe.nmi_stats()? {
+            let c = cpu.to_string();
+            m.nmis
+                .with_label_values(&[&c])
+                .inc_by(self.deltas.delta(format!("nmi/{c}"), count));
+        }
+        let hists = self.probe.wait_hists()?;
+        let mut series = Vec::new();
+        for (tid, a) in &self.assignments {
+            let Some(h) = hists.get(tid) else { continue };
+            let vcpu = a.vcpu.to_string();
+            let d = self.deltas.delta(format!("wait/{tid}"), h.total_ns);
+            m.vcpu_wait_seconds_total
+                .with_label_values(&[&a.vm, &vcpu])
+                .inc_by(d as f64 / 1e9);
+            series.push((a.vm.clone(), vcpu, *h));
+        }
+        *m.extra_text.lock().unwrap_or_else(|e| e.into_inner()) =
+            crate::metrics::render_wait_histogram(&series);
         Ok(())
     }
 
@@ -947,6 +1012,21 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The names of an IRQ's actions (the subdirectories of /proc/irq/N), e.g.
+/// "virtio0-requests"; "" if it has none or is gone.
+pub fn irq_name(irq: u32) -> String {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/irq/{irq}")) else {
+        return String::new();
+    };
+    let mut names: Vec<String> = rd
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.join(",")
 }
 
 fn mode_name(m: Mode) -> &'static str {

@@ -47,6 +47,15 @@ pub struct Metrics {
     pub discovery_errors: IntCounter,
     pub config_reloads: IntCounterVec,
     pub scrapes: IntCounter,
+    pub irq_seconds: CounterVec,
+    pub irqs: IntCounterVec,
+    pub softirq_seconds: CounterVec,
+    pub softirqs: IntCounterVec,
+    pub nmis: IntCounterVec,
+    pub vcpu_wait_seconds_total: CounterVec,
+    /// Pre-rendered text of metrics the registry cannot express (histograms
+    /// whose buckets the kernel aggregates), appended to every scrape.
+    pub extra_text: Arc<std::sync::Mutex<String>>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -189,6 +198,46 @@ impl Metrics {
                 "pinguard_scrapes_total",
                 "Requests served on /metrics"
             ))),
+            irq_seconds: reg!(CounterVec::new(
+                opts(
+                    "pinguard_irq_seconds_total",
+                    "Time in hardware IRQ handlers on guarded CPUs (only IRQs seen there)"
+                ),
+                &["cpu", "irq", "name"]
+            )),
+            irqs: reg!(IntCounterVec::new(
+                opts(
+                    "pinguard_irqs_total",
+                    "Hardware IRQs handled on guarded CPUs"
+                ),
+                &["cpu", "irq", "name"]
+            )),
+            softirq_seconds: reg!(CounterVec::new(
+                opts(
+                    "pinguard_softirq_seconds_total",
+                    "Time in softirqs on guarded CPUs, by vector"
+                ),
+                &["cpu", "vector"]
+            )),
+            softirqs: reg!(IntCounterVec::new(
+                opts(
+                    "pinguard_softirqs_total",
+                    "Softirqs run on guarded CPUs, by vector"
+                ),
+                &["cpu", "vector"]
+            )),
+            nmis: reg!(IntCounterVec::new(
+                opts("pinguard_nmis_total", "NMIs on guarded CPUs"),
+                &["cpu"]
+            )),
+            vcpu_wait_seconds_total: reg!(CounterVec::new(
+                opts(
+                    "pinguard_vcpu_wait_seconds_total",
+                    "Time vCPU threads were runnable but not running (host-side CPU ready / steal)"
+                ),
+                &["vm", "vcpu"]
+            )),
+            extra_text: Arc::new(std::sync::Mutex::new(String::new())),
             registry,
         };
         m.build_info
@@ -199,9 +248,11 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         self.scrapes.inc();
-        TextEncoder::new()
+        let mut text = TextEncoder::new()
             .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| format!("# encoding error: {e}\n"))
+            .unwrap_or_else(|e| format!("# encoding error: {e}\n"));
+        text.push_str(&self.extra_text.lock().unwrap_or_else(|e| e.into_inner()));
+        text
     }
 }
 
@@ -209,6 +260,42 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Renders kernel log2 wait histograms as one Prometheus histogram family.
+/// Bucket `i` of the kernel holds waits in [2^i, 2^(i+1)) ns; buckets below
+/// 1 µs are folded into the first bound.
+pub fn render_wait_histogram(series: &[(String, String, pin_common::WaitHist)]) -> String {
+    use std::fmt::Write as _;
+    const NAME: &str = "pinguard_vcpu_wait_seconds";
+    const FIRST: usize = 9;
+    let mut out = String::new();
+    if series.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {NAME} How long vCPU threads waited from wake-up (or preemption) to running"
+    );
+    let _ = writeln!(out, "# TYPE {NAME} histogram");
+    for (vm, vcpu, h) in series {
+        let labels = format!(
+            "vm=\"{}\",vcpu=\"{vcpu}\"",
+            vm.replace('\\', "\\\\").replace('"', "\\\"")
+        );
+        let mut cumulative = 0u64;
+        for (i, n) in h.buckets.iter().enumerate() {
+            cumulative += n;
+            if i >= FIRST && i + 1 < pin_common::WAIT_BUCKETS {
+                let le = (1u64 << (i + 1)) as f64 / 1e9;
+                let _ = writeln!(out, "{NAME}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            }
+        }
+        let _ = writeln!(out, "{NAME}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{NAME}_sum{{{labels}}} {}", h.total_ns as f64 / 1e9);
+        let _ = writeln!(out, "{NAME}_count{{{labels}}} {}", h.count);
+    }
+    out
 }
 
 /// Turns cumulative totals (as the kernel keeps them) into counter increments.
@@ -331,6 +418,38 @@ mod tests {
             text.contains("pinguard_cpu_run_seconds_total{class=\"vcpu\",cpu=\"1\"} 0.5"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn wait_histogram_is_cumulative_prometheus_text() {
+        let mut h = pin_common::WaitHist::default();
+        h.buckets[3] = 2; // < 1 µs: folded into the first bound
+        h.buckets[12] = 5; // [4.096 µs, 8.192 µs)
+        h.buckets[20] = 1; // [~1 ms, ~2 ms)
+        h.count = 8;
+        h.total_ns = 2_000_000;
+        let text = render_wait_histogram(&[("web".into(), "0".into(), h)]);
+        assert!(
+            text.contains("# TYPE pinguard_vcpu_wait_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "pinguard_vcpu_wait_seconds_bucket{vm=\"web\",vcpu=\"0\",le=\"0.000001024\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("le=\"0.000008192\"} 7"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 8"), "{text}");
+        assert!(
+            text.contains("pinguard_vcpu_wait_seconds_sum{vm=\"web\",vcpu=\"0\"} 0.002"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pinguard_vcpu_wait_seconds_count{vm=\"web\",vcpu=\"0\"} 8"),
+            "{text}"
+        );
+        assert!(render_wait_histogram(&[]).is_empty());
     }
 
     #[test]

@@ -11,8 +11,8 @@ use aya::{
     programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint},
 };
 use pin_common::{
-    ANY_CPU, Allowed, CpuStats, Event, Owner, TASK_COMM_LEN, ThreadKey, ThreadStats, counter,
-    global, map, program,
+    ANY_CPU, Allowed, CpuStats, Event, IrqKey, NoiseStat, NoiseState, Owner, SoftirqStats,
+    TASK_COMM_LEN, ThreadKey, ThreadStats, WaitHist, Waiting, counter, global, map, program,
 };
 use thiserror::Error;
 
@@ -102,6 +102,8 @@ pub struct ProbeConfig {
     pub affinity: bool,
     /// Attach exec/exit hooks (QEMU starting, guests and vCPU threads exiting).
     pub lifecycle: bool,
+    /// Attach IRQ/softirq/NMI timing and wake-up tracking of watched threads.
+    pub noise: bool,
 }
 
 impl ProbeConfig {
@@ -113,6 +115,7 @@ impl ProbeConfig {
             migrations: true,
             affinity: true,
             lifecycle: false,
+            noise: true,
         }
     }
 }
@@ -223,6 +226,20 @@ impl Probe {
             if config.lifecycle {
                 p.extend([program::PROC_EXEC, program::PROC_EXIT]);
             }
+            if config.noise {
+                p.extend([
+                    program::IRQ_ENTRY,
+                    program::IRQ_EXIT,
+                    program::SOFTIRQ_ENTRY,
+                    program::SOFTIRQ_EXIT,
+                    program::WAKEUP,
+                    program::WAKEUP_NEW,
+                ]);
+                // NMIs are timed where the kernel has the tracepoint (x86).
+                if tracepoint_exists("nmi", "nmi_handler") {
+                    p.push(program::NMI);
+                }
+            }
             p
         } else {
             only.to_vec()
@@ -324,6 +341,74 @@ impl Probe {
             .map(|r| r.map(|(k, v)| (k, v.cpu)))
             .collect::<Result<_, _>>()
             .map_err(map_err(map::OWNERS))
+    }
+
+    /// Measures `tid`'s wake-up-to-run waits (`pin_common::watch::VCPU` or `PROBE`).
+    pub fn set_watched(&mut self, tid: u32, kind: u32) -> Result<(), ProbeError> {
+        self.hash::<u32, u32>(map::WATCHED)?
+            .insert(tid, kind, 0)
+            .map_err(map_err(map::WATCHED))
+    }
+
+    pub fn remove_watched(&mut self, tid: u32) -> Result<(), ProbeError> {
+        ignore_missing(self.hash::<u32, u32>(map::WATCHED)?.remove(&tid))
+            .map_err(map_err(map::WATCHED))?;
+        ignore_missing(self.hash::<u32, WaitHist>(map::WAIT_HIST)?.remove(&tid))
+            .map_err(map_err(map::WAIT_HIST))?;
+        ignore_missing(self.hash::<u32, Waiting>(map::WAITING)?.remove(&tid))
+            .map_err(map_err(map::WAITING))
+    }
+
+    /// Wait-time histograms of watched threads: tid -> histogram.
+    pub fn wait_hists(&self) -> Result<BTreeMap<u32, WaitHist>, ProbeError> {
+        Ok(self
+            .hash_ro::<u32, WaitHist>(map::WAIT_HIST)?
+            .iter()
+            .filter_map(Result::ok)
+            .collect())
+    }
+
+    /// Hardware IRQs handled on guarded CPUs.
+    pub fn irq_stats(&self) -> Result<BTreeMap<IrqKey, NoiseStat>, ProbeError> {
+        Ok(self
+            .hash_ro::<IrqKey, NoiseStat>(map::IRQ_STATS)?
+            .iter()
+            .filter_map(Result::ok)
+            .collect())
+    }
+
+    /// Softirqs on each guarded CPU, per vector.
+    pub fn softirq_stats(&self) -> Result<BTreeMap<u32, SoftirqStats>, ProbeError> {
+        let m = self
+            .ebpf
+            .map(map::SOFTIRQ_STATS)
+            .ok_or(ProbeError::MissingMap(map::SOFTIRQ_STATS))?;
+        let arr: PerCpuArray<_, SoftirqStats> =
+            PerCpuArray::try_from(m).map_err(map_err(map::SOFTIRQ_STATS))?;
+        let values = arr.get(&0, 0).map_err(map_err(map::SOFTIRQ_STATS))?;
+        Ok(self
+            .guarded
+            .iter()
+            .filter_map(|cpu| values.get(cpu as usize).map(|v| (cpu, *v)))
+            .collect())
+    }
+
+    /// NMIs on each guarded CPU: (count, ns).
+    pub fn nmi_stats(&self) -> Result<BTreeMap<u32, (u64, u64)>, ProbeError> {
+        let m = self
+            .ebpf
+            .map(map::NOISE)
+            .ok_or(ProbeError::MissingMap(map::NOISE))?;
+        let arr: Array<_, NoiseState> = Array::try_from(m).map_err(map_err(map::NOISE))?;
+        Ok(self
+            .guarded
+            .iter()
+            .filter_map(|cpu| {
+                arr.get(&cpu, 0)
+                    .ok()
+                    .map(|n| (cpu, (n.nmi_count, n.nmi_ns)))
+            })
+            .collect())
     }
 
     /// Registers a guest process so its exit is reported.
@@ -459,6 +544,13 @@ fn hook_of(name: &str) -> (HookKind, &'static str) {
         program::MIGRATE_TP_BTF => (HookKind::TpBtf, "sched_migrate_task"),
         program::PROC_EXEC => (HookKind::TpBtf, "sched_process_exec"),
         program::PROC_EXIT => (HookKind::TpBtf, "sched_process_exit"),
+        program::IRQ_ENTRY => (HookKind::TpBtf, "irq_handler_entry"),
+        program::IRQ_EXIT => (HookKind::TpBtf, "irq_handler_exit"),
+        program::SOFTIRQ_ENTRY => (HookKind::TpBtf, "softirq_entry"),
+        program::SOFTIRQ_EXIT => (HookKind::TpBtf, "softirq_exit"),
+        program::NMI => (HookKind::TpBtf, "nmi_handler"),
+        program::WAKEUP => (HookKind::TpBtf, "sched_wakeup"),
+        program::WAKEUP_NEW => (HookKind::TpBtf, "sched_wakeup_new"),
         program::SETAFFINITY_ENTER => (
             HookKind::Tracepoint("syscalls"),
             "sys_enter_sched_setaffinity",
@@ -480,10 +572,29 @@ pub const PROGRAMS: &[&str] = &[
     program::SETAFFINITY_EXIT,
     program::PROC_EXEC,
     program::PROC_EXIT,
+    program::IRQ_ENTRY,
+    program::IRQ_EXIT,
+    program::SOFTIRQ_ENTRY,
+    program::SOFTIRQ_EXIT,
+    program::NMI,
+    program::WAKEUP,
+    program::WAKEUP_NEW,
     program::EMPTY_TP_BTF,
     program::EMPTY_RAW_TP,
     program::EMPTY_TRACEPOINT,
 ];
+
+fn tracepoint_exists(category: &str, name: &str) -> bool {
+    [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ]
+    .iter()
+    .any(|root| Path::new(root).join(category).join(name).is_dir())
+        || std::fs::read_to_string("/proc/kallsyms")
+            .map(|s| s.contains(&format!(" __tracepoint_{name}\n")))
+            .unwrap_or(false)
+}
 
 fn has_cap_bpf() -> bool {
     // CapEff bit 39 is CAP_BPF.
@@ -596,6 +707,23 @@ pub struct DecodedEvent {
     pub target_tid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
+    /// EPISODE: what happened on the CPU while a watched probe thread waited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub episode: Option<Episode>,
+}
+
+/// A latency probe's wait from wake-up to running, and what overlapped it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Episode {
+    pub wake_ns: u64,
+    pub wait_ns: u64,
+    pub irq_ns: u64,
+    pub softirq_ns: u64,
+    pub nmis: u32,
+    /// The thread that ran on the CPU right before the probe, and its last slice.
+    pub prev_tid: u32,
+    pub prev_comm: String,
+    pub prev_run_ns: u64,
 }
 
 pub fn comm_str(comm: &[u8; TASK_COMM_LEN]) -> String {
@@ -632,6 +760,16 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedEvent, DecodeError> {
         target_tid: (e.kind == k::AFFINITY_CHANGE).then_some(e.target_tid),
         mask: (e.kind == k::AFFINITY_CHANGE)
             .then(|| CpuSet::from_cpus((0..64).filter(|b| e.mask & (1 << b) != 0)).to_string()),
+        episode: (e.kind == k::EPISODE).then(|| Episode {
+            wake_ns: e.start_ns,
+            wait_ns: e.run_ns,
+            irq_ns: e.total_ns,
+            softirq_ns: e.slices,
+            nmis: e.other_cpu,
+            prev_tid: e.target_tid,
+            prev_comm: comm_str(&e.comm),
+            prev_run_ns: e.mask,
+        }),
     })
 }
 

@@ -1,0 +1,256 @@
+//! Noise on guarded CPUs and the wait times of watched threads.
+//!
+//! IRQs, softirqs and NMIs are timed passively at their tracepoints (what the
+//! osnoise tracer measures, without a measuring thread occupying the CPU).
+//! Watched threads (vCPUs, latency probes) are timed from wake-up (or
+//! preemption) to running: the host-side "CPU ready" time.
+//! Tracepoints: include/trace/events/irq.h, sched.h, nmi.h
+//! (https://elixir.bootlin.com/linux/v6.18/source/include/trace/events/irq.h).
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use pin_common::{
+    Event, IrqKey, NoiseStat, SOFTIRQ_SLOTS, WAIT_BUCKETS, WaitHist, Waiting, event, watch,
+};
+
+use crate::{
+    maps::{IRQ_STATS, NOISE, SOFTIRQ_STATS, WAIT_HIST, WAITING, WATCHED, is_guarded, send},
+    task,
+};
+
+#[inline(always)]
+fn this_cpu() -> u32 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_smp_processor_id() }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn add(stat: &mut NoiseStat, ns: u64) {
+    stat.count += 1;
+    stat.ns += ns;
+    if ns > stat.max_ns {
+        stat.max_ns = ns;
+    }
+}
+
+/// `irq_handler_entry(int irq, struct irqaction *action)`
+#[btf_tracepoint(function = "irq_handler_entry")]
+pub fn irq_entry(_ctx: BtfTracePointContext) -> i32 {
+    let cpu = this_cpu();
+    if !is_guarded(cpu) {
+        return 0;
+    }
+    if let Some(n) = NOISE.get_ptr_mut(cpu) {
+        // SAFETY: slot of this CPU, written only here with IRQs off.
+        unsafe { (*n).irq_start = now() };
+    }
+    0
+}
+
+/// `irq_handler_exit(int irq, struct irqaction *action, int ret)`
+#[btf_tracepoint(function = "irq_handler_exit")]
+pub fn irq_exit(ctx: BtfTracePointContext) -> i32 {
+    let cpu = this_cpu();
+    if !is_guarded(cpu) {
+        return 0;
+    }
+    let irq: i32 = ctx.arg(0);
+    let Some(n) = NOISE.get_ptr_mut(cpu) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let n = unsafe { &mut *n };
+    if n.irq_start == 0 {
+        return 0;
+    }
+    let ns = now().saturating_sub(n.irq_start);
+    n.irq_start = 0;
+    n.irq_ns += ns;
+    let key = IrqKey {
+        cpu,
+        irq: irq as u32,
+    };
+    match IRQ_STATS.get_ptr_mut(&key) {
+        // SAFETY: entries for `cpu` are only written on that CPU.
+        Some(s) => add(unsafe { &mut *s }, ns),
+        None => {
+            let _ = IRQ_STATS.insert(
+                &key,
+                &NoiseStat {
+                    count: 1,
+                    ns,
+                    max_ns: ns,
+                },
+                0,
+            );
+        }
+    }
+    0
+}
+
+/// `softirq_entry(unsigned int vec_nr)`
+#[btf_tracepoint(function = "softirq_entry")]
+pub fn softirq_entry(_ctx: BtfTracePointContext) -> i32 {
+    let cpu = this_cpu();
+    if !is_guarded(cpu) {
+        return 0;
+    }
+    if let Some(n) = NOISE.get_ptr_mut(cpu) {
+        // SAFETY: slot of this CPU.
+        unsafe { (*n).softirq_start = now() };
+    }
+    0
+}
+
+/// `softirq_exit(unsigned int vec_nr)`
+#[btf_tracepoint(function = "softirq_exit")]
+pub fn softirq_exit(ctx: BtfTracePointContext) -> i32 {
+    let cpu = this_cpu();
+    if !is_guarded(cpu) {
+        return 0;
+    }
+    let vec: u32 = ctx.arg(0);
+    let Some(n) = NOISE.get_ptr_mut(cpu) else {
+        return 0;
+    };
+    // SAFETY: slot of this CPU.
+    let n = unsafe { &mut *n };
+    if n.softirq_start == 0 {
+        return 0;
+    }
+    let ns = now().saturating_sub(n.softirq_start);
+    n.softirq_start = 0;
+    n.softirq_ns += ns;
+    if let Some(s) = SOFTIRQ_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; the mask keeps the index inside the array.
+        add(
+            unsafe { &mut (*s).vec[vec as usize & (SOFTIRQ_SLOTS - 1)] },
+            ns,
+        );
+    }
+    0
+}
+
+/// `nmi_handler(void *handler, s64 delta_ns, int handled)`: the kernel times it.
+#[btf_tracepoint(function = "nmi_handler")]
+pub fn nmi(ctx: BtfTracePointContext) -> i32 {
+    let cpu = this_cpu();
+    if !is_guarded(cpu) {
+        return 0;
+    }
+    let delta: i64 = ctx.arg(1);
+    if let Some(n) = NOISE.get_ptr_mut(cpu) {
+        // SAFETY: slot of this CPU.
+        unsafe {
+            (*n).nmi_count += 1;
+            (*n).nmi_ns += delta.max(0) as u64;
+        }
+    }
+    0
+}
+
+/// Starts a wait of watched thread `tid` that will run on `cpu`.
+#[inline(always)]
+pub fn start_wait(tid: u32, cpu: u32, at: u64) {
+    let mut w = Waiting {
+        since_ns: at,
+        ..Default::default()
+    };
+    if let Some(n) = NOISE.get(cpu) {
+        w.irq_ns = n.irq_ns;
+        w.softirq_ns = n.softirq_ns;
+        w.nmi_count = n.nmi_count;
+    }
+    let _ = WAITING.insert(&tid, &w, 0);
+}
+
+#[inline(always)]
+fn on_wakeup(p: *const u8) {
+    let tid = task::pid(p);
+    if unsafe { WATCHED.get(&tid) }.is_none() {
+        return;
+    }
+    let cpu = task::cpu(p);
+    start_wait(tid, cpu, now());
+}
+
+/// `sched_wakeup(struct task_struct *p)`: only watched threads are looked at.
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn wakeup(ctx: BtfTracePointContext) -> i32 {
+    on_wakeup(ctx.arg(0));
+    0
+}
+
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn wakeup_new(ctx: BtfTracePointContext) -> i32 {
+    on_wakeup(ctx.arg(0));
+    0
+}
+
+#[inline(always)]
+fn bucket(ns: u64) -> usize {
+    let b = 63 - (ns | 1).leading_zeros() as usize;
+    if b >= WAIT_BUCKETS {
+        WAIT_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+/// Called from sched_switch on a guarded CPU when a watched thread runs:
+/// ends its wait, adds it to its histogram and, for probes, reports what
+/// happened on the CPU meanwhile.
+#[inline(always)]
+pub fn end_wait(tid: u32, cpu: u32, at: u64, prev_tid: u32, prev_run_ns: u64) {
+    let Some(kind) = (unsafe { WATCHED.get(&tid) }).copied() else {
+        return;
+    };
+    let Some(w) = (unsafe { WAITING.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = WAITING.remove(&tid);
+    let wait = at.saturating_sub(w.since_ns);
+    match WAIT_HIST.get_ptr_mut(&tid) {
+        Some(h) => {
+            // SAFETY: a watched thread runs on one CPU at a time; only its switch-in writes here.
+            let h = unsafe { &mut *h };
+            h.buckets[bucket(wait) & (WAIT_BUCKETS - 1)] += 1;
+            h.count += 1;
+            h.total_ns += wait;
+        }
+        None => {
+            let mut h = WaitHist::default();
+            h.buckets[bucket(wait) & (WAIT_BUCKETS - 1)] = 1;
+            h.count = 1;
+            h.total_ns = wait;
+            let _ = WAIT_HIST.insert(&tid, &h, 0);
+        }
+    }
+    if kind != watch::PROBE {
+        return;
+    }
+    let mut ev = Event::zeroed();
+    ev.kind = event::EPISODE;
+    ev.cpu = cpu;
+    ev.tid = tid;
+    ev.start_ns = w.since_ns;
+    ev.run_ns = wait;
+    if let Some(n) = NOISE.get(cpu) {
+        ev.total_ns = n.irq_ns.saturating_sub(w.irq_ns);
+        ev.slices = n.softirq_ns.saturating_sub(w.softirq_ns);
+        ev.other_cpu = n.nmi_count.saturating_sub(w.nmi_count) as u32;
+    }
+    ev.target_tid = prev_tid;
+    // `current` is still the previous thread at sched_switch.
+    ev.comm = bpf_get_current_comm().unwrap_or_default();
+    ev.mask = prev_run_ns;
+    send(&ev);
+}

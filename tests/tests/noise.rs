@@ -1,0 +1,248 @@
+//! IRQ/softirq noise and vCPU wait ("CPU ready") accounting on a real kernel.
+//! CPU 1 is guarded.
+use std::{
+    collections::BTreeMap,
+    net::UdpSocket,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    daemon::{Daemon, sum_metric},
+    guest::{Guest, GuestOptions},
+    require,
+    threads::{Worker, set_affinity, spin},
+    util::{missing_bpf, missing_kvm, wait_for},
+};
+
+/// Per-IRQ interrupt counts on CPU 1 from /proc/interrupts (the kernel's own tally).
+fn proc_interrupts_cpu1() -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/interrupts").unwrap();
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let mut parts = line.split_whitespace();
+        let Some(irq) = parts.next().and_then(|s| s.strip_suffix(':')) else {
+            continue;
+        };
+        if irq.parse::<u32>().is_err() {
+            continue;
+        }
+        let _cpu0 = parts.next();
+        if let Some(n) = parts.next().and_then(|n| n.parse().ok()) {
+            out.insert(irq.to_string(), n);
+        }
+    }
+    out
+}
+
+/// The daemons here export the kernel's counters every 100 ms.
+const CONFIG: &str = "verify_interval = \"100ms\"\n";
+const EXPORT_LAG: Duration = Duration::from_millis(250);
+
+/// The metric's value once everything up to now has been exported.
+fn current(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
+    std::thread::sleep(EXPORT_LAG);
+    d.metric(name, labels).unwrap_or(0.0)
+}
+
+fn irq_counts(d: &Daemon) -> BTreeMap<String, f64> {
+    let text = d.scrape();
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("pinguard_irqs_total{"))
+    {
+        let irq = line
+            .split("irq=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("");
+        if line.contains("cpu=\"1\"") {
+            let v: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            out.insert(irq.to_string(), v);
+        }
+    }
+    out
+}
+
+#[test]
+fn irqs_and_softirqs_on_the_guarded_cpu_are_counted_like_the_kernel_does() {
+    require!(missing_bpf());
+    let daemon = Daemon::start(CONFIG, &[]);
+    let net_rx = [("cpu", "1"), ("vector", "net_rx")];
+
+    // Quiet window: loopback traffic is what makes NET_RX softirqs, and there is none.
+    let quiet_start = current(&daemon, "pinguard_softirqs_total", &net_rx);
+    std::thread::sleep(Duration::from_secs(1));
+    let quiet = current(&daemon, "pinguard_softirqs_total", &net_rx) - quiet_start;
+
+    // Loopback UDP sent from CPU 1 raises NET_RX softirqs on CPU 1.
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = rx.local_addr().unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let sender = Worker::spawn_on("pg-udp", &[1]);
+    let drain = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut n = 0u64;
+        while rx.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    sender.run(move || {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..5000 {
+            let _ = tx.send_to(b"noise", addr);
+        }
+    });
+    let received = drain.join().unwrap();
+    let loaded = current(&daemon, "pinguard_softirqs_total", &net_rx) - quiet_start - quiet;
+    assert!(
+        received > 1000,
+        "the UDP load did not get through ({received} datagrams)"
+    );
+    assert!(
+        loaded >= 1000.0,
+        "expected >= 1000 NET_RX softirqs on CPU 1 under load, counted {loaded}"
+    );
+    assert!(
+        quiet < loaded / 20.0,
+        "an idle window counted {quiet} NET_RX softirqs vs {loaded} under load"
+    );
+    assert!(
+        daemon
+            .metric("pinguard_softirq_seconds_total", &net_rx)
+            .unwrap_or(0.0)
+            > 0.0
+    );
+
+    // Disk I/O: its completion IRQs are counted per IRQ, and agree with /proc/interrupts.
+    let before_metrics = irq_counts(&daemon);
+    let before_proc = proc_interrupts_cpu1();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = dir.path().join("io");
+    let w = Worker::spawn_on("pg-io", &[1]);
+    let f = file.clone();
+    w.run(move || {
+        let st = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={}", f.display()),
+                "bs=4k",
+                "count=3000",
+                "oflag=direct,sync",
+            ])
+            .output()
+            .expect("dd");
+        assert!(st.status.success(), "{st:?}");
+    });
+    let after_proc = proc_interrupts_cpu1();
+    // Compare the busiest IRQ on CPU 1 during the I/O.
+    let (irq, kernel_delta) = after_proc
+        .iter()
+        .map(|(irq, n)| (irq.clone(), n - before_proc.get(irq).copied().unwrap_or(0)))
+        .max_by_key(|(_, d)| *d)
+        .unwrap();
+    if kernel_delta < 100 {
+        // This host routes no device IRQ to CPU 1: the softirq part above still ran.
+        eprintln!(
+            "no device IRQ reached CPU 1 during the I/O (busiest: IRQ {irq} +{kernel_delta}); IRQ cross-check skipped"
+        );
+        return;
+    }
+    let delta = |m: &BTreeMap<String, f64>| {
+        m.get(&irq).copied().unwrap_or(0.0) - before_metrics.get(&irq).copied().unwrap_or(0.0)
+    };
+    // Lower bound: everything the kernel counted before the I/O ended gets exported...
+    wait_for(
+        &format!("IRQ {irq} (+{kernel_delta} in /proc/interrupts) to be counted"),
+        Duration::from_secs(10),
+        || (delta(&irq_counts(&daemon)) >= kernel_delta as f64 * 0.95).then_some(()),
+    );
+    // ...upper bound: pinguard cannot have counted more than the kernel by now.
+    let counted = delta(&irq_counts(&daemon));
+    let kernel_now = proc_interrupts_cpu1().get(&irq).copied().unwrap_or(0)
+        - before_proc.get(&irq).copied().unwrap_or(0);
+    assert!(
+        counted <= kernel_now as f64,
+        "IRQ {irq} on CPU 1: /proc/interrupts says +{kernel_now}, pinguard counted more: +{counted}"
+    );
+}
+
+#[test]
+fn vcpu_wait_grows_when_a_thread_competes_for_its_cpu() {
+    require!(missing_kvm());
+    // A running guest (no -S): its idle vCPU wakes on guest timer ticks.
+    let mut opts = GuestOptions::new("pg-wait");
+    opts.paused = false;
+    let guest = Guest::start(opts);
+    let vcpu = guest.vcpu_tids()[0];
+    set_affinity(vcpu, &[1]);
+    let daemon = Daemon::start(CONFIG, &[]);
+    let labels = [("vm", "pg-wait"), ("vcpu", "0")];
+    daemon.wait_metric(
+        "the vCPU's wait histogram",
+        "pinguard_vcpu_wait_seconds_count",
+        &labels,
+        |v| v > 0.0,
+    );
+
+    let window = Duration::from_secs(3);
+    let measure = |d: &Daemon| {
+        let sum = current(d, "pinguard_vcpu_wait_seconds_sum", &labels);
+        (
+            sum,
+            d.metric("pinguard_vcpu_wait_seconds_count", &labels)
+                .unwrap_or(0.0),
+        )
+    };
+    let (s0, c0) = measure(&daemon);
+    std::thread::sleep(window);
+    let (s1, c1) = measure(&daemon);
+    let clean = s1 - s0;
+
+    let hog = Worker::spawn_on("pg-hog", &[1]);
+    let (s2, _) = measure(&daemon);
+    let end = Instant::now() + window;
+    hog.run(move || {
+        // A real-time competitor: the vCPU cannot preempt it, so each of its
+        // wake-ups waits until the hog pauses.
+        let param = libc::sched_param { sched_priority: 10 };
+        // SAFETY: plain syscall on the calling thread.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setscheduler: {}",
+            std::io::Error::last_os_error()
+        );
+        while Instant::now() < end {
+            spin(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let (s3, c3) = measure(&daemon);
+    let contended = s3 - s2;
+    assert!(
+        c1 > c0 && c3 > c1,
+        "the vCPU did not wake up during the windows ({c0} -> {c1} -> {c3})"
+    );
+    assert!(
+        contended > clean * 5.0 && contended > 0.001,
+        "vCPU wait with a competing thread ({contended:.6}s) should be far above the clean CPU's ({clean:.6}s)"
+    );
+    let text = daemon.scrape();
+    let inf = sum_metric(
+        &text,
+        "pinguard_vcpu_wait_seconds_bucket",
+        &[("vm", "pg-wait"), ("le", "+Inf")],
+    )
+    .unwrap();
+    let count = sum_metric(&text, "pinguard_vcpu_wait_seconds_count", &labels).unwrap();
+    assert_eq!(inf, count, "the +Inf bucket must equal the count");
+}
