@@ -292,7 +292,7 @@ pub fn plan(
         .collect();
     if !shared_cpus.is_empty() {
         warnings.push(format!(
-            "CPU {shared_cpus} run more than one vCPU (--allow-shared): those vCPUs contend for them"
+            "CPUs {shared_cpus} each run more than one vCPU (--allow-shared): those vCPUs contend for them"
         ));
     }
 

@@ -356,7 +356,7 @@ fn render(r: &Report) -> String {
     }
     if !r.shared_cpus.is_empty() {
         s.push_str(&format!(
-            "CPU {} run more than one vCPU (--allow-shared).\n",
+            "CPUs {} each run more than one vCPU (--allow-shared).\n",
             r.shared_cpus
         ));
     }
