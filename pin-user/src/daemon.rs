@@ -109,6 +109,8 @@ pub struct Daemon {
     /// (kind, cpu, tid) already logged: each violation is logged once.
     logged: HashSet<(&'static str, u32, u32)>,
     deltas: Deltas,
+    /// CPUs the current plan makes vCPUs share.
+    shared: CpuSet,
     /// IRQ number -> its actions' names (from /proc/irq/N/), for labels.
     irq_names: HashMap<u32, String>,
     _stats: Option<StatsGuard>,
@@ -159,6 +161,7 @@ impl Daemon {
             logged: HashSet::new(),
             deltas: Deltas::default(),
             irq_names: HashMap::new(),
+            shared: CpuSet::new(),
             _stats: stats,
             ticks: 0,
             config,
@@ -255,6 +258,7 @@ impl Daemon {
 
     /// Full rescan of /proc (start-up, SIGHUP, and a periodic safety net).
     pub fn rescan(&mut self) {
+        self.metrics.discovery_scans.inc();
         match self.discoverer.scan() {
             Ok(d) => self.apply_discovery(d, None),
             Err(e) => {
@@ -394,8 +398,11 @@ impl Daemon {
             }
         }
         self.set_assignments(next);
-        // Two vCPUs on one CPU cannot both have it to themselves.
-        for cpu in plan.shared_cpus.iter() {
+        // Two vCPUs on one CPU cannot both have it to themselves. Reported when
+        // a CPU becomes shared, not again at every re-plan.
+        let newly_shared = plan.shared_cpus.difference(&self.shared);
+        self.shared = plan.shared_cpus.clone();
+        for cpu in newly_shared.iter() {
             let sharing: Vec<String> = self
                 .assignments
                 .iter()

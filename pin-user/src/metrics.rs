@@ -45,6 +45,7 @@ pub struct Metrics {
     pub bpf_runs: IntCounterVec,
     pub tasks_vanished: IntCounter,
     pub discovery_errors: IntCounter,
+    pub discovery_scans: IntCounter,
     pub config_reloads: IntCounterVec,
     pub scrapes: IntCounter,
     pub irq_seconds: CounterVec,
@@ -182,6 +183,10 @@ impl Metrics {
             tasks_vanished: reg!(IntCounter::with_opts(opts(
                 "pinguard_tasks_vanished_total",
                 "Threads or processes that exited while pinguard was acting on them (ESRCH)"
+            ))),
+            discovery_scans: reg!(IntCounter::with_opts(opts(
+                "pinguard_discovery_scans_total",
+                "Full scans of /proc for guests (start-up, reload, periodic, after a QEMU exec)"
             ))),
             discovery_errors: reg!(IntCounter::with_opts(opts(
                 "pinguard_discovery_errors_total",

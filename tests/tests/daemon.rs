@@ -312,3 +312,50 @@ fn survives_guest_kill_bad_reload_and_repeated_scrapes() {
     let err = daemon.stop();
     assert!(!err.iter().any(|l| l.contains("panicked")), "{err:?}");
 }
+
+#[test]
+fn shared_cpu_is_reported_once_not_at_every_rescan() {
+    require!(missing_kvm());
+    let daemon = Daemon::start("mode = \"observe\"\nrescan_interval = \"200ms\"\n", &[]);
+    let _a = Guest::start(GuestOptions::new("pg-share-a"));
+    let _b = Guest::start(GuestOptions::new("pg-share-b"));
+    // Two vCPUs, one guarded CPU: they must share it.
+    daemon.wait_metric(
+        "the shared CPU",
+        "pinguard_violations_total",
+        &[("cpu", "1"), ("kind", "shared_cpu")],
+        |v| v >= 1.0,
+    );
+    let count = daemon
+        .metric(
+            "pinguard_violations_total",
+            &[("cpu", "1"), ("kind", "shared_cpu")],
+        )
+        .unwrap();
+    let scans = daemon
+        .metric("pinguard_discovery_scans_total", &[])
+        .unwrap();
+    daemon.wait_metric(
+        "three more rescans",
+        "pinguard_discovery_scans_total",
+        &[],
+        |v| v >= scans + 3.0,
+    );
+    assert_eq!(
+        daemon.metric(
+            "pinguard_violations_total",
+            &[("cpu", "1"), ("kind", "shared_cpu")]
+        ),
+        Some(count),
+        "the same shared CPU was reported again by a rescan"
+    );
+    let v = violations(&daemon)
+        .into_iter()
+        .find(|v| v["kind"] == "shared_cpu")
+        .expect("listed in /violations");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("pg-share-a") && detail.contains("pg-share-b"),
+        "{detail}"
+    );
+}
