@@ -329,7 +329,8 @@ pub struct CpuReport {
     /// intruder that ran here. Violations first, then warnings.
     pub threads: Vec<ThreadRow>,
     pub violations: Vec<Violation>,
-    /// Window: time by class (idle, vcpu, kernel, allowed, intruder_user, intruder_kthread).
+    /// Window: time by class (idle, vcpu, kernel, allowed, intruder_user,
+    /// intruder_kthread) and [`UNATTRIBUTED`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time: Option<BTreeMap<&'static str, ClassTime>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -677,6 +678,9 @@ fn finish(
     }
 }
 
+/// Window time not yet attributed to a class when the window closed.
+pub const UNATTRIBUTED: &str = "unattributed";
+
 /// How many affinity changes a window report lists one by one.
 const MAX_AFFINITY_CHANGES: usize = 100;
 
@@ -885,12 +889,23 @@ pub fn window(
 
     for cpu in guard.guarded.iter() {
         let stats = obs.maps.cpu_stats.get(&cpu).copied().unwrap_or_default();
-        let time: BTreeMap<&'static str, ClassTime> = (0..class::COUNT as u32)
+        let mut time: BTreeMap<&'static str, ClassTime> = (0..class::COUNT as u32)
             .map(|c| {
                 let ns = stats.run_ns[c as usize];
                 (class::name(c), ClassTime { ns, pct: pct(ns) })
             })
             .collect();
+        // A slice is accounted when it ends: one still running when the
+        // window closed (a CPU hog that never switched out) is in no class yet.
+        let accounted: u64 = stats.run_ns.iter().sum();
+        let rest = window_ns.saturating_sub(accounted);
+        time.insert(
+            UNATTRIBUTED,
+            ClassTime {
+                ns: rest,
+                pct: pct(rest),
+            },
+        );
         let mut rows = Vec::new();
         let mut violations = Vec::new();
         for (k, t) in obs.maps.threads.iter().filter(|(k, _)| k.cpu == cpu) {
@@ -1195,15 +1210,23 @@ pub fn render(r: &Report) -> String {
                         "intruder_user",
                         "intruder_kthread",
                         "idle",
+                        UNATTRIBUTED,
                     ];
                     let parts: Vec<String> = order
                         .iter()
                         .filter_map(|k| {
                             time.get(k)
+                                .filter(|t| *k != UNATTRIBUTED || t.ns > 0)
                                 .map(|t| format!("{k} {} ({:.1}%)", fmt_ns(t.ns), t.pct))
                         })
                         .collect();
                     let _ = writeln!(s, "  time: {}", parts.join(", "));
+                    if time.get(UNATTRIBUTED).is_some_and(|t| t.pct >= 1.0) {
+                        s.push_str(
+                            "  (unattributed: a thread was still running when the window ended; \
+                             its slice is counted when it switches out)\n",
+                        );
+                    }
                 }
                 if c.threads.is_empty() {
                     s.push_str("  no intruders\n");
@@ -1732,6 +1755,8 @@ mod tests {
         assert_eq!(t["idle"].ns, 1_000_000_000);
         assert_eq!(t["idle"].pct, 50.0);
         assert_eq!(t["vcpu"].pct, 25.0);
+        // 2 s minus what was accounted: a slice still running at the end.
+        assert_eq!(t[UNATTRIBUTED].ns, 2_000_000_000 - 1_502_300_000);
         let short = cpu2.threads.iter().find(|t| t.tid == 601).unwrap();
         assert_eq!(
             (short.run_ns, short.slices, short.comm.as_str()),

@@ -120,14 +120,15 @@ fn observe(
     let mut config = ProbeConfig::new(guard.guarded.clone());
     // Who changed a vCPU's affinity is a bonus; without tracefs audit still works.
     config.affinity = probe::tracefs_mounted();
-    if !config.affinity {
-        log::warn!(
-            "tracefs is not mounted at /sys/kernel/tracing: changes of vCPU affinity will not be attributed"
-        );
-    }
     runtime()?.block_on(async {
         let mut probe =
             Probe::load(&config).context("cannot load the eBPF observer needed for --window")?;
+        // Only now: without privileges tracefs looks absent too, and that is not the news.
+        if !config.affinity {
+            log::warn!(
+                "tracefs is not mounted at /sys/kernel/tracing: changes of vCPU affinity will not be attributed"
+            );
+        }
         for o in own.vcpus() {
             probe.set_owner(o.tid, o.cpu)?;
         }
