@@ -150,6 +150,7 @@ pub struct AuditArgs {
     /// Observe with the eBPF observer for this long (e.g. 5s, 500ms) instead of a snapshot.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub window: Option<Duration>,
+    /// Print the report as one JSON document.
     #[arg(long)]
     pub json: bool,
 }
