@@ -16,9 +16,10 @@ pub const MAX_CPUS: u32 = 1024;
 /// overflow is counted in [`counter::THREAD_MAP_FULL`].
 pub const MAX_THREADS: u32 = 16384;
 
-/// Capacity of the owner (vCPU) and allowlist maps.
+/// Capacity of the `TASKS` map (owner vCPUs, allowlisted and watched threads).
+pub const MAX_TASKS: u32 = 16384;
+/// Capacity of the guest and waiting-thread maps.
 pub const MAX_OWNERS: u32 = 4096;
-pub const MAX_ALLOWED: u32 = 16384;
 
 /// Size of the event ring buffer in bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -26,8 +27,7 @@ pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// Names of the maps defined by pin-ebpf.
 pub mod map {
     pub const GUARDED: &str = "GUARDED";
-    pub const OWNERS: &str = "OWNERS";
-    pub const ALLOWED: &str = "ALLOWED";
+    pub const TASKS: &str = "TASKS";
     pub const CPU_STATS: &str = "CPU_STATS";
     pub const THREADS: &str = "THREADS";
     pub const COUNTERS: &str = "COUNTERS";
@@ -37,7 +37,6 @@ pub mod map {
     pub const IRQ_STATS: &str = "IRQ_STATS";
     pub const SOFTIRQ_STATS: &str = "SOFTIRQ_STATS";
     pub const NOISE: &str = "NOISE";
-    pub const WATCHED: &str = "WATCHED";
     pub const WAITING: &str = "WAITING";
     pub const WAIT_HIST: &str = "WAIT_HIST";
 }
@@ -317,25 +316,60 @@ pub struct CpuStats {
     pub slices: [u64; class::COUNT],
 }
 
-/// Value of the `OWNERS` map (key: tid).
+/// Value of the `TASKS` map (key: tid): everything the programs need to know
+/// about a thread userspace told them about, so one hash lookup classifies it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Owner {
-    /// The guarded CPU this vCPU thread is assigned to.
-    pub cpu: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// The guarded CPU this vCPU thread owns, or [`NO_CPU`].
+    pub owner_cpu: u32,
+    /// The CPU this user thread is allowed on, [`ANY_CPU`], or [`NO_CPU`].
+    pub allowed_cpu: u32,
+    /// 0, or a [`watch`] kind: its wake-up-to-run waits are measured.
+    pub watch: u32,
     pub _pad: u32,
 }
 
-/// Value of the `ALLOWED` map (key: tid).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Allowed {
-    /// The CPU the thread is allowed on, or [`ANY_CPU`].
-    pub cpu: u32,
-    pub _pad: u32,
+impl TaskInfo {
+    pub const EMPTY: Self = Self {
+        owner_cpu: NO_CPU,
+        allowed_cpu: NO_CPU,
+        watch: 0,
+        _pad: 0,
+    };
+
+    pub const fn is_owner(&self) -> bool {
+        self.owner_cpu != NO_CPU
+    }
+
+    pub const fn is_empty(&self) -> bool {
+        self.owner_cpu == NO_CPU && self.allowed_cpu == NO_CPU && self.watch == 0
+    }
+
+    pub const fn allowed_on(&self, cpu: u32) -> bool {
+        self.allowed_cpu == ANY_CPU || (self.allowed_cpu != NO_CPU && self.allowed_cpu == cpu)
+    }
 }
 
+impl Default for TaskInfo {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+/// Any CPU (in [`TaskInfo::allowed_cpu`]).
 pub const ANY_CPU: u32 = u32::MAX;
+/// No CPU: the field does not apply.
+pub const NO_CPU: u32 = u32::MAX - 1;
+
+/// Bits of a `GUARDED` entry.
+pub mod guard {
+    /// The CPU is guarded.
+    pub const GUARDED: u32 = 1;
+    /// Some thread is watched: measure waits on this CPU (costs a lookup per
+    /// switch, so it is off when nobody asked for it).
+    pub const TRACK_WAITS: u32 = 2;
+}
 
 /// Stashed arguments of an in-flight sched_setaffinity call (key: caller tid).
 #[repr(C)]
@@ -405,8 +439,7 @@ mod pod {
     unsafe impl aya::Pod for super::ThreadKey {}
     unsafe impl aya::Pod for super::ThreadStats {}
     unsafe impl aya::Pod for super::CpuStats {}
-    unsafe impl aya::Pod for super::Owner {}
-    unsafe impl aya::Pod for super::Allowed {}
+    unsafe impl aya::Pod for super::TaskInfo {}
     unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::PendingAffinity {}

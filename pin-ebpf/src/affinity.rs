@@ -15,7 +15,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use pin_common::{Event, PendingAffinity, event};
 
-use crate::maps::{OWNERS, PENDING_AFFINITY, SELF_TGID, send};
+use crate::maps::{PENDING_AFFINITY, SELF_TGID, send, task_info};
 
 const ARG0: usize = 16;
 
@@ -35,7 +35,7 @@ pub fn setaffinity_enter(ctx: TracePointContext) -> i32 {
         )
     };
     let target = if pid == 0 { caller } else { pid as u32 };
-    if unsafe { OWNERS.get(&target) }.is_none() {
+    if !task_info(target).is_owner() {
         return 0;
     }
     let mask = if len >= 8 {
@@ -66,12 +66,13 @@ pub fn setaffinity_exit(ctx: TracePointContext) -> i32 {
     if ret != 0 {
         return 0;
     }
-    let Some(owner) = (unsafe { OWNERS.get(&pending.target_tid) }).copied() else {
+    let owner = task_info(pending.target_tid);
+    if !owner.is_owner() {
         return 0;
-    };
+    }
     let mut ev = Event::zeroed();
     ev.kind = event::AFFINITY_CHANGE;
-    ev.cpu = owner.cpu;
+    ev.cpu = owner.owner_cpu;
     ev.tid = caller;
     ev.tgid = (pid_tgid >> 32) as u32;
     ev.comm = bpf_get_current_comm().unwrap_or_default();

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use pin_common::{Event, event};
 
-use crate::maps::{GUESTS, OWNERS, send};
+use crate::maps::{GUESTS, send, task_info};
 
 /// `trace_sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
 /// called after the new image is set up, so `comm` is already the new name.
@@ -30,7 +30,7 @@ pub fn proc_exit(_ctx: BtfTracePointContext) -> i32 {
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
     // Separate branches: LLVM would otherwise OR the two map pointers, which the verifier rejects.
-    if unsafe { OWNERS.get(&tid) }.is_some() {
+    if task_info(tid).is_owner() {
         emit(event::EXIT, bpf_get_current_comm().unwrap_or_default());
         return 0;
     }

@@ -5,22 +5,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use pin_common::{
-    Allowed, CpuStats, EVENTS_BYTES, Event, IrqKey, MAX_ALLOWED, MAX_CPUS, MAX_OWNERS, MAX_THREADS,
-    NoiseStat, NoiseState, Owner, PendingAffinity, SoftirqStats, TaskOffsets, ThreadKey,
-    ThreadStats, WaitHist, Waiting, counter,
+    CpuStats, EVENTS_BYTES, Event, IrqKey, MAX_CPUS, MAX_OWNERS, MAX_TASKS, MAX_THREADS, NoiseStat,
+    NoiseState, PendingAffinity, SoftirqStats, TaskInfo, TaskOffsets, ThreadKey, ThreadStats,
+    WaitHist, Waiting, counter, guard,
 };
 
-/// 1 at index `cpu` when that CPU is guarded. Userspace may change it at run time.
+/// `guard::*` bits at index `cpu` (0: not guarded). Userspace may change it at run time.
 #[map]
 pub static GUARDED: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
 
-/// vCPU thread id -> the guarded CPU it owns.
+/// Threads userspace told us about: owner vCPUs, allowlisted and watched threads.
 #[map]
-pub static OWNERS: HashMap<u32, Owner> = HashMap::with_max_entries(MAX_OWNERS, 0);
-
-/// User thread id -> CPU it may run on without being an intruder (allowlist).
-#[map]
-pub static ALLOWED: HashMap<u32, Allowed> = HashMap::with_max_entries(MAX_ALLOWED, 0);
+pub static TASKS: HashMap<u32, TaskInfo> = HashMap::with_max_entries(MAX_TASKS, 0);
 
 /// Per-CPU class totals and the time of the last switch.
 #[map]
@@ -54,10 +50,6 @@ pub static SOFTIRQ_STATS: PerCpuArray<SoftirqStats> = PerCpuArray::with_max_entr
 /// wake-up on one CPU can snapshot another CPU's totals).
 #[map]
 pub static NOISE: Array<NoiseState> = Array::with_max_entries(MAX_CPUS, 0);
-
-/// Threads whose wake-up-to-run latency is measured (vCPUs, latency probes).
-#[map]
-pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_OWNERS, 0);
 
 /// Watched threads currently runnable but not running, since when.
 #[map]
@@ -96,9 +88,26 @@ pub fn bump(index: u32) {
     }
 }
 
+/// The `guard::*` bits of `cpu` (0 when not guarded).
+#[inline(always)]
+pub fn guard_bits(cpu: u32) -> u32 {
+    GUARDED.get(cpu).copied().unwrap_or(0)
+}
+
 #[inline(always)]
 pub fn is_guarded(cpu: u32) -> bool {
-    matches!(GUARDED.get(cpu), Some(&g) if g != 0)
+    guard_bits(cpu) & guard::GUARDED != 0
+}
+
+/// The thread's entry, or `TaskInfo::EMPTY`. Returned by value and always
+/// fully initialized: an `Option` here lets LLVM spill uninitialized bytes,
+/// which the verifier rejects.
+#[inline(always)]
+pub fn task_info(tid: u32) -> TaskInfo {
+    match unsafe { TASKS.get(&tid) } {
+        Some(t) => *t,
+        None => TaskInfo::EMPTY,
+    }
 }
 
 /// Sends an event, counting it as lost when the ring buffer is full.

@@ -7,10 +7,10 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use pin_common::{ANY_CPU, Event, event};
+use pin_common::{Event, event};
 
 use crate::{
-    maps::{ALLOWED, OWNERS, SELF_TGID, is_guarded, send},
+    maps::{SELF_TGID, is_guarded, send, task_info},
     task::{self, Kthread},
 };
 
@@ -32,13 +32,15 @@ fn on_migrate(p: *const u8, dest: u32) {
     let tid = task::pid(p);
     let orig = task::cpu(p);
     let mut ev = Event::zeroed();
-    if let Some(owner) = unsafe { OWNERS.get(&tid) } {
+    let info = task_info(tid);
+    if info.is_owner() {
+        let owner = info;
         // Report an owner leaving home, not every later move elsewhere.
-        if orig != owner.cpu || dest == owner.cpu {
+        if orig != owner.owner_cpu || dest == owner.owner_cpu {
             return;
         }
         ev.kind = event::OWNER_AWAY;
-        ev.cpu = owner.cpu;
+        ev.cpu = owner.owner_cpu;
         ev.other_cpu = dest;
     } else {
         if !is_guarded(dest) {
@@ -48,10 +50,8 @@ fn on_migrate(p: *const u8, dest: u32) {
         if tgid == SELF_TGID.load() || task::kthread(p) == Kthread::PerCpu {
             return;
         }
-        if let Some(a) = unsafe { ALLOWED.get(&tid) } {
-            if a.cpu == ANY_CPU || a.cpu == dest {
-                return;
-            }
+        if info.allowed_on(dest) {
+            return;
         }
         ev.kind = event::MIGRATE_IN;
         ev.cpu = dest;

@@ -12,11 +12,14 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use pin_common::{
-    Event, IrqKey, NoiseStat, SOFTIRQ_SLOTS, WAIT_BUCKETS, WaitHist, Waiting, event, watch,
+    Event, IrqKey, NoiseStat, SOFTIRQ_SLOTS, WAIT_BUCKETS, WaitHist, Waiting, event, guard, watch,
 };
 
 use crate::{
-    maps::{IRQ_STATS, NOISE, SOFTIRQ_STATS, WAIT_HIST, WAITING, WATCHED, is_guarded, send},
+    maps::{
+        IRQ_STATS, NOISE, SOFTIRQ_STATS, WAIT_HIST, WAITING, guard_bits, is_guarded, send,
+        task_info,
+    },
     task,
 };
 
@@ -174,11 +177,15 @@ pub fn start_wait(tid: u32, cpu: u32, at: u64) {
 
 #[inline(always)]
 fn on_wakeup(p: *const u8) {
-    let tid = task::pid(p);
-    if unsafe { WATCHED.get(&tid) }.is_none() {
+    // Only CPUs where someone is watched (a cheap array read before any task read).
+    let cpu = task::cpu(p);
+    if guard_bits(cpu) & guard::TRACK_WAITS == 0 {
         return;
     }
-    let cpu = task::cpu(p);
+    let tid = task::pid(p);
+    if task_info(tid).watch == 0 {
+        return;
+    }
     start_wait(tid, cpu, now());
 }
 
@@ -210,9 +217,10 @@ fn bucket(ns: u64) -> usize {
 /// happened on the CPU meanwhile.
 #[inline(always)]
 pub fn end_wait(tid: u32, cpu: u32, at: u64, prev_tid: u32, prev_run_ns: u64) {
-    let Some(kind) = (unsafe { WATCHED.get(&tid) }).copied() else {
+    let kind = task_info(tid).watch;
+    if kind == 0 {
         return;
-    };
+    }
     let Some(w) = (unsafe { WAITING.get(&tid) }).copied() else {
         return;
     };

@@ -14,12 +14,12 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use pin_common::{ANY_CPU, Event, ThreadKey, ThreadStats, class, counter, event};
+use pin_common::{Event, TaskInfo, ThreadKey, ThreadStats, class, counter, event, guard};
 
 use crate::{
     maps::{
-        ALLOWED, CPU_STATS, EVENT_INTERVAL_NS, OWNERS, SELF_TGID, THREADS, WAITING, WATCHED, bump,
-        is_guarded, send,
+        CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, WAITING, bump, guard_bits, send,
+        task_info,
     },
     noise,
     task::{self, Kthread},
@@ -56,8 +56,10 @@ pub fn switch_tracepoint(ctx: TracePointContext) -> i32 {
 fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
     // SAFETY: helper calls without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    // The cheap test first: most switches happen on housekeeping CPUs.
-    if !is_guarded(cpu) {
+    // The cheap test first (an inlined array read): most switches happen on
+    // housekeeping CPUs.
+    let bits = guard_bits(cpu);
+    if bits & guard::GUARDED == 0 {
         return 0;
     }
     let Some(stats) = CPU_STATS.get_ptr_mut(0) else {
@@ -88,7 +90,13 @@ fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
     } else {
         now - start
     };
-    let class = classify(cpu, tid, tgid, prev);
+    // One lookup tells whether prev is an owner, allowlisted or watched.
+    let info = if tid == 0 {
+        TaskInfo::EMPTY
+    } else {
+        task_info(tid)
+    };
+    let class = classify(cpu, tid, tgid, prev, info);
     let c = class as usize;
     if c < class::COUNT {
         stats.run_ns[c] += run_ns;
@@ -97,9 +105,10 @@ fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
     if class::is_intruder(class) {
         record_intruder(cpu, tid, tgid, class, start, now, run_ns);
     }
-    // Wait tracking of watched threads needs `next` (not on the classic tracepoint).
-    if !next.is_null() {
-        if tid != 0 && unsafe { WATCHED.get(&tid) }.is_some() {
+    // Wait tracking of watched threads needs `next` (not on the classic
+    // tracepoint), and only runs where userspace watches someone.
+    if !next.is_null() && bits & guard::TRACK_WAITS != 0 {
+        if info.watch != 0 {
             if prev_state == 0 {
                 // TASK_RUNNING at switch-out: preempted, still runnable, so waiting from now.
                 noise::start_wait(tid, cpu, now);
@@ -118,13 +127,13 @@ fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
 }
 
 #[inline(always)]
-fn classify(cpu: u32, tid: u32, tgid: u32, prev: *const u8) -> u32 {
+fn classify(cpu: u32, tid: u32, tgid: u32, prev: *const u8, info: TaskInfo) -> u32 {
     if tid == 0 {
         return class::IDLE;
     }
-    if let Some(owner) = unsafe { OWNERS.get(&tid) } {
+    if info.is_owner() {
         // Another guest's vCPU running here steals this CPU from its owner.
-        return if owner.cpu == cpu {
+        return if info.owner_cpu == cpu {
             class::VCPU
         } else {
             class::INTRUDER_USER
@@ -138,9 +147,10 @@ fn classify(cpu: u32, tid: u32, tgid: u32, prev: *const u8) -> u32 {
         Kthread::Unbound => return class::INTRUDER_KTHREAD,
         Kthread::No => {}
     }
-    match unsafe { ALLOWED.get(&tid) } {
-        Some(a) if a.cpu == ANY_CPU || a.cpu == cpu => class::ALLOWED,
-        _ => class::INTRUDER_USER,
+    if info.allowed_on(cpu) {
+        class::ALLOWED
+    } else {
+        class::INTRUDER_USER
     }
 }
 

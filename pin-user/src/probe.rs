@@ -11,8 +11,8 @@ use aya::{
     programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint},
 };
 use pin_common::{
-    ANY_CPU, Allowed, CpuStats, Event, IrqKey, NoiseStat, NoiseState, Owner, SoftirqStats,
-    TASK_COMM_LEN, ThreadKey, ThreadStats, WaitHist, Waiting, counter, global, map, program,
+    ANY_CPU, CpuStats, Event, IrqKey, NO_CPU, NoiseStat, NoiseState, SoftirqStats, TASK_COMM_LEN,
+    TaskInfo, ThreadKey, ThreadStats, WaitHist, Waiting, counter, global, guard, map, program,
 };
 use thiserror::Error;
 
@@ -140,6 +140,8 @@ pub struct Probe {
     ebpf: Ebpf,
     attached: Vec<&'static str>,
     guarded: CpuSet,
+    /// How many threads are watched (wait tracking is on while any are).
+    watched: usize,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -207,6 +209,7 @@ impl Probe {
             ebpf,
             attached: Vec::new(),
             guarded: CpuSet::new(),
+            watched: 0,
             _logger: logger,
         };
         probe.set_guarded(&config.guarded)?;
@@ -290,16 +293,36 @@ impl Probe {
         if let Some(cpu) = guarded.iter().find(|c| *c >= pin_common::MAX_CPUS) {
             return Err(ProbeError::CpuOutOfRange(cpu));
         }
+        let previous = std::mem::replace(&mut self.guarded, guarded.clone());
+        self.write_guard_bits_for(&previous.union(guarded))
+    }
+
+    fn write_guard_bits(&mut self) -> Result<(), ProbeError> {
+        let cpus = self.guarded.clone();
+        self.write_guard_bits_for(&cpus)
+    }
+
+    /// Writes the `guard::*` bits of `cpus`: guarded or not, and whether waits
+    /// are tracked (only while some thread is watched: it costs a lookup per switch).
+    fn write_guard_bits_for(&mut self, cpus: &CpuSet) -> Result<(), ProbeError> {
+        let track = if self.watched > 0 {
+            guard::TRACK_WAITS
+        } else {
+            0
+        };
         let m = self
             .ebpf
             .map_mut(map::GUARDED)
             .ok_or(ProbeError::MissingMap(map::GUARDED))?;
         let mut arr: Array<_, u32> = Array::try_from(m).map_err(map_err(map::GUARDED))?;
-        for cpu in self.guarded.union(guarded).iter() {
-            arr.set(cpu, u32::from(guarded.contains(cpu)), 0)
-                .map_err(map_err(map::GUARDED))?;
+        for cpu in cpus.iter() {
+            let bits = if self.guarded.contains(cpu) {
+                guard::GUARDED | track
+            } else {
+                0
+            };
+            arr.set(cpu, bits, 0).map_err(map_err(map::GUARDED))?;
         }
-        self.guarded = guarded.clone();
         Ok(())
     }
 
@@ -322,37 +345,76 @@ impl Probe {
         HashMap::try_from(m).map_err(map_err(name))
     }
 
+    /// Reads, changes and writes back one thread's `TASKS` entry (deleting it
+    /// when nothing is left), so owner, allowlist and watch settings of one
+    /// thread never clobber each other.
+    fn update_task(&mut self, tid: u32, f: impl FnOnce(&mut TaskInfo)) -> Result<(), ProbeError> {
+        let mut h = self.hash::<u32, TaskInfo>(map::TASKS)?;
+        let mut info = match h.get(&tid, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => TaskInfo::EMPTY,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                TaskInfo::EMPTY
+            }
+            Err(e) => {
+                return Err(ProbeError::Map {
+                    name: map::TASKS,
+                    source: e,
+                });
+            }
+        };
+        let was_watched = info.watch != 0;
+        f(&mut info);
+        if info.is_empty() {
+            ignore_missing(h.remove(&tid)).map_err(map_err(map::TASKS))?;
+        } else {
+            h.insert(tid, info, 0).map_err(map_err(map::TASKS))?;
+        }
+        if was_watched != (info.watch != 0) {
+            self.watched = if info.watch != 0 {
+                self.watched + 1
+            } else {
+                self.watched.saturating_sub(1)
+            };
+            self.write_guard_bits()?;
+        }
+        Ok(())
+    }
+
+    fn tasks(&self) -> Result<Vec<(u32, TaskInfo)>, ProbeError> {
+        Ok(self
+            .hash_ro::<u32, TaskInfo>(map::TASKS)?
+            .iter()
+            .filter_map(Result::ok)
+            .collect())
+    }
+
     /// Declares `tid` the owner (vCPU) of guarded CPU `cpu`.
     pub fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError> {
-        self.hash::<u32, Owner>(map::OWNERS)?
-            .insert(tid, Owner { cpu, _pad: 0 }, 0)
-            .map_err(map_err(map::OWNERS))
+        self.update_task(tid, |t| t.owner_cpu = cpu)
     }
 
     pub fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError> {
-        ignore_missing(self.hash::<u32, Owner>(map::OWNERS)?.remove(&tid))
-            .map_err(map_err(map::OWNERS))
+        self.update_task(tid, |t| t.owner_cpu = NO_CPU)
     }
 
     /// Current owners: tid -> CPU.
     pub fn owners(&self) -> Result<BTreeMap<u32, u32>, ProbeError> {
-        let h = self.hash_ro::<u32, Owner>(map::OWNERS)?;
-        h.iter()
-            .map(|r| r.map(|(k, v)| (k, v.cpu)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map::OWNERS))
+        Ok(self
+            .tasks()?
+            .into_iter()
+            .filter(|(_, t)| t.is_owner())
+            .map(|(tid, t)| (tid, t.owner_cpu))
+            .collect())
     }
 
     /// Measures `tid`'s wake-up-to-run waits (`pin_common::watch::VCPU` or `PROBE`).
     pub fn set_watched(&mut self, tid: u32, kind: u32) -> Result<(), ProbeError> {
-        self.hash::<u32, u32>(map::WATCHED)?
-            .insert(tid, kind, 0)
-            .map_err(map_err(map::WATCHED))
+        self.update_task(tid, |t| t.watch = kind)
     }
 
     pub fn remove_watched(&mut self, tid: u32) -> Result<(), ProbeError> {
-        ignore_missing(self.hash::<u32, u32>(map::WATCHED)?.remove(&tid))
-            .map_err(map_err(map::WATCHED))?;
+        self.update_task(tid, |t| t.watch = 0)?;
         ignore_missing(self.hash::<u32, WaitHist>(map::WAIT_HIST)?.remove(&tid))
             .map_err(map_err(map::WAIT_HIST))?;
         ignore_missing(self.hash::<u32, Waiting>(map::WAITING)?.remove(&tid))
@@ -425,25 +487,20 @@ impl Probe {
 
     /// Allows user thread `tid` on `cpu` (None: on every guarded CPU).
     pub fn set_allowed(&mut self, tid: u32, cpu: Option<u32>) -> Result<(), ProbeError> {
-        let v = Allowed {
-            cpu: cpu.unwrap_or(ANY_CPU),
-            _pad: 0,
-        };
-        self.hash::<u32, Allowed>(map::ALLOWED)?
-            .insert(tid, v, 0)
-            .map_err(map_err(map::ALLOWED))
+        self.update_task(tid, |t| t.allowed_cpu = cpu.unwrap_or(ANY_CPU))
     }
 
     pub fn remove_allowed(&mut self, tid: u32) -> Result<(), ProbeError> {
-        ignore_missing(self.hash::<u32, Allowed>(map::ALLOWED)?.remove(&tid))
-            .map_err(map_err(map::ALLOWED))
+        self.update_task(tid, |t| t.allowed_cpu = NO_CPU)
     }
 
     pub fn allowed(&self) -> Result<Vec<u32>, ProbeError> {
-        let h = self.hash_ro::<u32, Allowed>(map::ALLOWED)?;
-        h.keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map::ALLOWED))
+        Ok(self
+            .tasks()?
+            .into_iter()
+            .filter(|(_, t)| t.allowed_cpu != NO_CPU)
+            .map(|(tid, _)| tid)
+            .collect())
     }
 
     /// Class totals of every guarded CPU, as accumulated in the kernel.
