@@ -362,13 +362,26 @@ pub const ANY_CPU: u32 = u32::MAX;
 /// No CPU: the field does not apply.
 pub const NO_CPU: u32 = u32::MAX - 1;
 
-/// Bits of a `GUARDED` entry.
+/// Bits of [`GuardState::bits`].
 pub mod guard {
     /// The CPU is guarded.
     pub const GUARDED: u32 = 1;
     /// Some thread is watched: measure waits on this CPU (costs a lookup per
     /// switch, so it is off when nobody asked for it).
     pub const TRACK_WAITS: u32 = 2;
+    /// [`super::GuardState::owner_tid`] is watched.
+    pub const OWNER_WATCHED: u32 = 4;
+}
+
+/// Value of the `GUARDED` array (index: CPU). Caching the CPU's single owner
+/// here lets the hottest case on a guarded CPU, its vCPU switching in and out,
+/// be classified without any hash lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardState {
+    pub bits: u32,
+    /// The only owner of this CPU, or 0 (none, or several: look in `TASKS`).
+    pub owner_tid: u32,
 }
 
 /// Stashed arguments of an in-flight sched_setaffinity call (key: caller tid).
@@ -440,6 +453,7 @@ mod pod {
     unsafe impl aya::Pod for super::ThreadStats {}
     unsafe impl aya::Pod for super::CpuStats {}
     unsafe impl aya::Pod for super::TaskInfo {}
+    unsafe impl aya::Pod for super::GuardState {}
     unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::PendingAffinity {}

@@ -5,14 +5,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use pin_common::{
-    CpuStats, EVENTS_BYTES, Event, IrqKey, MAX_CPUS, MAX_OWNERS, MAX_TASKS, MAX_THREADS, NoiseStat,
-    NoiseState, PendingAffinity, SoftirqStats, TaskInfo, TaskOffsets, ThreadKey, ThreadStats,
-    WaitHist, Waiting, counter, guard,
+    CpuStats, EVENTS_BYTES, Event, GuardState, IrqKey, MAX_CPUS, MAX_OWNERS, MAX_TASKS,
+    MAX_THREADS, NoiseStat, NoiseState, PendingAffinity, SoftirqStats, TaskInfo, TaskOffsets,
+    ThreadKey, ThreadStats, WaitHist, Waiting, counter, guard,
 };
 
 /// `guard::*` bits at index `cpu` (0: not guarded). Userspace may change it at run time.
 #[map]
-pub static GUARDED: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
+pub static GUARDED: Array<GuardState> = Array::with_max_entries(MAX_CPUS, 0);
 
 /// Threads userspace told us about: owner vCPUs, allowlisted and watched threads.
 #[map]
@@ -88,10 +88,21 @@ pub fn bump(index: u32) {
     }
 }
 
-/// The `guard::*` bits of `cpu` (0 when not guarded).
+/// The guard state of `cpu` (all zero when not guarded).
+#[inline(always)]
+pub fn guard_state(cpu: u32) -> GuardState {
+    match GUARDED.get(cpu) {
+        Some(g) => *g,
+        None => GuardState {
+            bits: 0,
+            owner_tid: 0,
+        },
+    }
+}
+
 #[inline(always)]
 pub fn guard_bits(cpu: u32) -> u32 {
-    GUARDED.get(cpu).copied().unwrap_or(0)
+    guard_state(cpu).bits
 }
 
 #[inline(always)]

@@ -14,11 +14,11 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use pin_common::{Event, TaskInfo, ThreadKey, ThreadStats, class, counter, event, guard};
+use pin_common::{Event, ThreadKey, ThreadStats, class, counter, event, guard};
 
 use crate::{
     maps::{
-        CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, WAITING, bump, guard_bits, send,
+        CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, WAITING, bump, guard_state, send,
         task_info,
     },
     noise,
@@ -28,12 +28,13 @@ use crate::{
 /// `trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`
 #[btf_tracepoint(function = "sched_switch")]
 pub fn switch_tp_btf(ctx: BtfTracePointContext) -> i32 {
-    on_switch(ctx.arg(1), ctx.arg(2), ctx.arg(3))
+    // BTF-typed task pointers: fields are read with direct loads.
+    on_switch::<true>(ctx.arg(1), ctx.arg(2), ctx.arg(3))
 }
 
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn switch_raw_tp(ctx: RawTracePointContext) -> i32 {
-    on_switch(ctx.arg(1), ctx.arg(2), ctx.arg(3))
+    on_switch::<false>(ctx.arg(1), ctx.arg(2), ctx.arg(3))
 }
 
 /// The classic tracepoint's record has no task pointers; `current` is `prev`,
@@ -44,7 +45,7 @@ pub fn switch_tracepoint(ctx: TracePointContext) -> i32 {
     let _ = ctx.as_ptr();
     // SAFETY: plain helper call.
     let prev = unsafe { bpf_get_current_task() } as *const u8;
-    on_switch(prev, core::ptr::null(), u32::MAX)
+    on_switch::<false>(prev, core::ptr::null(), u32::MAX)
 }
 
 /// Slices are measured with the scheduler's own clock where possible: the
@@ -53,12 +54,13 @@ pub fn switch_tracepoint(ctx: TracePointContext) -> i32 {
 /// That excludes IRQ and steal time exactly as `/proc/<tid>/schedstat` does.
 /// The idle task does not accumulate it, so idle slices use wall-clock time.
 #[inline(always)]
-fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
+fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
     // SAFETY: helper calls without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     // The cheap test first (an inlined array read): most switches happen on
     // housekeeping CPUs.
-    let bits = guard_bits(cpu);
+    let guard_state = guard_state(cpu);
+    let bits = guard_state.bits;
     if bits & guard::GUARDED == 0 {
         return 0;
     }
@@ -76,7 +78,7 @@ fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
         stats.cur_task = 0;
     } else {
         stats.cur_task = next as u64;
-        stats.cur_runtime = task::sum_exec_runtime(next);
+        stats.cur_runtime = task::sum_exec_runtime_as::<BTF>(next);
     }
     if start == 0 || start > now {
         // First switch seen on this CPU: the slice began before we attached.
@@ -86,29 +88,30 @@ fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
     let run_ns = if tid != 0 && cur_task != 0 && cur_task == prev as u64 {
-        task::sum_exec_runtime(prev).saturating_sub(cur_runtime)
+        task::sum_exec_runtime_as::<BTF>(prev).saturating_sub(cur_runtime)
     } else {
         now - start
     };
-    // One lookup tells whether prev is an owner, allowlisted or watched.
-    let info = if tid == 0 {
-        TaskInfo::EMPTY
-    } else {
-        task_info(tid)
-    };
-    let class = classify(cpu, tid, tgid, prev, info);
+    let (class, known) = classify::<BTF>(cpu, tid, tgid, prev, guard_state.owner_tid);
     let c = class as usize;
     if c < class::COUNT {
         stats.run_ns[c] += run_ns;
         stats.slices[c] += 1;
     }
     if class::is_intruder(class) {
-        record_intruder(cpu, tid, tgid, class, start, now, run_ns);
+        record_intruder(cpu, tid, tgid, class, start, now, run_ns, known);
     }
     // Wait tracking of watched threads needs `next` (not on the classic
     // tracepoint), and only runs where userspace watches someone.
     if !next.is_null() && bits & guard::TRACK_WAITS != 0 {
-        if info.watch != 0 {
+        let watched = if tid == 0 {
+            false
+        } else if tid == guard_state.owner_tid {
+            bits & guard::OWNER_WATCHED != 0
+        } else {
+            task_info(tid).watch != 0
+        };
+        if watched {
             if prev_state == 0 {
                 // TASK_RUNNING at switch-out: preempted, still runnable, so waiting from now.
                 noise::start_wait(tid, cpu, now);
@@ -118,7 +121,7 @@ fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
                 let _ = WAITING.remove(&tid);
             }
         }
-        let next_tid = task::pid(next);
+        let next_tid = task::pid_as::<BTF>(next);
         if next_tid != 0 {
             noise::end_wait(next_tid, cpu, now, tid, run_ns);
         }
@@ -126,41 +129,78 @@ fn on_switch(prev: *const u8, next: *const u8, prev_state: u32) -> i32 {
     0
 }
 
+/// Classifies the thread that just ran, cheapest test first: the CPU's cached
+/// owner (no lookup), a known intruder (its `THREADS` entry remembers the
+/// class, and is returned for the accounting), then what userspace told us
+/// (`TASKS`: owners of other CPUs, allowlisted threads), then `task_struct`.
+/// Userspace drops a thread's `THREADS` entries when it allowlists it or makes
+/// it an owner, so a known intruder is never one of those.
 #[inline(always)]
-fn classify(cpu: u32, tid: u32, tgid: u32, prev: *const u8, info: TaskInfo) -> u32 {
+fn classify<const BTF: bool>(
+    cpu: u32,
+    tid: u32,
+    tgid: u32,
+    prev: *const u8,
+    owner_tid: u32,
+) -> (u32, *mut ThreadStats) {
+    let none = core::ptr::null_mut();
     if tid == 0 {
-        return class::IDLE;
+        return (class::IDLE, none);
     }
+    if tid == owner_tid {
+        return (class::VCPU, none);
+    }
+    if tgid == SELF_TGID.load() {
+        return (class::ALLOWED, none);
+    }
+    if let Some(t) = THREADS.get_ptr_mut(&ThreadKey { cpu, tid }) {
+        // SAFETY: a valid map value; a thread's class never changes.
+        return (unsafe { (*t).class }, t);
+    }
+    let info = task_info(tid);
     if info.is_owner() {
-        // Another guest's vCPU running here steals this CPU from its owner.
-        return if info.owner_cpu == cpu {
+        // Another guest's vCPU running here steals this CPU from its owner
+        // (or one of several owners of a shared CPU).
+        let class = if info.owner_cpu == cpu {
             class::VCPU
         } else {
             class::INTRUDER_USER
         };
-    }
-    if tgid == SELF_TGID.load() {
-        return class::ALLOWED;
-    }
-    match task::kthread(prev) {
-        Kthread::PerCpu => return class::KERNEL,
-        Kthread::Unbound => return class::INTRUDER_KTHREAD,
-        Kthread::No => {}
+        return (class, none);
     }
     if info.allowed_on(cpu) {
-        class::ALLOWED
-    } else {
-        class::INTRUDER_USER
+        return (class::ALLOWED, none);
     }
+    let class = match task::kthread_as::<BTF>(prev) {
+        Kthread::PerCpu => class::KERNEL,
+        Kthread::Unbound => class::INTRUDER_KTHREAD,
+        Kthread::No => class::INTRUDER_USER,
+    };
+    (class, none)
 }
 
 /// Accounts an intruder slice per thread and sends an event the first time the
 /// thread is seen on this CPU, then at most once per `EVENT_INTERVAL_NS`, so a
 /// kworker running thousands of times a second cannot flood the ring buffer.
 #[inline(always)]
-fn record_intruder(cpu: u32, tid: u32, tgid: u32, class: u32, start: u64, now: u64, run_ns: u64) {
+#[allow(clippy::too_many_arguments)]
+fn record_intruder(
+    cpu: u32,
+    tid: u32,
+    tgid: u32,
+    class: u32,
+    start: u64,
+    now: u64,
+    run_ns: u64,
+    known: *mut ThreadStats,
+) {
     let key = ThreadKey { cpu, tid };
-    let (total_ns, slices) = match THREADS.get_ptr_mut(&key) {
+    let entry = if known.is_null() {
+        THREADS.get_ptr_mut(&key)
+    } else {
+        Some(known)
+    };
+    let (total_ns, slices) = match entry {
         Some(t) => {
             // SAFETY: entries for `cpu` are only written by this CPU.
             let t = unsafe { &mut *t };

@@ -16,6 +16,53 @@ fn read<T: Copy + Default>(task: *const u8, offset: u32) -> T {
     }
 }
 
+/// Reads a field of a BTF-typed task pointer (a `tp_btf` argument) with a
+/// plain load. The offset comes from read-only, frozen `.rodata`, so the
+/// verifier sees a constant, checks the field's type in kernel BTF and emits a
+/// fault-safe direct load: no helper call, unlike `bpf_probe_read_kernel`.
+#[inline(always)]
+fn load<T: Copy>(task: *const u8, offset: u32) -> T {
+    // SAFETY: see above; the verifier rejects the program if the access is not a valid field.
+    unsafe { core::ptr::read_volatile(task.add(offset as usize) as *const T) }
+}
+
+/// Reads with a direct load when `BTF` (the pointer is BTF-typed), else with
+/// `bpf_probe_read_kernel`.
+#[inline(always)]
+fn read_as<T: Copy + Default, const BTF: bool>(task: *const u8, offset: u32) -> T {
+    if BTF {
+        load(task, offset)
+    } else {
+        read(task, offset)
+    }
+}
+
+#[inline(always)]
+pub fn pid_as<const BTF: bool>(task: *const u8) -> u32 {
+    read_as::<i32, BTF>(task, TASK_OFFSETS.load().pid) as u32
+}
+
+/// CPU time of the task so far (ns), as the scheduler accounts it.
+#[inline(always)]
+pub fn sum_exec_runtime_as<const BTF: bool>(task: *const u8) -> u64 {
+    read_as::<u64, BTF>(task, TASK_OFFSETS.load().sum_exec_runtime)
+}
+
+#[inline(always)]
+pub fn kthread_as<const BTF: bool>(task: *const u8) -> Kthread {
+    let offsets = TASK_OFFSETS.load();
+    let flags: u32 = read_as::<u32, BTF>(task, offsets.flags);
+    if flags & PF_KTHREAD == 0 {
+        return Kthread::No;
+    }
+    let nr: i32 = read_as::<i32, BTF>(task, offsets.nr_cpus_allowed);
+    if nr == 1 {
+        Kthread::PerCpu
+    } else {
+        Kthread::Unbound
+    }
+}
+
 #[inline(always)]
 pub fn pid(task: *const u8) -> u32 {
     read::<i32>(task, TASK_OFFSETS.load().pid) as u32
@@ -24,12 +71,6 @@ pub fn pid(task: *const u8) -> u32 {
 #[inline(always)]
 pub fn tgid(task: *const u8) -> u32 {
     read::<i32>(task, TASK_OFFSETS.load().tgid) as u32
-}
-
-/// CPU time of the task so far (ns), as the scheduler accounts it.
-#[inline(always)]
-pub fn sum_exec_runtime(task: *const u8) -> u64 {
-    read::<u64>(task, TASK_OFFSETS.load().sum_exec_runtime)
 }
 
 #[inline(always)]

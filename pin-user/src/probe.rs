@@ -11,8 +11,9 @@ use aya::{
     programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint},
 };
 use pin_common::{
-    ANY_CPU, CpuStats, Event, IrqKey, NO_CPU, NoiseStat, NoiseState, SoftirqStats, TASK_COMM_LEN,
-    TaskInfo, ThreadKey, ThreadStats, WaitHist, Waiting, counter, global, guard, map, program,
+    ANY_CPU, CpuStats, Event, GuardState, IrqKey, NO_CPU, NoiseStat, NoiseState, SoftirqStats,
+    TASK_COMM_LEN, TaskInfo, ThreadKey, ThreadStats, WaitHist, Waiting, counter, global, guard,
+    map, program,
 };
 use thiserror::Error;
 
@@ -140,8 +141,9 @@ pub struct Probe {
     ebpf: Ebpf,
     attached: Vec<&'static str>,
     guarded: CpuSet,
-    /// How many threads are watched (wait tracking is on while any are).
-    watched: usize,
+    /// What we wrote to `TASKS` (userspace is its only writer): the source of
+    /// the per-CPU owner cache in `GUARDED`.
+    tasks: std::collections::HashMap<u32, TaskInfo>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -209,7 +211,7 @@ impl Probe {
             ebpf,
             attached: Vec::new(),
             guarded: CpuSet::new(),
-            watched: 0,
+            tasks: std::collections::HashMap::new(),
             _logger: logger,
         };
         probe.set_guarded(&config.guarded)?;
@@ -302,26 +304,37 @@ impl Probe {
         self.write_guard_bits_for(&cpus)
     }
 
-    /// Writes the `guard::*` bits of `cpus`: guarded or not, and whether waits
-    /// are tracked (only while some thread is watched: it costs a lookup per switch).
+    /// Writes the guard state of `cpus`: guarded or not, whether waits are
+    /// tracked (only while some thread is watched: it costs a lookup per
+    /// switch), and the CPU's single owner, if it has exactly one.
     fn write_guard_bits_for(&mut self, cpus: &CpuSet) -> Result<(), ProbeError> {
-        let track = if self.watched > 0 {
+        let track = if self.tasks.values().any(|t| t.watch != 0) {
             guard::TRACK_WAITS
         } else {
             0
         };
+        let mut states = Vec::new();
+        for cpu in cpus.iter() {
+            let mut state = GuardState::default();
+            if self.guarded.contains(cpu) {
+                state.bits = guard::GUARDED | track;
+                let mut owners = self.tasks.iter().filter(|(_, t)| t.owner_cpu == cpu);
+                if let (Some((tid, t)), None) = (owners.next(), owners.next()) {
+                    state.owner_tid = *tid;
+                    if t.watch != 0 {
+                        state.bits |= guard::OWNER_WATCHED;
+                    }
+                }
+            }
+            states.push((cpu, state));
+        }
         let m = self
             .ebpf
             .map_mut(map::GUARDED)
             .ok_or(ProbeError::MissingMap(map::GUARDED))?;
-        let mut arr: Array<_, u32> = Array::try_from(m).map_err(map_err(map::GUARDED))?;
-        for cpu in cpus.iter() {
-            let bits = if self.guarded.contains(cpu) {
-                guard::GUARDED | track
-            } else {
-                0
-            };
-            arr.set(cpu, bits, 0).map_err(map_err(map::GUARDED))?;
+        let mut arr: Array<_, GuardState> = Array::try_from(m).map_err(map_err(map::GUARDED))?;
+        for (cpu, state) in states {
+            arr.set(cpu, state, 0).map_err(map_err(map::GUARDED))?;
         }
         Ok(())
     }
@@ -349,33 +362,28 @@ impl Probe {
     /// when nothing is left), so owner, allowlist and watch settings of one
     /// thread never clobber each other.
     fn update_task(&mut self, tid: u32, f: impl FnOnce(&mut TaskInfo)) -> Result<(), ProbeError> {
-        let mut h = self.hash::<u32, TaskInfo>(map::TASKS)?;
-        let mut info = match h.get(&tid, 0) {
-            Ok(v) => v,
-            Err(MapError::KeyNotFound) => TaskInfo::EMPTY,
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                TaskInfo::EMPTY
-            }
-            Err(e) => {
-                return Err(ProbeError::Map {
-                    name: map::TASKS,
-                    source: e,
-                });
-            }
-        };
-        let was_watched = info.watch != 0;
+        let before = self.tasks.get(&tid).copied().unwrap_or(TaskInfo::EMPTY);
+        let mut info = before;
         f(&mut info);
+        if info == before {
+            return Ok(());
+        }
+        let mut h = self.hash::<u32, TaskInfo>(map::TASKS)?;
         if info.is_empty() {
             ignore_missing(h.remove(&tid)).map_err(map_err(map::TASKS))?;
+            self.tasks.remove(&tid);
         } else {
             h.insert(tid, info, 0).map_err(map_err(map::TASKS))?;
+            self.tasks.insert(tid, info);
         }
-        if was_watched != (info.watch != 0) {
-            self.watched = if info.watch != 0 {
-                self.watched + 1
-            } else {
-                self.watched.saturating_sub(1)
-            };
+        // The kernel trusts a THREADS entry's class over TASKS: a thread that
+        // becomes an owner or allowlisted must lose its intruder entries.
+        if info.is_owner() || info.allowed_cpu != NO_CPU {
+            for cpu in self.guarded.clone().iter() {
+                self.remove_thread(ThreadKey { cpu, tid })?;
+            }
+        }
+        if before.owner_cpu != info.owner_cpu || before.watch != info.watch {
             self.write_guard_bits()?;
         }
         Ok(())
