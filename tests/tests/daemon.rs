@@ -359,3 +359,62 @@ fn shared_cpu_is_reported_once_not_at_every_rescan() {
         "{detail}"
     );
 }
+
+#[test]
+fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
+    require!(missing_kvm());
+    let daemon = Daemon::start("mode = \"enforce\"\nverify_interval = \"100ms\"\n", &[]);
+    let mut guest = Guest::start(GuestOptions::new("pg-reuse"));
+    let old_vcpu = guest.vcpu_tids()[0];
+    let vm = [("vm", "pg-reuse")];
+    daemon.wait_metric("the vCPU to be pinned", "pinguard_vcpu_pinned", &vm, |v| {
+        v == 1.0
+    });
+    guest.kill();
+    wait_for("the killed guest to be forgotten", WAIT, || {
+        daemon
+            .metric("pinguard_vcpu_info", &vm)
+            .is_none()
+            .then_some(())
+    });
+
+    // Make the kernel hand the dead vCPU's thread id to a new, unrelated thread
+    // (ns_last_pid: the next id is last + 1 if free; other tasks may race us).
+    let worker = (0..20)
+        .find_map(|_| {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (old_vcpu - 1).to_string()).ok()?;
+            let w = Worker::spawn_on("pg-newcomer", &[1]);
+            (w.tid() == old_vcpu).then_some(w)
+        })
+        .unwrap_or_else(|| panic!("could not get thread id {old_vcpu} reused"));
+    let tid = worker.tid();
+    let me = std::process::id();
+    worker.run(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        while allowed_list(me, tid) != "0" && std::time::Instant::now() < deadline {
+            spin(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    // Had pinguard still taken the id for the old vCPU it would have pinned the
+    // thread to CPU 1; as a stranger on a guarded CPU it is evicted instead.
+    assert_eq!(
+        allowed_list(me, tid),
+        "0",
+        "thread {tid} (a reused vCPU id) was not treated as an intruder"
+    );
+    // Logged as an intruder (it ran there) or a migration in (it was moved there first),
+    // without a VM: the log is used because /violations is a bounded list that a
+    // busy non-isolated lab CPU can cycle quickly.
+    let mut daemon = daemon;
+    let line = daemon.process().wait_stderr("\"pg-newcomer\"", WAIT);
+    assert!(line.contains(&format!("tid {tid} ")), "{line}");
+    assert!(
+        line.contains("violation intruder") || line.contains("violation migration_in"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("(vm "),
+        "the newcomer was attributed to a VM: {line}"
+    );
+}
