@@ -11,6 +11,7 @@
 //! A snapshot judges the present: a thread whose last CPU is guarded but whose
 //! affinity no longer includes it (moved while asleep; the kernel only updates
 //! `task_cpu` when it next wakes) is reported, not counted as a violation.
+use crate::units::fmt_ns;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -1089,16 +1090,6 @@ pub fn window(
         warnings,
         Some(c.events_lost),
     )
-}
-
-/// Human-friendly durations (the same style as `pinguard watch`).
-pub fn fmt_ns(ns: u64) -> String {
-    match ns {
-        0..1_000 => format!("{ns}ns"),
-        1_000..1_000_000 => format!("{:.1}µs", ns as f64 / 1e3),
-        1_000_000..1_000_000_000 => format!("{:.2}ms", ns as f64 / 1e6),
-        _ => format!("{:.3}s", ns as f64 / 1e9),
-    }
 }
 
 /// A plain-text table with left-aligned columns sized to their content.

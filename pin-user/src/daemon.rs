@@ -46,6 +46,29 @@ pub struct Violation {
     pub detail: String,
 }
 
+impl Violation {
+    fn new(kind: &'static str, cpu: u32, tid: u32, tgid: u32, comm: &str, detail: String) -> Self {
+        Self {
+            time: now_epoch(),
+            kind,
+            cpu,
+            tid,
+            tgid,
+            comm: comm.to_string(),
+            vm: None,
+            vcpu: None,
+            detail,
+        }
+    }
+
+    /// Names the guest and vCPU concerned.
+    fn of_vcpu(mut self, a: &Assignment) -> Self {
+        self.vm = Some(a.vm.clone());
+        self.vcpu = Some(a.vcpu);
+        self
+    }
+}
+
 pub type RecentViolations = Arc<Mutex<VecDeque<Violation>>>;
 
 /// How many intruders `/intruders` lists.
@@ -409,17 +432,14 @@ impl Daemon {
                 .filter(|(_, a)| a.cpu == cpu)
                 .map(|(tid, a)| format!("{} vcpu {} (tid {tid})", a.vm, a.vcpu))
                 .collect();
-            self.record(Violation {
-                time: now_epoch(),
-                kind: "shared_cpu",
+            self.record(Violation::new(
+                "shared_cpu",
                 cpu,
-                tid: 0,
-                tgid: 0,
-                comm: String::new(),
-                vm: None,
-                vcpu: None,
-                detail: format!("vCPUs share this CPU: {}", sharing.join(", ")),
-            });
+                0,
+                0,
+                "",
+                format!("vCPUs share this CPU: {}", sharing.join(", ")),
+            ));
         }
         self.verify_pins();
     }
@@ -528,34 +548,17 @@ impl Daemon {
         if ok {
             return;
         }
-        // A drift is reported when it starts (or when an event explains it), not every second.
-        if was != Some(false) || cause.is_some() {
+        // A drift is reported when it starts, not every second; when an event
+        // explains it (affinity change, migration), its handler has reported it.
+        if was != Some(false) && cause.is_none() {
             let comm = self
                 .proc
                 .comm(a.pid, tid)
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-            let detail = match cause {
-                Some(ev) => format!(
-                    "affinity is {have}, assigned {want}; changed by {:?} (tid {}, pid {})",
-                    ev.comm, ev.tid, ev.tgid
-                ),
-                None => format!("affinity is {have}, assigned {want}"),
-            };
-            if cause.is_none() {
-                self.record(Violation {
-                    time: now_epoch(),
-                    kind: "vcpu_drift",
-                    cpu: a.cpu,
-                    tid,
-                    tgid: a.pid,
-                    comm,
-                    vm: Some(a.vm.clone()),
-                    vcpu: Some(a.vcpu),
-                    detail,
-                });
-            }
+            let detail = format!("affinity is {have}, assigned {want}");
+            self.record(Violation::new("vcpu_drift", a.cpu, tid, a.pid, &comm, detail).of_vcpu(&a));
         }
         if self.config.mode == Mode::Enforce {
             self.repin(tid, &a);
@@ -601,21 +604,21 @@ impl Daemon {
             "migrate_in" => self.on_migrate_in(ev),
             "owner_away" => {
                 if let Some(a) = self.assignments.get(&ev.tid).cloned() {
-                    self.record(Violation {
-                        time: now_epoch(),
-                        kind: "vcpu_drift",
-                        cpu: a.cpu,
-                        tid: ev.tid,
-                        tgid: ev.tgid,
-                        comm: ev.comm.clone(),
-                        vm: Some(a.vm.clone()),
-                        vcpu: Some(a.vcpu),
-                        detail: format!(
-                            "left its CPU {} for CPU {}",
+                    self.record(
+                        Violation::new(
+                            "vcpu_drift",
                             a.cpu,
-                            ev.other_cpu.unwrap_or_default()
-                        ),
-                    });
+                            ev.tid,
+                            ev.tgid,
+                            &ev.comm,
+                            format!(
+                                "left its CPU {} for CPU {}",
+                                a.cpu,
+                                ev.other_cpu.unwrap_or_default()
+                            ),
+                        )
+                        .of_vcpu(&a),
+                    );
                     self.pinned.insert(ev.tid, false);
                     self.verify_one(ev.tid, Some(ev));
                 }
@@ -623,24 +626,24 @@ impl Daemon {
             "affinity_change" => {
                 let target = ev.target_tid.unwrap_or_default();
                 if let Some(a) = self.assignments.get(&target).cloned() {
-                    self.record(Violation {
-                        time: now_epoch(),
-                        kind: "affinity_changed",
-                        cpu: a.cpu,
-                        tid: ev.tid,
-                        tgid: ev.tgid,
-                        comm: ev.comm.clone(),
-                        vm: Some(a.vm.clone()),
-                        vcpu: Some(a.vcpu),
-                        detail: format!(
-                            "{:?} (pid {}) set the affinity of {} vcpu {} (tid {target}) to {}",
-                            ev.comm,
+                    self.record(
+                        Violation::new(
+                            "affinity_changed",
+                            a.cpu,
+                            ev.tid,
                             ev.tgid,
-                            a.vm,
-                            a.vcpu,
-                            ev.mask.as_deref().unwrap_or("?")
-                        ),
-                    });
+                            &ev.comm,
+                            format!(
+                                "{:?} (pid {}) set the affinity of {} vcpu {} (tid {target}) to {}",
+                                ev.comm,
+                                ev.tgid,
+                                a.vm,
+                                a.vcpu,
+                                ev.mask.as_deref().unwrap_or("?")
+                            ),
+                        )
+                        .of_vcpu(&a),
+                    );
                     self.verify_one(target, Some(ev));
                 }
             }
@@ -698,17 +701,17 @@ impl Daemon {
         if let Some(a) = self.assignments.get(&ev.tid).cloned()
             && a.cpu != ev.cpu
         {
-            self.record(Violation {
-                time: now_epoch(),
-                kind: "vcpu_drift",
-                cpu: a.cpu,
-                tid: ev.tid,
-                tgid: ev.tgid,
-                comm: ev.comm.clone(),
-                vm: Some(a.vm.clone()),
-                vcpu: Some(a.vcpu),
-                detail: format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu),
-            });
+            self.record(
+                Violation::new(
+                    "vcpu_drift",
+                    a.cpu,
+                    ev.tid,
+                    ev.tgid,
+                    &ev.comm,
+                    format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu),
+                )
+                .of_vcpu(&a),
+            );
             self.verify_one(ev.tid, None);
         }
         if ev.class == class::name(class::INTRUDER_USER)
@@ -731,23 +734,20 @@ impl Daemon {
                 return;
             }
         }
-        self.record(Violation {
-            time: now_epoch(),
-            kind: "intruder",
-            cpu: ev.cpu,
-            tid: ev.tid,
-            tgid: ev.tgid,
-            comm: ev.comm.clone(),
-            vm: None,
-            vcpu: None,
-            detail: format!(
+        self.record(Violation::new(
+            "intruder",
+            ev.cpu,
+            ev.tid,
+            ev.tgid,
+            &ev.comm,
+            format!(
                 "{} ran {} µs (total {} µs in {} slices)",
                 ev.class,
                 ev.run_ns / 1000,
                 ev.total_ns / 1000,
                 ev.slices
             ),
-        });
+        ));
         self.evict(ev);
     }
 
@@ -755,21 +755,18 @@ impl Daemon {
         if self.allowlisted(ev.tid, ev.tgid, &ev.comm).is_some() {
             return;
         }
-        self.record(Violation {
-            time: now_epoch(),
-            kind: "migration_in",
-            cpu: ev.cpu,
-            tid: ev.tid,
-            tgid: ev.tgid,
-            comm: ev.comm.clone(),
-            vm: None,
-            vcpu: None,
-            detail: format!(
+        self.record(Violation::new(
+            "migration_in",
+            ev.cpu,
+            ev.tid,
+            ev.tgid,
+            &ev.comm,
+            format!(
                 "moved from CPU {} onto guarded CPU {}",
                 ev.other_cpu.unwrap_or_default(),
                 ev.cpu
             ),
-        });
+        ));
         self.evict(ev);
     }
 

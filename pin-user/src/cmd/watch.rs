@@ -1,4 +1,5 @@
 //! `pinguard watch`: attach the observer and stream what runs on guarded CPUs.
+use crate::units::fmt_ns;
 use std::{
     collections::BTreeMap,
     io::{self, Write as _},
@@ -106,15 +107,6 @@ fn print_event(ev: &DecodedEvent, json: bool) {
         )
     };
     let _ = out.flush();
-}
-
-pub fn fmt_ns(ns: u64) -> String {
-    match ns {
-        0..1_000 => format!("{ns}ns"),
-        1_000..1_000_000 => format!("{:.1}µs", ns as f64 / 1e3),
-        1_000_000..1_000_000_000 => format!("{:.2}ms", ns as f64 / 1e6),
-        _ => format!("{:.3}s", ns as f64 / 1e9),
-    }
 }
 
 #[derive(Debug, serde::Serialize)]
