@@ -19,6 +19,7 @@ pub mod plan;
 pub mod probe;
 pub mod procfs;
 pub mod topology;
+pub mod units;
 
 /// Process exit codes shared by every subcommand.
 pub mod exit {
