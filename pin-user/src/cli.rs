@@ -30,6 +30,9 @@ pub enum Command {
     Check(CheckArgs),
     /// Run the isolation daemon: classify, enforce and export Prometheus metrics.
     Run(RunArgs),
+    /// Measure latency on a guarded CPU with cyclictest and explain each spike
+    /// (IRQs, softirqs, NMIs, threads that ran instead). --compare tabulates saved runs.
+    Latency(LatencyArgs),
     /// Attach only the named eBPF program until SIGTERM/SIGINT (used by `cargo xtask bench`).
     #[command(hide = true)]
     Attach(AttachArgs),
@@ -187,6 +190,45 @@ pub struct RunArgs {
     /// Address for /metrics and /healthz (default 127.0.0.1:9477).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct LatencyArgs {
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    /// Guarded CPU to measure (default: the first guarded CPU).
+    #[arg(long, value_name = "N")]
+    pub cpu: Option<u32>,
+    /// Length of the run (whole seconds, or a multiple of --interval).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// cyclictest's wake-up interval (-i), in whole microseconds.
+    #[arg(long, value_name = "DURATION", default_value = "1000us", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// SCHED_FIFO priority of the measurement thread (-p), 1-99.
+    #[arg(long, value_name = "PRIO", default_value_t = 95, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub priority: u32,
+    /// Range of cyclictest's histogram (-h); slower samples are counted as overflows.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_duration)]
+    pub histogram_max: Duration,
+    /// How many of the longest wake-ups to explain.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub worst: usize,
+    /// Print the report as one JSON document (keep it for --compare).
+    #[arg(long)]
+    pub json: bool,
+    /// Write the histogram and the noise timeline as SVG files into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub svg: Option<PathBuf>,
+    /// Write the histogram and the noise timeline as PNG files into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub png: Option<PathBuf>,
+    /// Compare saved `--json` reports side by side instead of measuring.
+    #[arg(long, value_name = "REPORT", num_args = 1.., conflicts_with_all = ["cpu", "svg", "png", "extra"])]
+    pub compare: Vec<PathBuf>,
+    /// Further cyclictest arguments, after `--` (e.g. -- --policy=rr).
+    #[arg(last = true, value_name = "CYCLICTEST ARGS")]
+    pub extra: Vec<String>,
 }
 
 pub fn parse_cpulist(s: &str) -> Result<CpuSet, String> {

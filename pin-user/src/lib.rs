@@ -14,6 +14,7 @@ pub mod cpulist;
 pub mod daemon;
 pub mod discover;
 pub mod enforce;
+pub mod latency;
 pub mod metrics;
 pub mod plan;
 pub mod probe;

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => cmd::audit::run(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Latency(args) => cmd::latency::run(args),
         Command::Attach(args) => cmd::attach::run(args),
     };
     match result {

@@ -2,6 +2,7 @@
 pub mod attach;
 pub mod audit;
 pub mod check;
+pub mod latency;
 pub mod pin;
 pub mod run;
 pub mod watch;

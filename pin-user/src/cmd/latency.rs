@@ -1,0 +1,457 @@
+//! `pinguard latency`: run cyclictest on a guarded CPU while the probe records
+//! every noise source there, then report the latency and why its worst
+//! wake-ups were late. `--compare` tabulates saved reports.
+use std::{
+    io::Write as _,
+    os::unix::{fs::DirBuilderExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, ExitStatus, Stdio},
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use pin_common::watch;
+
+use crate::{
+    check::Host,
+    cli::LatencyArgs,
+    cmd::{attach::wait_for_stop, move_self_to, runtime},
+    cpulist::CpuSet,
+    daemon::irq_name,
+    exit,
+    latency::{
+        CyclictestConfig,
+        attribution::Recorder,
+        find_cyclictest,
+        host::{HostFacts, steal_ticks, ticks_per_second},
+        parse_cyclictest_json, parse_histogram, plot,
+        report::{
+            CyclictestInfo, Inputs, NoiseTotals, ProbeHealth, ProbeMaps, Report, RunInfo,
+            compare_rows, compare_table,
+        },
+    },
+    probe::{DecodeError, DecodedEvent, EventReader, Probe, ProbeConfig},
+    procfs::Proc,
+    topology::Topology,
+};
+
+/// How long cyclictest may take to start its measurement thread.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long cyclictest may take to print its results after SIGINT.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn run(args: LatencyArgs) -> anyhow::Result<ExitCode> {
+    if !args.compare.is_empty() {
+        return compare(&args.compare, args.json);
+    }
+    let guard = Topology::read()?.guard(args.guard.guard.as_ref())?;
+    let cpu = match args.cpu {
+        Some(c) if guard.guarded.contains(c) => c,
+        Some(c) => bail!(
+            "--cpu {c}: CPU {c} is not guarded (guarded CPUs: {}); add it to --guard",
+            guard.guarded
+        ),
+        None => guard.guarded.first().context("no guarded CPU to measure")?,
+    };
+    let config = CyclictestConfig {
+        cpu,
+        main_cpus: guard.housekeeping.clone(),
+        priority: args.priority,
+        interval: args.interval,
+        duration: args.duration,
+        histogram_max: args.histogram_max,
+        extra: args.extra.clone(),
+    };
+    config.validate()?;
+    let cyclictest = find_cyclictest()?;
+    if args.svg.is_some() || args.png.is_some() {
+        // Fail before a long run, not after it.
+        plot::ensure_font()?;
+    }
+    move_self_to(&guard.housekeeping)?;
+    let host = HostFacts::read(
+        &Host::default(),
+        &guard.guarded.to_string(),
+        &guard.housekeeping.to_string(),
+    );
+    let mut report = runtime()?.block_on(measure(&cyclictest, &config, args.worst, host))?;
+    let pictures = plot::write_pictures(&report, args.svg.as_deref(), args.png.as_deref())?;
+    report.pictures = pictures.iter().map(|p| p.display().to_string()).collect();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        write!(out, "{}", crate::latency::report::render_text(&report))?;
+    }
+    out.flush()?;
+    Ok(ExitCode::from(exit::OK))
+}
+
+fn compare(paths: &[PathBuf], json: bool) -> anyhow::Result<ExitCode> {
+    let mut runs = Vec::new();
+    for p in paths {
+        let report = Report::load(p)?;
+        let label = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| p.display().to_string());
+        runs.push((label, report));
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        let rows = compare_rows(&runs);
+        let doc: Vec<serde_json::Value> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, (label, _))| {
+                let mut m = serde_json::Map::new();
+                m.insert("label".into(), label.clone().into());
+                for (name, values) in &rows {
+                    m.insert((*name).into(), values[i].clone().into());
+                }
+                serde_json::Value::Object(m)
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        write!(out, "{}", compare_table(&runs))?;
+    }
+    out.flush()?;
+    Ok(ExitCode::from(exit::OK))
+}
+
+fn monotonic_ns() -> u64 {
+    // CLOCK_MONOTONIC is what bpf_ktime_get_ns() reads.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn steal_ns(cpu: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    steal_ticks(&stat, cpu).map(|t| t * 1_000_000_000 / ticks_per_second())
+}
+
+/// Threads of cyclictest other than its main thread: the measurement thread.
+fn measurement_threads(pid: u32) -> Vec<u32> {
+    Proc::default()
+        .tids(pid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| *t != pid)
+        .collect()
+}
+
+/// Classifies a thread that ran before cyclictest and is no intruder.
+fn resolve_class(tid: u32) -> &'static str {
+    let proc = Proc::default();
+    let info = proc
+        .tgid_of(tid)
+        .ok()
+        .flatten()
+        .and_then(|tgid| proc.thread(tgid, tid).ok().flatten());
+    match info {
+        Some(t) if t.is_kthread() => "kernel",
+        Some(_) => "allowed",
+        None => "unknown",
+    }
+}
+
+async fn measure(
+    path: &Path,
+    config: &CyclictestConfig,
+    worst: usize,
+    host: HostFacts,
+) -> anyhow::Result<Report> {
+    let cpu = config.cpu;
+    let mut probe_config = ProbeConfig::new(CpuSet::single(cpu));
+    // Every intruder slice is an event: the worst wake-ups need all of them.
+    probe_config.event_interval = Duration::ZERO;
+    probe_config.migrations = false;
+    probe_config.affinity = false;
+    probe_config.lifecycle = false;
+    probe_config.noise = true;
+    let mut probe = Probe::load(&probe_config)?;
+    let mut events = probe
+        .take_events()?
+        .into_async()
+        .context("polling the event ring buffer")?;
+
+    let tmp = PrivateDir::create()?;
+    let json_path = tmp.0.join("cyclictest.json");
+    let args = config.args(&json_path);
+    let cmdline = format!("{} {}", path.display(), args.join(" "));
+    let steal_before = steal_ns(cpu);
+    let started_unix_s = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let t0 = monotonic_ns();
+    let mut ct = Cyclictest::spawn(path, &args)?;
+    let pid = ct.pid();
+
+    let mut recorder = Recorder::new(
+        cpu,
+        t0,
+        config.duration,
+        pid,
+        worst,
+        Box::new(resolve_class),
+    );
+    let end = recorder.end();
+    let mut decode_errors = 0u64;
+    let mut handle = |r: Result<DecodedEvent, DecodeError>| match r {
+        Ok(ev) => recorder.on_event(&ev),
+        Err(e) => {
+            decode_errors += 1;
+            log::warn!("undecodable event: {e}");
+        }
+    };
+    let stop = wait_for_stop();
+    tokio::pin!(stop);
+    let start = Instant::now();
+    let mut watched: Vec<u32> = Vec::new();
+    let mut next_check = tokio::time::Instant::now();
+    let mut interrupted_at: Option<Instant> = None;
+    let status: ExitStatus = loop {
+        tokio::select! {
+            r = EventReader::next_batch(&mut events, &mut handle) => r.context("reading events")?,
+            _ = tokio::time::sleep_until(next_check) => {
+                if let Some(status) = ct.try_wait()? {
+                    break status;
+                }
+                if watched.is_empty() {
+                    for tid in measurement_threads(pid) {
+                        probe.set_watched(tid, watch::PROBE)?;
+                        // Its own slices are the measurement, not intrusions.
+                        probe.set_allowed(tid, Some(cpu))?;
+                        watched.push(tid);
+                    }
+                    if let Some(tid) = watched.first() {
+                        eprintln!(
+                            "pinguard: measuring CPU {cpu} for {:?}: cyclictest pid {pid}, measurement thread {tid}",
+                            config.duration
+                        );
+                    } else if start.elapsed() > START_TIMEOUT {
+                        bail!(
+                            "cyclictest (pid {pid}) started no measurement thread within {START_TIMEOUT:?}; its command line: {cmdline}"
+                        );
+                    }
+                }
+                if interrupted_at.is_some_and(|t| t.elapsed() > STOP_TIMEOUT) {
+                    log::warn!("cyclictest did not stop within {STOP_TIMEOUT:?} of SIGINT; killing it");
+                    ct.kill();
+                }
+                // Poll quickly until the measurement thread is watched, then relax.
+                next_check = tokio::time::Instant::now()
+                    + if watched.is_empty() { Duration::from_millis(1) } else { Duration::from_millis(20) };
+            }
+            r = &mut stop, if interrupted_at.is_none() => {
+                r?;
+                eprintln!("pinguard: interrupted; waiting for cyclictest's results");
+                end.set(end.get().min(monotonic_ns()));
+                ct.interrupt();
+                interrupted_at = Some(Instant::now());
+            }
+        }
+    };
+    let elapsed_ns = monotonic_ns().saturating_sub(t0);
+    // Events already in the buffer still belong to the run.
+    events.get_mut().drain(&mut handle);
+    let (stdout, stderr) = ct.output();
+    if !status.success() {
+        bail!(
+            "cyclictest failed ({status}): {}\ncommand line: {cmdline}",
+            last_lines(&stderr, 10)
+        );
+    }
+    let histogram = parse_histogram(&stdout).with_context(|| {
+        format!(
+            "reading cyclictest's histogram; its stderr: {}",
+            last_lines(&stderr, 5)
+        )
+    })?;
+    let json = match std::fs::read_to_string(&json_path) {
+        Ok(text) => Some(parse_cyclictest_json(&text)?),
+        Err(e) => {
+            log::warn!(
+                "cyclictest wrote no JSON file ({}: {e}); its loop count is unknown",
+                json_path.display()
+            );
+            None
+        }
+    };
+    drop(tmp);
+
+    let steal = match (steal_before, steal_ns(cpu)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let (irqs, softirqs, nmis, threads, cpu_stats, counters) = (
+        probe.irq_stats()?,
+        probe.softirq_stats()?,
+        probe.nmi_stats()?,
+        probe.threads()?,
+        probe.cpu_stats()?,
+        probe.counters()?,
+    );
+    drop(probe);
+    let noise = NoiseTotals::new(
+        cpu,
+        &ProbeMaps {
+            irqs: &irqs,
+            softirqs: &softirqs,
+            nmis: &nmis,
+            threads: &threads,
+            cpu_stats: &cpu_stats,
+        },
+        pid,
+        irq_name,
+        steal,
+    );
+    let recorded = recorder.finish();
+    let version = json.as_ref().and_then(|j| j.version.clone());
+    Ok(Report::build(Inputs {
+        host,
+        run: RunInfo {
+            cpu,
+            started_unix_s,
+            planned_duration_ns: u64::try_from(config.duration.as_nanos()).unwrap_or(u64::MAX),
+            elapsed_ns,
+            interval_us: config.interval_us(),
+            priority: config.priority,
+            histogram_max_us: config.histogram_max_us(),
+            cyclictest: CyclictestInfo {
+                path: path.display().to_string(),
+                version,
+                cmdline,
+            },
+            measurement_tids: watched,
+            interrupted: interrupted_at.is_some(),
+        },
+        histogram,
+        json,
+        recorded,
+        noise,
+        probe: ProbeHealth {
+            events_lost: counters.events_lost,
+            thread_map_full: counters.thread_map_full,
+            decode_errors,
+        },
+    }))
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    if tail.is_empty() {
+        "(no output)".into()
+    } else {
+        tail.join("\n")
+    }
+}
+
+/// A directory only root can read, removed on drop (cyclictest's JSON file).
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn create() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("pinguard-latency-{}", std::process::id()));
+        // A leftover of an earlier process with the same pid.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The cyclictest child: its output is collected by two threads, and it is
+/// killed if pinguard returns early (and on pinguard's death, by the kernel).
+struct Cyclictest {
+    child: Child,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+fn collect(mut r: impl std::io::Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut r, &mut s);
+        s
+    })
+}
+
+impl Cyclictest {
+    fn spawn(path: &Path, args: &[String]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(path);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                // SIGTERM makes cyclictest stop cleanly if pinguard dies.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", path.display()))?;
+        let stdout = child.stdout.take().map(collect);
+        let stderr = child.stderr.take().map(collect);
+        Ok(Self {
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        self.child.try_wait().context("waiting for cyclictest")
+    }
+
+    /// SIGINT: cyclictest stops and prints what it measured so far.
+    fn interrupt(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+
+    /// Everything it printed (call after it exited).
+    fn output(&mut self) -> (String, String) {
+        let join =
+            |h: Option<JoinHandle<String>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
+        (join(self.stdout.take()), join(self.stderr.take()))
+    }
+}
+
+impl Drop for Cyclictest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

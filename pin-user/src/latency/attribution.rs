@@ -1,0 +1,794 @@
+//! From probe events to causes: what delayed each wake-up of the measured thread.
+//!
+//! An EPISODE event is one wait of the probe thread from wake-up (or
+//! preemption) to running, with the IRQ/softirq time and NMIs on its CPU
+//! meanwhile and the thread that ran right before it. INTRUSION events
+//! (`event_interval = 0`: every slice) are the run slices of foreign threads
+//! on that CPU. The kernel sends a slice's event at its switch-out, which for
+//! the slice that ends a wait is the same `sched_switch` that sends the
+//! episode, and earlier in the ring buffer, so when an episode arrives every
+//! slice that overlapped it has already been seen: attribution is done as
+//! events stream in, with bounded memory whatever the run's length.
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, HashMap, VecDeque},
+    rc::Rc,
+};
+
+use crate::probe::DecodedEvent;
+
+/// Why one wait was long: its largest contributor.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Cause {
+    /// Hard IRQ handlers on the CPU during the wait.
+    Irq { ns: u64 },
+    /// Softirqs (in IRQ exit or ksoftirqd) during the wait.
+    Softirq { ns: u64 },
+    /// A thread ran on the CPU instead (an intruder, a per-CPU kernel thread, ...).
+    Thread {
+        tid: u32,
+        comm: String,
+        /// pinguard's class: intruder_user, intruder_kthread, kernel, allowed.
+        class: String,
+        ns: u64,
+    },
+    /// Nothing measurable but NMIs (their time is not known per wait).
+    Nmi { count: u32 },
+    /// The CPU was idle: the wait is the exit from idle and the wake-up path.
+    IdleExit,
+    /// Nothing else ran and no interrupt was seen: the scheduler's own path.
+    WakeupPath,
+}
+
+impl Cause {
+    /// A coarse class for colors and tallies.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Cause::Irq { .. } => "irq",
+            Cause::Softirq { .. } => "softirq",
+            Cause::Thread { class, .. } if class.starts_with("intruder") => "intruder",
+            Cause::Thread { class, .. } if class == "kernel" => "kernel_thread",
+            Cause::Thread { .. } => "thread",
+            Cause::Nmi { .. } => "nmi",
+            Cause::IdleExit => "idle_exit",
+            Cause::WakeupPath => "wakeup_path",
+        }
+    }
+
+    /// Who, without how long (the key of the per-cause tally).
+    pub fn who(&self) -> String {
+        match self {
+            Cause::Irq { .. } => "hard IRQs".into(),
+            Cause::Softirq { .. } => "softirqs".into(),
+            Cause::Thread {
+                tid, comm, class, ..
+            } => {
+                let what = match class.as_str() {
+                    "intruder_user" => "intruder",
+                    "intruder_kthread" => "unbound kernel thread",
+                    "kernel" => "kernel thread",
+                    _ => "thread",
+                };
+                format!("{what} {comm} (tid {tid})")
+            }
+            Cause::Nmi { .. } => "NMIs".into(),
+            Cause::IdleExit => "exit from idle".into(),
+            Cause::WakeupPath => "wake-up path".into(),
+        }
+    }
+}
+
+/// A foreign thread's time on the CPU inside one wait.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Overlap {
+    pub tid: u32,
+    pub comm: String,
+    pub class: String,
+    /// Time it ran inside the wait.
+    pub overlap_ns: u64,
+    /// Its slices that overlapped, in full.
+    pub run_ns: u64,
+}
+
+/// The thread that ran right before the probe at the end of a wait.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrevThread {
+    pub tid: u32,
+    pub comm: String,
+    pub class: String,
+    /// Its last slice.
+    pub run_ns: u64,
+}
+
+/// One of the worst waits, with everything that overlapped it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorstEpisode {
+    /// Wake-up time from the start of the run, and CLOCK_MONOTONIC.
+    pub offset_ns: u64,
+    pub wake_ns: u64,
+    pub wait_ns: u64,
+    pub irq_ns: u64,
+    pub softirq_ns: u64,
+    pub nmis: u32,
+    /// The measured thread.
+    pub tid: u32,
+    pub prev: PrevThread,
+    /// Threads that ran inside the wait, longest first.
+    pub threads: Vec<Overlap>,
+    pub cause: Cause,
+    /// One line for people, filled in by the report (it names IRQs and softirq
+    /// vectors from the run's totals).
+    #[serde(default)]
+    pub explanation: String,
+}
+
+/// A point of the timeline: the longest wait in one slot of the run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Point {
+    pub offset_ns: u64,
+    pub wait_ns: u64,
+    /// [`Cause::category`] of that wait.
+    pub cause: String,
+}
+
+/// An intruder's run slice on the measured CPU.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Span {
+    pub offset_ns: u64,
+    pub run_ns: u64,
+    pub tid: u32,
+    pub comm: String,
+    pub class: String,
+}
+
+/// What the run looked like over time, bounded in size.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Timeline {
+    /// The run is cut in slots of this length; each keeps its longest wait.
+    pub slot_ns: u64,
+    pub points: Vec<Point>,
+    /// The longest intruder slices (at most [`MAX_SPANS`]), by time.
+    pub spans: Vec<Span>,
+    /// Intruder slices not kept in `spans` (shorter than all kept ones).
+    pub spans_dropped: u64,
+}
+
+/// Waits of one cause over the run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CauseTally {
+    pub cause: String,
+    pub category: String,
+    pub episodes: u64,
+    pub total_wait_ns: u64,
+    pub max_wait_ns: u64,
+}
+
+/// Everything recorded from the events of one run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recorded {
+    pub episodes: u64,
+    pub max_wait_ns: u64,
+    /// Longest wait first.
+    pub worst: Vec<WorstEpisode>,
+    /// Most severe first (longest single wait).
+    pub by_cause: Vec<CauseTally>,
+    pub timeline: Timeline,
+    /// Threads of the probe seen in episodes.
+    pub probe_tids: Vec<u32>,
+}
+
+/// Timeline slots per run.
+pub const SLOTS: u64 = 2000;
+/// Intruder slices kept for the timeline.
+pub const MAX_SPANS: usize = 2000;
+/// How long a slice is kept for attribution after it ended. Waits longer
+/// than this are attributed to what ran in their last 10 s.
+const KEEP_NS: u64 = 10_000_000_000;
+/// Bound on remembered slices (a thread switching every few µs for 10 s).
+const MAX_SLICES: usize = 200_000;
+/// An intruder's end is estimated as start + run time, which leaves out the
+/// IRQ time inside the slice; look this much further back for overlaps.
+const END_SLACK_NS: u64 = 10_000_000;
+
+#[derive(Debug, Clone)]
+struct Slice {
+    start_ns: u64,
+    run_ns: u64,
+    tid: u32,
+    comm: String,
+    class: &'static str,
+}
+
+impl Slice {
+    fn end_ns(&self) -> u64 {
+        self.start_ns.saturating_add(self.run_ns)
+    }
+}
+
+/// Classifies a thread that is not an intruder (ran right before the probe):
+/// "idle", "kernel" (kernel thread) or "allowed" (an allowed user thread).
+pub type Resolver = Box<dyn FnMut(u32) -> &'static str>;
+
+/// Streams probe events of one run into a [`Recorded`].
+pub struct Recorder {
+    cpu: u32,
+    t0_ns: u64,
+    probe_tgid: u32,
+    worst_n: usize,
+    slot_ns: u64,
+    slots: Vec<Option<Point>>,
+    slices: VecDeque<Slice>,
+    spans: Vec<Span>,
+    spans_dropped: u64,
+    worst: Vec<WorstEpisode>,
+    episodes: u64,
+    max_wait_ns: u64,
+    by_cause: HashMap<String, CauseTally>,
+    intruder_class: HashMap<u32, &'static str>,
+    other_class: HashMap<u32, &'static str>,
+    probe_tids: Vec<u32>,
+    end_ns: Rc<Cell<u64>>,
+    resolve: Resolver,
+}
+
+impl Recorder {
+    /// `t0_ns`: CLOCK_MONOTONIC at the start of the run; `planned`: its length
+    /// (sets the timeline's slots and the end: cyclictest's own clock starts
+    /// a little later, so nothing measured is cut, while its thread's exit,
+    /// no longer real-time, is); `probe_tgid`: cyclictest's pid, whose
+    /// threads are the measurement, never noise.
+    pub fn new(
+        cpu: u32,
+        t0_ns: u64,
+        planned: std::time::Duration,
+        probe_tgid: u32,
+        worst_n: usize,
+        resolve: Resolver,
+    ) -> Self {
+        let planned_ns = u64::try_from(planned.as_nanos()).unwrap_or(u64::MAX);
+        let slot_ns = (planned_ns / SLOTS).max(1);
+        Self {
+            cpu,
+            t0_ns,
+            probe_tgid,
+            worst_n,
+            slot_ns,
+            slots: vec![None; SLOTS as usize],
+            slices: VecDeque::new(),
+            spans: Vec::new(),
+            spans_dropped: 0,
+            worst: Vec::new(),
+            episodes: 0,
+            max_wait_ns: 0,
+            by_cause: HashMap::new(),
+            intruder_class: HashMap::new(),
+            other_class: HashMap::new(),
+            probe_tids: Vec::new(),
+            end_ns: Rc::new(Cell::new(t0_ns.saturating_add(planned_ns))),
+            resolve,
+        }
+    }
+
+    /// The end of the measurement (CLOCK_MONOTONIC); events after it are
+    /// ignored. Shared so it can be moved earlier (an interrupted run) while
+    /// the recorder is borrowed by the event reader.
+    pub fn end(&self) -> Rc<Cell<u64>> {
+        self.end_ns.clone()
+    }
+
+    pub fn on_event(&mut self, ev: &DecodedEvent) {
+        if ev.cpu != self.cpu {
+            return;
+        }
+        let end = self.end_ns.get();
+        match ev.event {
+            "intrusion" if ev.tgid != self.probe_tgid && ev.start_ns < end => self.on_slice(ev),
+            "episode" => {
+                if let Some(ep) = &ev.episode
+                    && ep.wake_ns < end
+                {
+                    self.on_episode(ev.tid, ep);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_slice(&mut self, ev: &DecodedEvent) {
+        let class = ev.class;
+        self.intruder_class.insert(ev.tid, class);
+        let slice = Slice {
+            start_ns: ev.start_ns,
+            run_ns: ev.run_ns,
+            tid: ev.tid,
+            comm: ev.comm.clone(),
+            class,
+        };
+        let newest_end = slice.end_ns();
+        if slice.end_ns() >= self.t0_ns {
+            self.keep_span(Span {
+                offset_ns: slice.start_ns.saturating_sub(self.t0_ns),
+                run_ns: slice.run_ns,
+                tid: slice.tid,
+                comm: slice.comm.clone(),
+                class: class.to_string(),
+            });
+        }
+        self.slices.push_back(slice);
+        while let Some(front) = self.slices.front() {
+            if self.slices.len() > MAX_SLICES || front.end_ns().saturating_add(KEEP_NS) < newest_end
+            {
+                self.slices.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn keep_span(&mut self, span: Span) {
+        self.spans.push(span);
+        if self.spans.len() >= 2 * MAX_SPANS {
+            self.trim_spans();
+        }
+    }
+
+    fn trim_spans(&mut self) {
+        if self.spans.len() > MAX_SPANS {
+            self.spans.sort_by_key(|s| std::cmp::Reverse(s.run_ns));
+            self.spans_dropped += (self.spans.len() - MAX_SPANS) as u64;
+            self.spans.truncate(MAX_SPANS);
+        }
+    }
+
+    fn class_of(&mut self, tid: u32) -> &'static str {
+        if tid == 0 {
+            return "idle";
+        }
+        if let Some(c) = self.intruder_class.get(&tid) {
+            return c;
+        }
+        if let Some(c) = self.other_class.get(&tid) {
+            return c;
+        }
+        let c = (self.resolve)(tid);
+        self.other_class.insert(tid, c);
+        c
+    }
+
+    fn on_episode(&mut self, tid: u32, ep: &crate::probe::Episode) {
+        if !self.probe_tids.contains(&tid) {
+            self.probe_tids.push(tid);
+        }
+        self.episodes += 1;
+        self.max_wait_ns = self.max_wait_ns.max(ep.wait_ns);
+        let (w0, w1) = (ep.wake_ns, ep.wake_ns.saturating_add(ep.wait_ns));
+        let mut per_tid: BTreeMap<u32, Overlap> = BTreeMap::new();
+        for (i, s) in self.slices.iter().rev().enumerate() {
+            // start + run time leaves out IRQ and steal time inside the slice;
+            // the slice that ends the wait (sent by the same switch) ended exactly at its end.
+            let end = if i == 0 && s.tid == ep.prev_tid && s.start_ns <= w1 {
+                w1
+            } else {
+                s.end_ns()
+            };
+            if end.saturating_add(END_SLACK_NS) < w0 {
+                break;
+            }
+            let overlap = end.min(w1).saturating_sub(s.start_ns.max(w0));
+            if overlap == 0 {
+                continue;
+            }
+            let o = per_tid.entry(s.tid).or_insert_with(|| Overlap {
+                tid: s.tid,
+                comm: s.comm.clone(),
+                class: s.class.to_string(),
+                overlap_ns: 0,
+                run_ns: 0,
+            });
+            o.overlap_ns += overlap;
+            o.run_ns += s.run_ns;
+        }
+        let prev_class = self.class_of(ep.prev_tid);
+        let is_probe = ep.prev_tid == tid || self.probe_tids.contains(&ep.prev_tid);
+        if ep.prev_tid != 0 && !is_probe && !per_tid.contains_key(&ep.prev_tid) {
+            // A kernel or allowed thread: no slice events, but its last slice
+            // ended exactly when the wait did.
+            per_tid.insert(
+                ep.prev_tid,
+                Overlap {
+                    tid: ep.prev_tid,
+                    comm: ep.prev_comm.clone(),
+                    class: prev_class.to_string(),
+                    overlap_ns: ep.prev_run_ns.min(ep.wait_ns),
+                    run_ns: ep.prev_run_ns,
+                },
+            );
+        }
+        let mut threads: Vec<Overlap> = per_tid.into_values().collect();
+        threads.sort_by_key(|o| std::cmp::Reverse(o.overlap_ns));
+        let cause = dominant(
+            ep.wait_ns,
+            ep.irq_ns,
+            ep.softirq_ns,
+            ep.nmis,
+            ep.prev_tid,
+            &threads,
+        );
+        let offset_ns = ep.wake_ns.saturating_sub(self.t0_ns);
+
+        let tally = self
+            .by_cause
+            .entry(cause.who())
+            .or_insert_with(|| CauseTally {
+                cause: cause.who(),
+                category: cause.category().to_string(),
+                episodes: 0,
+                total_wait_ns: 0,
+                max_wait_ns: 0,
+            });
+        tally.episodes += 1;
+        tally.total_wait_ns += ep.wait_ns;
+        tally.max_wait_ns = tally.max_wait_ns.max(ep.wait_ns);
+
+        let slot = ((offset_ns / self.slot_ns) as usize).min(self.slots.len() - 1);
+        if self.slots[slot]
+            .as_ref()
+            .is_none_or(|p| p.wait_ns < ep.wait_ns)
+        {
+            self.slots[slot] = Some(Point {
+                offset_ns,
+                wait_ns: ep.wait_ns,
+                cause: cause.category().to_string(),
+            });
+        }
+
+        if self.worst_n == 0 {
+            return;
+        }
+        if self.worst.len() == self.worst_n
+            && self.worst.last().is_some_and(|w| w.wait_ns >= ep.wait_ns)
+        {
+            return;
+        }
+        let entry = WorstEpisode {
+            offset_ns,
+            wake_ns: ep.wake_ns,
+            wait_ns: ep.wait_ns,
+            irq_ns: ep.irq_ns,
+            softirq_ns: ep.softirq_ns,
+            nmis: ep.nmis,
+            tid,
+            prev: PrevThread {
+                tid: ep.prev_tid,
+                comm: ep.prev_comm.clone(),
+                class: prev_class.to_string(),
+                run_ns: ep.prev_run_ns,
+            },
+            threads,
+            cause,
+            explanation: String::new(),
+        };
+        let at = self.worst.partition_point(|w| w.wait_ns >= entry.wait_ns);
+        self.worst.insert(at, entry);
+        self.worst.truncate(self.worst_n);
+    }
+
+    pub fn finish(mut self) -> Recorded {
+        self.trim_spans();
+        self.spans.sort_by_key(|s| s.offset_ns);
+        let mut by_cause: Vec<CauseTally> = self.by_cause.into_values().collect();
+        by_cause.sort_by(|a, b| {
+            b.max_wait_ns
+                .cmp(&a.max_wait_ns)
+                .then_with(|| a.cause.cmp(&b.cause))
+        });
+        Recorded {
+            episodes: self.episodes,
+            max_wait_ns: self.max_wait_ns,
+            worst: self.worst,
+            by_cause,
+            timeline: Timeline {
+                slot_ns: self.slot_ns,
+                points: self.slots.into_iter().flatten().collect(),
+                spans: self.spans,
+                spans_dropped: self.spans_dropped,
+            },
+            probe_tids: self.probe_tids,
+        }
+    }
+}
+
+/// The largest contributor to a wait of `wait_ns`, if it explains at least a
+/// tenth of it (and 1 µs); otherwise what the CPU was doing.
+pub fn dominant(
+    wait_ns: u64,
+    irq_ns: u64,
+    softirq_ns: u64,
+    nmis: u32,
+    prev_tid: u32,
+    threads: &[Overlap],
+) -> Cause {
+    let mut best = Cause::WakeupPath;
+    let mut best_ns = 0u64;
+    if irq_ns > best_ns {
+        best = Cause::Irq { ns: irq_ns };
+        best_ns = irq_ns;
+    }
+    if softirq_ns > best_ns {
+        best = Cause::Softirq { ns: softirq_ns };
+        best_ns = softirq_ns;
+    }
+    if let Some(t) = threads.iter().max_by_key(|t| t.overlap_ns)
+        && t.overlap_ns > best_ns
+    {
+        best = Cause::Thread {
+            tid: t.tid,
+            comm: t.comm.clone(),
+            class: t.class.clone(),
+            ns: t.overlap_ns,
+        };
+        best_ns = t.overlap_ns;
+    }
+    if best_ns >= 1_000 && best_ns >= wait_ns / 10 {
+        return best;
+    }
+    if nmis > 0 {
+        Cause::Nmi { count: nmis }
+    } else if prev_tid == 0 {
+        Cause::IdleExit
+    } else {
+        Cause::WakeupPath
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::probe::Episode;
+
+    const T0: u64 = 1_000_000_000;
+    const PROBE_PID: u32 = 500;
+    const PROBE_TID: u32 = 501;
+
+    fn ev(event: &'static str, cpu: u32) -> DecodedEvent {
+        DecodedEvent {
+            event,
+            kind: 0,
+            cpu,
+            tid: 0,
+            tgid: 0,
+            comm: String::new(),
+            cgroup_id: 0,
+            start_ns: 0,
+            run_ns: 0,
+            total_ns: 0,
+            slices: 0,
+            class: "intruder_user",
+            other_cpu: None,
+            target_tid: None,
+            mask: None,
+            episode: None,
+        }
+    }
+
+    fn slice(tid: u32, comm: &str, start: u64, run: u64) -> DecodedEvent {
+        let mut e = ev("intrusion", 1);
+        e.tid = tid;
+        e.tgid = tid;
+        e.comm = comm.into();
+        e.start_ns = start;
+        e.run_ns = run;
+        e
+    }
+
+    fn episode(wake: u64, wait: u64, prev: (u32, &str, u64)) -> DecodedEvent {
+        let mut e = ev("episode", 1);
+        e.tid = PROBE_TID;
+        e.tgid = PROBE_PID;
+        e.episode = Some(Episode {
+            wake_ns: wake,
+            wait_ns: wait,
+            irq_ns: 0,
+            softirq_ns: 0,
+            nmis: 0,
+            prev_tid: prev.0,
+            prev_comm: prev.1.into(),
+            prev_run_ns: prev.2,
+        });
+        e
+    }
+
+    fn recorder(worst: usize) -> Recorder {
+        Recorder::new(
+            1,
+            T0,
+            Duration::from_secs(2),
+            PROBE_PID,
+            worst,
+            Box::new(|tid| if tid == 77 { "kernel" } else { "allowed" }),
+        )
+    }
+
+    #[test]
+    fn an_intruder_slice_overlapping_the_wait_is_the_cause() {
+        let mut r = recorder(3);
+        // Idle wake-ups: 5 µs each.
+        for i in 0..10 {
+            r.on_event(&episode(T0 + i * 1_000_000, 5_000, (0, "swapper/1", 0)));
+        }
+        // pg-spiker runs 2 ms from T0+20ms; the probe wakes 0.5 ms into it.
+        r.on_event(&slice(4242, "pg-spiker", T0 + 20_000_000, 2_000_000));
+        r.on_event(&episode(
+            T0 + 20_500_000,
+            1_500_000,
+            (4242, "pg-spiker", 2_000_000),
+        ));
+        // A softirq-heavy wait.
+        let mut e = episode(T0 + 30_000_000, 40_000, (0, "swapper/1", 0));
+        e.episode.as_mut().unwrap().softirq_ns = 30_000;
+        r.on_event(&e);
+        // Events of other CPUs and of cyclictest's own threads are not noise.
+        let mut other = slice(9, "elsewhere", T0 + 30_000_000, 50_000_000);
+        other.cpu = 0;
+        r.on_event(&other);
+        let mut own = slice(PROBE_TID, "cyclictest", T0, 10_000_000);
+        own.tgid = PROBE_PID;
+        r.on_event(&own);
+
+        let rec = r.finish();
+        assert_eq!(rec.episodes, 12);
+        assert_eq!(rec.max_wait_ns, 1_500_000);
+        assert_eq!(rec.worst.len(), 3);
+        let w = &rec.worst[0];
+        assert_eq!(w.wait_ns, 1_500_000);
+        assert_eq!(w.offset_ns, 20_500_000);
+        assert_eq!(
+            w.cause,
+            Cause::Thread {
+                tid: 4242,
+                comm: "pg-spiker".into(),
+                class: "intruder_user".into(),
+                ns: 1_500_000
+            }
+        );
+        assert_eq!(w.threads.len(), 1, "{:?}", w.threads);
+        assert_eq!(w.prev.class, "intruder_user");
+        assert_eq!(rec.worst[1].cause, Cause::Softirq { ns: 30_000 });
+        assert_eq!(rec.worst[2].cause, Cause::IdleExit);
+        assert_eq!(rec.by_cause[0].cause, "intruder pg-spiker (tid 4242)");
+        assert_eq!(rec.by_cause[0].category, "intruder");
+        let idle = rec
+            .by_cause
+            .iter()
+            .find(|c| c.category == "idle_exit")
+            .unwrap();
+        assert_eq!(idle.episodes, 10);
+        assert_eq!(
+            rec.timeline.spans.len(),
+            1,
+            "only pg-spiker is noise on CPU 1"
+        );
+        assert_eq!(rec.timeline.points.len(), 12);
+        assert_eq!(rec.probe_tids, vec![PROBE_TID]);
+    }
+
+    #[test]
+    fn the_slice_that_ends_the_wait_counts_to_its_end() {
+        let mut r = recorder(1);
+        // dd ran 850 µs of CPU time from T0, but 40 µs of it went to IRQs
+        // (not in its run time): its slice really ended at T0 + 890 µs,
+        // when the probe, woken at T0 + 850 µs, got the CPU.
+        r.on_event(&slice(4242, "dd", T0, 850_000));
+        r.on_event(&episode(T0 + 850_000, 40_000, (4242, "dd", 850_000)));
+        let rec = r.finish();
+        assert_eq!(rec.worst[0].threads[0].overlap_ns, 40_000);
+        assert_eq!(rec.worst[0].cause.category(), "intruder");
+    }
+
+    #[test]
+    fn nothing_after_the_end_is_recorded() {
+        let mut r = recorder(5);
+        let end = r.end();
+        assert_eq!(end.get(), T0 + 2_000_000_000, "planned end");
+        r.on_event(&episode(T0 + 1_000, 5_000, (0, "", 0)));
+        // cyclictest's thread leaves SCHED_FIFO when done: its exit waits are no sample.
+        r.on_event(&slice(9, "stress-ng", T0 + 2_000_000_100, 300_000_000));
+        r.on_event(&episode(
+            T0 + 2_000_000_000,
+            340_000_000,
+            (9, "stress-ng", 300_000_000),
+        ));
+        end.set(T0 + 500);
+        r.on_event(&episode(T0 + 600, 7_000, (0, "", 0)));
+        let rec = r.finish();
+        assert_eq!(rec.episodes, 1);
+        assert_eq!(rec.max_wait_ns, 5_000);
+        assert!(rec.timeline.spans.is_empty());
+    }
+
+    #[test]
+    fn a_kernel_thread_that_ran_before_the_probe_is_found_without_slices() {
+        let mut r = recorder(1);
+        r.on_event(&episode(T0, 80_000, (77, "ksoftirqd/1", 70_000)));
+        let rec = r.finish();
+        assert_eq!(
+            rec.worst[0].cause,
+            Cause::Thread {
+                tid: 77,
+                comm: "ksoftirqd/1".into(),
+                class: "kernel".into(),
+                ns: 70_000
+            }
+        );
+        assert_eq!(rec.worst[0].cause.category(), "kernel_thread");
+        assert_eq!(
+            rec.worst[0].cause.who(),
+            "kernel thread ksoftirqd/1 (tid 77)"
+        );
+    }
+
+    #[test]
+    fn worst_keeps_the_n_longest_in_order() {
+        let mut r = recorder(2);
+        for (i, wait) in [10, 50, 30, 70, 20].iter().enumerate() {
+            r.on_event(&episode(
+                T0 + i as u64 * 1000,
+                wait * 1000,
+                (0, "swapper/1", 0),
+            ));
+        }
+        let rec = r.finish();
+        let waits: Vec<u64> = rec.worst.iter().map(|w| w.wait_ns).collect();
+        assert_eq!(waits, vec![70_000, 50_000]);
+    }
+
+    #[test]
+    fn timeline_keeps_the_longest_wait_per_slot_and_bounds_spans() {
+        // 2 s in 2000 slots: 1 ms each.
+        let mut r = recorder(0);
+        r.on_event(&episode(T0 + 100, 5_000, (0, "", 0)));
+        r.on_event(&episode(T0 + 200, 9_000, (0, "", 0)));
+        r.on_event(&episode(T0 + 300, 7_000, (0, "", 0)));
+        // Past the planned end (when the end is moved later): clamped into the last slot.
+        r.end().set(u64::MAX);
+        r.on_event(&episode(T0 + 5_000_000_000, 1_000, (0, "", 0)));
+        for i in 0..(2 * MAX_SPANS as u64 + 10) {
+            r.on_event(&slice(9, "kworker", T0 + i * 10_000, 1 + i));
+        }
+        let rec = r.finish();
+        assert_eq!(rec.timeline.slot_ns, 1_000_000);
+        assert_eq!(rec.timeline.points.len(), 2);
+        assert_eq!(rec.timeline.points[0].wait_ns, 9_000);
+        assert_eq!(rec.timeline.spans.len(), MAX_SPANS);
+        assert_eq!(rec.timeline.spans_dropped, MAX_SPANS as u64 + 10);
+        // The longest are kept, sorted by time.
+        assert!(
+            rec.timeline
+                .spans
+                .iter()
+                .all(|s| s.run_ns > MAX_SPANS as u64 + 10)
+        );
+        assert!(
+            rec.timeline
+                .spans
+                .windows(2)
+                .all(|w| w[0].offset_ns <= w[1].offset_ns)
+        );
+    }
+
+    #[test]
+    fn dominant_cause_needs_a_tenth_of_the_wait() {
+        assert_eq!(dominant(100_000, 5_000, 0, 0, 0, &[]), Cause::IdleExit);
+        assert_eq!(
+            dominant(100_000, 15_000, 12_000, 0, 0, &[]),
+            Cause::Irq { ns: 15_000 }
+        );
+        assert_eq!(dominant(100_000, 0, 0, 2, 0, &[]), Cause::Nmi { count: 2 });
+        assert_eq!(dominant(100_000, 0, 0, 0, 33, &[]), Cause::WakeupPath);
+        // Below 1 µs nothing counts, even for tiny waits.
+        assert_eq!(dominant(2_000, 900, 0, 0, 0, &[]), Cause::IdleExit);
+    }
+}

@@ -1,0 +1,453 @@
+//! `pinguard latency`: cyclictest on guarded CPU 1 (CPU 0 is housekeeping)
+//! with the real probe, real intruder threads and the real pictures.
+use std::{
+    path::Path,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    process::{Pinguard, run},
+    require,
+    threads::{Worker, spin},
+    util::{missing_bpf, which},
+};
+use serde_json::Value;
+
+/// What these tests need: eBPF privileges and cyclictest (rt-tests).
+fn missing_cyclictest() -> Option<String> {
+    missing_bpf().or_else(|| {
+        which("cyclictest").is_none().then(|| {
+            "cyclictest is not installed (apt-get install rt-tests, or cargo xtask setup)".into()
+        })
+    })
+}
+
+/// Two cyclictest runs on one CPU would measure each other.
+static CPU1: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> MutexGuard<'static, ()> {
+    CPU1.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Probe load plus the run plus cyclictest's exit, with a wide margin.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `pinguard latency ... --json` to completion and parses its report.
+fn latency_json(args: &[&str]) -> Value {
+    let mut all = vec!["latency", "--guard", "1", "--cpu", "1", "--json"];
+    all.extend_from_slice(args);
+    let (status, out, err) = Pinguard::spawn(&all).finish(RUN_TIMEOUT);
+    assert!(
+        status.success(),
+        "pinguard {all:?} failed: {status:?}\nstderr:\n{}",
+        err.join("\n")
+    );
+    serde_json::from_str(&out.join("\n"))
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{}", out.join("\n")))
+}
+
+fn u(v: &Value, path: &str) -> u64 {
+    v.pointer(path)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("report has no number at {path}"))
+}
+
+/// Counts the SVG elements `<tag .../>` filled with `color` (#RRGGBB).
+fn filled(svg: &str, tag: &str, color: &str) -> usize {
+    let fill = format!("fill=\"{color}\"");
+    svg.split(&format!("<{tag} "))
+        .skip(1)
+        .filter(|el| el.split("/>").next().is_some_and(|a| a.contains(&fill)))
+        .count()
+}
+
+/// Decodes an RGB PNG: (width, height, pixels).
+fn decode_png(path: &Path) -> (u32, u32, Vec<[u8; 3]>) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(file)
+        .read_info()
+        .unwrap_or_else(|e| panic!("{} is not a PNG: {e}", path.display()));
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    let pixels = buf[..info.buffer_size()]
+        .chunks(3)
+        .map(|p| [p[0], p[1], p[2]])
+        .collect();
+    (info.width, info.height, pixels)
+}
+
+#[test]
+fn the_histogram_holds_every_cyclictest_sample_and_the_pictures_show_it() {
+    require!(missing_cyclictest());
+    let _cpu = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let svg_dir = dir.path().join("svg");
+    let png_dir = dir.path().join("png");
+    let r = latency_json(&[
+        "--duration",
+        "3s",
+        "--svg",
+        svg_dir.to_str().unwrap(),
+        "--png",
+        png_dir.to_str().unwrap(),
+    ]);
+
+    // Every sample cyclictest took is in the histogram (or its overflow count).
+    let samples = u(&r, "/latency/samples");
+    let cycles = u(&r, "/latency/cycles");
+    assert_eq!(
+        samples, cycles,
+        "histogram samples vs cyclictest's loop count"
+    );
+    let buckets = r["histogram"]["buckets"].as_array().unwrap();
+    let in_buckets: u64 = buckets.iter().map(|b| b[1].as_u64().unwrap()).sum();
+    assert_eq!(in_buckets + u(&r, "/histogram/overflows"), samples);
+    // 3 s at 1000 µs is at most 3000 loops; cyclictest's start costs a few.
+    assert!(
+        (2700..=3000).contains(&cycles),
+        "3 s at 1 ms should be close to 3000 loops, cyclictest counted {cycles}"
+    );
+    let (min, p50, p99, max) = (
+        u(&r, "/latency/min_us"),
+        u(&r, "/latency/p50_us"),
+        u(&r, "/latency/p99_us"),
+        u(&r, "/latency/max_us"),
+    );
+    assert!(min <= p50 && p50 <= p99 && p99 <= max, "{}", r["latency"]);
+    let fullest = buckets.iter().max_by_key(|b| b[1].as_u64()).unwrap();
+    assert_eq!(
+        u(&r, "/latency/mode_count"),
+        fullest[1].as_u64().unwrap(),
+        "the most frequent latency is the fullest bucket"
+    );
+    assert!(
+        u(&r, "/episodes/count") >= cycles / 2,
+        "the probe saw {} waits of cyclictest's thread for {cycles} loops",
+        u(&r, "/episodes/count")
+    );
+
+    // Host facts, as the kernel states them.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(r["host"]["kernel_release"], release.trim());
+    let version = std::fs::read_to_string("/proc/sys/kernel/version").unwrap();
+    let model = r["host"]["preemption"]["model"].as_str().unwrap();
+    match model {
+        "PREEMPT_RT" | "PREEMPT_DYNAMIC" | "PREEMPT" => {
+            assert!(
+                version.contains(model),
+                "{model} not in uname -v: {version}"
+            )
+        }
+        other => assert_eq!(other, "none", "unknown model"),
+    }
+    assert_eq!(r["host"]["guarded"], "1");
+    let cmdline = r["run"]["cyclictest"]["cmdline"].as_str().unwrap();
+    for flag in ["-a 1", "-p 95", "-i 1000", "-D 3", "-t1"] {
+        assert!(cmdline.contains(flag), "{flag} missing from {cmdline}");
+    }
+
+    // The pictures: one bar per non-empty bucket, one point per timeline slot, labelled axes.
+    let files: Vec<String> = r["pictures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(files.len(), 4, "{files:?}");
+    let hist_svg = std::fs::read_to_string(svg_dir.join("latency-histogram-cpu1.svg")).unwrap();
+    assert_eq!(
+        filled(&hist_svg, "rect", "#1F77B4"),
+        buckets.len(),
+        "bars in the histogram SVG vs non-empty buckets"
+    );
+    for label in ["latency (µs)", "samples (log scale)"] {
+        assert!(hist_svg.contains(label), "histogram SVG lacks {label:?}");
+    }
+    let timeline_svg = std::fs::read_to_string(svg_dir.join("noise-timeline-cpu1.svg")).unwrap();
+    let points = r["timeline"]["points"].as_array().unwrap().len();
+    assert!(points > 100, "only {points} timeline points for a 3 s run");
+    assert_eq!(timeline_svg.matches("<circle ").count(), points);
+    for label in ["time in run (s)", "wait (µs, log scale)"] {
+        assert!(timeline_svg.contains(label), "timeline SVG lacks {label:?}");
+    }
+    for name in ["latency-histogram-cpu1.png", "noise-timeline-cpu1.png"] {
+        let (w, h, pixels) = decode_png(&png_dir.join(name));
+        assert_eq!((w, h), (1000, 600), "{name}");
+        // Inside the plot area (past the axis labels, below the title).
+        let inked = |pred: &dyn Fn([u8; 3]) -> bool| {
+            pixels
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| {
+                    let (x, y) = ((*i as u32) % w, (*i as u32) / w);
+                    (110..980).contains(&x) && (60..530).contains(&y) && pred(**p)
+                })
+                .count()
+        };
+        let not_background = inked(&|p| p != [255, 255, 255]);
+        assert!(
+            not_background > 500,
+            "{name}: the plot area is nearly empty"
+        );
+        if name.starts_with("latency") {
+            let bars = inked(&|p| p == [0x1F, 0x77, 0xB4]);
+            assert!(bars > 20, "{name}: {bars} bar pixels in the plot area");
+        }
+    }
+}
+
+#[test]
+fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
+    require!(missing_cyclictest());
+    let _cpu = exclusive();
+    // cyclictest at FIFO 50, the intruder at FIFO 60: each of its bursts keeps
+    // cyclictest's thread off the CPU until the burst ends.
+    let mut pg = Pinguard::spawn(&[
+        "latency",
+        "--guard",
+        "1",
+        "--cpu",
+        "1",
+        "--duration",
+        "3s",
+        "--priority",
+        "50",
+        "--worst",
+        "5",
+        "--json",
+    ]);
+    pg.wait_stderr("measuring CPU 1", RUN_TIMEOUT);
+    let spiker = Worker::spawn_on("pg-spiker", &[1]);
+    let tid = spiker.tid();
+    spiker.run(|| {
+        let fifo = libc::sched_param { sched_priority: 60 };
+        // SAFETY: plain syscalls on the calling thread.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setscheduler: {}",
+            std::io::Error::last_os_error()
+        );
+        // 2 ms bursts every ~50 ms: 4% of the CPU, far below RT throttling's 95%.
+        let end = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < end {
+            spin(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let other = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as above.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
+    });
+    let (status, out, err) = pg.finish(RUN_TIMEOUT);
+    assert!(
+        status.success(),
+        "pinguard failed: {status:?}\n{}",
+        err.join("\n")
+    );
+    let r: Value = serde_json::from_str(&out.join("\n")).expect("one JSON report");
+
+    // cyclictest saw THAT something happened...
+    assert!(
+        u(&r, "/latency/max_us") >= 1000,
+        "2 ms bursts of a higher-priority thread should show in cyclictest's max: {}",
+        r["latency"]
+    );
+    // ...pinguard says WHY.
+    let worst = r["worst"].as_array().unwrap();
+    assert_eq!(worst.len(), 5);
+    let by_spiker = |w: &Value| {
+        w["cause"]["kind"] == "thread"
+            && w["cause"]["tid"] == tid
+            && w["cause"]["comm"] == "pg-spiker"
+    };
+    assert!(
+        by_spiker(&worst[0]),
+        "the worst wake-up is not blamed on pg-spiker (tid {tid}): {}",
+        worst[0]
+    );
+    assert!(u(&worst[0], "/wait_ns") >= 500_000, "{}", worst[0]);
+    let blamed = worst.iter().filter(|w| by_spiker(w)).count();
+    assert!(
+        blamed >= 3,
+        "only {blamed} of the 5 worst wake-ups blamed on pg-spiker: {worst:#?}"
+    );
+    let overlap = worst[0]["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tid"] == tid)
+        .unwrap_or_else(|| {
+            panic!(
+                "pg-spiker not among the threads of the worst wake-up: {}",
+                worst[0]
+            )
+        });
+    assert!(
+        u(overlap, "/overlap_ns") * 2 >= u(&worst[0], "/wait_ns"),
+        "pg-spiker ran less than half of the worst wait: {}",
+        worst[0]
+    );
+    assert!(
+        worst[0]["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("pg-spiker")
+    );
+
+    // The totals count it as an intruder of CPU 1, with its bursts.
+    let intruder = r["noise"]["intruders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["tid"] == tid)
+        .unwrap_or_else(|| panic!("pg-spiker missing from the intruders: {}", r["noise"]));
+    assert!(u(intruder, "/slices") >= 10, "{intruder}");
+    assert!(u(intruder, "/max_slice_ns") >= 1_500_000, "{intruder}");
+    let tally = r["episodes"]["by_cause"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cause"] == format!("intruder pg-spiker (tid {tid})"))
+        .unwrap_or_else(|| panic!("no cause tally for pg-spiker: {}", r["episodes"]));
+    assert!(u(tally, "/episodes") >= 10, "{tally}");
+    // cyclictest's own threads are the measurement, never noise.
+    let probe_tids: Vec<&Value> = r["run"]["measurement_tids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert!(!probe_tids.is_empty());
+    for i in r["noise"]["intruders"].as_array().unwrap() {
+        assert!(
+            !probe_tids.contains(&&i["tid"]),
+            "cyclictest listed as an intruder: {i}"
+        );
+    }
+}
+
+#[test]
+fn compare_puts_two_saved_runs_side_by_side() {
+    require!(missing_cyclictest());
+    let _cpu = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let mut maxes = Vec::new();
+    for name in ["first.json", "second.json"] {
+        let r = latency_json(&["--duration", "1s", "--interval", "500us"]);
+        maxes.push(u(&r, "/latency/max_us"));
+        std::fs::write(dir.path().join(name), serde_json::to_string(&r).unwrap()).unwrap();
+    }
+    let a = dir.path().join("first.json");
+    let b = dir.path().join("second.json");
+    let (code, out, err) = run(&[
+        "latency",
+        "--compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let header = out.lines().next().unwrap();
+    assert!(
+        header.contains("first.json") && header.contains("second.json"),
+        "{out}"
+    );
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(
+        out.lines().nth(1).unwrap().contains(release.trim()),
+        "{out}"
+    );
+    let max_row = out
+        .lines()
+        .find(|l| l.starts_with("max (µs)"))
+        .unwrap_or_else(|| panic!("no max row:\n{out}"));
+    let cells: Vec<&str> = max_row.split_whitespace().skip(2).collect();
+    assert_eq!(
+        cells,
+        [maxes[0].to_string(), maxes[1].to_string()],
+        "max row: {max_row}"
+    );
+    for row in [
+        "min (µs)",
+        "avg (µs)",
+        "p50 (µs)",
+        "p99 (µs)",
+        "p99.9 (µs)",
+        "mode (µs)",
+        "samples",
+        "top noise source",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(row)),
+            "{row} missing:\n{out}"
+        );
+    }
+
+    // A file that is no report is named in the error.
+    let junk = dir.path().join("junk.json");
+    std::fs::write(&junk, "{\"format\": \"something else\"}").unwrap();
+    let (code, _, err) = run(&[
+        "latency",
+        "--compare",
+        a.to_str().unwrap(),
+        junk.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("junk.json") && err.contains("pinguard-latency/1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_input_is_rejected_before_anything_runs() {
+    // No privileges needed: these fail before the probe or cyclictest start.
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["latency", "--guard", "1", "--cpu", "0"],
+            "CPU 0 is not guarded",
+        ),
+        (
+            &["latency", "--guard", "1", "--priority", "0"],
+            "--priority",
+        ),
+        (
+            &["latency", "--guard", "1", "--interval", "1500ns"],
+            "whole microseconds",
+        ),
+        (
+            &["latency", "--guard", "1", "--", "-p", "80"],
+            "use pinguard's --priority",
+        ),
+        (
+            &["latency", "--guard", "1", "--", "-D10"],
+            "use pinguard's --duration",
+        ),
+        (
+            &["latency", "--compare", "/nonexistent/a.json"],
+            "/nonexistent/a.json",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {needle:?} not in {err}");
+    }
+}
+
+#[test]
+fn a_missing_cyclictest_says_how_to_install_it() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(integration_tests::util::pinguard_bin())
+        .args(["latency", "--guard", "1", "--duration", "1s"])
+        .env("PATH", empty.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("apt-get install rt-tests") && err.contains("cargo xtask setup"),
+        "{err}"
+    );
+}
