@@ -46,6 +46,10 @@ pub struct AttachArgs {
     /// migrate_tp_btf, setaffinity_enter, setaffinity_exit, empty_tp_btf, empty_raw_tp, empty_tracepoint.
     #[arg(long = "program", required = true)]
     pub programs: Vec<String>,
+    /// A thread that owns a guarded CPU, as CPU=TID (repeatable), declared
+    /// before "attached" is printed (the benchmark's owner scenario).
+    #[arg(long = "owner", value_name = "CPU=TID", value_parser = parse_owner)]
+    pub owners: Vec<(u32, u32)>,
 }
 
 /// How the guarded CPUs are chosen, shared by every subcommand.

@@ -1,24 +1,27 @@
-//! `cargo xtask bench`: the eBPF observer's overhead on this machine.
+//! `cargo xtask bench`: what pinguard costs on this machine.
 //!
-//! a) ns/event: with `kernel.bpf_stats_enabled=1` the kernel accounts each
-//!    program's run time and run count; their ratio over a fixed load is the
-//!    cost of one sched_switch event.
-//! b) throughput loss: a cross-CPU pipe ping-pong (CPU 0 <-> guarded CPU 1),
-//!    detached vs attached, with bpf_stats off (it adds its own cost). Shared
-//!    VMs drift by several percent, so each attached run sits between two
-//!    detached runs, the program order rotates per round, and we report the
-//!    spread of the per-round ratios.
+//! Two suites, both by default:
+//! - `observer` ([`observer`]): the sched_switch program's cost per event
+//!   (kernel bpf_stats) and the throughput a context-switch-heavy load loses
+//!   with it attached, in three scenarios (a housekeeping CPU, a guarded CPU
+//!   with its owner, a guarded CPU with intruders), for three hook kinds and
+//!   empty programs on the same hooks (the floor).
+//! - `daemon` ([`daemon`]): `pinguard run` against a real QEMU/KVM guest:
+//!   re-pin latency after an affinity change, and the daemon's CPU, memory
+//!   and in-kernel cost while the host runs a context-switch-heavy load.
 //!
 //! Targets are printed next to the results but never fail the run: this is a
 //! measurement. Errors (cannot attach, cannot pin, bpftool missing) do.
+//! Every process and VM started here is stopped by a Drop guard, and
+//! kernel.bpf_stats_enabled is put back, on every exit path including Ctrl-C.
 use std::{
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader},
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::{Command, ExitStatus, Stdio},
     sync::{
-        Arc, Barrier, Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
@@ -35,52 +38,55 @@ use serde_json::{Value, json};
 
 use crate::{build, util};
 
+mod daemon;
+mod observer;
+
 const W: &str = "bench";
 
-/// The real observer on three hook kinds, then empty programs on the same hooks (the floor).
-const PROGRAMS: &[&str] = &[
-    "switch_tp_btf",
-    "switch_raw_tp",
-    "switch_tracepoint",
-    "empty_tp_btf",
-    "empty_raw_tp",
-    "empty_tracepoint",
-];
-/// Pseudo-program: attach nothing. Its "loss" is the noise of a detached-vs-detached pair.
-const NONE: &str = "none";
-
-const TARGET_NS_PER_EVENT: f64 = 100.0;
-const TARGET_LOSS_PCT: f64 = 3.0;
-/// The guarded CPU the attach command configures, and the housekeeping CPU.
+/// The guarded CPU every pinguard started here is given, and the housekeeping CPU.
 const GUARDED_CPU: usize = 1;
 const OTHER_CPU: usize = 0;
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-/// The kernel keeps BPF_OBJ_NAME_LEN - 1 characters of a program's name.
-const KERNEL_NAME_LEN: usize = 15;
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Each ping-pong run is split into this many chunks; its throughput is their median.
-const CHUNKS: u64 = 5;
+/// Below this share of idle CPU time, others' work swamps the effects we measure.
+const QUIET_IDLE_PCT: f64 = 90.0;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Suite {
+    /// The eBPF sched_switch observer: ns/event and throughput loss per scenario.
+    Observer,
+    /// `pinguard run` with a QEMU/KVM guest: re-pin latency, CPU and RSS under load.
+    Daemon,
+}
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Interleaved detached/attached rounds (default 7, or 3 with --quick).
+    /// What to measure (repeatable; default: both).
+    #[arg(long = "suite", value_enum, value_name = "SUITE")]
+    suites: Vec<Suite>,
+    /// Observer scenario (repeatable; default: all three).
+    #[arg(long = "scenario", value_enum, value_name = "SCENARIO")]
+    scenarios: Vec<observer::Scenario>,
+    /// Interleaved detached/attached rounds per scenario (default 5, or 2 with --quick).
     #[arg(long)]
     rounds: Option<u32>,
-    /// About one minute instead of about five: fewer rounds, shorter runs.
+    /// About two minutes instead of about eight: fewer rounds, shorter runs,
+    /// fewer re-pins, a shorter daemon load.
     #[arg(long)]
     quick: bool,
     /// Program to measure (repeatable; default: all six). `none` attaches
     /// nothing: its loss is the detached-vs-detached noise floor.
     #[arg(long = "program", value_name = "NAME")]
     programs: Vec<String>,
-    /// Round trips per ping-pong run (default: calibrated to the run length,
-    /// then fixed for the whole benchmark).
-    #[arg(long, value_name = "N")]
-    round_trips: Option<u64>,
-    /// Skip the second load (`perf bench sched pipe`).
+    /// Skip the `perf bench sched pipe` loads of the observer scenarios.
     #[arg(long)]
     no_perf: bool,
+    /// Affinity changes whose re-pin latency is measured (default 100, or 20 with --quick).
+    #[arg(long, value_name = "N")]
+    repins: Option<u32>,
+    /// Seconds of context-switch-heavy load while the daemon's CPU and RSS are
+    /// sampled (default 20, or 8 with --quick).
+    #[arg(long, value_name = "SECS")]
+    load_secs: Option<u64>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -96,8 +102,21 @@ fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
+/// Sleeps `d`, waking early with an error on Ctrl-C.
+fn sleep_interruptible(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
+}
+
 /// Ctrl-C / SIGTERM only set a flag, so the benchmark stops at the next step
-/// and the Drop guards (bpf_stats, attached children) run.
+/// and the Drop guards (bpf_stats, children, the guest) run.
 fn install_signal_handlers() -> Result<()> {
     let action = SigAction::new(
         SigHandler::Handler(on_signal),
@@ -112,324 +131,114 @@ fn install_signal_handlers() -> Result<()> {
     Ok(())
 }
 
-struct Plan {
-    rounds: u32,
-    programs: Vec<String>,
-    /// Wall time one load run should take, used to calibrate N.
-    run_len: Duration,
-    round_trips: u64,
-    perf_loops: Option<u64>,
-}
-
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let programs = if args.programs.is_empty() {
-        PROGRAMS.iter().map(|p| p.to_string()).collect()
+    let suites = if args.suites.is_empty() {
+        vec![Suite::Observer, Suite::Daemon]
     } else {
-        args.programs.clone()
+        args.suites.clone()
     };
-    for p in &programs {
-        if p != NONE && !PROGRAMS.contains(&p.as_str()) {
-            bail!(
-                "unknown --program {p:?}: expected one of {}, or {NONE}",
-                PROGRAMS.join(", ")
-            );
-        }
-    }
-    let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 7 });
-    if rounds == 0 {
-        bail!("--rounds must be at least 1");
-    }
-    let real: Vec<String> = programs.iter().filter(|p| *p != NONE).cloned().collect();
-    if !real.is_empty() && !util::is_root() {
-        bail!("bench loads eBPF programs and sets kernel.bpf_stats_enabled: run it as root");
+    let observer_plan = if suites.contains(&Suite::Observer) {
+        Some(observer::Plan::from_args(args)?)
+    } else {
+        None
+    };
+    let daemon_plan = if suites.contains(&Suite::Daemon) {
+        Some(daemon::Plan::from_args(args)?)
+    } else {
+        None
+    };
+    let needs_bpf = daemon_plan.is_some() || observer_plan.as_ref().is_some_and(|p| p.loads_bpf());
+    if needs_bpf && !util::is_root() {
+        bail!(
+            "bench loads eBPF programs, starts pinguard run and sets kernel.bpf_stats_enabled: run it as root"
+        );
     }
     install_signal_handlers()?;
+    if std::thread::available_parallelism().map_or(0, |n| n.get()) < 2 {
+        bail!("bench needs CPUs {OTHER_CPU} and {GUARDED_CPU}; this machine has one CPU");
+    }
 
-    let bin = if real.is_empty() {
-        None
-    } else {
+    let bin = if needs_bpf {
         build::run()?;
-        let bin = util::pinguard_bin()?;
         which("bpftool").context("bpftool not found (cargo xtask setup installs it)")?;
-        Some(bin)
+        Some(util::pinguard_bin()?)
+    } else {
+        None
     };
+    // Restores the sysctl on every exit path, including errors and Ctrl-C.
+    let stats = if needs_bpf {
+        Some(BpfStats::capture()?)
+    } else {
+        None
+    };
+    warn_about_others();
 
-    let run_len = Duration::from_millis(if args.quick { 300 } else { 600 });
     let idle_before = idle_pct(Duration::from_secs(1))?;
     warn_if_busy(idle_before, "before");
-    eprintln!("{W}: warming up and calibrating the loads");
-    let round_trips = match args.round_trips {
-        Some(0) => bail!("--round-trips must be at least 1"),
-        Some(n) => n,
-        None => calibrate_ping_pong(run_len)?,
-    };
-    let perf_loops = if args.no_perf {
-        None
-    } else {
-        calibrate_perf(run_len)
-    };
-    let plan = Plan {
-        rounds,
-        programs,
-        run_len,
-        round_trips,
-        perf_loops,
-    };
-    eprintln!(
-        "{W}: {} rounds x {} programs; ping-pong {} round trips CPU {OTHER_CPU}<->{GUARDED_CPU}{}",
-        plan.rounds,
-        plan.programs.len(),
-        plan.round_trips,
-        match plan.perf_loops {
-            Some(n) => format!("; taskset -c {GUARDED_CPU} perf bench sched pipe -l {n}"),
-            None => String::new(),
-        }
-    );
-
-    let mut results: Vec<ProgResult> = plan
-        .programs
-        .iter()
-        .map(|p| ProgResult::new(p.clone()))
-        .collect();
-
-    // Restores the sysctl on every exit path, including errors and Ctrl-C.
-    let stats = match &bin {
-        Some(_) => Some(BpfStats::capture()?),
+    let t0 = Instant::now();
+    let observer = match &observer_plan {
+        Some(plan) => Some(observer::run(plan, bin.as_deref(), stats.as_ref())?),
         None => None,
     };
-    if let (Some(bin), Some(stats)) = (&bin, &stats) {
-        stats.set(true)?;
-        for r in results.iter_mut().filter(|r| r.name != NONE) {
-            check_interrupted()?;
-            r.stats = Some(measure_ns_per_event(bin, &r.name, plan.round_trips)?);
-        }
-    }
-    if let Some(stats) = &stats {
-        stats.set(false)?;
-    }
-
-    for round in 0..plan.rounds {
-        let n = results.len();
-        for i in 0..n {
-            check_interrupted()?;
-            let r = &mut results[(i + round as usize) % n];
-            let (d, a) = sandwich(bin.as_deref(), &r.name, &plan)?;
-            r.ping_pong.push(a.ping_pong / d.ping_pong);
-            if let (Some(dp), Some(ap)) = (d.perf, a.perf) {
-                r.perf.push(ap / dp);
-            }
-            eprintln!(
-                "{W}: round {}/{}: {:<17} ping-pong {:>8.0} -> {:>8.0} rt/s ({:+.1}%){}",
-                round + 1,
-                plan.rounds,
-                r.name,
-                d.ping_pong,
-                a.ping_pong,
-                (a.ping_pong / d.ping_pong - 1.0) * 100.0,
-                match (d.perf, a.perf) {
-                    (Some(dp), Some(ap)) => format!(
-                        "; perf pipe {dp:.0} -> {ap:.0} ops/s ({:+.1}%)",
-                        (ap / dp - 1.0) * 100.0
-                    ),
-                    _ => String::new(),
-                }
-            );
-        }
-    }
+    let daemon = match (&daemon_plan, &bin, &stats) {
+        (Some(plan), Some(bin), Some(stats)) => Some(daemon::run(plan, bin, stats)?),
+        _ => None,
+    };
     drop(stats);
     let idle_after = idle_pct(Duration::from_secs(1))?;
     warn_if_busy(idle_after, "after");
 
-    let report = Report::new(&plan, &results, [idle_before, idle_after]);
-    let md = report.markdown();
+    let host = Host::read([idle_before, idle_after], t0.elapsed());
+    let mut md = host.markdown();
+    let mut json = host.json();
+    if let Some(o) = &observer {
+        md.push_str(&o.markdown());
+        json["observer"] = o.json();
+    }
+    if let Some(d) = &daemon {
+        md.push_str(&d.markdown());
+        json["daemon"] = d.json();
+    }
     println!("{md}");
     let out = util::root().join("bench-out");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     fs::write(out.join("bench.md"), &md).context("writing bench-out/bench.md")?;
-    let json = serde_json::to_string_pretty(&report.json()).context("serializing the results")?;
+    let json = serde_json::to_string_pretty(&json).context("serializing the results")?;
     fs::write(out.join("bench.json"), json + "\n").context("writing bench-out/bench.json")?;
     eprintln!("{W}: wrote bench-out/bench.md and bench-out/bench.json");
     Ok(())
 }
 
-/// Detached, attached, detached, back to back: comparing the attached run with
-/// the mean of its two neighbours cancels a linear drift of the machine.
-fn sandwich(bin: Option<&Path>, program: &str, plan: &Plan) -> Result<(Sample, Sample)> {
-    let d1 = Sample::take(plan)?;
-    let guard = match bin {
-        Some(bin) if program != NONE => Some(Attached::start(bin, program)?),
-        _ => None,
-    };
-    let a = Sample::take(plan)?;
-    if let Some(g) = guard {
-        g.stop()?;
-    }
-    let d2 = Sample::take(plan)?;
-    let d = Sample {
-        ping_pong: (d1.ping_pong + d2.ping_pong) / 2.0,
-        perf: d1.perf.zip(d2.perf).map(|(x, y)| (x + y) / 2.0),
-    };
-    Ok((d, a))
-}
-
-/// Throughput of each load in one configuration.
-struct Sample {
-    ping_pong: f64,
-    perf: Option<f64>,
-}
-
-impl Sample {
-    fn take(plan: &Plan) -> Result<Self> {
-        // The median of a few chunks ignores a short burst of host noise (a
-        // neighbour's vCPU, a kworker) that would otherwise move the whole run.
-        let chunk = (plan.round_trips / CHUNKS).max(1);
-        let mut rates = Vec::new();
-        for _ in 0..CHUNKS {
-            rates.push(chunk as f64 / ping_pong(chunk)?.as_secs_f64());
-        }
-        let (_, ping_pong, _) = spread(&rates).context("no ping-pong chunks")?;
-        let perf = match plan.perf_loops {
-            Some(n) => Some(perf_pipe(n)?),
-            None => None,
-        };
-        Ok(Self { ping_pong, perf })
-    }
-}
-
-struct ProgResult {
-    name: String,
-    stats: Option<EventCost>,
-    /// Per-round attached/detached throughput ratios.
-    ping_pong: Vec<f64>,
-    perf: Vec<f64>,
-}
-
-impl ProgResult {
-    fn new(name: String) -> Self {
-        Self {
-            name,
-            stats: None,
-            ping_pong: Vec::new(),
-            perf: Vec::new(),
-        }
-    }
-}
-
-struct EventCost {
-    run_time_ns: u64,
-    run_cnt: u64,
-    window: Duration,
-}
-
-impl EventCost {
-    fn ns_per_event(&self) -> f64 {
-        self.run_time_ns as f64 / self.run_cnt as f64
-    }
-    fn events_per_sec(&self) -> f64 {
-        self.run_cnt as f64 / self.window.as_secs_f64()
-    }
-}
-
-fn measure_ns_per_event(bin: &Path, program: &str, round_trips: u64) -> Result<EventCost> {
-    let existing = matching_ids(&bpftool_progs()?, program, None);
-    let guard = Attached::start(bin, program)?;
-    let id = our_prog_id(&bpftool_progs()?, program, guard.pid(), &existing)?;
-    let before = prog_stats(id)?;
-    let t = Instant::now();
-    ping_pong(round_trips)?;
-    let window = t.elapsed();
-    let after = prog_stats(id)?;
-    guard.stop()?;
-    let cost = EventCost {
-        run_time_ns: after.0.saturating_sub(before.0),
-        run_cnt: after.1.saturating_sub(before.1),
-        window,
-    };
-    if cost.run_cnt == 0 {
-        bail!(
-            "{program} (BPF prog id {id}) ran 0 times during the load: loaded but not attached to sched_switch?"
-        );
-    }
-    eprintln!(
-        "{W}: {program}: {:.1} ns/event over {} events ({:.0} events/s)",
-        cost.ns_per_event(),
-        cost.run_cnt,
-        cost.events_per_sec()
-    );
-    Ok(cost)
-}
-
-fn bpftool_json(args: &[&str]) -> Result<Value> {
-    let mut cmd = Command::new("bpftool");
-    cmd.args(args).arg("--json");
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not run `{}`", util::show(&cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            util::show(&cmd),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("`{}` printed invalid JSON", util::show(&cmd)))
-}
-
-fn bpftool_progs() -> Result<Value> {
-    bpftool_json(&["prog", "show"])
-}
-
-/// (run_time_ns, run_cnt) of one program. bpftool omits both while zero.
-fn prog_stats(id: u64) -> Result<(u64, u64)> {
-    let p = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
-    Ok((
-        p["run_time_ns"].as_u64().unwrap_or(0),
-        p["run_cnt"].as_u64().unwrap_or(0),
-    ))
-}
-
-/// IDs of programs called `program` and, when given and bpftool reports
-/// holders (builds with skeleton support), held by `pid`. The kernel keeps 15
-/// characters of a name; bpftool shows the full one when BTF has it.
-fn matching_ids(progs: &Value, program: &str, pid: Option<u32>) -> Vec<u64> {
-    let truncated: String = program.chars().take(KERNEL_NAME_LEN).collect();
-    progs
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .filter(|p| {
-            p["name"]
-                .as_str()
-                .is_some_and(|n| n == program || n == truncated)
-        })
-        .filter(|p| match (pid, p["pids"].as_array()) {
-            (Some(pid), Some(holders)) => holders
-                .iter()
-                .any(|h| h["pid"].as_u64() == Some(pid.into())),
-            _ => true,
-        })
-        .filter_map(|p| p["id"].as_u64())
-        .collect()
-}
-
-/// The program our child loaded: matching name (and pid, when known), and not
-/// there before it started, so a pinguard running elsewhere is not mistaken for ours.
-fn our_prog_id(progs: &Value, program: &str, pid: u32, existing: &[u64]) -> Result<u64> {
-    let ids: Vec<u64> = matching_ids(progs, program, Some(pid))
+/// Other pinguards add their own programs to every sched_switch, and other
+/// guests would be managed by the daemon we start: say so up front.
+fn warn_about_others() {
+    let me = std::process::id();
+    let others: Vec<String> = processes_named(&["pinguard", "qemu-system-x86"])
         .into_iter()
-        .filter(|id| !existing.contains(id))
+        .filter(|(pid, _)| *pid != me)
+        .map(|(pid, comm)| format!("{comm} ({pid})"))
         .collect();
-    match ids.as_slice() {
-        [id] => Ok(*id),
-        [] => bail!("`bpftool prog show` lists no new BPF program named {program:?} (pid {pid})"),
-        many => bail!(
-            "{} new BPF programs named {program:?} ({many:?}): another pinguard started at the same time? \
-             Stop it and rerun",
-            many.len()
-        ),
+    if !others.is_empty() {
+        eprintln!(
+            "{W}: WARNING: already running: {}; their eBPF programs and threads disturb the measurement",
+            others.join(", ")
+        );
     }
+}
+
+/// (pid, comm) of processes whose comm is one of `names`.
+fn processes_named(names: &[&str]) -> Vec<(u32, String)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            let comm = comm.trim().to_string();
+            names.contains(&comm.as_str()).then_some((pid, comm))
+        })
+        .collect()
 }
 
 /// Remembers kernel.bpf_stats_enabled and puts it back on drop.
@@ -465,100 +274,147 @@ impl Drop for BpfStats {
     }
 }
 
-/// A `pinguard attach --program NAME` child; SIGTERM + wait on drop.
-struct Attached {
-    child: Option<Child>,
-    name: String,
-    stderr: Arc<Mutex<String>>,
+fn bpftool_json(args: &[&str]) -> Result<Value> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(args).arg("--json");
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not run `{}`", util::show(&cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            util::show(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("`{}` printed invalid JSON", util::show(&cmd)))
 }
 
-impl Attached {
-    fn start(bin: &Path, name: &str) -> Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.args([
-            "attach",
-            "--guard",
-            &GUARDED_CPU.to_string(),
-            "--program",
-            name,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Own process group: Ctrl-C reaches only us, and we stop it in order.
-        .process_group(0);
-        let shown = util::show(&cmd);
+fn bpftool_progs() -> Result<Value> {
+    bpftool_json(&["prog", "show"])
+}
+
+/// (run_time_ns, run_cnt) of one program. bpftool omits both while zero.
+fn prog_stats(id: u64) -> Result<(u64, u64)> {
+    let p = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
+    Ok((
+        p["run_time_ns"].as_u64().unwrap_or(0),
+        p["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// The kernel keeps BPF_OBJ_NAME_LEN - 1 characters of a program's name;
+/// bpftool shows the full one when BTF has it.
+const KERNEL_NAME_LEN: usize = 15;
+
+fn prog_name_matches(shown: &str, program: &str) -> bool {
+    let truncated: String = program.chars().take(KERNEL_NAME_LEN).collect();
+    shown == program || shown == truncated
+}
+
+/// A child process in its own process group (Ctrl-C reaches only us, and we
+/// stop it in order), its stdout and stderr drained by threads so it never
+/// blocks on a full pipe. SIGTERM, then SIGKILL, on drop.
+struct Child {
+    child: Option<std::process::Child>,
+    shown: String,
+    /// stdout and stderr lines, as they come.
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+/// Lines of stderr kept for error messages (the last ones win).
+const STDERR_KEEP: usize = 2000;
+
+impl Child {
+    fn spawn(cmd: &mut Command) -> Result<Self> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let shown = util::show(cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("could not start `{shown}`"))?;
         let stdout = child.stdout.take().context("child stdout")?;
-        let mut stderr_pipe = child.stderr.take().context("child stderr")?;
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut me = Self {
-            child: Some(child),
-            name: name.to_string(),
-            stderr: stderr.clone(),
-        };
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut s) = stderr.lock() {
-                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
-        let (tx, rx) = mpsc::channel();
-        // Keeps draining stdout after the "attached" line so the child never blocks on it.
+        let stderr_pipe = child.stderr.take().context("child stderr")?;
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        let tx2 = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
-        let want = format!("attached {name}");
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        let kept = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut v) = kept.lock() {
+                    if v.len() >= STDERR_KEEP {
+                        v.remove(0);
+                    }
+                    v.push(line.clone());
+                }
+                let _ = tx2.send(line);
+            }
+        });
+        Ok(Self {
+            child: Some(child),
+            shown,
+            lines,
+            stderr,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    /// Waits (bounded, interruptible) for an output line satisfying `want`.
+    fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         loop {
             check_interrupted()?;
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) if line.trim() == want => return Ok(me),
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if want(&line) => return Ok(()),
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!(
-                        "`{shown}` did not print {want:?} within {}s{}",
-                        ATTACH_TIMEOUT.as_secs(),
-                        me.stderr_tail()
-                    )
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => bail!(
+                    "`{}` did not print {what} within {}s{}",
+                    self.shown,
+                    timeout.as_secs(),
+                    self.stderr_tail()
+                ),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = me.child.take().map(|mut c| c.wait());
+                    let status = self.child.take().map(|mut c| c.wait());
                     let status = match status {
                         Some(Ok(s)) => util::describe(s),
                         _ => "unknown status".into(),
                     };
-                    // Give the stderr reader a moment to collect the last words.
-                    std::thread::sleep(Duration::from_millis(50));
                     bail!(
-                        "`{shown}` exited ({status}) before printing {want:?}{}",
-                        me.stderr_tail()
+                        "`{}` exited ({status}) before printing {what}{}",
+                        self.shown,
+                        self.stderr_tail()
                     )
                 }
             }
         }
     }
 
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+    fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     fn stderr_tail(&self) -> String {
-        let s = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
+        let lines = self.stderr_lines();
         if lines.is_empty() {
             return String::new();
         }
@@ -566,20 +422,19 @@ impl Attached {
         format!("; its stderr:\n  {}", tail.join("\n  "))
     }
 
-    /// SIGTERM, then expect a clean exit (0) within the timeout.
-    fn stop(mut self) -> Result<()> {
+    /// SIGTERM, then expect a clean exit (0) within `timeout`.
+    fn stop(&mut self, timeout: Duration) -> Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        let pid = Pid::from_raw(child.id() as i32);
         if let Ok(None) = child.try_wait() {
-            let _ = signal::kill(pid, Signal::SIGTERM);
+            let _ = signal::killpg(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         }
-        match wait_timeout(&mut child, STOP_TIMEOUT)? {
+        match wait_timeout(&mut child, timeout)? {
             Some(s) if s.success() => Ok(()),
             Some(s) => bail!(
-                "pinguard attach --program {} exited with {} on SIGTERM{}",
-                self.name,
+                "`{}` exited with {} on SIGTERM{}",
+                self.shown,
                 util::describe(s),
                 self.stderr_tail()
             ),
@@ -587,9 +442,9 @@ impl Attached {
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(
-                    "pinguard attach --program {} did not exit within {}s of SIGTERM (killed){}",
-                    self.name,
-                    STOP_TIMEOUT.as_secs(),
+                    "`{}` did not exit within {}s of SIGTERM (killed){}",
+                    self.shown,
+                    timeout.as_secs(),
                     self.stderr_tail()
                 )
             }
@@ -597,25 +452,28 @@ impl Attached {
     }
 }
 
-impl Drop for Attached {
+impl Drop for Child {
+    /// The whole group (perf and stress-ng fork workers), while the leader is
+    /// not yet reaped so its pid, the group's id, cannot have been reused.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let group = Pid::from_raw(child.id() as i32);
+            let _ = signal::killpg(group, Signal::SIGTERM);
             if !matches!(
                 wait_timeout(&mut child, Duration::from_secs(5)),
                 Ok(Some(_))
             ) {
-                let _ = child.kill();
+                let _ = signal::killpg(group, Signal::SIGKILL);
                 let _ = child.wait();
             }
         }
     }
 }
 
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+fn wait_timeout(child: &mut std::process::Child, timeout: Duration) -> Result<Option<ExitStatus>> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(s) = child.try_wait().context("waiting for pinguard attach")? {
+        if let Some(s) = child.try_wait().context("waiting for a child process")? {
             return Ok(Some(s));
         }
         if Instant::now() >= deadline {
@@ -625,120 +483,23 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<std::proc
     }
 }
 
-fn pin_current_thread(cpu: usize) -> Result<()> {
+fn cpu_set(cpu: usize) -> Result<CpuSet> {
     let mut set = CpuSet::new();
     set.set(cpu)
         .with_context(|| format!("CPU {cpu} is out of range"))?;
-    sched_setaffinity(Pid::from_raw(0), &set)
-        .with_context(|| format!("cannot pin the ping-pong thread to CPU {cpu} (offline?)"))
+    Ok(set)
 }
 
-/// `round_trips` one-byte round trips between a thread on CPU 0 and one on the
-/// guarded CPU 1 over two pipes: every round trip is two context switches on
-/// each CPU. Returns the time the round trips took.
-fn ping_pong(round_trips: u64) -> Result<Duration> {
-    let (mut rx1, mut tx1) = std::io::pipe().context("pipe")?;
-    let (mut rx2, mut tx2) = std::io::pipe().context("pipe")?;
-    let barrier = Barrier::new(2);
-    let barrier = &barrier;
-    std::thread::scope(|s| {
-        // Each thread owns its pipe ends: if one fails, the other sees EOF/EPIPE
-        // instead of blocking forever. Both reach the barrier even if pinning failed.
-        let pong = s.spawn(move || -> Result<()> {
-            let pinned = pin_current_thread(GUARDED_CPU);
-            barrier.wait();
-            pinned?;
-            let mut b = [0u8; 1];
-            for _ in 0..round_trips {
-                rx1.read_exact(&mut b).context("pong read")?;
-                tx2.write_all(&b).context("pong write")?;
-            }
-            Ok(())
-        });
-        let ping = s.spawn(move || -> Result<Duration> {
-            let pinned = pin_current_thread(OTHER_CPU);
-            barrier.wait();
-            pinned?;
-            let mut b = [7u8; 1];
-            let t = Instant::now();
-            for _ in 0..round_trips {
-                tx1.write_all(&b).context("ping write")?;
-                rx2.read_exact(&mut b).context("ping read")?;
-            }
-            Ok(t.elapsed())
-        });
-        let took = ping
-            .join()
-            .map_err(|_| anyhow::anyhow!("ping thread panicked"))?;
-        let pong = pong
-            .join()
-            .map_err(|_| anyhow::anyhow!("pong thread panicked"))?;
-        let took = took?;
-        pong?;
-        Ok(took)
-    })
+fn pin_current_thread(cpu: usize) -> Result<()> {
+    sched_setaffinity(Pid::from_raw(0), &cpu_set(cpu)?)
+        .with_context(|| format!("cannot pin a benchmark thread to CPU {cpu} (offline?)"))
 }
 
-/// Warm up, then pick N so that one run takes about `run_len`.
-fn calibrate_ping_pong(run_len: Duration) -> Result<u64> {
-    ping_pong(2_000)?;
-    let n = 5_000;
-    let took = ping_pong(n)?;
-    let rate = n as f64 / took.as_secs_f64();
-    Ok(((rate * run_len.as_secs_f64()) as u64).clamp(1_000, 10_000_000))
-}
-
-/// `perf bench sched pipe -l N` with both processes on the guarded CPU: ops/s.
-/// A second, different load: every op is a same-CPU context switch, each one
-/// through the observer's full (guarded CPU) path. Unpinned, the scheduler's
-/// placement of the pair swings the result by 2x.
-fn perf_pipe(loops: u64) -> Result<f64> {
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", &GUARDED_CPU.to_string()]).args([
-        "perf",
-        "bench",
-        "sched",
-        "pipe",
-        "-l",
-        &loops.to_string(),
-    ]);
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not run `{}`", util::show(&cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            util::show(&cmd),
-            util::describe(out.status),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    parse_perf_pipe(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
-        format!(
-            "no \"usecs/op\" line in the output of `{}`",
-            util::show(&cmd)
-        )
-    })
-}
-
-/// ops/s from perf's "  26.600650 usecs/op" line (more digits than its ops/sec line).
-fn parse_perf_pipe(out: &str) -> Option<f64> {
-    out.lines().find_map(|l| {
-        let mut it = l.split_whitespace();
-        let v: f64 = it.next()?.parse().ok()?;
-        (it.next()? == "usecs/op" && v > 0.0).then(|| 1e6 / v)
-    })
-}
-
-/// Loops for ~`run_len`, or None (with a note) when perf cannot run here.
-fn calibrate_perf(run_len: Duration) -> Option<u64> {
-    match perf_pipe(2_000) {
-        Ok(ops) => Some(((ops * run_len.as_secs_f64()) as u64).clamp(1_000, 10_000_000)),
-        Err(e) => {
-            eprintln!("{W}: note: skipping the perf load: {e:#}");
-            None
-        }
-    }
+/// The CPUs in `set` (up to 1024).
+fn cpus_of(set: &CpuSet) -> Vec<usize> {
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -764,18 +525,15 @@ fn spread(v: &[f64]) -> Option<(f64, f64, f64)> {
     Some((s[0], median, s[n - 1]))
 }
 
-/// Loss in % from attached/detached ratios: (median, least, most).
-fn loss_pct(ratios: &[f64]) -> Option<(f64, f64, f64)> {
-    let (min, med, max) = spread(ratios)?;
-    Some((
-        (1.0 - med) * 100.0,
-        (1.0 - max) * 100.0,
-        (1.0 - min) * 100.0,
-    ))
+/// Nearest-rank percentile (`p` in 0..=100) of sorted values: the smallest
+/// value with at least p% of the samples at or below it.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
-
-/// Below this share of idle CPU time, others' work swamps the effect we measure.
-const QUIET_IDLE_PCT: f64 = 90.0;
 
 /// Share of all CPUs' time spent idle over `over`, from /proc/stat.
 fn idle_pct(over: Duration) -> Result<f64> {
@@ -813,18 +571,19 @@ fn warn_if_busy(idle: f64, when: &str) {
     }
 }
 
-struct Report<'a> {
-    plan: &'a Plan,
-    idle: [f64; 2],
-    results: &'a [ProgResult],
+/// The machine and the run, at the top of the report.
+struct Host {
     command: String,
+    date: String,
     kernel: String,
     cpu: String,
-    date: String,
+    cpus: usize,
+    idle: [f64; 2],
+    took: Duration,
 }
 
-impl<'a> Report<'a> {
-    fn new(plan: &'a Plan, results: &'a [ProgResult], idle: [f64; 2]) -> Self {
+impl Host {
+    fn read(idle: [f64; 2], took: Duration) -> Self {
         let command = std::iter::once("cargo xtask".to_string())
             .chain(std::env::args().skip(1).map(|a| util::shell_quote(&a)))
             .collect::<Vec<_>>()
@@ -842,154 +601,50 @@ impl<'a> Report<'a> {
             })
             .unwrap_or_default();
         Self {
-            plan,
-            idle,
-            results,
             command,
+            date: utc_now(),
             kernel,
             cpu,
-            date: utc_now(),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            idle,
+            took,
         }
     }
 
     fn markdown(&self) -> String {
-        let p = self.plan;
-        let mut s = String::new();
-        s.push_str("## pinguard eBPF observer overhead\n\n");
-        s.push_str(&format!("Command: `{}`  \n", self.command));
-        s.push_str(&format!(
-            "Date: {} · kernel {} · {} · {} online CPUs  \n",
+        let [before, after] = self.idle;
+        format!(
+            "## pinguard benchmark\n\n\
+             Command: `{}` (took {:.0} s)  \n\
+             Date: {} · kernel {} · {} · {} online CPUs (CPU {GUARDED_CPU} guarded, CPU {OTHER_CPU} housekeeping)  \n\
+             CPUs idle before/after the run (1 s each): {before:.0}% / {after:.0}%{}\n\n",
+            self.command,
+            self.took.as_secs_f64(),
             self.date,
             self.kernel,
             self.cpu,
-            std::thread::available_parallelism().map_or(0, |n| n.get())
-        ));
-        let [before, after] = self.idle;
-        s.push_str(&format!(
-            "CPUs idle before/after the run (1 s each): {before:.0}% / {after:.0}%{}  \n",
+            self.cpus,
             if before.min(after) < QUIET_IDLE_PCT {
-                " — **busy machine: throughput losses are mostly noise**"
+                " — **busy machine: throughput losses and latencies are mostly noise**"
             } else {
                 ""
             }
-        ));
-        s.push_str(&format!(
-            "Load: {} round trips of a 1-byte pipe ping-pong between CPU {OTHER_CPU} and guarded CPU {GUARDED_CPU}{}; \
-             {} rounds; each round runs detached, attached, detached back to back (~{} ms each) per program, \
-             program order rotating.  \n",
-            p.round_trips,
-            match p.perf_loops {
-                Some(n) => format!(
-                    ", and `taskset -c {GUARDED_CPU} perf bench sched pipe -l {n}` (same-CPU ping-pong)"
-                ),
-                None => String::new(),
-            },
-            p.rounds,
-            p.run_len.as_millis()
-        ));
-        s.push_str(&format!(
-            "Targets (switch_* programs; empty_* are the hook's floor): ≤ {TARGET_NS_PER_EVENT:.0} ns per \
-             sched_switch event, ≤ {TARGET_LOSS_PCT:.0}% throughput loss (median). ns/event = run_time_ns / run_cnt \
-             from `bpftool prog show` with kernel.bpf_stats_enabled=1, averaged over every sched_switch on both CPUs. Loss = 1 − attached / mean(detached before, after) \
-             throughput per round: median [min..max] over rounds; negative = attached run was faster (noise).\n\n"
-        ));
-        let perf = p.perf_loops.is_some();
-        s.push_str("| program | ns/event | events/s | ping-pong loss median [min..max] |");
-        if perf {
-            s.push_str(" perf pipe loss median [min..max] |");
-        }
-        s.push_str("\n|---|---:|---:|---|");
-        if perf {
-            s.push_str("---|");
-        }
-        s.push('\n');
-        for r in self.results {
-            let is_switch = r.name.starts_with("switch_");
-            let (ns, eps) = match &r.stats {
-                Some(c) => {
-                    let ns = c.ns_per_event();
-                    let mark = if !is_switch {
-                        ""
-                    } else if ns <= TARGET_NS_PER_EVENT {
-                        " ✓"
-                    } else {
-                        " ✗ (> target)"
-                    };
-                    (
-                        format!("{ns:.1}{mark}"),
-                        format!("{:.0}", c.events_per_sec()),
-                    )
-                }
-                None => ("–".into(), "–".into()),
-            };
-            let name = if r.name == NONE {
-                "none (detached vs detached: noise)".to_string()
-            } else {
-                r.name.clone()
-            };
-            s.push_str(&format!(
-                "| {name} | {ns} | {eps} | {} |",
-                fmt_loss(&r.ping_pong, is_switch)
-            ));
-            if perf {
-                s.push_str(&format!(" {} |", fmt_loss(&r.perf, is_switch)));
-            }
-            s.push('\n');
-        }
-        s
+        )
     }
 
     fn json(&self) -> Value {
-        let p = self.plan;
-        let loss = |v: &[f64]| match loss_pct(v) {
-            Some((med, min, max)) => json!({
-                "ratios": v, "loss_pct_median": med, "loss_pct_min": min, "loss_pct_max": max,
-            }),
-            None => Value::Null,
-        };
-        let programs: Vec<Value> = self
-            .results
-            .iter()
-            .map(|r| {
-                json!({
-                    "program": r.name,
-                    "ns_per_event": r.stats.as_ref().map(EventCost::ns_per_event),
-                    "events_per_sec": r.stats.as_ref().map(EventCost::events_per_sec),
-                    "run_time_ns": r.stats.as_ref().map(|c| c.run_time_ns),
-                    "run_cnt": r.stats.as_ref().map(|c| c.run_cnt),
-                    "ping_pong": loss(&r.ping_pong),
-                    "perf_pipe": loss(&r.perf),
-                })
-            })
-            .collect();
         json!({
             "command": self.command,
             "date": self.date,
             "kernel": self.kernel,
             "cpu": self.cpu,
-            "rounds": p.rounds,
-            "round_trips": p.round_trips,
-            "perf_loops": p.perf_loops,
-            "run_ms": p.run_len.as_millis() as u64,
+            "online_cpus": self.cpus,
+            "guarded_cpu": GUARDED_CPU,
+            "housekeeping_cpu": OTHER_CPU,
             "idle_pct_before": self.idle[0],
             "idle_pct_after": self.idle[1],
-            "targets": { "ns_per_event_max": TARGET_NS_PER_EVENT, "loss_pct_median_max": TARGET_LOSS_PCT },
-            "programs": programs,
+            "took_s": self.took.as_secs_f64(),
         })
-    }
-}
-
-fn fmt_loss(ratios: &[f64], judge: bool) -> String {
-    match loss_pct(ratios) {
-        Some((med, min, max)) => {
-            let mark = match (judge, med <= TARGET_LOSS_PCT) {
-                (false, _) => "",
-                (true, true) => " ✓",
-                (true, false) => " ✗ (> target)",
-            };
-            format!("{med:+.1}% [{min:+.1}..{max:+.1}]{mark}")
-        }
-        None => "–".into(),
     }
 }
 
@@ -1021,43 +676,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spread_and_loss() {
+    fn spread_and_percentiles() {
         assert_eq!(spread(&[]), None);
         assert_eq!(spread(&[1.0, 0.9, 0.95]), Some((0.9, 0.95, 1.0)));
         assert_eq!(spread(&[1.0, 0.9]), Some((0.9, 0.95, 1.0)));
-        let (med, min, max) = loss_pct(&[1.01, 0.97, 0.98]).unwrap();
-        assert!((med - 2.0).abs() < 1e-9);
-        assert!((min - -1.0).abs() < 1e-9);
-        assert!((max - 3.0).abs() < 1e-9);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&v, 0.0), Some(1.0));
+        assert_eq!(percentile(&[3.0], 99.0), Some(3.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        // 50 samples: p99 is the largest.
+        let v: Vec<f64> = (1..=50).map(f64::from).collect();
+        assert_eq!(percentile(&v, 99.0), Some(50.0));
+        assert_eq!(percentile(&v, 90.0), Some(45.0));
     }
 
     #[test]
-    fn perf_output_parses() {
-        let out = "# Running 'sched/pipe' benchmark:\n\n     Total time: 0.532 [sec]\n\n      26.600650 usecs/op\n          37593 ops/sec\n";
-        let ops = parse_perf_pipe(out).unwrap();
-        assert!((ops - 37593.0).abs() < 1.0, "{ops}");
-        assert_eq!(parse_perf_pipe("garbage\n"), None);
-    }
-
-    #[test]
-    fn prog_matched_by_name_pid_and_novelty() {
-        let progs = json!([
-            {"id": 1, "name": "switch_tracepoi", "pids": [{"pid": 99, "comm": "other"}]},
-            {"id": 2, "name": "switch_tracepoi", "pids": [{"pid": 42, "comm": "pinguard"}]},
-            {"id": 3, "name": "empty_tracepoint"},
-            {"id": 4, "name": "empty_tracepoint"},
-            {"id": 5, "name": "switch_tp_btf"},
-        ]);
-        assert_eq!(matching_ids(&progs, "switch_tracepoint", None), [1, 2]);
-        assert_eq!(
-            our_prog_id(&progs, "switch_tracepoint", 42, &[]).unwrap(),
-            2
-        );
-        // bpftool without holder info: only the program that is new counts.
-        assert_eq!(our_prog_id(&progs, "empty_tracepoint", 7, &[3]).unwrap(), 4);
-        assert!(our_prog_id(&progs, "empty_tracepoint", 7, &[]).is_err());
-        assert!(our_prog_id(&progs, "switch_tp_btf", 7, &[5]).is_err());
-        assert!(our_prog_id(&progs, "switch_raw_tp", 7, &[]).is_err());
+    fn program_names_match_truncated() {
+        assert!(prog_name_matches("switch_tracepoi", "switch_tracepoint"));
+        assert!(prog_name_matches("switch_tracepoint", "switch_tracepoint"));
+        assert!(!prog_name_matches("switch_tp_btf", "switch_raw_tp"));
     }
 
     #[test]
@@ -1068,12 +708,9 @@ mod tests {
     }
 
     #[test]
-    fn ping_pong_runs() {
-        // Needs CPUs 0 and 1; every machine this project targets has them.
-        if std::thread::available_parallelism().map_or(0, |n| n.get()) < 2 {
-            return;
-        }
-        let took = ping_pong(100).unwrap();
-        assert!(took > Duration::ZERO);
+    fn cpu_sets_list_their_cpus() {
+        let mut s = cpu_set(1).unwrap();
+        s.set(3).unwrap();
+        assert_eq!(cpus_of(&s), [1, 3]);
     }
 }

@@ -8,6 +8,7 @@ use crate::{
     cmd::{move_self_to, runtime},
     exit,
     probe::{PROGRAMS, Probe, ProbeConfig},
+    procfs::Proc,
     topology::Topology,
 };
 
@@ -23,9 +24,25 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
+    let proc = Proc::default();
+    for &(cpu, tid) in &args.owners {
+        if !guard.guarded.contains(cpu) {
+            bail!(
+                "--owner {cpu}={tid}: CPU {cpu} is not guarded (guarded CPUs: {})",
+                guard.guarded
+            );
+        }
+        if proc.tgid_of(tid)?.is_none() {
+            bail!("--owner {cpu}={tid}: no thread with id {tid} exists");
+        }
+    }
     move_self_to(&guard.housekeeping)?;
     runtime()?.block_on(async {
-        let probe = Probe::load_only(&ProbeConfig::new(guard.guarded.clone()), &programs)?;
+        let mut probe = Probe::load_only(&ProbeConfig::new(guard.guarded.clone()), &programs)?;
+        // Before "attached": the caller measures from that line on.
+        for &(cpu, tid) in &args.owners {
+            probe.set_owner(tid, cpu)?;
+        }
         let mut out = std::io::stdout().lock();
         for name in probe.attached() {
             writeln!(out, "attached {name}")?;

@@ -1,0 +1,998 @@
+//! `pinguard run` against a real QEMU/KVM guest.
+//!
+//! a) Re-pin latency: the daemon in enforce mode has pinned the guest's vCPU
+//!    to guarded CPU 1; we move it to CPU 0 with sched_setaffinity and poll
+//!    its affinity until it is CPU 1 again. The daemon learns of the change
+//!    from the sched_setaffinity syscall tracepoints (an event in its ring
+//!    buffer), so this is the event-driven path, not the periodic check.
+//! b) Cost under load: the daemon in observe mode watches the guest while
+//!    the host runs a context-switch-heavy load; we sample its CPU time and
+//!    RSS from /proc, and the run time of its eBPF programs from bpf_stats.
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    sched::{sched_getaffinity, sched_setaffinity},
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
+use serde_json::{Value, json};
+
+use super::{
+    BenchArgs, BpfStats, Child, GUARDED_CPU, OTHER_CPU, W, bpftool_progs, check_interrupted,
+    cpu_set, cpus_of, percentile, processes_named, prog_stats, sleep_interruptible, which,
+};
+use crate::util;
+
+pub const TARGET_P99_MS: f64 = 10.0;
+pub const TARGET_CPU_PCT: f64 = 1.0;
+/// Time between two affinity changes: longer than the back-off window of the
+/// bench config (2 x max_backoff = 100 ms), so every change is a first offence.
+const SPACING: Duration = Duration::from_millis(250);
+/// Between two reads of the vCPU's affinity while waiting for the re-pin.
+const POLL: Duration = Duration::from_micros(20);
+/// A re-pin slower than this is recorded as missing (the 1 s safety-net check
+/// would have caught it by then).
+const REPIN_TIMEOUT: Duration = Duration::from_secs(3);
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long to wait for other guests and pinguards to go away before giving up.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(90);
+const GUEST_NAME: &str = "bench";
+
+/// The enforce-mode config. Back-off (see pin-user/src/enforce.rs) exists so
+/// that pinguard never fights another tool in a tight loop: with the defaults
+/// (100 ms doubling up to 60 s, forgiven after 2 x 60 s quiet) a vCPU moved
+/// every 250 ms would be re-pinned later and later, which measures the policy,
+/// not the reaction. The allow rule keeps the daemon from evicting the other
+/// threads that happen to run on CPU 1 (compilers, test runners) meanwhile.
+const ENFORCE_CONFIG: &str = r#"# cargo xtask bench: re-pin latency
+verify_interval = "1s"
+
+[enforce]
+min_interval = "1ms"
+max_backoff = "50ms"
+
+[[allow]]
+comm = "*"
+"#;
+
+/// The observe-mode config: the defaults, stated.
+const OBSERVE_CONFIG: &str = r#"# cargo xtask bench: daemon cost under load
+verify_interval = "1s"
+bpf_stats = true
+"#;
+
+pub struct Plan {
+    repins: u32,
+    load: Duration,
+}
+
+impl Plan {
+    pub fn from_args(args: &BenchArgs) -> Result<Self> {
+        let repins = args.repins.unwrap_or(if args.quick { 20 } else { 100 });
+        if repins == 0 {
+            bail!("--repins must be at least 1");
+        }
+        let load_secs = args.load_secs.unwrap_or(if args.quick { 8 } else { 20 });
+        if load_secs == 0 {
+            bail!("--load-secs must be at least 1");
+        }
+        for tool in ["qemu-system-x86_64", "stress-ng", "perf"] {
+            if which(tool).is_none() {
+                bail!(
+                    "the daemon suite needs {tool} (cargo xtask setup installs it), or run --suite observer"
+                );
+            }
+        }
+        if !Path::new("/dev/kvm").exists() {
+            bail!(
+                "the daemon suite starts a KVM guest but /dev/kvm does not exist; run --suite observer"
+            );
+        }
+        Ok(Self {
+            repins,
+            load: Duration::from_secs(load_secs),
+        })
+    }
+}
+
+pub struct DaemonReport {
+    repin: Repins,
+    usage: Usage,
+}
+
+struct Repins {
+    /// Latencies of the re-pins that happened.
+    samples: Vec<Duration>,
+    /// Changes not undone within REPIN_TIMEOUT.
+    missing: u32,
+    /// pinguard_repins_total went up by this much.
+    counted: Option<f64>,
+}
+
+struct Usage {
+    window: Duration,
+    cpu_ticks: u64,
+    clk_tck: u64,
+    rss_kib: [u64; 2],
+    rss_max_sampled_kib: u64,
+    hwm_kib: u64,
+    ctxt_per_sec: f64,
+    /// (program, run_time_ns, run_cnt) over the window.
+    programs: Vec<(String, u64, u64)>,
+    load: String,
+}
+
+impl Usage {
+    fn cpu_pct(&self) -> f64 {
+        self.cpu_ticks as f64 / self.clk_tck as f64 / self.window.as_secs_f64() * 100.0
+    }
+    fn bpf_ns(&self) -> u64 {
+        self.programs.iter().map(|p| p.1).sum()
+    }
+    fn bpf_pct(&self) -> f64 {
+        self.bpf_ns() as f64 / self.window.as_nanos() as f64 * 100.0
+    }
+}
+
+pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
+    wait_until_alone()?;
+    let dir = TempDir::new()?;
+
+    eprintln!(
+        "{W}: daemon: re-pin latency (enforce mode, {} affinity changes)",
+        plan.repins
+    );
+    let enforce_cfg = dir.write("enforce.toml", ENFORCE_CONFIG)?;
+    let mut daemon = Daemon::start(bin, "enforce", &enforce_cfg)?;
+    let guest = Guest::start(&dir.0)?;
+    let vcpu = guest.vcpu_tid()?;
+    eprintln!(
+        "{W}: daemon: guest pid {}, vCPU 0 is tid {vcpu}; waiting for the daemon to pin it to CPU {GUARDED_CPU}",
+        guest.pid
+    );
+    wait_affinity(vcpu, GUARDED_CPU, START_TIMEOUT).with_context(|| {
+        format!(
+            "the daemon did not pin the guest's vCPU{}",
+            daemon.child.stderr_tail()
+        )
+    })?;
+    let counted_before = daemon.metric("pinguard_repins_total");
+    let (samples, missing) = measure_repins(vcpu, plan.repins)?;
+    let counted = match (counted_before, daemon.metric("pinguard_repins_total")) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    daemon.stop()?;
+    let repin = Repins {
+        samples,
+        missing,
+        counted,
+    };
+    eprintln!("{W}: daemon: {}", repin.summary());
+
+    eprintln!(
+        "{W}: daemon: cost under load (observe mode, {} s of perf pipe + stress-ng --switch)",
+        plan.load.as_secs()
+    );
+    let observe_cfg = dir.write("observe.toml", OBSERVE_CONFIG)?;
+    let mut daemon = Daemon::start(bin, "observe", &observe_cfg)?;
+    daemon.wait_for_guest()?;
+    let programs = daemon_programs(daemon.pid())?;
+    stats.set(true)?;
+    let usage = measure_usage(daemon.pid(), &programs, plan.load);
+    stats.set(false)?;
+    let usage = usage?;
+    daemon.stop()?;
+    drop(guest);
+    eprintln!(
+        "{W}: daemon: {:.2}% of a core, RSS {} -> {} KiB (peak {} KiB), eBPF {:.2}% of a core at {:.0} switches/s",
+        usage.cpu_pct(),
+        usage.rss_kib[0],
+        usage.rss_kib[1],
+        usage.hwm_kib,
+        usage.bpf_pct(),
+        usage.ctxt_per_sec
+    );
+    Ok(DaemonReport { repin, usage })
+}
+
+/// Another guest would be managed by our daemon (and pinned in enforce mode),
+/// another pinguard would re-pin our guest too: wait until neither runs.
+fn wait_until_alone() -> Result<()> {
+    let me = std::process::id();
+    let deadline = Instant::now() + QUIET_TIMEOUT;
+    let mut told = false;
+    loop {
+        let others: Vec<String> = processes_named(&["pinguard", "qemu-system-x86"])
+            .into_iter()
+            .filter(|(pid, _)| *pid != me)
+            .map(|(pid, comm)| format!("{comm} ({pid})"))
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "other guests or pinguards are still running after {}s: {}. The daemon we start would \
+                 manage those guests, and another pinguard would re-pin ours; rerun when they are gone",
+                QUIET_TIMEOUT.as_secs(),
+                others.join(", ")
+            );
+        }
+        if !told {
+            eprintln!(
+                "{W}: daemon: waiting up to {}s for {} to exit",
+                QUIET_TIMEOUT.as_secs(),
+                others.join(", ")
+            );
+            told = true;
+        }
+        sleep_interruptible(Duration::from_secs(1))?;
+    }
+}
+
+/// A directory of ours under the temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("pinguard-bench-{}", std::process::id()));
+        // Left over from a crashed run with a recycled pid: ours now.
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let p = self.0.join(name);
+        fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        Ok(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `pinguard run --guard 1 --mode MODE --listen 127.0.0.1:PORT --config FILE`.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Daemon {
+    fn start(bin: &Path, mode: &str, config: &Path) -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port on 127.0.0.1")?
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--guard", &GUARDED_CPU.to_string(), "--mode", mode])
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info");
+        let mut child = Child::spawn(&mut cmd)?;
+        child.wait_line("its \"running\" line", START_TIMEOUT, |l| {
+            l.contains(" running: guarding CPUs")
+        })?;
+        let d = Self { child, addr };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !matches!(http_get(d.addr, "/healthz"), Ok((200, _))) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "pinguard run did not answer /healthz on {} within {}s{}",
+                    d.addr,
+                    START_TIMEOUT.as_secs(),
+                    d.child.stderr_tail()
+                );
+            }
+            sleep_interruptible(Duration::from_millis(50))?;
+        }
+        Ok(d)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = http_get(self.addr, "/metrics").ok()?;
+        sum_metric(&body, name)
+    }
+
+    /// Observe mode does not pin, so wait for the guest's vCPU in /metrics.
+    fn wait_for_guest(&self) -> Result<()> {
+        let want = format!("pinguard_vcpu_info{{vm=\"{GUEST_NAME}\"");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok((200, body)) = http_get(self.addr, "/metrics")
+                && body.lines().any(|l| l.starts_with(&want))
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "pinguard run (observe) did not report the guest's vCPU ({want}...) within {}s{}",
+                    START_TIMEOUT.as_secs(),
+                    self.child.stderr_tail()
+                );
+            }
+            sleep_interruptible(Duration::from_millis(100))?;
+        }
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        let r = self.child.stop(STOP_TIMEOUT);
+        restore_evictions(&self.child.stderr_lines());
+        r
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.stop(STOP_TIMEOUT);
+        restore_evictions(&self.child.stderr_lines());
+    }
+}
+
+/// The allow-all rule should prevent evictions; should one happen anyway,
+/// put the thread back as it was ("evicted tid N (...) ... (was CPULIST)").
+fn restore_evictions(stderr: &[String]) {
+    for line in stderr {
+        let Some((tid, was)) = parse_eviction(line) else {
+            continue;
+        };
+        let mut set = nix::sched::CpuSet::new();
+        for c in was {
+            let _ = set.set(c);
+        }
+        match sched_setaffinity(Pid::from_raw(tid as i32), &set) {
+            Ok(()) => {
+                eprintln!("{W}: restored the affinity of tid {tid}, which the daemon evicted")
+            }
+            Err(e) => eprintln!("{W}: could not restore the affinity of evicted tid {tid}: {e}"),
+        }
+    }
+}
+
+fn parse_eviction(line: &str) -> Option<(u32, Vec<usize>)> {
+    let rest = line.split("evicted tid ").nth(1)?;
+    let tid = rest.split_whitespace().next()?.parse().ok()?;
+    let was = rest
+        .rsplit_once("(was ")?
+        .1
+        .trim_end()
+        .trim_end_matches(')');
+    let mut cpus = Vec::new();
+    for part in was.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.trim().parse::<usize>().ok()?..=b.trim().parse().ok()?),
+            None => cpus.push(part.trim().parse().ok()?),
+        }
+    }
+    Some((tid, cpus))
+}
+
+/// GET over plain HTTP/1.1 with `Connection: close` (what pinguard serves).
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let timeout = Duration::from_secs(5);
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .with_context(|| format!("reading GET {path} from {addr}"))?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("bad status line")?;
+    Ok((status, body.to_string()))
+}
+
+/// Sum of every sample of `name` in Prometheus text format.
+fn sum_metric(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let n = series.split_once('{').map_or(series, |(n, _)| n);
+        if n == name {
+            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    found
+}
+
+/// A paused single-vCPU QEMU/KVM guest; SIGKILLed (and waited for) on drop.
+struct Guest {
+    pid: u32,
+    pidfile: PathBuf,
+}
+
+impl Guest {
+    fn start(dir: &Path) -> Result<Self> {
+        let pidfile = dir.join("qemu.pid");
+        let log = dir.join("qemu.log");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "kvm",
+            "-smp",
+            "1",
+            "-m",
+            "128",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-S",
+        ])
+        .arg("-name")
+        .arg(format!("{GUEST_NAME},debug-threads=on"))
+        .arg("-daemonize")
+        .arg("-pidfile")
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).context("creating the QEMU log")?);
+        let shown = util::show(&cmd);
+        let mut launcher = cmd
+            .spawn()
+            .with_context(|| format!("could not start `{shown}`"))?;
+        // With -daemonize the launcher exits once the VM is set up.
+        let status = loop {
+            if let Some(s) = launcher.try_wait().context("waiting for QEMU")? {
+                break s;
+            }
+            if let Err(e) = check_interrupted() {
+                let _ = launcher.kill();
+                let _ = launcher.wait();
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let pid = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        match pid {
+            Some(pid) if status.success() => Ok(Self { pid, pidfile }),
+            _ => bail!(
+                "`{shown}` failed ({}): {}",
+                util::describe(status),
+                fs::read_to_string(&log).unwrap_or_default().trim()
+            ),
+        }
+    }
+
+    /// The thread QEMU names "CPU 0/KVM" (debug-threads=on).
+    fn vcpu_tid(&self) -> Result<u32> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let task = format!("/proc/{}/task", self.pid);
+            if let Ok(dir) = fs::read_dir(&task) {
+                for e in dir.filter_map(Result::ok) {
+                    let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                    if comm.trim() == "CPU 0/KVM"
+                        && let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok())
+                    {
+                        return Ok(tid);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("QEMU (pid {}) has no thread named \"CPU 0/KVM\"", self.pid);
+            }
+            sleep_interruptible(Duration::from_millis(50))?;
+        }
+    }
+
+    /// Still our QEMU (and not a recycled pid)?
+    fn is_ours(&self) -> bool {
+        fs::read(format!("/proc/{}/cmdline", self.pid)).is_ok_and(|c| {
+            let pidfile = self.pidfile.as_os_str().as_encoded_bytes();
+            c.split(|b| *b == 0).any(|arg| arg == pidfile)
+        })
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if !self.is_ours() {
+            return;
+        }
+        let _ = signal::kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Path::new(&format!("/proc/{}", self.pid)).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn affinity(tid: u32) -> Result<Vec<usize>> {
+    let set = sched_getaffinity(Pid::from_raw(tid as i32))
+        .with_context(|| format!("reading the affinity of thread {tid}"))?;
+    Ok(cpus_of(&set))
+}
+
+fn wait_affinity(tid: u32, cpu: usize, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = affinity(tid)?;
+        if now == [cpu] {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "thread {tid}'s affinity is still {now:?} after {}s (expected [{cpu}])",
+                timeout.as_secs()
+            );
+        }
+        sleep_interruptible(Duration::from_millis(20))?;
+    }
+}
+
+/// Runs the calling thread on one CPU and with a 1 µs timer slack while
+/// alive (short poll sleeps then take what they ask for); restores both.
+struct PollerSetup {
+    affinity: nix::sched::CpuSet,
+    slack: nix::libc::c_int,
+}
+
+impl PollerSetup {
+    fn new(cpu: usize) -> Result<Self> {
+        let affinity = sched_getaffinity(Pid::from_raw(0)).context("reading our own affinity")?;
+        sched_setaffinity(Pid::from_raw(0), &cpu_set(cpu)?)
+            .with_context(|| format!("pinning the poller to CPU {cpu}"))?;
+        // SAFETY: prctl with integer arguments only.
+        let slack = unsafe { nix::libc::prctl(nix::libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
+        // SAFETY: as above.
+        unsafe { nix::libc::prctl(nix::libc::PR_SET_TIMERSLACK, 1_000, 0, 0, 0) };
+        Ok(Self { affinity, slack })
+    }
+}
+
+impl Drop for PollerSetup {
+    fn drop(&mut self) {
+        let _ = sched_setaffinity(Pid::from_raw(0), &self.affinity);
+        if self.slack > 0 {
+            // SAFETY: prctl with integer arguments only.
+            unsafe { nix::libc::prctl(nix::libc::PR_SET_TIMERSLACK, self.slack, 0, 0, 0) };
+        }
+    }
+}
+
+/// Moves the vCPU to CPU 0 `n` times and times each return to CPU 1. The
+/// poller runs on CPU 0 next to the daemon (housekeeping), sleeping between
+/// reads so that it does not take the CPU from the daemon it is timing.
+fn measure_repins(tid: u32, n: u32) -> Result<(Vec<Duration>, u32)> {
+    let _setup = PollerSetup::new(OTHER_CPU)?;
+    let away = cpu_set(OTHER_CPU)?;
+    let mut samples = Vec::new();
+    let mut missing = 0;
+    for i in 0..n {
+        sleep_interruptible(SPACING)?;
+        // A late re-pin (or the safety net) must have put it back first.
+        wait_affinity(tid, GUARDED_CPU, Duration::from_secs(5))?;
+        let t0 = Instant::now();
+        sched_setaffinity(Pid::from_raw(tid as i32), &away)
+            .with_context(|| format!("moving the vCPU thread {tid} to CPU {OTHER_CPU}"))?;
+        loop {
+            if affinity(tid)? == [GUARDED_CPU] {
+                samples.push(t0.elapsed());
+                break;
+            }
+            if t0.elapsed() > REPIN_TIMEOUT {
+                missing += 1;
+                eprintln!(
+                    "{W}: daemon: change {} not undone within {}s",
+                    i + 1,
+                    REPIN_TIMEOUT.as_secs()
+                );
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+    Ok((samples, missing))
+}
+
+/// The ids of the BPF programs `pid` holds, from its fds' fdinfo
+/// (bpftool here cannot show holders), with their names from bpftool.
+fn daemon_programs(pid: u32) -> Result<Vec<(u64, String)>> {
+    let mut ids = Vec::new();
+    let fd_dir = format!("/proc/{pid}/fd");
+    for e in fs::read_dir(&fd_dir).with_context(|| format!("listing {fd_dir}"))? {
+        let e = e?;
+        let Ok(link) = fs::read_link(e.path()) else {
+            continue;
+        };
+        if link.to_string_lossy() != "anon_inode:bpf-prog" {
+            continue;
+        }
+        let info = fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        bail!("pinguard run (pid {pid}) holds no BPF program fds");
+    }
+    let progs = bpftool_progs()?;
+    let names = progs.as_array().map(Vec::as_slice).unwrap_or_default();
+    Ok(ids
+        .into_iter()
+        .map(|id| {
+            let name = names
+                .iter()
+                .find(|p| p["id"].as_u64() == Some(id))
+                .and_then(|p| p["name"].as_str())
+                .unwrap_or("?")
+                .to_string();
+            (id, name)
+        })
+        .collect())
+}
+
+/// utime + stime of a process (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    parse_cpu_ticks(&stat).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // Fields after "(comm)": state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// A "Key:   1234 kB" line of /proc/PID/status, in KiB.
+fn status_kib(pid: u32, key: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    parse_status_kib(&status, key).with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn context_switches() -> Result<u64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("ctxt "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("/proc/stat has no ctxt line")
+}
+
+fn measure_usage(pid: u32, programs: &[(u64, String)], len: Duration) -> Result<Usage> {
+    // SAFETY: sysconf has no preconditions.
+    let clk_tck = match unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as u64,
+        _ => 100,
+    };
+    let secs = len.as_secs().to_string();
+    let mut stress = Command::new("stress-ng");
+    stress.args(["--switch", "2", "--timeout", &format!("{secs}s"), "--quiet"]);
+    let mut perf = Command::new("perf");
+    perf.args(["bench", "sched", "pipe", "-l", "1000000000"]);
+    let load = format!(
+        "`{}` and `{}` (unpinned)",
+        util::show(&perf),
+        util::show(&stress)
+    );
+    let read_progs =
+        || -> Result<Vec<(u64, u64)>> { programs.iter().map(|(id, _)| prog_stats(*id)).collect() };
+
+    let p0 = read_progs()?;
+    let (c0, r0, x0) = (
+        cpu_ticks(pid)?,
+        status_kib(pid, "VmRSS")?,
+        context_switches()?,
+    );
+    let t0 = Instant::now();
+    let loads = [Child::spawn(&mut perf)?, Child::spawn(&mut stress)?];
+    let mut rss_max = r0;
+    while t0.elapsed() < len {
+        sleep_interruptible(Duration::from_millis(500).min(len.saturating_sub(t0.elapsed())))?;
+        rss_max = rss_max.max(status_kib(pid, "VmRSS")?);
+    }
+    let window = t0.elapsed();
+    let (c1, r1, x1) = (
+        cpu_ticks(pid)?,
+        status_kib(pid, "VmRSS")?,
+        context_switches()?,
+    );
+    let p1 = read_progs()?;
+    let hwm = status_kib(pid, "VmHWM")?;
+    drop(loads);
+    let mut progs: Vec<(String, u64, u64)> = programs
+        .iter()
+        .zip(p0.iter().zip(&p1))
+        .map(|((_, name), (a, b))| {
+            (
+                name.clone(),
+                b.0.saturating_sub(a.0),
+                b.1.saturating_sub(a.1),
+            )
+        })
+        .collect();
+    progs.sort_by_key(|p| std::cmp::Reverse(p.1));
+    Ok(Usage {
+        window,
+        cpu_ticks: c1.saturating_sub(c0),
+        clk_tck,
+        rss_kib: [r0, r1],
+        rss_max_sampled_kib: rss_max.max(r1),
+        hwm_kib: hwm,
+        ctxt_per_sec: x1.saturating_sub(x0) as f64 / window.as_secs_f64(),
+        programs: progs,
+        load,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Repins {
+    /// Every change's latency in ms, sorted; a missing re-pin counts as infinitely slow.
+    fn sorted_ms(&self) -> Vec<f64> {
+        let mut v: Vec<f64> = self.samples.iter().copied().map(ms).collect();
+        v.extend((0..self.missing).map(|_| f64::INFINITY));
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    fn p(&self, p: f64) -> Option<f64> {
+        percentile(&self.sorted_ms(), p)
+    }
+
+    fn p99_met(&self) -> bool {
+        self.p(99.0).is_some_and(|p| p < TARGET_P99_MS)
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "re-pin latency ms: min {} p50 {} p90 {} p99 {} max {} ({} changes, {} not re-pinned)",
+            fmt_ms(self.p(0.0)),
+            fmt_ms(self.p(50.0)),
+            fmt_ms(self.p(90.0)),
+            fmt_ms(self.p(99.0)),
+            fmt_ms(self.p(100.0)),
+            self.samples.len() + self.missing as usize,
+            self.missing
+        )
+    }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    match v {
+        None => "–".into(),
+        Some(v) if v.is_infinite() => format!("> {}", ms(REPIN_TIMEOUT)),
+        Some(v) => format!("{v:.3}"),
+    }
+}
+
+impl DaemonReport {
+    pub fn markdown(&self) -> String {
+        let r = &self.repin;
+        let u = &self.usage;
+        let f = |p: f64| fmt_ms(r.p(p));
+        let mut s = String::new();
+        s.push_str("### Daemon (`pinguard run`)\n\n");
+        s.push_str(&format!(
+            "Re-pin latency: `pinguard run --guard {GUARDED_CPU} --mode enforce` with a paused 1-vCPU QEMU/KVM \
+             guest (`-name {GUEST_NAME},debug-threads=on -S`) whose vCPU thread it pinned to CPU {GUARDED_CPU}. \
+             {} times, {} ms apart: sched_setaffinity(vCPU, {{{OTHER_CPU}}}) from the benchmark, then \
+             sched_getaffinity every ~{} µs (from CPU {OTHER_CPU}, sleeping in between) until it is \
+             {{{GUARDED_CPU}}} again. The daemon reacts to the sched_setaffinity tracepoint event, not to its \
+             1 s periodic check. Config: `[enforce] min_interval = \"1ms\"`, `max_backoff = \"50ms\"` (the \
+             default back-off, 100 ms doubling for a thread that keeps coming back, would delay repeated \
+             re-pins on purpose and measure the policy instead of the reaction), and `[[allow]] comm = \"*\"` \
+             so the daemon evicts nobody else from CPU {GUARDED_CPU} meanwhile. Target: p99 < {TARGET_P99_MS:.0} ms.\n\n",
+            r.samples.len() + r.missing as usize,
+            SPACING.as_millis(),
+            POLL.as_micros()
+        ));
+        s.push_str("| changes | min ms | p50 ms | p90 ms | p99 ms | max ms | not re-pinned in 3 s | counted by the daemon (pinguard_repins_total) |\n");
+        s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {}{} | {} | {} | {} |\n\n",
+            r.samples.len() + r.missing as usize,
+            f(0.0),
+            f(50.0),
+            f(90.0),
+            f(99.0),
+            if r.p99_met() { " ✓" } else { " ✗" },
+            f(100.0),
+            r.missing,
+            r.counted.map_or("–".into(), |c| format!("{c:.0}"))
+        ));
+        s.push_str(&format!(
+            "Cost under load: `pinguard run --guard {GUARDED_CPU}` (observe mode, defaults, bpf_stats on) \
+             watching the same guest while {} ran for {:.1} s. Daemon CPU = utime+stime of all its threads \
+             from /proc/PID/stat over the window ({} Hz ticks); RSS from /proc/PID/status (VmHWM = peak since \
+             start); eBPF = sum of run_time_ns of the daemon's programs (ids from its fds, stats from \
+             `bpftool prog show`) / window. Targets: daemon < {TARGET_CPU_PCT:.0}% of one core.\n\n",
+            u.load,
+            u.window.as_secs_f64(),
+            u.clk_tck
+        ));
+        s.push_str("| context switches/s (host) | daemon CPU, % of one core | RSS start → end KiB | peak RSS KiB (VmHWM) | eBPF programs, % of one core |\n");
+        s.push_str("|---:|---:|---|---:|---:|\n");
+        s.push_str(&format!(
+            "| {:.0} | {:.2}{} | {} → {} | {} | {:.2} |\n\n",
+            u.ctxt_per_sec,
+            u.cpu_pct(),
+            if u.cpu_pct() < TARGET_CPU_PCT {
+                " ✓"
+            } else {
+                " ✗"
+            },
+            u.rss_kib[0],
+            u.rss_kib[1],
+            u.hwm_kib.max(u.rss_max_sampled_kib),
+            u.bpf_pct()
+        ));
+        s.push_str("| eBPF program | runs/s | ns/run | % of one core |\n|---|---:|---:|---:|\n");
+        for (name, ns, cnt) in &u.programs {
+            if *cnt == 0 {
+                continue;
+            }
+            s.push_str(&format!(
+                "| {name} | {:.0} | {:.1} | {:.3} |\n",
+                *cnt as f64 / u.window.as_secs_f64(),
+                *ns as f64 / *cnt as f64,
+                *ns as f64 / u.window.as_nanos() as f64 * 100.0
+            ));
+        }
+        let idle: Vec<&str> = u
+            .programs
+            .iter()
+            .filter(|p| p.2 == 0)
+            .map(|p| p.0.as_str())
+            .collect();
+        if !idle.is_empty() {
+            s.push_str(&format!(
+                "\nNot run during the window: {}.\n",
+                idle.join(", ")
+            ));
+        }
+        s.push('\n');
+        s
+    }
+
+    pub fn json(&self) -> Value {
+        let r = &self.repin;
+        let u = &self.usage;
+        json!({
+            "repin": {
+                "changes": r.samples.len() + r.missing as usize,
+                "spacing_ms": SPACING.as_millis() as u64,
+                "latencies_ms": r.samples.iter().copied().map(ms).collect::<Vec<_>>(),
+                "min_ms": r.p(0.0),
+                "p50_ms": r.p(50.0),
+                "p90_ms": r.p(90.0),
+                "p99_ms": r.p(99.0),
+                "max_ms": r.p(100.0),
+                "missing": r.missing,
+                "counted_by_daemon": r.counted,
+                "target_p99_ms": TARGET_P99_MS,
+                "met": r.p99_met(),
+            },
+            "usage": {
+                "load": u.load,
+                "window_s": u.window.as_secs_f64(),
+                "context_switches_per_sec": u.ctxt_per_sec,
+                "cpu_pct_of_one_core": u.cpu_pct(),
+                "cpu_ticks": u.cpu_ticks,
+                "clk_tck": u.clk_tck,
+                "rss_kib_start": u.rss_kib[0],
+                "rss_kib_end": u.rss_kib[1],
+                "rss_kib_max_sampled": u.rss_max_sampled_kib,
+                "vm_hwm_kib": u.hwm_kib,
+                "bpf_pct_of_one_core": u.bpf_pct(),
+                "bpf_programs": u.programs.iter().map(|(n, ns, cnt)| json!({
+                    "program": n, "run_time_ns": ns, "run_cnt": cnt,
+                })).collect::<Vec<_>>(),
+                "target_cpu_pct": TARGET_CPU_PCT,
+                "met": u.cpu_pct() < TARGET_CPU_PCT,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_files() {
+        let stat =
+            "4242 (pin guard) S 1 4242 4242 0 -1 4194560 500 0 0 0 37 12 0 0 20 0 3 0 100 0 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(49));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+        let status = "Name:\tpinguard\nVmHWM:\t   12345 kB\nVmRSS:\t    9876 kB\n";
+        assert_eq!(parse_status_kib(status, "VmRSS"), Some(9876));
+        assert_eq!(parse_status_kib(status, "VmHWM"), Some(12345));
+        assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn parses_evictions() {
+        let l = "[2026-01-01T00:00:00Z INFO  pinguard::daemon] evicted tid 77 (\"cc1\", pid 70) from CPU 1 to CPUs 0 (was 0-1)";
+        assert_eq!(parse_eviction(l), Some((77, vec![0, 1])));
+        let l = "evicted tid 8 (\"x (y)\", pid 8) from CPU 3 to CPUs 0 (was 0,2-3)";
+        assert_eq!(parse_eviction(l), Some((8, vec![0, 2, 3])));
+        assert_eq!(
+            parse_eviction("re-pinned bench vcpu 0 (tid 9) to CPU 1"),
+            None
+        );
+    }
+
+    #[test]
+    fn sums_metrics() {
+        let text = "# HELP x\npinguard_repins_total{vm=\"a\"} 3\npinguard_repins_total{vm=\"b\"} 2\npinguard_repins_totalx 9\n";
+        assert_eq!(sum_metric(text, "pinguard_repins_total"), Some(5.0));
+        assert_eq!(sum_metric(text, "nope"), None);
+    }
+
+    #[test]
+    fn p99_target_counts_missing_repins() {
+        let ok = Repins {
+            samples: vec![Duration::from_micros(300); 100],
+            missing: 0,
+            counted: None,
+        };
+        assert!(ok.p99_met());
+        let missing = Repins {
+            samples: vec![Duration::from_micros(300); 98],
+            missing: 2,
+            counted: None,
+        };
+        assert!(!missing.p99_met());
+        let mut slow = vec![Duration::from_micros(300); 99];
+        slow.push(Duration::from_millis(50));
+        let one_slow = Repins {
+            samples: slow,
+            missing: 0,
+            counted: None,
+        };
+        assert!(one_slow.p99_met(), "1 slow in 100 is within p99");
+    }
+}
