@@ -28,7 +28,7 @@ use crate::{
         parse_cyclictest_json, parse_histogram, plot,
         report::{
             CyclictestInfo, Inputs, NoiseTotals, ProbeHealth, ProbeMaps, Report, RunInfo,
-            compare_rows, compare_table,
+            compare_runs, compare_table,
         },
     },
     probe::{DecodeError, DecodedEvent, EventReader, Probe, ProbeConfig},
@@ -100,20 +100,11 @@ fn compare(paths: &[PathBuf], json: bool) -> anyhow::Result<ExitCode> {
     }
     let mut out = std::io::stdout().lock();
     if json {
-        let rows = compare_rows(&runs);
-        let doc: Vec<serde_json::Value> = runs
-            .iter()
-            .enumerate()
-            .map(|(i, (label, _))| {
-                let mut m = serde_json::Map::new();
-                m.insert("label".into(), label.clone().into());
-                for (name, values) in &rows {
-                    m.insert((*name).into(), values[i].clone().into());
-                }
-                serde_json::Value::Object(m)
-            })
-            .collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&compare_runs(&runs))?
+        )?;
     } else {
         write!(out, "{}", compare_table(&runs))?;
     }

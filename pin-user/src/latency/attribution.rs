@@ -181,7 +181,7 @@ pub struct Recorded {
 /// Timeline slots per run.
 pub const SLOTS: u64 = 2000;
 /// Intruder slices kept for the timeline.
-pub const MAX_SPANS: usize = 2000;
+pub const MAX_SPANS: usize = 1000;
 /// How long a slice is kept for attribution after it ended. Waits longer
 /// than this are attributed to what ran in their last 10 s.
 const KEEP_NS: u64 = 10_000_000_000;

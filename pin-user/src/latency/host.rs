@@ -102,11 +102,13 @@ pub fn preemption(
         let boot = cmdline.get("preempt").flatten().map(str::to_string);
         let (mode, summary) = match (active, boot) {
             (Some(m), _) => (Some(m.clone()), format!("PREEMPT_DYNAMIC, mode {m}")),
-            (None, Some(m)) => (Some(m.clone()), format!("PREEMPT_DYNAMIC, preempt={m} at boot")),
+            (None, Some(m)) => (
+                Some(m.clone()),
+                format!("PREEMPT_DYNAMIC, preempt={m} at boot"),
+            ),
             (None, None) => (
                 None,
-                "PREEMPT_DYNAMIC, mode unknown (debugfs not mounted: /sys/kernel/debug/sched/preempt)"
-                    .to_string(),
+                "PREEMPT_DYNAMIC, mode unknown (needs debugfs mounted)".to_string(),
             ),
         };
         return Preemption {

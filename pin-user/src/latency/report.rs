@@ -335,7 +335,7 @@ impl NoiseTotals {
         }));
         candidates.extend(intruders.iter().map(|i| Source {
             kind: "intruder".into(),
-            label: format!("{} (tid {})", i.comm, i.tid),
+            label: format!("intruder {} (tid {})", i.comm, i.tid),
             ns: i.run_ns,
         }));
         if let Some(k) = time_by_class_ns.get(class::name(class::KERNEL)) {
@@ -790,7 +790,13 @@ pub fn compare_rows(runs: &[(String, Report)]) -> Vec<(&'static str, Vec<String>
     };
     vec![
         row("kernel", &|r| r.host.kernel_release.clone()),
-        row("preemption", &|r| r.host.preemption.summary.clone()),
+        row("preemption", &|r| {
+            let p = &r.host.preemption;
+            match &p.mode {
+                Some(m) => format!("{} {m}", p.model),
+                None => p.model.clone(),
+            }
+        }),
         row("cpu", &|r| r.run.cpu.to_string()),
         row("duration", &|r| fmt_ns(r.run.elapsed_ns)),
         row("min (µs)", &|r| r.latency.min_us.to_string()),
@@ -817,6 +823,57 @@ pub fn compare_rows(runs: &[(String, Report)]) -> Vec<(&'static str, Vec<String>
                 .unwrap_or_else(|| "-".into())
         }),
     ]
+}
+
+/// One run in `--compare --json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CompareRun {
+    pub label: String,
+    pub kernel_release: String,
+    pub preemption_model: String,
+    pub preemption_mode: Option<String>,
+    pub cpu: u32,
+    pub elapsed_ns: u64,
+    pub min_us: u64,
+    pub avg_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p99_9_us: u64,
+    pub max_us: u64,
+    pub mode_us: u64,
+    pub mode_count: u64,
+    pub samples: u64,
+    pub top_source: Option<Source>,
+    pub worst_cause: Option<Cause>,
+    pub worst_wait_ns: Option<u64>,
+}
+
+/// The runs of `--compare` as data.
+pub fn compare_runs(runs: &[(String, Report)]) -> Vec<CompareRun> {
+    runs.iter()
+        .map(|(label, r)| CompareRun {
+            label: label.clone(),
+            kernel_release: r.host.kernel_release.clone(),
+            preemption_model: r.host.preemption.model.clone(),
+            preemption_mode: r.host.preemption.mode.clone(),
+            cpu: r.run.cpu,
+            elapsed_ns: r.run.elapsed_ns,
+            min_us: r.latency.min_us,
+            avg_us: r.latency.avg_us,
+            p50_us: r.latency.p50_us,
+            p90_us: r.latency.p90_us,
+            p99_us: r.latency.p99_us,
+            p99_9_us: r.latency.p99_9_us,
+            max_us: r.latency.max_us,
+            mode_us: r.latency.mode_us,
+            mode_count: r.latency.mode_count,
+            samples: r.latency.samples,
+            top_source: r.noise.top_source.clone(),
+            worst_cause: r.worst.first().map(|w| w.cause.clone()),
+            worst_wait_ns: r.worst.first().map(|w| w.wait_ns),
+        })
+        .collect()
 }
 
 /// The side-by-side table: one column per run, headed by its label and its
@@ -1143,7 +1200,7 @@ pub(crate) mod tests {
             "<- intruder pg-spiker (tid 4242)",
             "IRQ 24 virtio0",
             "softirq timer",
-            "top noise source: pg-spiker (tid 4242)",
+            "top noise source: intruder pg-spiker (tid 4242)",
         ] {
             assert!(t.contains(needle), "{needle:?} missing from:\n{t}");
         }
@@ -1230,6 +1287,10 @@ pub(crate) mod tests {
                 "{row} missing:\n{t}"
             );
         }
+        let data = compare_runs(&runs);
+        assert_eq!((data[0].max_us, data[1].max_us), (717, 95));
+        assert_eq!(data[1].preemption_model, "PREEMPT_RT");
+        assert_eq!(data[0].worst_wait_ns, Some(1_980_000));
         // Columns line up: the second run's values start under its label.
         let col = |line: &str, needle: &str| line[..line.rfind(needle).unwrap()].chars().count();
         assert_eq!(col(max, "95"), col(lines[0], "rt.json"), "{t}");
