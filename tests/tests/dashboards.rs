@@ -4,9 +4,10 @@
 //! The first tests need no privileges: dashboard structure, every metric,
 //! label and label value any expression uses is in the contract, alerts have
 //! runbooks and unit tests, and promtool accepts and unit-tests the rules.
-//! The last one runs the real daemon, a real QEMU/KVM guest and a real
-//! intruder thread, scrapes them with a real Prometheus and executes every
-//! dashboard expression and recording rule through its HTTP API.
+//! The last one runs the real daemon, a real running QEMU/KVM guest whose
+//! vCPU shares its guarded CPU with a real intruder thread, scrapes them with
+//! a real Prometheus and executes every dashboard expression and recording
+//! rule through its HTTP API.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -22,8 +23,9 @@ use std::{
 };
 
 use integration_tests::{
-    guest::{self, Guest, GuestOptions},
+    guest::{Guest, GuestOptions},
     prometheus::{self, PromExpr, Prometheus, Rule, Source},
+    threads::set_affinity,
     util,
 };
 use serde_json::Value;
@@ -46,6 +48,22 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("pinguard_bpf_program_run_seconds_total", &["program"]),
     ("pinguard_bpf_program_runs_total", &["program"]),
     ("pinguard_mode", &["mode"]),
+    ("pinguard_irq_seconds_total", &["cpu", "irq", "name"]),
+    ("pinguard_irqs_total", &["cpu", "irq", "name"]),
+    ("pinguard_softirq_seconds_total", &["cpu", "vector"]),
+    ("pinguard_softirqs_total", &["cpu", "vector"]),
+    ("pinguard_nmis_total", &["cpu"]),
+    // The histogram pinguard_vcpu_wait_seconds, as Prometheus stores it.
+    ("pinguard_vcpu_wait_seconds_bucket", &["vm", "vcpu", "le"]),
+    ("pinguard_vcpu_wait_seconds_sum", &["vm", "vcpu"]),
+    ("pinguard_vcpu_wait_seconds_count", &["vm", "vcpu"]),
+    ("pinguard_vcpu_wait_seconds_total", &["vm", "vcpu"]),
+    ("pinguard_thread_map_full_total", &[]),
+    ("pinguard_tasks_vanished_total", &[]),
+    ("pinguard_discovery_errors_total", &[]),
+    ("pinguard_discovery_scans_total", &[]),
+    ("pinguard_config_reloads_total", &["result"]),
+    ("pinguard_scrapes_total", &[]),
 ];
 
 /// The values the contract allows for enumerated labels.
@@ -63,6 +81,14 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
         ],
     ),
     ("mode", &["observe", "enforce"]),
+    (
+        "vector",
+        &[
+            "hi", "timer", "net_tx", "net_rx", "block", "irq_poll", "tasklet", "sched", "hrtimer",
+            "rcu",
+        ],
+    ),
+    ("result", &["success", "failure"]),
 ];
 
 /// Labels every scraped series carries.
@@ -82,6 +108,12 @@ const RECORDED: &[(&str, &[&str])] = &[
     ("pinguard:intruder_run_seconds:rate5m", &["cpu", "source"]),
     ("pinguard:bpf_cpu_ratio:rate5m", &["program"]),
     ("pinguard:bpf_run_seconds_per_run:rate5m", &["program"]),
+    ("pinguard:irq_ratio:rate5m", &["cpu", "irq", "name"]),
+    ("pinguard:softirq_ratio:rate5m", &["cpu", "vector"]),
+    ("pinguard:cpu_irq_ratio:rate5m", &["cpu"]),
+    ("pinguard:cpu_softirq_ratio:rate5m", &["cpu"]),
+    ("pinguard:cpu_noise_ratio:rate5m", &["cpu"]),
+    ("pinguard:vcpu_wait_ratio:rate5m", &["vm", "vcpu"]),
 ];
 
 /// Metrics the daemon must export from its first scrape on.
@@ -92,6 +124,11 @@ const ALWAYS_PRESENT: &[&str] = &[
     "pinguard_events_lost_total",
     "pinguard_mode",
     "pinguard_vms",
+    "pinguard_thread_map_full_total",
+    "pinguard_tasks_vanished_total",
+    "pinguard_discovery_errors_total",
+    "pinguard_discovery_scans_total",
+    "pinguard_scrapes_total",
 ];
 
 /// Counters that only appear once their event happened, and which the live
@@ -110,6 +147,17 @@ const REQUIRED_ALERTS: &[&str] = &[
     "PinguardEventsLost",
     "PinguardDown",
     "PinguardNotScraped",
+    "PinguardCpuNoiseHigh",
+    "PinguardVcpuWaitHigh",
+];
+
+/// Series that exist only for hardware IRQs pinguard saw on a guarded CPU:
+/// a host that routes no device IRQ to the test's CPU has none of them.
+const IRQ_SERIES: &[&str] = &[
+    "pinguard_irq_seconds_total",
+    "pinguard_irqs_total",
+    "pinguard:irq_ratio:rate5m",
+    "pinguard:cpu_irq_ratio:rate5m",
 ];
 
 fn repo() -> PathBuf {
@@ -362,6 +410,118 @@ fn dashboard_has_the_panels_operators_need() {
     has("BPF run time per second", &|_, e| {
         e.contains("pinguard:bpf_cpu_ratio:rate5m")
     });
+    let unit = |p: &Value| p["fieldConfig"]["defaults"]["unit"].clone();
+    let legends = |p: &Value| -> String {
+        p["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["legendFormat"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    has(
+        "IRQ time per guarded CPU and IRQ name, as a share of the CPU",
+        &|p, e| {
+            e.contains("pinguard:irq_ratio:rate5m")
+                && unit(p) == "percentunit"
+                && legends(p).contains("{{cpu}}")
+                && legends(p).contains("{{name}}")
+        },
+    );
+    has("softirq time by vector, as a share of the CPU", &|p, e| {
+        e.contains("pinguard:softirq_ratio:rate5m")
+            && unit(p) == "percentunit"
+            && legends(p).contains("{{vector}}")
+    });
+    has("IRQ, softirq and NMI rates", &|_, e| {
+        e.contains("pinguard_irqs_total")
+            && e.contains("pinguard_softirqs_total")
+            && e.contains("pinguard_nmis_total")
+    });
+    has(
+        "vCPU wait (CPU ready) as a share of time per vCPU",
+        &|p, e| {
+            e.contains("pinguard:vcpu_wait_ratio:rate5m")
+                && unit(p) == "percentunit"
+                && legends(p).contains("{{vm}}")
+                && legends(p).contains("{{vcpu}}")
+        },
+    );
+    has(
+        "the vCPU wait p99 from the histogram (histogram_quantile over the rate of _bucket)",
+        &|p, e| {
+            e.contains("histogram_quantile(0.99")
+                && e.contains("rate(pinguard_vcpu_wait_seconds_bucket")
+                && unit(p) == "s"
+        },
+    );
+    has("a vCPU wait latency heatmap", &|p, e| {
+        p["type"] == "heatmap"
+            && e.contains("pinguard_vcpu_wait_seconds_bucket")
+            && p["targets"][0]["format"] == "heatmap"
+            && p["options"]["calculate"] == false
+    });
+}
+
+/// Panels about noise and vCPU waits filter every series by the dashboard's
+/// variables: `instance` always, and `vm` and `cpu` where the series has
+/// them. Series without a `cpu` label (vCPU waits) are narrowed to the
+/// selected CPUs through `pinguard_vcpu_info`.
+#[test]
+fn noise_and_wait_panels_honour_the_variables() {
+    const NOISE: &[&str] = &["irq", "softirq", "nmis", "vcpu_wait", "cpu_noise"];
+    let labels_of: BTreeMap<&str, &[&str]> = CONTRACT.iter().chain(RECORDED).copied().collect();
+    let d = dashboard();
+    let mut bad = Vec::new();
+    let mut seen = 0;
+    for p in prometheus::all_panels(&d) {
+        let title = p["title"].as_str().unwrap_or_default();
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            let Ok(selectors) = prometheus::selectors(expr) else {
+                continue; // reported by every_expression_uses_only_contract_...
+            };
+            if !selectors
+                .iter()
+                .any(|s| NOISE.iter().any(|n| s.metric.contains(n)))
+            {
+                continue;
+            }
+            seen += 1;
+            for s in &selectors {
+                let Some(labels) = labels_of.get(s.metric.as_str()) else {
+                    continue;
+                };
+                for var in ["instance", "vm", "cpu"] {
+                    if var != "instance" && !labels.contains(&var) {
+                        continue;
+                    }
+                    let want = format!("${var}");
+                    if !s
+                        .matchers
+                        .iter()
+                        .any(|m| m.label == var && m.op == "=~" && m.value == want)
+                    {
+                        bad.push(format!(
+                            "panel {title:?}: {} lacks {var}=~\"{want}\" in {expr:?}",
+                            s.metric
+                        ));
+                    }
+                }
+            }
+            if !expr.contains("$cpu") {
+                bad.push(format!(
+                    "panel {title:?}: {expr:?} ignores the cpu variable"
+                ));
+            }
+        }
+    }
+    assert!(
+        seen >= 6,
+        "expected the noise and vCPU wait panels, found {seen} targets"
+    );
+    assert_no_failures("noise and vCPU wait panels", &bad);
 }
 
 #[test]
@@ -625,6 +785,31 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends SIGHUP and waits (bounded) until /metrics counts a successful reload.
+    fn reload(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)
+            .unwrap_or_else(|e| panic!("sending SIGHUP to pinguard run: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, body)) =
+                prometheus::http_get(self.addr, "/metrics", Duration::from_secs(2))
+                && body
+                    .lines()
+                    .any(|l| l.starts_with("pinguard_config_reloads_total{result=\"success\"}"))
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pinguard run did not count a successful reload within 30s of SIGHUP; output:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits (bounded) until /metrics answers 200 and returns the exposition.
     fn wait_for_metrics(&mut self, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
@@ -722,8 +907,105 @@ impl Drop for Intruder {
     }
 }
 
-/// Metric names (without `_bucket`-style suffix handling: pinguard has no
-/// histograms) present in a text exposition, with their label sets.
+/// A thread bound to one CPU that writes and syncs a small file every 50 ms
+/// until dropped, so the disk's completion IRQs keep firing (on that CPU if
+/// the IRQ's affinity allows it). The file is removed on drop.
+struct DiskWriter {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl DiskWriter {
+    fn start(cpu: usize) -> Self {
+        // /var/tmp: on disk (/tmp may be tmpfs, which raises no IRQ).
+        let dir = tempfile::tempdir_in("/var/tmp")
+            .unwrap_or_else(|e| panic!("creating a directory in /var/tmp: {e}"));
+        let path = dir.path().join("io");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("dash-disk".into())
+            .spawn(move || {
+                let opened = (|| {
+                    let mut set = nix::sched::CpuSet::new();
+                    set.set(cpu)
+                        .and_then(|()| {
+                            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                        })
+                        .map_err(|e| format!("binding the disk writer to CPU {cpu}: {e}"))?;
+                    std::fs::File::create(&path)
+                        .map_err(|e| format!("creating {}: {e}", path.display()))
+                })();
+                let file = match opened {
+                    Ok(f) => {
+                        let _ = ready_tx.send(Ok(()));
+                        f
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let block = [0x5au8; 4096];
+                while !flag.load(Ordering::Relaxed) {
+                    use std::os::unix::fs::FileExt as _;
+                    // Errors (e.g. a full disk) only mean fewer IRQs; the
+                    // test reports a missing IRQ series with /proc/interrupts.
+                    let _ = file.write_at(&block, 0);
+                    let _ = file.sync_data();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+            .expect("spawning the disk writer thread");
+        let writer = Self {
+            stop,
+            handle: Some(handle),
+            _dir: dir,
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => writer,
+            Ok(Err(e)) => panic!("{e}"),
+            Err(e) => panic!("the disk writer thread did not start: {e}"),
+        }
+    }
+}
+
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Interrupt counts per numbered IRQ on `cpu`, from /proc/interrupts (the
+/// kernel's own tally, independent of pinguard).
+fn proc_irqs_on(cpu: usize) -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/interrupts")
+        .unwrap_or_else(|e| panic!("reading /proc/interrupts: {e}"));
+    let mut lines = text.lines();
+    let Some(column) = lines
+        .next()
+        .and_then(|h| h.split_whitespace().position(|c| c == format!("CPU{cpu}")))
+    else {
+        return BTreeMap::new();
+    };
+    lines
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let irq = parts.next()?.strip_suffix(':')?;
+            irq.parse::<u32>().ok()?;
+            let n = parts.nth(column)?.parse().ok()?;
+            Some((irq.to_string(), n))
+        })
+        .collect()
+}
+
+/// Series names present in a text exposition (a histogram's `_bucket`,
+/// `_sum` and `_count` separately, as in [`CONTRACT`]), with their label sets.
 fn exposition_series(text: &str) -> Vec<(String, String)> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -773,19 +1055,30 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
     integration_tests::require!(prometheus::missing_prometheus());
     const CPU: usize = 1;
 
-    // The guest is there first, so its vCPU is found on the first scan.
+    const VM: &str = "pg-dashboards";
+
+    // The guest is there first, so its vCPU is found on the first scan. It
+    // runs (no -S): its idle vCPU wakes on the guest's timer ticks, and
+    // pinned to the guarded CPU (where pinguard measures waits) it waits
+    // whenever the intruder holds that CPU.
     let guest = Guest::start(GuestOptions {
-        name: "pg-dashboards".into(),
+        name: VM.into(),
         smp: 1,
         debug_threads: true,
         paused: false,
     });
-    // pinguard run manages every guest on the host: only ours may be there.
-    guest::wait_for_no_other_guests(&[&guest]);
+    set_affinity(guest.vcpu_tids()[0], &[CPU]);
+    // Guests of others may run too: in observe mode pinguard changes no
+    // affinity and places every vCPU it finds (sharing CPU 1 if need be);
+    // their series only add to ours, and the checks below name our VM.
+    let irqs_before = proc_irqs_on(CPU);
     let addr: SocketAddr = ([127, 0, 0, 1], prometheus::free_port()).into();
     let mut daemon = Daemon::start(&CPU.to_string(), addr);
     let exposition = daemon.wait_for_metrics(Duration::from_secs(60));
     let _intruder = Intruder::start(CPU);
+    let _disk = DiskWriter::start(CPU);
+    // A reload creates pinguard_config_reloads_total{result="success"}.
+    daemon.reload();
 
     // The contract's always-present metrics, straight from /metrics.
     let present = exposition_series(&exposition);
@@ -826,6 +1119,10 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
     prom.wait_for_series("pinguard:cpu_class_ratio:rate5m", Duration::from_secs(60));
     prom.wait_for_series(
         &format!("pinguard_intrusions_total{{cpu=\"{CPU}\",source=\"user\"}}"),
+        Duration::from_secs(60),
+    );
+    prom.wait_for_series(
+        &format!("pinguard_vcpu_wait_seconds_count{{vm=\"{VM}\",vcpu=\"0\"}} > 0"),
         Duration::from_secs(60),
     );
 
@@ -889,6 +1186,46 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
             labels: vec!["instance".into(), "job".into()],
         });
     }
+    // Noise and waits are measured, not just exported as zeros.
+    let measured = [
+        (
+            "softirq time on the guarded CPU",
+            format!("pinguard:cpu_softirq_ratio:rate5m{{cpu=\"{CPU}\"}} > 0"),
+        ),
+        (
+            "IRQ + softirq time on the guarded CPU",
+            format!("pinguard:cpu_noise_ratio:rate5m{{cpu=\"{CPU}\"}} > 0"),
+        ),
+        (
+            "IRQ time on the guarded CPU",
+            format!("pinguard:cpu_irq_ratio:rate5m{{cpu=\"{CPU}\"}} > 0"),
+        ),
+        (
+            "our vCPU's wait share",
+            format!("pinguard:vcpu_wait_ratio:rate5m{{vm=\"{VM}\",vcpu=\"0\"}} > 0"),
+        ),
+        (
+            "our vCPU's wait histogram",
+            format!("pinguard_vcpu_wait_seconds_bucket{{vm=\"{VM}\",vcpu=\"0\",le=\"+Inf\"}} > 0"),
+        ),
+        (
+            "our vCPU placed on the guarded CPU",
+            format!("pinguard_vcpu_info{{vm=\"{VM}\",vcpu=\"0\",cpu=\"{CPU}\"}}"),
+        ),
+        (
+            "the reload",
+            "pinguard_config_reloads_total{result=\"success\"} > 0".to_string(),
+        ),
+    ];
+    for (what, expr) in measured {
+        exprs.push(PromExpr {
+            source: Source::Record,
+            origin: what.into(),
+            expr,
+            raw: String::new(),
+            labels: vec!["instance".into(), "job".into()],
+        });
+    }
     exprs.push(PromExpr {
         source: Source::Record,
         origin: "PinguardIsolationViolated pending or firing for the intruder's CPU".into(),
@@ -918,6 +1255,36 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
         std::thread::sleep(Duration::from_secs(1));
     }
 
+    // IRQ series exist only for IRQs that fired on the guarded CPU. Their
+    // absence is only acceptable when the kernel, too, says none did.
+    let irqs_after = proc_irqs_on(CPU);
+    let irq_grew: Vec<String> = irqs_after
+        .iter()
+        .filter(|(irq, n)| **n > irqs_before.get(*irq).copied().unwrap_or(0))
+        .map(|(irq, n)| {
+            format!(
+                "{irq} (+{})",
+                n - irqs_before.get(irq).copied().unwrap_or(0)
+            )
+        })
+        .collect();
+    let irq_only = |expr: &str| {
+        prometheus::metric_names(expr)
+            .is_ok_and(|names| names.iter().any(|n| IRQ_SERIES.contains(&n.as_str())))
+    };
+    if irq_grew.is_empty() {
+        failing.retain(|(e, why)| {
+            let excused = why == "empty result" && irq_only(&e.expr);
+            if excused {
+                eprintln!(
+                    "note: {} is empty; allowed, /proc/interrupts shows no IRQ on CPU {CPU} during the test",
+                    e.origin
+                );
+            }
+            !excused
+        });
+    }
+
     // Alerts about pinguard being unreachable must stay quiet while it is up.
     let quiet = prom
         .series(r#"ALERTS{alertname=~"PinguardDown|PinguardNotScraped|PinguardMetricsMissing"}"#);
@@ -943,11 +1310,16 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
         .filter_map(|s| s["metric"]["__name__"].as_str().map(String::from))
         .collect();
     for (m, _) in CONTRACT {
-        if !present.contains(*m) && !NOT_EXERCISED.contains(m) {
-            bad.push(format!(
-                "{m} is not exported (expected with a guest and an intruder on CPU {CPU})"
-            ));
+        if present.contains(*m) || NOT_EXERCISED.contains(m) {
+            continue;
         }
+        if IRQ_SERIES.contains(m) && irq_grew.is_empty() {
+            eprintln!("note: {m} is absent; allowed, no IRQ fired on CPU {CPU} during the test");
+            continue;
+        }
+        bad.push(format!(
+            "{m} is not exported (expected with a running guest, an intruder and disk I/O on CPU {CPU}; IRQs on CPU {CPU} per /proc/interrupts: {irq_grew:?})"
+        ));
     }
     for m in NOT_EXERCISED {
         if !present.contains(*m) {
