@@ -269,6 +269,7 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
         worst[0]
     );
     assert!(u(&worst[0], "/wait_ns") >= 500_000, "{}", worst[0]);
+    assert_eq!(worst[0]["cause"]["class"], "intruder_user", "{}", worst[0]);
     let blamed = worst.iter().filter(|w| by_spiker(w)).count();
     assert!(
         blamed >= 3,
