@@ -20,6 +20,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "stress-ng",
     "bpftool",
     "linux-perf",
+    // A TrueType font for the pictures `pinguard latency` draws.
+    "fonts-dejavu-core",
 ];
 
 /// The version known to build with LLVM 22 and work with this aya release.
