@@ -106,7 +106,9 @@ impl Plan {
 
 pub struct DaemonReport {
     repin: Repins,
-    usage: Usage,
+    usage: Vec<Usage>,
+    /// Other guests and pinguards seen while measuring.
+    strangers: Vec<String>,
 }
 
 struct Repins {
@@ -118,28 +120,62 @@ struct Repins {
     counted: Option<f64>,
 }
 
+/// Where the context-switch-heavy load runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Placement {
+    /// Anywhere: on this 2-CPU machine half of it lands on the guarded CPU,
+    /// where every switch is an intruder's (the observer's slowest path).
+    Unpinned,
+    /// `taskset -c 0`: a busy host that keeps off its guarded CPUs, as a
+    /// host with isolated CPUs does.
+    Housekeeping,
+}
+
+impl Placement {
+    fn label(self) -> &'static str {
+        match self {
+            Placement::Unpinned => "unpinned",
+            Placement::Housekeeping => "housekeeping CPU 0",
+        }
+    }
+}
+
 struct Usage {
+    placement: Placement,
+    load: String,
     window: Duration,
+    /// utime + stime from /proc/PID/stat (all threads, coarse).
     cpu_ticks: u64,
     clk_tck: u64,
+    /// Sum of the live threads' run time from /proc/PID/task/*/schedstat (ns, precise).
+    cpu_ns: u64,
     rss_kib: [u64; 2],
     rss_max_sampled_kib: u64,
     hwm_kib: u64,
     ctxt_per_sec: f64,
     /// (program, run_time_ns, run_cnt) over the window.
     programs: Vec<(String, u64, u64)>,
-    load: String,
 }
 
 impl Usage {
-    fn cpu_pct(&self) -> f64 {
+    fn ticks_pct(&self) -> f64 {
         self.cpu_ticks as f64 / self.clk_tck as f64 / self.window.as_secs_f64() * 100.0
+    }
+    fn schedstat_pct(&self) -> f64 {
+        self.cpu_ns as f64 / self.window.as_nanos() as f64 * 100.0
+    }
+    /// The larger of the two readings: ticks see exited threads, schedstat sees below a tick.
+    fn cpu_pct(&self) -> f64 {
+        self.ticks_pct().max(self.schedstat_pct())
     }
     fn bpf_ns(&self) -> u64 {
         self.programs.iter().map(|p| p.1).sum()
     }
     fn bpf_pct(&self) -> f64 {
         self.bpf_ns() as f64 / self.window.as_nanos() as f64 * 100.0
+    }
+    fn peak_kib(&self) -> u64 {
+        self.hwm_kib.max(self.rss_max_sampled_kib)
     }
 }
 
@@ -165,8 +201,10 @@ pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
             daemon.child.stderr_tail()
         )
     })?;
+    let mut witness = Witness::default();
+    let ours = [daemon.pid(), guest.pid];
     let counted_before = daemon.metric("pinguard_repins_total");
-    let (samples, missing) = measure_repins(vcpu, plan.repins)?;
+    let (samples, missing) = measure_repins(vcpu, plan.repins, &mut witness, &ours)?;
     let counted = match (counted_before, daemon.metric("pinguard_repins_total")) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -179,30 +217,83 @@ pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
     };
     eprintln!("{W}: daemon: {}", repin.summary());
 
-    eprintln!(
-        "{W}: daemon: cost under load (observe mode, {} s of perf pipe + stress-ng --switch)",
-        plan.load.as_secs()
-    );
     let observe_cfg = dir.write("observe.toml", OBSERVE_CONFIG)?;
     let mut daemon = Daemon::start(bin, "observe", &observe_cfg)?;
     daemon.wait_for_guest()?;
     let programs = daemon_programs(daemon.pid())?;
-    stats.set(true)?;
-    let usage = measure_usage(daemon.pid(), &programs, plan.load);
-    stats.set(false)?;
-    let usage = usage?;
+    let ours = [daemon.pid(), guest.pid];
+    let mut usage = Vec::new();
+    for placement in [Placement::Unpinned, Placement::Housekeeping] {
+        eprintln!(
+            "{W}: daemon: cost under load (observe mode, {} s of perf pipe + stress-ng --switch, {})",
+            plan.load.as_secs(),
+            placement.label()
+        );
+        stats.set(true)?;
+        let u = measure_usage(
+            daemon.pid(),
+            &programs,
+            placement,
+            plan.load,
+            &mut witness,
+            &ours,
+        );
+        stats.set(false)?;
+        let u = u?;
+        eprintln!(
+            "{W}: daemon: {:.3}% of a core, RSS {} -> {} KiB (peak {} KiB), eBPF {:.2}% of a core at {:.0} switches/s",
+            u.cpu_pct(),
+            u.rss_kib[0],
+            u.rss_kib[1],
+            u.peak_kib(),
+            u.bpf_pct(),
+            u.ctxt_per_sec
+        );
+        usage.push(u);
+    }
     daemon.stop()?;
     drop(guest);
-    eprintln!(
-        "{W}: daemon: {:.2}% of a core, RSS {} -> {} KiB (peak {} KiB), eBPF {:.2}% of a core at {:.0} switches/s",
-        usage.cpu_pct(),
-        usage.rss_kib[0],
-        usage.rss_kib[1],
-        usage.hwm_kib,
-        usage.bpf_pct(),
-        usage.ctxt_per_sec
-    );
-    Ok(DaemonReport { repin, usage })
+    let strangers: Vec<String> = witness.0.into_iter().collect();
+    if !strangers.is_empty() {
+        eprintln!(
+            "{W}: daemon: WARNING: ran next to our guest and daemon meanwhile: {}",
+            strangers.join(", ")
+        );
+    }
+    Ok(DaemonReport {
+        repin,
+        usage,
+        strangers,
+    })
+}
+
+/// Guests and pinguards that are not ours, seen while measuring: our daemon
+/// managed (in enforce mode: pinned) those guests, and those pinguards may
+/// have re-pinned ours. Their presence makes the numbers suspect.
+#[derive(Default)]
+struct Witness(std::collections::BTreeSet<String>);
+
+impl Witness {
+    fn look(&mut self, ours: &[u32]) {
+        let me = std::process::id();
+        for (pid, comm) in processes_named(&["pinguard", "qemu-system-x86"]) {
+            if pid == me || ours.contains(&pid) || is_zombie(pid) {
+                continue;
+            }
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            let short: String = cmdline.trim().chars().take(100).collect();
+            self.0.insert(format!("{comm} ({pid}: {short})"));
+        }
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "Z"))
+        .unwrap_or(false)
 }
 
 /// Another guest would be managed by our daemon (and pinned in enforce mode),
@@ -314,19 +405,22 @@ impl Daemon {
         sum_metric(&body, name)
     }
 
-    /// Observe mode does not pin, so wait for the guest's vCPU in /metrics.
+    /// Observe mode does not pin, so wait for the guest's vCPU in /metrics
+    /// (`pinguard_vcpu_info{cpu="1",vcpu="0",vm="bench"}`: labels sorted by name).
     fn wait_for_guest(&self) -> Result<()> {
-        let want = format!("pinguard_vcpu_info{{vm=\"{GUEST_NAME}\"");
+        let label = format!("vm=\"{GUEST_NAME}\"");
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok((200, body)) = http_get(self.addr, "/metrics")
-                && body.lines().any(|l| l.starts_with(&want))
+                && body
+                    .lines()
+                    .any(|l| l.starts_with("pinguard_vcpu_info{") && l.contains(&label))
             {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "pinguard run (observe) did not report the guest's vCPU ({want}...) within {}s{}",
+                    "pinguard run (observe) did not report the guest's vCPU (pinguard_vcpu_info with {label}) within {}s{}",
                     START_TIMEOUT.as_secs(),
                     self.child.stderr_tail()
                 );
@@ -585,12 +679,20 @@ impl Drop for PollerSetup {
 /// Moves the vCPU to CPU 0 `n` times and times each return to CPU 1. The
 /// poller runs on CPU 0 next to the daemon (housekeeping), sleeping between
 /// reads so that it does not take the CPU from the daemon it is timing.
-fn measure_repins(tid: u32, n: u32) -> Result<(Vec<Duration>, u32)> {
+fn measure_repins(
+    tid: u32,
+    n: u32,
+    witness: &mut Witness,
+    ours: &[u32],
+) -> Result<(Vec<Duration>, u32)> {
     let _setup = PollerSetup::new(OTHER_CPU)?;
     let away = cpu_set(OTHER_CPU)?;
     let mut samples = Vec::new();
     let mut missing = 0;
     for i in 0..n {
+        if i % 10 == 0 {
+            witness.look(ours);
+        }
         sleep_interruptible(SPACING)?;
         // A late re-pin (or the safety net) must have put it back first.
         wait_affinity(tid, GUARDED_CPU, Duration::from_secs(5))?;
@@ -614,6 +716,7 @@ fn measure_repins(tid: u32, n: u32) -> Result<(Vec<Duration>, u32)> {
             std::thread::sleep(POLL);
         }
     }
+    witness.look(ours);
     Ok((samples, missing))
 }
 
@@ -699,28 +802,40 @@ fn context_switches() -> Result<u64> {
         .context("/proc/stat has no ctxt line")
 }
 
-fn measure_usage(pid: u32, programs: &[(u64, String)], len: Duration) -> Result<Usage> {
+fn measure_usage(
+    pid: u32,
+    programs: &[(u64, String)],
+    placement: Placement,
+    len: Duration,
+    witness: &mut Witness,
+    ours: &[u32],
+) -> Result<Usage> {
     // SAFETY: sysconf has no preconditions.
     let clk_tck = match unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } {
         n if n > 0 => n as u64,
         _ => 100,
     };
     let secs = len.as_secs().to_string();
-    let mut stress = Command::new("stress-ng");
+    let on = |program: &str| match placement {
+        Placement::Unpinned => Command::new(program),
+        Placement::Housekeeping => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &OTHER_CPU.to_string(), program]);
+            c
+        }
+    };
+    let mut stress = on("stress-ng");
     stress.args(["--switch", "2", "--timeout", &format!("{secs}s"), "--quiet"]);
-    let mut perf = Command::new("perf");
+    let mut perf = on("perf");
     perf.args(["bench", "sched", "pipe", "-l", "1000000000"]);
-    let load = format!(
-        "`{}` and `{}` (unpinned)",
-        util::show(&perf),
-        util::show(&stress)
-    );
+    let load = format!("`{}` and `{}`", util::show(&perf), util::show(&stress));
     let read_progs =
         || -> Result<Vec<(u64, u64)>> { programs.iter().map(|(id, _)| prog_stats(*id)).collect() };
 
     let p0 = read_progs()?;
-    let (c0, r0, x0) = (
+    let (c0, n0, r0, x0) = (
         cpu_ticks(pid)?,
+        threads_run_ns(pid)?,
         status_kib(pid, "VmRSS")?,
         context_switches()?,
     );
@@ -730,10 +845,12 @@ fn measure_usage(pid: u32, programs: &[(u64, String)], len: Duration) -> Result<
     while t0.elapsed() < len {
         sleep_interruptible(Duration::from_millis(500).min(len.saturating_sub(t0.elapsed())))?;
         rss_max = rss_max.max(status_kib(pid, "VmRSS")?);
+        witness.look(ours);
     }
     let window = t0.elapsed();
-    let (c1, r1, x1) = (
+    let (c1, n1, r1, x1) = (
         cpu_ticks(pid)?,
+        threads_run_ns(pid)?,
         status_kib(pid, "VmRSS")?,
         context_switches()?,
     );
@@ -753,16 +870,35 @@ fn measure_usage(pid: u32, programs: &[(u64, String)], len: Duration) -> Result<
         .collect();
     progs.sort_by_key(|p| std::cmp::Reverse(p.1));
     Ok(Usage {
+        placement,
+        load,
         window,
         cpu_ticks: c1.saturating_sub(c0),
         clk_tck,
+        cpu_ns: n1.saturating_sub(n0),
         rss_kib: [r0, r1],
         rss_max_sampled_kib: rss_max.max(r1),
         hwm_kib: hwm,
         ctxt_per_sec: x1.saturating_sub(x0) as f64 / window.as_secs_f64(),
         programs: progs,
-        load,
     })
+}
+
+/// Sum of the first field (time on CPU, ns) of every live thread's schedstat.
+fn threads_run_ns(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for e in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let e = e?;
+        if let Ok(s) = fs::read_to_string(e.path().join("schedstat")) {
+            total += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -811,10 +947,16 @@ fn fmt_ms(v: Option<f64>) -> String {
 impl DaemonReport {
     pub fn markdown(&self) -> String {
         let r = &self.repin;
-        let u = &self.usage;
         let f = |p: f64| fmt_ms(r.p(p));
         let mut s = String::new();
         s.push_str("### Daemon (`pinguard run`)\n\n");
+        if !self.strangers.is_empty() {
+            s.push_str(&format!(
+                "**Warning: other guests or pinguards ran meanwhile ({}): our daemon managed those guests \
+                 too, and another pinguard may have re-pinned ours.**\n\n",
+                self.strangers.join(", ")
+            ));
+        }
         s.push_str(&format!(
             "Re-pin latency: `pinguard run --guard {GUARDED_CPU} --mode enforce` with a paused 1-vCPU QEMU/KVM \
              guest (`-name {GUEST_NAME},debug-threads=on -S`) whose vCPU thread it pinned to CPU {GUARDED_CPU}. \
@@ -843,64 +985,75 @@ impl DaemonReport {
             r.missing,
             r.counted.map_or("–".into(), |c| format!("{c:.0}"))
         ));
+        let u0 = &self.usage[0];
         s.push_str(&format!(
             "Cost under load: `pinguard run --guard {GUARDED_CPU}` (observe mode, defaults, bpf_stats on) \
-             watching the same guest while {} ran for {:.1} s. Daemon CPU = utime+stime of all its threads \
-             from /proc/PID/stat over the window ({} Hz ticks); RSS from /proc/PID/status (VmHWM = peak since \
-             start); eBPF = sum of run_time_ns of the daemon's programs (ids from its fds, stats from \
-             `bpftool prog show`) / window. Targets: daemon < {TARGET_CPU_PCT:.0}% of one core.\n\n",
-            u.load,
-            u.window.as_secs_f64(),
-            u.clk_tck
+             watching the same guest while `perf bench sched pipe` and `stress-ng --switch 2` ran for {:.0} s, \
+             first unpinned (on this 2-CPU machine half of the load lands on guarded CPU 1, where every switch \
+             is an intruder's: the observer's slowest path), then pinned to housekeeping CPU 0 (a busy host that \
+             keeps off its guarded CPUs). Daemon CPU = the larger of utime+stime from /proc/PID/stat ({} Hz \
+             ticks, all threads) and the sum of /proc/PID/task/*/schedstat run times (ns), over the window; \
+             RSS from /proc/PID/status (peak = VmHWM since start); eBPF = sum of run_time_ns of the daemon's \
+             programs (ids from its fds' fdinfo, stats from `bpftool prog show`) / window, as % of one core \
+             (it includes bpf_stats' own timing, ~the empty_* floor per run). Target: daemon < \
+             {TARGET_CPU_PCT:.0}% of one core.\n\n",
+            u0.window.as_secs_f64(),
+            u0.clk_tck
         ));
-        s.push_str("| context switches/s (host) | daemon CPU, % of one core | RSS start → end KiB | peak RSS KiB (VmHWM) | eBPF programs, % of one core |\n");
-        s.push_str("|---:|---:|---|---:|---:|\n");
-        s.push_str(&format!(
-            "| {:.0} | {:.2}{} | {} → {} | {} | {:.2} |\n\n",
-            u.ctxt_per_sec,
-            u.cpu_pct(),
-            if u.cpu_pct() < TARGET_CPU_PCT {
-                " ✓"
-            } else {
-                " ✗"
-            },
-            u.rss_kib[0],
-            u.rss_kib[1],
-            u.hwm_kib.max(u.rss_max_sampled_kib),
-            u.bpf_pct()
-        ));
-        s.push_str("| eBPF program | runs/s | ns/run | % of one core |\n|---|---:|---:|---:|\n");
-        for (name, ns, cnt) in &u.programs {
-            if *cnt == 0 {
-                continue;
-            }
+        s.push_str("| load | context switches/s (host) | daemon CPU, % of one core | RSS start → end KiB | peak RSS KiB | eBPF programs, % of one core |\n");
+        s.push_str("|---|---:|---:|---|---:|---:|\n");
+        for u in &self.usage {
             s.push_str(&format!(
-                "| {name} | {:.0} | {:.1} | {:.3} |\n",
-                *cnt as f64 / u.window.as_secs_f64(),
-                *ns as f64 / *cnt as f64,
-                *ns as f64 / u.window.as_nanos() as f64 * 100.0
-            ));
-        }
-        let idle: Vec<&str> = u
-            .programs
-            .iter()
-            .filter(|p| p.2 == 0)
-            .map(|p| p.0.as_str())
-            .collect();
-        if !idle.is_empty() {
-            s.push_str(&format!(
-                "\nNot run during the window: {}.\n",
-                idle.join(", ")
+                "| {} | {:.0} | {:.3}{} | {} → {} | {} | {:.2} |\n",
+                u.placement.label(),
+                u.ctxt_per_sec,
+                u.cpu_pct(),
+                if u.cpu_pct() < TARGET_CPU_PCT {
+                    " ✓"
+                } else {
+                    " ✗"
+                },
+                u.rss_kib[0],
+                u.rss_kib[1],
+                u.peak_kib(),
+                u.bpf_pct()
             ));
         }
         s.push('\n');
+        for u in &self.usage {
+            s.push_str(&format!(
+                "eBPF programs, load {}:\n\n| program | runs/s | ns/run | % of one core |\n|---|---:|---:|---:|\n",
+                u.placement.label()
+            ));
+            for (name, ns, cnt) in &u.programs {
+                if *cnt == 0 {
+                    continue;
+                }
+                s.push_str(&format!(
+                    "| {name} | {:.0} | {:.1} | {:.3} |\n",
+                    *cnt as f64 / u.window.as_secs_f64(),
+                    *ns as f64 / *cnt as f64,
+                    *ns as f64 / u.window.as_nanos() as f64 * 100.0
+                ));
+            }
+            let idle: Vec<&str> = u
+                .programs
+                .iter()
+                .filter(|p| p.2 == 0)
+                .map(|p| p.0.as_str())
+                .collect();
+            if !idle.is_empty() {
+                s.push_str(&format!("\nNot run: {}.\n", idle.join(", ")));
+            }
+            s.push('\n');
+        }
         s
     }
 
     pub fn json(&self) -> Value {
         let r = &self.repin;
-        let u = &self.usage;
         json!({
+            "strangers": self.strangers,
             "repin": {
                 "changes": r.samples.len() + r.missing as usize,
                 "spacing_ms": SPACING.as_millis() as u64,
@@ -915,13 +1068,17 @@ impl DaemonReport {
                 "target_p99_ms": TARGET_P99_MS,
                 "met": r.p99_met(),
             },
-            "usage": {
+            "usage": self.usage.iter().map(|u| json!({
+                "placement": u.placement.label(),
                 "load": u.load,
                 "window_s": u.window.as_secs_f64(),
                 "context_switches_per_sec": u.ctxt_per_sec,
                 "cpu_pct_of_one_core": u.cpu_pct(),
+                "cpu_pct_from_ticks": u.ticks_pct(),
+                "cpu_pct_from_schedstat": u.schedstat_pct(),
                 "cpu_ticks": u.cpu_ticks,
                 "clk_tck": u.clk_tck,
+                "cpu_ns_schedstat": u.cpu_ns,
                 "rss_kib_start": u.rss_kib[0],
                 "rss_kib_end": u.rss_kib[1],
                 "rss_kib_max_sampled": u.rss_max_sampled_kib,
@@ -932,7 +1089,7 @@ impl DaemonReport {
                 })).collect::<Vec<_>>(),
                 "target_cpu_pct": TARGET_CPU_PCT,
                 "met": u.cpu_pct() < TARGET_CPU_PCT,
-            },
+            })).collect::<Vec<_>>(),
         })
     }
 }
