@@ -73,8 +73,8 @@ pub struct BenchArgs {
     /// fewer re-pins, a shorter daemon load.
     #[arg(long)]
     quick: bool,
-    /// Program to measure (repeatable; default: all six). `none` attaches
-    /// nothing: its loss is the detached-vs-detached noise floor.
+    /// Program to measure (repeatable; default: all six, then `none`, which
+    /// attaches nothing: its loss is the detached-vs-detached noise).
     #[arg(long = "program", value_name = "NAME")]
     programs: Vec<String>,
     /// Skip the `perf bench sched pipe` loads of the observer scenarios.
@@ -173,6 +173,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     warn_about_others();
 
+    let date = utc_now();
     let idle_before = idle_pct(Duration::from_secs(1))?;
     warn_if_busy(idle_before, "before");
     let t0 = Instant::now();
@@ -188,7 +189,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let idle_after = idle_pct(Duration::from_secs(1))?;
     warn_if_busy(idle_after, "after");
 
-    let host = Host::read([idle_before, idle_after], t0.elapsed());
+    let host = Host::read(date, [idle_before, idle_after], t0.elapsed());
     let mut md = host.markdown();
     let mut json = host.json();
     if let Some(o) = &observer {
@@ -224,6 +225,40 @@ fn warn_about_others() {
             others.join(", ")
         );
     }
+}
+
+/// Guests and pinguards that are not ours, seen while measuring: their eBPF
+/// programs run on every sched_switch too, our daemon manages (in enforce
+/// mode: pins) their guests, and they may re-pin ours. Their presence makes
+/// the numbers suspect, so the report names them.
+#[derive(Default)]
+struct Witness(std::collections::BTreeSet<String>);
+
+impl Witness {
+    fn look(&mut self, ours: &[u32]) {
+        let me = std::process::id();
+        for (pid, comm) in processes_named(&["pinguard", "qemu-system-x86"]) {
+            if pid == me || ours.contains(&pid) || is_zombie(pid) {
+                continue;
+            }
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            let short: String = cmdline.trim().chars().take(100).collect();
+            self.0.insert(format!("{comm} ({pid}: {short})"));
+        }
+    }
+
+    fn into_list(self) -> Vec<String> {
+        self.0.into_iter().collect()
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "Z"))
+        .unwrap_or(false)
 }
 
 /// (pid, comm) of processes whose comm is one of `names`.
@@ -583,7 +618,7 @@ struct Host {
 }
 
 impl Host {
-    fn read(idle: [f64; 2], took: Duration) -> Self {
+    fn read(date: String, idle: [f64; 2], took: Duration) -> Self {
         let command = std::iter::once("cargo xtask".to_string())
             .chain(std::env::args().skip(1).map(|a| util::shell_quote(&a)))
             .collect::<Vec<_>>()
@@ -602,7 +637,7 @@ impl Host {
             .unwrap_or_default();
         Self {
             command,
-            date: utc_now(),
+            date,
             kernel,
             cpu,
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),

@@ -26,8 +26,9 @@ use nix::{
 use serde_json::{Value, json};
 
 use super::{
-    BenchArgs, BpfStats, Child, GUARDED_CPU, OTHER_CPU, W, bpftool_progs, check_interrupted,
-    cpu_set, cpus_of, percentile, processes_named, prog_stats, sleep_interruptible, which,
+    BenchArgs, BpfStats, Child, GUARDED_CPU, OTHER_CPU, W, Witness, bpftool_progs,
+    check_interrupted, cpu_set, cpus_of, percentile, processes_named, prog_stats,
+    sleep_interruptible, which,
 };
 use crate::util;
 
@@ -253,7 +254,7 @@ pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
     }
     daemon.stop()?;
     drop(guest);
-    let strangers: Vec<String> = witness.0.into_iter().collect();
+    let strangers = witness.into_list();
     if !strangers.is_empty() {
         eprintln!(
             "{W}: daemon: WARNING: ran next to our guest and daemon meanwhile: {}",
@@ -265,35 +266,6 @@ pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
         usage,
         strangers,
     })
-}
-
-/// Guests and pinguards that are not ours, seen while measuring: our daemon
-/// managed (in enforce mode: pinned) those guests, and those pinguards may
-/// have re-pinned ours. Their presence makes the numbers suspect.
-#[derive(Default)]
-struct Witness(std::collections::BTreeSet<String>);
-
-impl Witness {
-    fn look(&mut self, ours: &[u32]) {
-        let me = std::process::id();
-        for (pid, comm) in processes_named(&["pinguard", "qemu-system-x86"]) {
-            if pid == me || ours.contains(&pid) || is_zombie(pid) {
-                continue;
-            }
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-                .unwrap_or_default();
-            let short: String = cmdline.trim().chars().take(100).collect();
-            self.0.insert(format!("{comm} ({pid}: {short})"));
-        }
-    }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "Z"))
-        .unwrap_or(false)
 }
 
 /// Another guest would be managed by our daemon (and pinned in enforce mode),

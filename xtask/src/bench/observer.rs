@@ -33,8 +33,8 @@ use nix::{sched::sched_getaffinity, unistd::Pid};
 use serde_json::{Value, json};
 
 use super::{
-    BenchArgs, BpfStats, Child, GUARDED_CPU, OTHER_CPU, W, bpftool_progs, check_interrupted,
-    cpus_of, pin_current_thread, prog_name_matches, prog_stats, spread, which,
+    BenchArgs, BpfStats, Child, GUARDED_CPU, OTHER_CPU, W, Witness, bpftool_progs,
+    check_interrupted, cpus_of, pin_current_thread, prog_name_matches, prog_stats, spread, which,
 };
 use crate::util;
 
@@ -190,7 +190,11 @@ pub struct Plan {
 impl Plan {
     pub fn from_args(args: &BenchArgs) -> Result<Self> {
         let programs: Vec<String> = if args.programs.is_empty() {
-            PROGRAMS.iter().map(|p| p.to_string()).collect()
+            PROGRAMS
+                .iter()
+                .chain(&[NONE])
+                .map(|p| p.to_string())
+                .collect()
         } else {
             args.programs.clone()
         };
@@ -627,6 +631,11 @@ struct ProgResult {
 
 struct ScenarioResult {
     scenario: Scenario,
+    /// An attached program's run count grew while kernel.bpf_stats_enabled
+    /// was 0: another process held BPF statistics on (BPF_ENABLE_STATS, as
+    /// `pinguard run` with bpf_stats = true does), so the throughput runs
+    /// paid bpf_stats' cost too.
+    stats_leak: bool,
     loads: Vec<(Load, u64)>,
     /// The registered owner of CPU 1 (owner scenario).
     owner_tid: Option<u32>,
@@ -634,6 +643,8 @@ struct ScenarioResult {
 }
 
 pub struct ObserverReport {
+    /// Other guests and pinguards seen while measuring.
+    strangers: Vec<String>,
     rounds: u32,
     run_len: Duration,
     scenarios: Vec<ScenarioResult>,
@@ -641,10 +652,19 @@ pub struct ObserverReport {
 
 pub fn run(plan: &Plan, bin: Option<&Path>, stats: Option<&BpfStats>) -> Result<ObserverReport> {
     let mut scenarios = Vec::new();
+    let mut witness = Witness::default();
     for &scenario in &plan.scenarios {
-        scenarios.push(run_scenario(plan, scenario, bin, stats)?);
+        scenarios.push(run_scenario(plan, scenario, bin, stats, &mut witness)?);
+    }
+    let strangers = witness.into_list();
+    if !strangers.is_empty() {
+        eprintln!(
+            "{W}: WARNING: other pinguards or guests ran during the observer benchmark: {}",
+            strangers.join(", ")
+        );
     }
     Ok(ObserverReport {
+        strangers,
         rounds: plan.rounds,
         run_len: plan.run_len,
         scenarios,
@@ -656,6 +676,7 @@ fn run_scenario(
     scenario: Scenario,
     bin: Option<&Path>,
     stats: Option<&BpfStats>,
+    witness: &mut Witness,
 ) -> Result<ScenarioResult> {
     let workers = PingPong::new(scenario.pong_cpu())?;
     let owners: Vec<(usize, u32)> = match scenario {
@@ -700,18 +721,35 @@ fn run_scenario(
         stats.set(false)?;
     }
 
+    let mut stats_leak = false;
     for round in 0..plan.rounds {
+        witness.look(&[]);
         let n = progs.len();
         // D A1 D A2 D ... An D: each attached run between two detached ones.
         let mut before = loads.sample()?;
         for i in 0..n {
             let r = &mut progs[(i + round as usize) % n];
             let attached = match bin {
-                Some(bin) if r.name != NONE => Some(Attached::start(bin, &r.name, &owners)?),
+                Some(bin) if r.name != NONE => {
+                    let existing = matching_ids(&bpftool_progs()?, &r.name, None);
+                    let a = Attached::start(bin, &r.name, &owners)?;
+                    let id = our_prog_id(&bpftool_progs()?, &r.name, a.pid(), &existing)?;
+                    Some((a, id, prog_stats(id)?.1))
+                }
                 _ => None,
             };
             let a = loads.sample()?;
-            if let Some(g) = attached {
+            if let Some((g, id, runs)) = attached {
+                if prog_stats(id)?.1 > runs && !stats_leak {
+                    stats_leak = true;
+                    eprintln!(
+                        "{W}: WARNING: {} counted runs with kernel.bpf_stats_enabled=0: another process \
+                         keeps BPF statistics on (a `pinguard run` with bpf_stats = true?); the throughput \
+                         losses include bpf_stats' cost",
+                        r.name
+                    );
+                }
+                witness.look(&[g.pid()]);
                 g.stop()?;
             }
             let after = loads.sample()?;
@@ -740,6 +778,7 @@ fn run_scenario(
     }
     Ok(ScenarioResult {
         scenario,
+        stats_leak,
         loads: loads.loads.clone(),
         owner_tid: owners.first().map(|o| o.1),
         progs,
@@ -779,6 +818,13 @@ impl ObserverReport {
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         s.push_str("### Observer (sched_switch program)\n\n");
+        if !self.strangers.is_empty() {
+            s.push_str(&format!(
+                "**Warning: other pinguards or guests ran meanwhile ({}): their programs ran on every \
+                 sched_switch too.**\n\n",
+                self.strangers.join(", ")
+            ));
+        }
         s.push_str(&format!(
             "{} rounds per scenario; in each round every program's attached run (~{} ms per load, median of \
              {CHUNKS} chunks for our ping-pongs) sits between two detached runs, program order rotating. \
@@ -792,6 +838,7 @@ impl ObserverReport {
             self.rounds,
             self.run_len.as_millis()
         ));
+        s.push_str(&self.summary());
         for sc in &self.scenarios {
             s.push_str(&format!("#### Scenario `{}`\n\n", sc.scenario.name()));
             s.push_str(sc.scenario.describe());
@@ -804,6 +851,12 @@ impl ObserverReport {
                     .join("; "),
             );
             s.push_str(".\n\n");
+            if sc.stats_leak {
+                s.push_str(
+                    "**Warning: another process kept BPF statistics enabled during the throughput runs \
+                     (a `pinguard run` with bpf_stats = true?): the losses include bpf_stats' cost.**\n\n",
+                );
+            }
             s.push_str("| program |");
             for (l, _) in &sc.loads {
                 let label = l.label();
@@ -853,6 +906,44 @@ impl ObserverReport {
         s
     }
 
+    /// The shipped program against the targets, one row per scenario and load,
+    /// with its hook's empty program next to it.
+    fn summary(&self) -> String {
+        let floor = floor_of(SHIPPED).unwrap_or_default();
+        let mut s = format!(
+            "Summary for {SHIPPED} (floor: {floor} on the same hook):\n\n\
+             | scenario | load | ns/event | above floor | loss median | floor's loss median | loss above floor |\n\
+             |---|---|---:|---:|---:|---:|---:|\n"
+        );
+        for sc in &self.scenarios {
+            let (Some(prog), f) = (sc.prog(SHIPPED), sc.prog(&floor)) else {
+                continue;
+            };
+            for (k, &(load, _)) in sc.loads.iter().enumerate() {
+                let ns = prog.costs.get(k).map(EventCost::ns_per_event);
+                let loss = loss_pct(&prog.ratios[k]).map(|l| l.0);
+                let floor_loss = f.and_then(|f| loss_pct(&f.ratios[k])).map(|l| l.0);
+                let opt = |v: Option<f64>, unit: &str| {
+                    v.map_or("–".into(), |v| format!("{v:+.1}{unit}"))
+                };
+                s.push_str(&format!(
+                    "| {} | {} | {}{} | {} | {}{} | {} | {} |\n",
+                    sc.scenario.name(),
+                    load.label(),
+                    ns.map_or("–".into(), |v| format!("{v:.1}")),
+                    ns.map_or("", |v| mark(true, v <= TARGET_NS_PER_EVENT)),
+                    opt(sc.above_floor(SHIPPED, k), ""),
+                    opt(loss, "%"),
+                    loss.map_or("", |v| mark(true, v <= TARGET_LOSS_PCT)),
+                    opt(floor_loss, "%"),
+                    opt(loss.zip(floor_loss).map(|(a, b)| a - b), " pt"),
+                ));
+            }
+        }
+        s.push('\n');
+        s
+    }
+
     pub fn json(&self) -> Value {
         let loss = |v: &[f64]| match loss_pct(v) {
             Some((med, min, max)) => json!({
@@ -895,12 +986,14 @@ impl ObserverReport {
                     .collect();
                 json!({
                     "scenario": sc.scenario.name(),
+                    "bpf_stats_on_during_throughput_runs": sc.stats_leak,
                     "owner_tid": sc.owner_tid,
                     "loads": loads,
                 })
             })
             .collect();
         json!({
+            "strangers": self.strangers,
             "rounds": self.rounds,
             "run_ms": self.run_len.as_millis() as u64,
             "targets": {
