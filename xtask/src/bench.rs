@@ -182,7 +182,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         None => None,
     };
     let daemon = match (&daemon_plan, &bin, &stats) {
-        (Some(plan), Some(bin), Some(stats)) => Some(daemon::run(plan, bin, stats)?),
+        // A failure here still reports the observer's minutes of results.
+        (Some(plan), Some(bin), Some(stats)) => Some(daemon::run(plan, bin, stats)),
         _ => None,
     };
     drop(stats);
@@ -196,7 +197,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         md.push_str(&o.markdown());
         json["observer"] = o.json();
     }
-    if let Some(d) = &daemon {
+    if let Some(Ok(d)) = &daemon {
         md.push_str(&d.markdown());
         json["daemon"] = d.json();
     }
@@ -207,7 +208,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let json = serde_json::to_string_pretty(&json).context("serializing the results")?;
     fs::write(out.join("bench.json"), json + "\n").context("writing bench-out/bench.json")?;
     eprintln!("{W}: wrote bench-out/bench.md and bench-out/bench.json");
-    Ok(())
+    match daemon {
+        Some(Err(e)) => Err(e.context("daemon suite (the report above has the other results)")),
+        _ => Ok(()),
+    }
 }
 
 /// Other pinguards add their own programs to every sched_switch, and other

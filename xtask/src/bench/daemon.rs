@@ -410,8 +410,11 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.stop(STOP_TIMEOUT);
-        restore_evictions(&self.child.stderr_lines());
+        // stop() already did both.
+        if self.child.child.is_some() {
+            let _ = self.child.stop(STOP_TIMEOUT);
+            restore_evictions(&self.child.stderr_lines());
+        }
     }
 }
 
