@@ -69,7 +69,7 @@ pub struct BenchArgs {
     /// Interleaved detached/attached rounds per scenario (default 5, or 2 with --quick).
     #[arg(long)]
     rounds: Option<u32>,
-    /// About two minutes instead of about eight: fewer rounds, shorter runs,
+    /// About 1.5 minutes instead of about 5: fewer rounds, shorter runs,
     /// fewer re-pins, a shorter daemon load.
     #[arg(long)]
     quick: bool,
