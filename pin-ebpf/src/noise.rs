@@ -178,11 +178,13 @@ pub fn start_wait(tid: u32, cpu: u32, at: u64) {
 #[inline(always)]
 fn on_wakeup(p: *const u8) {
     // Only CPUs where someone is watched (a cheap array read before any task read).
-    let cpu = task::cpu(p);
+    // `p` is BTF-typed (tp_btf): direct loads, no helper calls, since this
+    // runs on every wake-up of every CPU.
+    let cpu = task::cpu_as::<true>(p);
     if guard_bits(cpu) & guard::TRACK_WAITS == 0 {
         return;
     }
-    let tid = task::pid(p);
+    let tid = task::pid_as::<true>(p);
     if task_info(tid).watch == 0 {
         return;
     }

@@ -84,9 +84,14 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
         // First switch seen on this CPU: the slice began before we attached.
         return 0;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    let tgid = (pid_tgid >> 32) as u32;
+    // With BTF pointers two direct loads are cheaper than a helper call
+    // (calls are expensive under retpoline/SRSO mitigations).
+    let (tid, tgid) = if BTF {
+        (task::pid_as::<true>(prev), task::tgid_as::<true>(prev))
+    } else {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        (pid_tgid as u32, (pid_tgid >> 32) as u32)
+    };
     let run_ns = if tid != 0 && cur_task != 0 && cur_task == prev as u64 {
         task::sum_exec_runtime_as::<BTF>(prev).saturating_sub(cur_runtime)
     } else {

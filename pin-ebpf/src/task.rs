@@ -44,6 +44,16 @@ pub fn pid_as<const BTF: bool>(task: *const u8) -> u32 {
 
 /// CPU time of the task so far (ns), as the scheduler accounts it.
 #[inline(always)]
+pub fn tgid_as<const BTF: bool>(task: *const u8) -> u32 {
+    read_as::<i32, BTF>(task, TASK_OFFSETS.load().tgid) as u32
+}
+
+#[inline(always)]
+pub fn cpu_as<const BTF: bool>(task: *const u8) -> u32 {
+    read_as::<u32, BTF>(task, TASK_OFFSETS.load().cpu)
+}
+
+#[inline(always)]
 pub fn sum_exec_runtime_as<const BTF: bool>(task: *const u8) -> u64 {
     read_as::<u64, BTF>(task, TASK_OFFSETS.load().sum_exec_runtime)
 }
