@@ -43,7 +43,7 @@ enum Cmd {
         )]
         args: Vec<OsString>,
     },
-    /// Measure the eBPF observer's overhead (ns per sched_switch, throughput loss).
+    /// Measure the eBPF observer's overhead per scenario and the daemon's re-pin latency and cost.
     Bench(bench::BenchArgs),
 }
 
