@@ -5,10 +5,9 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cli::AttachArgs,
-    cmd::{move_self_to, runtime},
+    cmd::{check_owners, move_self_to, runtime},
     exit,
     probe::{PROGRAMS, Probe, ProbeConfig},
-    procfs::Proc,
     topology::Topology,
 };
 
@@ -24,18 +23,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
-    let proc = Proc::default();
-    for &(cpu, tid) in &args.owners {
-        if !guard.guarded.contains(cpu) {
-            bail!(
-                "--owner {cpu}={tid}: CPU {cpu} is not guarded (guarded CPUs: {})",
-                guard.guarded
-            );
-        }
-        if proc.tgid_of(tid)?.is_none() {
-            bail!("--owner {cpu}={tid}: no thread with id {tid} exists");
-        }
-    }
+    check_owners(&guard.guarded, &args.owners)?;
     move_self_to(&guard.housekeeping)?;
     runtime()?.block_on(async {
         let mut probe = Probe::load_only(&ProbeConfig::new(guard.guarded.clone()), &programs)?;

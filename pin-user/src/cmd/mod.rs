@@ -38,3 +38,19 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()
         .context("starting the async runtime")
 }
+
+/// Validates `--owner CPU=TID` pairs: the CPU is guarded and the thread exists.
+pub fn check_owners(guarded: &CpuSet, owners: &[(u32, u32)]) -> anyhow::Result<()> {
+    let proc = Proc::default();
+    for &(cpu, tid) in owners {
+        if !guarded.contains(cpu) {
+            anyhow::bail!(
+                "--owner {cpu}={tid}: CPU {cpu} is not guarded (guarded CPUs: {guarded})"
+            );
+        }
+        if proc.tgid_of(tid)?.is_none() {
+            anyhow::bail!("--owner {cpu}={tid}: no thread with id {tid} exists");
+        }
+    }
+    Ok(())
+}

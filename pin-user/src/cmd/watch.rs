@@ -7,32 +7,20 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use pin_common::class;
 
 use crate::{
     cli::WatchArgs,
-    cmd::{attach::wait_for_stop, move_self_to, runtime},
+    cmd::{attach::wait_for_stop, check_owners, move_self_to, runtime},
     exit,
     probe::{DecodedEvent, EventReader, Probe, ProbeConfig, comm_str},
-    procfs::Proc,
     topology::Topology,
 };
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let guard = Topology::read()?.guard(args.guard.guard.as_ref())?;
-    let proc = Proc::default();
-    for &(cpu, tid) in &args.owners {
-        if !guard.guarded.contains(cpu) {
-            bail!(
-                "--owner {cpu}={tid}: CPU {cpu} is not guarded (guarded CPUs: {})",
-                guard.guarded
-            );
-        }
-        if proc.tgid_of(tid)?.is_none() {
-            bail!("--owner {cpu}={tid}: no thread with id {tid} exists");
-        }
-    }
+    check_owners(&guard.guarded, &args.owners)?;
     move_self_to(&guard.housekeeping)?;
     let mut config = ProbeConfig::new(guard.guarded.clone());
     config.hook = args.hook;

@@ -568,15 +568,7 @@ fn notes(r: &Report) -> Vec<String> {
     n
 }
 
-/// "1.5µs", "2.00ms": the same units as `pinguard watch`.
-pub fn fmt_ns(ns: u64) -> String {
-    match ns {
-        0..1_000 => format!("{ns}ns"),
-        1_000..1_000_000 => format!("{:.1}µs", ns as f64 / 1e3),
-        1_000_000..1_000_000_000 => format!("{:.2}ms", ns as f64 / 1e6),
-        _ => format!("{:.3}s", ns as f64 / 1e9),
-    }
-}
+pub use crate::units::fmt_ns;
 
 /// Edges (µs) of the terminal histogram's rows.
 const ROW_EDGES: &[u64] = &[
