@@ -29,12 +29,29 @@ use crate::{
 #[btf_tracepoint(function = "sched_switch")]
 pub fn switch_tp_btf(ctx: BtfTracePointContext) -> i32 {
     // BTF-typed task pointers: fields are read with direct loads.
-    on_switch::<true>(ctx.arg(1), ctx.arg(2), ctx.arg(3))
+    on_switch::<true>(
+        ctx.arg(1),
+        ctx.arg(2),
+        switch_out_state(ctx.arg(0), ctx.arg(3)),
+    )
 }
 
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn switch_raw_tp(ctx: RawTracePointContext) -> i32 {
-    on_switch::<false>(ctx.arg(1), ctx.arg(2), ctx.arg(3))
+    on_switch::<false>(
+        ctx.arg(1),
+        ctx.arg(2),
+        switch_out_state(ctx.arg(0), ctx.arg(3)),
+    )
+}
+
+/// `prev_state` as the wait tracking needs it: 0 (still runnable) when the
+/// switch was a preemption. Since 5.18 the tracepoint passes the raw state, so
+/// a task preempted between `set_current_state()` and `schedule()` (KVM's halt
+/// loop does that) has a non-zero state although it is still runnable.
+#[inline(always)]
+fn switch_out_state(preempt: u64, prev_state: u32) -> u32 {
+    if preempt & 1 != 0 { 0 } else { prev_state }
 }
 
 /// The classic tracepoint's record has no task pointers; `current` is `prev`,
@@ -232,7 +249,11 @@ fn record_intruder(
                 comm: bpf_get_current_comm().unwrap_or_default(),
             };
             if THREADS.insert(&key, &stats, 0).is_err() {
+                // Without an entry there is no per-thread rate limit: send
+                // nothing rather than one event per slice. The slice is still
+                // in the CPU's class totals.
                 bump(counter::THREAD_MAP_FULL);
+                return;
             }
             (run_ns, 1)
         }

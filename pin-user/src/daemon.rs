@@ -134,6 +134,10 @@ pub struct Daemon {
     deltas: Deltas,
     /// CPUs the current plan makes vCPUs share.
     shared: CpuSet,
+    /// Emulator threads allowlisted in the kernel because the plan puts them on guarded CPUs.
+    emulators_allowed: HashSet<u32>,
+    /// Guest pids registered in the kernel's GUESTS map (exit notification).
+    guests_watched: HashSet<u32>,
     /// IRQ number -> its actions' names (from /proc/irq/N/), for labels.
     irq_names: HashMap<u32, String>,
     _stats: Option<StatsGuard>,
@@ -185,6 +189,8 @@ impl Daemon {
             deltas: Deltas::default(),
             irq_names: HashMap::new(),
             shared: CpuSet::new(),
+            emulators_allowed: HashSet::new(),
+            guests_watched: HashSet::new(),
             _stats: stats,
             ticks: 0,
             config,
@@ -240,7 +246,35 @@ impl Daemon {
                 self.guard.guarded, guard.guarded
             ));
         }
-        self.limiter = Limiter::new(config.min_interval, config.max_backoff);
+        // These are fixed when the daemon starts (timers, the eBPF object's
+        // globals, the statistics fd): say so instead of pretending.
+        let old = &self.config;
+        let fixed = [
+            (
+                "verify_interval",
+                old.verify_interval != config.verify_interval,
+            ),
+            (
+                "rescan_interval",
+                old.rescan_interval != config.rescan_interval,
+            ),
+            (
+                "event_interval",
+                old.event_interval != config.event_interval,
+            ),
+            ("bpf_stats", old.bpf_stats != config.bpf_stats),
+            ("listen", old.listen != config.listen),
+        ];
+        for (key, changed) in fixed {
+            if changed {
+                log::warn!("reload: `{key}` changed but takes effect only after a restart");
+            }
+        }
+        // Keep the back-off state unless its parameters changed: a reload must
+        // not restart a fight with another tool at full rate.
+        if (old.min_interval, old.max_backoff) != (config.min_interval, config.max_backoff) {
+            self.limiter = Limiter::new(config.min_interval, config.max_backoff);
+        }
         self.discoverer = Discoverer::new(self.proc.clone(), Self::discover_options(&config));
         self.config = config;
         self.publish_static();
@@ -400,6 +434,10 @@ impl Daemon {
                 },
             );
         }
+        // Tell the kernel who owns what before moving anything: a vCPU that
+        // runs on its CPU right after the move must already count as its owner.
+        self.set_assignments(next);
+        self.allow_emulators(&plan);
         if self.config.mode == Mode::Enforce {
             for e in plan.changes() {
                 match enforce::repin(e.tid, &e.to) {
@@ -420,7 +458,6 @@ impl Daemon {
                 }
             }
         }
-        self.set_assignments(next);
         // Two vCPUs on one CPU cannot both have it to themselves. Reported when
         // a CPU becomes shared, not again at every re-plan.
         let newly_shared = plan.shared_cpus.difference(&self.shared);
@@ -486,18 +523,47 @@ impl Daemon {
                 .with_label_values(&[&a.vm, &a.vcpu.to_string(), &a.cpu.to_string()])
                 .set(1);
         }
-        let old_pids: HashSet<u32> = self.assignments.values().map(|a| a.pid).collect();
         let new_pids: HashSet<u32> = self.guests.keys().copied().collect();
-        for pid in old_pids.difference(&new_pids) {
+        for pid in self.guests_watched.difference(&new_pids) {
             let _ = self.probe.remove_guest(*pid);
         }
-        for pid in &new_pids {
+        for pid in new_pids.difference(&self.guests_watched.clone()) {
             if let Err(e) = self.probe.set_guest(*pid) {
                 log::warn!("watching guest {pid} for exit: {e}");
             }
         }
+        self.guests_watched = new_pids;
         self.assignments = next;
         m.vms.set(self.guests.len() as i64);
+    }
+
+    /// Emulator threads the plan puts on guarded CPUs (`--emulator with-vcpu0`
+    /// or a CPU list) are there by design: allowlist them in the kernel, and
+    /// drop the allowance when the plan no longer does so.
+    fn allow_emulators(&mut self, plan: &plan::Plan) {
+        let mut now: HashSet<u32> = HashSet::new();
+        for e in plan.entries.iter().filter(|e| e.role == Role::Emulator) {
+            let on_guarded = e.to.intersection(&self.guard.guarded);
+            if on_guarded.is_empty() {
+                continue;
+            }
+            let cpu = if on_guarded.len() == 1 {
+                on_guarded.first()
+            } else {
+                None
+            };
+            if let Err(err) = self.probe.set_allowed(e.tid, cpu) {
+                log::warn!(
+                    "allowing emulator thread {} on CPUs {on_guarded}: {err}",
+                    e.tid
+                );
+            }
+            now.insert(e.tid);
+        }
+        for tid in self.emulators_allowed.difference(&now) {
+            let _ = self.probe.remove_allowed(*tid);
+        }
+        self.emulators_allowed = now;
     }
 
     fn enforcement_error(&mut self, action: &str, err: &AffinityError) {
@@ -603,7 +669,12 @@ impl Daemon {
             "intrusion" => self.on_intrusion(ev),
             "migrate_in" => self.on_migrate_in(ev),
             "owner_away" => {
-                if let Some(a) = self.assignments.get(&ev.tid).cloned() {
+                // The kernel named the CPU it knew; a re-plan may already have
+                // moved the vCPU (then this is pinguard's own move).
+                if let Some(a) = self.assignments.get(&ev.tid).cloned()
+                    && ev.cpu == a.cpu
+                    && ev.other_cpu != Some(a.cpu)
+                {
                     self.record(
                         Violation::new(
                             "vcpu_drift",
@@ -697,6 +768,14 @@ impl Daemon {
     }
 
     fn on_intrusion(&mut self, ev: &DecodedEvent) {
+        // A vCPU on its own CPU: the event raced its registration as owner.
+        if self
+            .assignments
+            .get(&ev.tid)
+            .is_some_and(|a| a.cpu == ev.cpu)
+        {
+            return;
+        }
         // Another guest's vCPU running here: its owner CPU lost it too.
         if let Some(a) = self.assignments.get(&ev.tid).cloned()
             && a.cpu != ev.cpu
@@ -773,6 +852,19 @@ impl Daemon {
     /// Enforce mode: moves a user intruder off the guarded CPUs.
     fn evict(&mut self, ev: &DecodedEvent) {
         if self.config.mode != Mode::Enforce || self.assignments.contains_key(&ev.tid) {
+            return;
+        }
+        // A guest's threads are placed by the plan, never evicted. A vCPU of a
+        // guest not discovered yet (it just started) triggers a rescan instead.
+        if self.guests.contains_key(&ev.tgid)
+            || crate::discover::parse_vcpu_thread_name(&ev.comm).is_some()
+        {
+            if !self.guests.contains_key(&ev.tgid) && self.scan_retry.is_none() {
+                self.scan_retry = Some(Retry {
+                    due: Instant::now(),
+                    attempt: 0,
+                });
+            }
             return;
         }
         let info = match self.proc.thread(ev.tgid, ev.tid) {

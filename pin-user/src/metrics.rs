@@ -267,6 +267,9 @@ impl Default for Metrics {
     }
 }
 
+/// Concurrent HTTP connections served at most.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Renders kernel log2 wait histograms as one Prometheus histogram family.
 /// Bucket `i` of the kernel holds waits in [2^i, 2^(i+1)) ns; buckets below
 /// 1 µs are folded into the first bound.
@@ -330,14 +333,29 @@ pub async fn serve(
     healthy: Arc<std::sync::atomic::AtomicBool>,
     json: JsonRoutes,
 ) {
+    // Bounded: a flood of clients must not eat the daemon's file descriptors
+    // (discovery and enforcement need them).
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on the event thread.
+                log::warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Too many open connections: refuse this one outright.
+            drop(stream);
             continue;
         };
         let metrics = metrics.clone();
         let healthy = healthy.clone();
         let json = json.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 8192];
             let mut len = 0;
             // A request head must arrive promptly; slow or huge requests are dropped.
@@ -387,8 +405,12 @@ pub async fn serve(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = stream.write_all(resp.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            // A client that does not read its answer is dropped after a while.
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                let _ = stream.write_all(resp.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         });
     }
 }

@@ -418,3 +418,51 @@ fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
         "the newcomer was attributed to a VM: {line}"
     );
 }
+
+#[test]
+fn emulator_threads_placed_on_guarded_cpus_by_design_are_left_there() {
+    require!(missing_kvm());
+    let config =
+        "mode = \"enforce\"\nrescan_interval = \"200ms\"\n[placement]\nemulator = \"with-vcpu0\"\n";
+    let mut daemon = Daemon::start(config, &[]);
+    // Running (no -S): its threads are busy on CPU 1 with the vCPU.
+    let mut opts = GuestOptions::new("pg-withvcpu0");
+    opts.paused = false;
+    let guest = Guest::start(opts);
+    let vm = [("vm", "pg-withvcpu0")];
+    daemon.wait_metric("the vCPU to be pinned", "pinguard_vcpu_pinned", &vm, |v| {
+        v == 1.0
+    });
+    wait_for("emulator threads on the vCPU's CPU", WAIT, || {
+        guest
+            .emulator_tids()
+            .iter()
+            .all(|t| cpus_allowed(guest.pid(), *t) == "1")
+            .then_some(())
+    });
+    // Several rescans later they are still there, and none was evicted.
+    let scans = daemon
+        .metric("pinguard_discovery_scans_total", &[])
+        .unwrap();
+    daemon.wait_metric("more rescans", "pinguard_discovery_scans_total", &[], |v| {
+        v >= scans + 5.0
+    });
+    for t in guest.emulator_tids() {
+        assert_eq!(
+            cpus_allowed(guest.pid(), t),
+            "1",
+            "emulator thread {t} was moved off vCPU 0's CPU"
+        );
+    }
+    let pid = guest.pid();
+    drop(guest);
+    let err = daemon.stop();
+    let evicted: Vec<&String> = err
+        .iter()
+        .filter(|l| l.contains("evicted tid") && l.contains(&format!("pid {pid})")))
+        .collect();
+    assert!(
+        evicted.is_empty(),
+        "the guest's own threads were evicted: {evicted:?}"
+    );
+}
