@@ -1107,6 +1107,15 @@ impl Daemon {
                 let _ = self.probe.remove_thread(key);
             }
         }
+        // Allowlisted threads that exited: their ids may be reused by anyone.
+        if let Ok(allowed) = self.probe.allowed() {
+            for tid in allowed {
+                if !std::path::Path::new(&format!("/proc/{tid}")).exists() {
+                    let _ = self.probe.remove_allowed(tid);
+                    self.emulators_allowed.remove(&tid);
+                }
+            }
+        }
     }
 }
 
