@@ -276,6 +276,16 @@ impl Daemon {
             self.limiter = Limiter::new(config.min_interval, config.max_backoff);
         }
         self.discoverer = Discoverer::new(self.proc.clone(), Self::discover_options(&config));
+        // Allowances came from the old `[[allow]]` rules: drop them and let the
+        // new rules allow threads again as they show up.
+        if let Ok(allowed) = self.probe.allowed() {
+            for tid in allowed
+                .into_iter()
+                .filter(|t| !self.emulators_allowed.contains(t))
+            {
+                let _ = self.probe.remove_allowed(tid);
+            }
+        }
         self.config = config;
         self.publish_static();
         self.rescan();
