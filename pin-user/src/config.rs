@@ -87,7 +87,8 @@ pub struct AllowRule {
     pub cgroup: Option<String>,
     /// Process id.
     pub tgid: Option<u32>,
-    /// CPUs it may use (default: every guarded CPU).
+    /// CPUs it may use (default: every guarded CPU). The kernel keeps one CPU or "any" per
+    /// thread, so a list naming only some guarded CPUs is applied to the CPU the thread is seen on.
     pub cpus: Option<CpuSet>,
 }
 

@@ -805,23 +805,21 @@ impl Daemon {
         }
         if ev.class == class::name(class::INTRUDER_USER)
             && let Some(cpus) = self.allowlisted(ev.tid, ev.tgid, &ev.comm)
+            && cpus.as_ref().is_none_or(|c| c.contains(ev.cpu))
         {
-            let cpu = cpus
-                .as_ref()
-                .and_then(|c| (c.len() == 1).then(|| c.first()).flatten());
-            if cpus.as_ref().is_none_or(|c| c.contains(ev.cpu)) {
-                if let Err(e) = self.probe.set_allowed(
-                    ev.tid,
-                    if cpus.is_none() {
-                        None
-                    } else {
-                        cpu.or(Some(ev.cpu))
-                    },
-                ) {
-                    log::warn!("allowlisting {}: {e}", ev.tid);
-                }
-                return;
+            // The kernel keeps one CPU or "any" per thread: a rule covering
+            // every guarded CPU is "any"; a partial list is approximated by
+            // the CPU the thread was seen on (see the note on `allow.cpus`).
+            let allowed = match &cpus {
+                None => None,
+                Some(c) if self.guard.guarded.is_subset(c) => None,
+                Some(c) if c.len() == 1 => c.first(),
+                Some(_) => Some(ev.cpu),
+            };
+            if let Err(e) = self.probe.set_allowed(ev.tid, allowed) {
+                log::warn!("allowlisting {}: {e}", ev.tid);
             }
+            return;
         }
         self.record(Violation::new(
             "intruder",

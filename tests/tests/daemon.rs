@@ -466,3 +466,46 @@ fn emulator_threads_placed_on_guarded_cpus_by_design_are_left_there() {
         "the guest's own threads were evicted: {evicted:?}"
     );
 }
+
+#[test]
+fn allowlisted_threads_are_neither_violations_nor_evicted() {
+    require!(missing_kvm());
+    let config = "mode = \"enforce\"\n[[allow]]\ncomm = \"pg-allow*\"\n";
+    let mut daemon = Daemon::start(config, &[]);
+    let allowed = Worker::spawn_on("pg-allowed", &[1]);
+    let stranger = Worker::spawn_on("pg-stranger", &[1]);
+    let me = std::process::id();
+    let work = |w: &Worker| {
+        let tid = w.tid();
+        w.run(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while allowed_list(me, tid) == "1" && std::time::Instant::now() < deadline {
+                spin(Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+    };
+    // The stranger is evicted (the daemon works), the allowlisted thread is not.
+    work(&stranger);
+    assert_eq!(
+        allowed_list(me, stranger.tid()),
+        "0",
+        "the stranger was not evicted"
+    );
+    work(&allowed);
+    assert_eq!(
+        allowed_list(me, allowed.tid()),
+        "1",
+        "the allowlisted thread was moved"
+    );
+    let err = daemon.stop();
+    let tid = allowed.tid();
+    let about: Vec<&String> = err
+        .iter()
+        .filter(|l| l.contains(&format!("tid {tid} ")))
+        .collect();
+    assert!(
+        about.is_empty(),
+        "the allowlisted thread was reported or acted on: {about:?}"
+    );
+}
