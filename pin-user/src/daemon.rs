@@ -770,6 +770,13 @@ impl Daemon {
                         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
                 })
         };
+        if self.config.allow.is_empty() {
+            return None;
+        }
+        // The name now, not the one in the event: a new thread's first slice
+        // still carries its creator's name until it names itself.
+        let current = self.proc.comm(tgid, tid).ok().flatten();
+        let comm = current.as_deref().unwrap_or(comm);
         self.config
             .allow
             .iter()

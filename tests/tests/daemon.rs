@@ -6,7 +6,7 @@ use integration_tests::{
     daemon::Daemon,
     guest::{Guest, GuestOptions, cpus_allowed},
     require,
-    threads::{Worker, allowed_list, schedstat_run_ns, spin},
+    threads::{Worker, allowed_list, schedstat_run_ns, set_affinity, spin},
     util::{missing_kvm, wait_for},
 };
 use serde_json::Value;
@@ -192,10 +192,13 @@ fn enforce_mode_pins_repins_after_taskset_and_evicts_user_intruders() {
     );
 
     // A user thread bound to the guarded CPU is moved to housekeeping.
-    let intruder = Worker::spawn_on("pg-evictee", &[1]);
+    // Created on CPU 0 and moved by itself: the creating test thread must not
+    // visit CPU 1, where the daemon would evict it (and the child would inherit that).
+    let intruder = Worker::spawn_on("pg-evictee", &[0]);
     let itid = intruder.tid();
     let me = std::process::id();
     intruder.run(move || {
+        set_affinity(itid, &[1]);
         let deadline = std::time::Instant::now() + WAIT;
         while allowed_list(me, itid) != "0" && std::time::Instant::now() < deadline {
             spin(Duration::from_millis(1));
@@ -383,13 +386,17 @@ fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
     let worker = (0..20)
         .find_map(|_| {
             std::fs::write("/proc/sys/kernel/ns_last_pid", (old_vcpu - 1).to_string()).ok()?;
-            let w = Worker::spawn_on("pg-newcomer", &[1]);
+            // Created on the housekeeping CPU (so the creating test thread never
+            // visits CPU 1, where the enforcing daemon could evict it), then it
+            // moves itself to CPU 1.
+            let w = Worker::spawn_on("pg-newcomer", &[0]);
             (w.tid() == old_vcpu).then_some(w)
         })
         .unwrap_or_else(|| panic!("could not get thread id {old_vcpu} reused"));
     let tid = worker.tid();
     let me = std::process::id();
     worker.run(move || {
+        set_affinity(tid, &[1]);
         let deadline = std::time::Instant::now() + WAIT;
         while allowed_list(me, tid) != "0" && std::time::Instant::now() < deadline {
             spin(Duration::from_millis(1));
@@ -407,8 +414,10 @@ fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
     // without a VM: the log is used because /violations is a bounded list that a
     // busy non-isolated lab CPU can cycle quickly.
     let mut daemon = daemon;
-    let line = daemon.process().wait_stderr("\"pg-newcomer\"", WAIT);
-    assert!(line.contains(&format!("tid {tid} ")), "{line}");
+    // (Matched by tid: its first slice may still carry the creating thread's name.)
+    let line = daemon
+        .process()
+        .wait_stderr(&format!(": tid {tid} pid "), WAIT);
     assert!(
         line.contains("violation intruder") || line.contains("violation migration_in"),
         "{line}"
@@ -471,9 +480,11 @@ fn emulator_threads_placed_on_guarded_cpus_by_design_are_left_there() {
 fn allowlisted_threads_are_neither_violations_nor_evicted() {
     require!(missing_kvm());
     let config = "mode = \"enforce\"\n[[allow]]\ncomm = \"pg-allow*\"\n";
-    let mut daemon = Daemon::start(config, &[]);
+    // Threads first (blocked, named): the daemon would otherwise see, and may
+    // evict, the test thread that briefly moves to CPU 1 to create them.
     let allowed = Worker::spawn_on("pg-allowed", &[1]);
     let stranger = Worker::spawn_on("pg-stranger", &[1]);
+    let mut daemon = Daemon::start(config, &[]);
     let me = std::process::id();
     let work = |w: &Worker| {
         let tid = w.tid();
