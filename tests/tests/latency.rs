@@ -263,36 +263,36 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
             && w["cause"]["tid"] == tid
             && w["cause"]["comm"] == "pg-spiker"
     };
-    assert!(
-        by_spiker(&worst[0]),
-        "the worst wake-up is not blamed on pg-spiker (tid {tid}): {}",
-        worst[0]
-    );
-    assert!(u(&worst[0], "/wait_ns") >= 500_000, "{}", worst[0]);
-    assert_eq!(worst[0]["cause"]["class"], "intruder_user", "{}", worst[0]);
+    // Most of the worst wake-ups are the spiker's. On a CPU that is not
+    // isolated another thread can cause one too (a kworker in a
+    // non-preemptible section was seen doing it for 3.8 ms): then it must be
+    // named as well, not left unexplained.
     let blamed = worst.iter().filter(|w| by_spiker(w)).count();
     assert!(
         blamed >= 3,
         "only {blamed} of the 5 worst wake-ups blamed on pg-spiker: {worst:#?}"
     );
-    let overlap = worst[0]["threads"]
+    for w in worst.iter().filter(|w| !by_spiker(w)) {
+        assert_eq!(
+            w["cause"]["kind"], "thread",
+            "a worst wake-up without a named cause: {w}"
+        );
+    }
+    let spiked = worst.iter().find(|w| by_spiker(w)).unwrap();
+    assert!(u(spiked, "/wait_ns") >= 500_000, "{spiked}");
+    assert_eq!(spiked["cause"]["class"], "intruder_user", "{spiked}");
+    let overlap = spiked["threads"]
         .as_array()
         .unwrap()
         .iter()
         .find(|t| t["tid"] == tid)
-        .unwrap_or_else(|| {
-            panic!(
-                "pg-spiker not among the threads of the worst wake-up: {}",
-                worst[0]
-            )
-        });
+        .unwrap_or_else(|| panic!("pg-spiker not among the threads of its wake-up: {spiked}"));
     assert!(
-        u(overlap, "/overlap_ns") * 2 >= u(&worst[0], "/wait_ns"),
-        "pg-spiker ran less than half of the worst wait: {}",
-        worst[0]
+        u(overlap, "/overlap_ns") * 2 >= u(spiked, "/wait_ns"),
+        "pg-spiker ran less than half of its wake-up's wait: {spiked}"
     );
     assert!(
-        worst[0]["explanation"]
+        spiked["explanation"]
             .as_str()
             .unwrap()
             .contains("pg-spiker")
