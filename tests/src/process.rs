@@ -153,3 +153,38 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A finished pinguard run.
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// stdout as one JSON document (panics with both streams if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs `pinguard SUBCOMMAND ARGS...` to completion within `timeout`.
+pub fn run_subcommand(subcommand: &str, args: &[&str], timeout: Duration) -> Run {
+    let mut full = vec![subcommand];
+    full.extend_from_slice(args);
+    let (status, out, err) = Pinguard::spawn(&full).finish(timeout);
+    Run {
+        status,
+        stdout: out.join("\n"),
+        stderr: err.join("\n"),
+    }
+}

@@ -7,13 +7,13 @@ use std::{
     collections::BTreeMap,
     fs,
     os::unix::process::CommandExt as _,
-    process::{Command, ExitStatus},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
     guest::{Guest, GuestOptions, cpus_allowed, wait_for_no_other_guests},
-    process::{self, Pinguard},
+    process::{self, Pinguard, Run, run_subcommand},
     require,
     threads::{Worker, allowed_list, spin},
     util::{missing_bpf, missing_kvm, pinguard_bin},
@@ -23,36 +23,8 @@ use serde_json::Value;
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
-                self.stdout, self.stderr
-            )
-        })
-    }
-}
-
 fn audit(args: &[&str]) -> Run {
-    let mut full = vec!["audit"];
-    full.extend_from_slice(args);
-    let (status, out, err) = Pinguard::spawn(&full).finish(RUN_TIMEOUT);
-    Run {
-        status,
-        stdout: out.join("\n"),
-        stderr: err.join("\n"),
-    }
+    run_subcommand("audit", args, RUN_TIMEOUT)
 }
 
 /// Online CPUs, from sysfs.

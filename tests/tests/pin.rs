@@ -2,11 +2,11 @@
 //! housekeeping. Guests are started paused (-S) and killed on drop, so no
 //! affinity needs restoring. These tests share CPUs and every guest on the
 //! host is managed by `pin`: run them serially (--test-threads=1).
-use std::{process::ExitStatus, time::Duration};
+use std::time::Duration;
 
 use integration_tests::{
     guest::{Guest, GuestOptions, affinities, cpus_allowed, wait_for_no_other_guests},
-    process::Pinguard,
+    process::{Run, run_subcommand},
     require,
     util::missing_kvm,
 };
@@ -14,36 +14,8 @@ use serde_json::Value;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
-                self.stdout, self.stderr
-            )
-        })
-    }
-
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-}
-
 fn pin(args: &[&str]) -> Run {
-    let mut full = vec!["pin"];
-    full.extend_from_slice(args);
-    let (status, out, err) = Pinguard::spawn(&full).finish(RUN_TIMEOUT);
-    Run {
-        status,
-        stdout: out.join("\n"),
-        stderr: err.join("\n"),
-    }
+    run_subcommand("pin", args, RUN_TIMEOUT)
 }
 
 fn start(name: &str) -> Guest {
