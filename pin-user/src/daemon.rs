@@ -785,28 +785,15 @@ impl Daemon {
     }
 
     fn on_intrusion(&mut self, ev: &DecodedEvent) {
-        // A vCPU on its own CPU: the event raced its registration as owner.
-        if self
-            .assignments
-            .get(&ev.tid)
-            .is_some_and(|a| a.cpu == ev.cpu)
-        {
-            return;
-        }
-        // Another guest's vCPU running here: its owner CPU lost it too.
-        if let Some(a) = self.assignments.get(&ev.tid).cloned()
-            && a.cpu != ev.cpu
-        {
+        if let Some(a) = self.assignments.get(&ev.tid).cloned() {
+            if a.cpu == ev.cpu {
+                // A vCPU on its own CPU: the event raced its registration as owner.
+                return;
+            }
+            // Another guest's vCPU running here: its owner CPU lost it too.
+            let detail = format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu);
             self.record(
-                Violation::new(
-                    "vcpu_drift",
-                    a.cpu,
-                    ev.tid,
-                    ev.tgid,
-                    &ev.comm,
-                    format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu),
-                )
-                .of_vcpu(&a),
+                Violation::new("vcpu_drift", a.cpu, ev.tid, ev.tgid, &ev.comm, detail).of_vcpu(&a),
             );
             self.verify_one(ev.tid, None);
         }
