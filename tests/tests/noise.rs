@@ -37,11 +37,21 @@ fn proc_interrupts_cpu1() -> BTreeMap<String, u64> {
 
 /// The daemons here export the kernel's counters every 100 ms.
 const CONFIG: &str = "verify_interval = \"100ms\"\n";
-const EXPORT_LAG: Duration = Duration::from_millis(250);
 
-/// The metric's value once everything up to now has been exported.
+/// The metric's value once everything up to now has been exported: waits for
+/// the daemon's next export (its count of sched_switch program runs, which
+/// grows at every export since this machine always switches), then reads.
 fn current(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
-    std::thread::sleep(EXPORT_LAG);
+    let runs = [("program", "switch_tp_btf")];
+    let before = d
+        .metric("pinguard_bpf_program_runs_total", &runs)
+        .unwrap_or(0.0);
+    d.wait_metric(
+        "the next export",
+        "pinguard_bpf_program_runs_total",
+        &runs,
+        |v| v > before,
+    );
     d.metric(name, labels).unwrap_or(0.0)
 }
 
