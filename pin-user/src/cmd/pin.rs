@@ -271,27 +271,18 @@ fn render(r: &Report) -> String {
         s.push_str("No QEMU guests found.\n");
         return s;
     }
-    let vm_w = r
-        .entries
-        .iter()
-        .map(|e| e.entry.vm.len())
-        .max()
-        .unwrap_or(2)
-        .max(2);
-    let from_w = r
-        .entries
-        .iter()
-        .map(|e| e.entry.from.to_string().len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    let to_w = r
-        .entries
-        .iter()
-        .map(|e| e.entry.to.to_string().len())
-        .max()
-        .unwrap_or(2)
-        .max(2);
+    // Column width: the longest cell, at least the header's width.
+    let width = |cell: &dyn Fn(&crate::plan::Entry) -> usize, min: usize| {
+        r.entries
+            .iter()
+            .map(|e| cell(&e.entry))
+            .max()
+            .unwrap_or(min)
+            .max(min)
+    };
+    let vm_w = width(&|e| e.vm.len(), 2);
+    let from_w = width(&|e| e.from.to_string().len(), 4);
+    let to_w = width(&|e| e.to.to_string().len(), 2);
     s.push_str(&format!(
         "{:<vm_w$}  {:<4}  {:<8}  {:<from_w$}    {:<to_w$}  STATUS\n",
         "VM", "VCPU", "TID", "FROM", "TO"
