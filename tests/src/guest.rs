@@ -220,8 +220,10 @@ impl Guest {
         if is_alive(self.pid) {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
-        let what = format!("QEMU pid {} to exit", self.pid);
-        wait_for(&what, EXIT_TIMEOUT, || (!is_alive(self.pid)).then_some(()));
+        let what = format!("QEMU pid {} and all its threads to exit", self.pid);
+        wait_for(&what, EXIT_TIMEOUT, || {
+            (!is_alive(self.pid) && other_threads(self.pid) == 0).then_some(())
+        });
     }
 }
 
@@ -242,7 +244,9 @@ impl Drop for Guest {
 }
 
 /// Alive = exists and is not a zombie. A daemonized QEMU is reaped by
-/// init, possibly late; its threads are gone as soon as it is a zombie.
+/// init, possibly late. The leader can already be a zombie while its other
+/// threads are still exiting (a group exit tears them down concurrently, a
+/// vCPU thread's KVM teardown last): see [`other_threads`].
 fn is_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
@@ -251,6 +255,18 @@ fn is_alive(pid: u32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// Threads of `pid` other than the leader that still exist (their ids are
+/// not free yet). 0 once the process is gone.
+fn other_threads(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.flatten()
+                .filter(|e| e.file_name().to_str() != Some(&pid.to_string()))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// Runs one QMP command on a fresh connection (QEMU 7.2 serves one client

@@ -383,16 +383,30 @@ fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
 
     // Make the kernel hand the dead vCPU's thread id to a new, unrelated thread
     // (ns_last_pid: the next id is last + 1 if free; other tasks may race us).
-    let worker = (0..20)
+    assert!(
+        !std::path::Path::new(&format!("/proc/{old_vcpu}")).exists(),
+        "vCPU thread {old_vcpu} still exists after its guest was killed"
+    );
+    let mut got = Vec::new();
+    let worker = (0..50)
         .find_map(|_| {
-            std::fs::write("/proc/sys/kernel/ns_last_pid", (old_vcpu - 1).to_string()).ok()?;
+            if let Err(e) =
+                std::fs::write("/proc/sys/kernel/ns_last_pid", (old_vcpu - 1).to_string())
+            {
+                panic!("writing /proc/sys/kernel/ns_last_pid: {e}");
+            }
             // Created on the housekeeping CPU (so the creating test thread never
             // visits CPU 1, where the enforcing daemon could evict it), then it
             // moves itself to CPU 1.
             let w = Worker::spawn_on("pg-newcomer", &[0]);
+            got.push(w.tid());
             (w.tid() == old_vcpu).then_some(w)
         })
-        .unwrap_or_else(|| panic!("could not get thread id {old_vcpu} reused"));
+        .unwrap_or_else(|| {
+            panic!(
+                "could not get thread id {old_vcpu} reused; other tasks took it first, got {got:?}"
+            )
+        });
     let tid = worker.tid();
     let me = std::process::id();
     worker.run(move || {
