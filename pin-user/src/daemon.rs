@@ -138,6 +138,10 @@ pub struct Daemon {
     emulators_allowed: HashSet<u32>,
     /// Guest pids registered in the kernel's GUESTS map (exit notification).
     guests_watched: HashSet<u32>,
+    /// Names of the guests known at the last re-plan: a name that is gone
+    /// takes its per-VM series with it, so churning guests do not grow the
+    /// label set without bound.
+    vm_names: HashSet<String>,
     /// IRQ number -> its actions' names (from /proc/irq/N/), for labels.
     irq_names: HashMap<u32, String>,
     _stats: Option<StatsGuard>,
@@ -191,6 +195,7 @@ impl Daemon {
             shared: CpuSet::new(),
             emulators_allowed: HashSet::new(),
             guests_watched: HashSet::new(),
+            vm_names: HashSet::new(),
             _stats: stats,
             ticks: 0,
             config,
@@ -545,6 +550,11 @@ impl Daemon {
         self.guests_watched = new_pids;
         self.assignments = next;
         m.vms.set(self.guests.len() as i64);
+        let names: HashSet<String> = self.guests.values().map(|g| g.name.clone()).collect();
+        for gone in self.vm_names.difference(&names) {
+            let _ = m.repins.remove_label_values(&[gone]);
+        }
+        self.vm_names = names;
     }
 
     /// Emulator threads the plan puts on guarded CPUs (`--emulator with-vcpu0`

@@ -373,6 +373,11 @@ fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
     daemon.wait_metric("the vCPU to be pinned", "pinguard_vcpu_pinned", &vm, |v| {
         v == 1.0
     });
+    // Its first placement counts as a re-pin (QEMU starts it on every CPU).
+    assert!(
+        daemon.metric("pinguard_repins_total", &vm).is_some(),
+        "no re-pin counted for the new guest"
+    );
     guest.kill();
     wait_for("the killed guest to be forgotten", WAIT, || {
         daemon
@@ -380,6 +385,13 @@ fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
             .is_none()
             .then_some(())
     });
+    // A guest that is gone takes its series along (bounded label sets with
+    // guests coming and going).
+    assert_eq!(
+        daemon.metric("pinguard_repins_total", &vm),
+        None,
+        "the gone guest's re-pin counter is still exported"
+    );
 
     // Make the kernel hand the dead vCPU's thread id to a new, unrelated thread
     // (ns_last_pid: the next id is last + 1 if free; other tasks may race us).
