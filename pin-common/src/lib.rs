@@ -38,6 +38,7 @@ pub mod map {
     pub const SOFTIRQ_STATS: &str = "SOFTIRQ_STATS";
     pub const NOISE: &str = "NOISE";
     pub const WAITING: &str = "WAITING";
+    pub const OWNER_WAITING: &str = "OWNER_WAITING";
     pub const WAIT_HIST: &str = "WAIT_HIST";
 }
 
@@ -241,14 +242,19 @@ pub mod watch {
     pub const PROBE: u32 = 2;
 }
 
-/// A waiting watched thread (`WAITING`, key tid).
+/// A waiting watched thread (`WAITING`, key tid; `OWNER_WAITING`, index CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Waiting {
+    /// 0: not waiting (`OWNER_WAITING` slots are cleared, not removed).
     pub since_ns: u64,
     pub irq_ns: u64,
     pub softirq_ns: u64,
     pub nmi_count: u64,
+    /// The waiting thread (`OWNER_WAITING`: a slot is only taken for the
+    /// thread that started it, not for a later owner of the CPU).
+    pub tid: u32,
+    pub _pad: u32,
 }
 
 /// log2 buckets of wait times: bucket `i` counts waits in [2^i, 2^(i+1)) ns
@@ -366,10 +372,14 @@ pub const NO_CPU: u32 = u32::MAX - 1;
 pub mod guard {
     /// The CPU is guarded.
     pub const GUARDED: u32 = 1;
-    /// Some thread is watched: measure waits on this CPU (costs a lookup per
-    /// switch, so it is off when nobody asked for it).
+    /// Some watched thread is not the cached, watched owner of its CPU (a
+    /// latency probe, a vCPU sharing its CPU): measure the waits of any
+    /// watched thread here, which costs a `TASKS` lookup per switch. Without
+    /// it only [`OWNER_WATCHED`] owners are measured, on their own CPU (a vCPU
+    /// that drifted elsewhere is a violation, not a wait to measure).
     pub const TRACK_WAITS: u32 = 2;
-    /// [`super::GuardState::owner_tid`] is watched.
+    /// [`super::GuardState::owner_tid`] is watched as a vCPU: its waits are
+    /// kept in the CPU's `OWNER_WAITING` slot (array reads, no hash operation).
     pub const OWNER_WATCHED: u32 = 4;
 }
 
@@ -380,7 +390,8 @@ pub mod guard {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GuardState {
     pub bits: u32,
-    /// The only owner of this CPU, or 0 (none, or several: look in `TASKS`).
+    /// The only owner of this CPU, or 0 (none, several, or one watched as a
+    /// latency probe, whose waits take the general path: look in `TASKS`).
     pub owner_tid: u32,
 }
 

@@ -55,6 +55,13 @@ pub static NOISE: Array<NoiseState> = Array::with_max_entries(MAX_CPUS, 0);
 #[map]
 pub static WAITING: HashMap<u32, Waiting> = HashMap::with_max_entries(MAX_OWNERS, 0);
 
+/// The same for the cached single owner of each CPU (index: CPU), the hot
+/// case: a vCPU's wake-ups and switches then need no hash operation but the
+/// histogram's. Written under the CPU's runqueue lock (sched_wakeup fires in
+/// ttwu_do_activate(), sched_switch in __schedule()), so never concurrently.
+#[map]
+pub static OWNER_WAITING: Array<Waiting> = Array::with_max_entries(MAX_CPUS, 0);
+
 /// Wait-time histograms of watched threads.
 #[map]
 pub static WAIT_HIST: HashMap<u32, WaitHist> = HashMap::with_max_entries(MAX_OWNERS, 0);

@@ -17,8 +17,8 @@ use pin_common::{
 
 use crate::{
     maps::{
-        IRQ_STATS, NOISE, SOFTIRQ_STATS, WAIT_HIST, WAITING, guard_bits, is_guarded, send,
-        task_info,
+        IRQ_STATS, NOISE, OWNER_WAITING, SOFTIRQ_STATS, WAIT_HIST, WAITING, guard_state,
+        is_guarded, send, task_info,
     },
     task,
 };
@@ -160,11 +160,13 @@ pub fn nmi(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Starts a wait of watched thread `tid` that will run on `cpu`.
+/// A wait of `tid`, starting `at`, that will end on `cpu`, with the CPU's
+/// noise totals at its start (a probe's episode reports what happened meanwhile).
 #[inline(always)]
-pub fn start_wait(tid: u32, cpu: u32, at: u64) {
+fn waiting(tid: u32, cpu: u32, at: u64) -> Waiting {
     let mut w = Waiting {
         since_ns: at,
+        tid,
         ..Default::default()
     };
     if let Some(n) = NOISE.get(cpu) {
@@ -172,7 +174,36 @@ pub fn start_wait(tid: u32, cpu: u32, at: u64) {
         w.softirq_ns = n.softirq_ns;
         w.nmi_count = n.nmi_count;
     }
-    let _ = WAITING.insert(&tid, &w, 0);
+    w
+}
+
+/// Starts a wait of watched thread `tid` that will run on `cpu`: in the CPU's
+/// owner slot when `tid` is the CPU's cached, watched owner, else in `WAITING`.
+#[inline(always)]
+pub fn start_wait(tid: u32, cpu: u32, at: u64, owner: bool) {
+    let w = waiting(tid, cpu, at);
+    if owner {
+        if let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) {
+            // SAFETY: written only under `cpu`'s runqueue lock (see the map).
+            unsafe { *slot = w };
+        }
+    } else {
+        let _ = WAITING.insert(&tid, &w, 0);
+    }
+}
+
+/// Forgets a wait of `tid` (it went to sleep: a wake-up seen while it was
+/// still running is not a wait).
+#[inline(always)]
+pub fn cancel_wait(tid: u32, cpu: u32, owner: bool) {
+    if owner {
+        if let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) {
+            // SAFETY: as in start_wait.
+            unsafe { (*slot).since_ns = 0 };
+        }
+    } else {
+        let _ = WAITING.remove(&tid);
+    }
 }
 
 #[inline(always)]
@@ -181,14 +212,17 @@ fn on_wakeup(p: *const u8) {
     // `p` is BTF-typed (tp_btf): direct loads, no helper calls, since this
     // runs on every wake-up of every CPU.
     let cpu = task::cpu_as::<true>(p);
-    if guard_bits(cpu) & guard::TRACK_WAITS == 0 {
+    let state = guard_state(cpu);
+    if state.bits & (guard::OWNER_WATCHED | guard::TRACK_WAITS) == 0 {
         return;
     }
     let tid = task::pid_as::<true>(p);
-    if task_info(tid).watch == 0 {
+    // The CPU's own vCPU, the common case: no hash lookup.
+    let owner = tid == state.owner_tid && state.bits & guard::OWNER_WATCHED != 0;
+    if !owner && (state.bits & guard::TRACK_WAITS == 0 || task_info(tid).watch == 0) {
         return;
     }
-    start_wait(tid, cpu, now());
+    start_wait(tid, cpu, now(), owner);
 }
 
 /// `sched_wakeup(struct task_struct *p)`: only watched threads are looked at.
@@ -214,19 +248,35 @@ fn bucket(ns: u64) -> usize {
     }
 }
 
-/// Called from sched_switch on a guarded CPU when a watched thread runs:
-/// ends its wait, adds it to its histogram and, for probes, reports what
-/// happened on the CPU meanwhile.
+/// Called from sched_switch on a guarded CPU when thread `tid` runs: if it
+/// is watched and was waiting, ends its wait, adds it to its histogram and,
+/// for probes, reports what happened on the CPU meanwhile. `owner`: `tid` is
+/// the CPU's cached owner, watched as a vCPU (its wait is in the CPU's slot).
 #[inline(always)]
-pub fn end_wait(tid: u32, cpu: u32, at: u64, prev_tid: u32, prev_run_ns: u64) {
-    let kind = task_info(tid).watch;
-    if kind == 0 {
-        return;
-    }
-    let Some(w) = (unsafe { WAITING.get(&tid) }).copied() else {
-        return;
+pub fn end_wait(tid: u32, cpu: u32, at: u64, prev_tid: u32, prev_run_ns: u64, owner: bool) {
+    let (kind, w) = if owner {
+        let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) else {
+            return;
+        };
+        // SAFETY: as in start_wait.
+        let slot = unsafe { &mut *slot };
+        if slot.since_ns == 0 || slot.tid != tid {
+            return;
+        }
+        let w = *slot;
+        slot.since_ns = 0;
+        (watch::VCPU, w)
+    } else {
+        let kind = task_info(tid).watch;
+        if kind == 0 {
+            return;
+        }
+        let Some(w) = (unsafe { WAITING.get(&tid) }).copied() else {
+            return;
+        };
+        let _ = WAITING.remove(&tid);
+        (kind, w)
     };
-    let _ = WAITING.remove(&tid);
     let wait = at.saturating_sub(w.since_ns);
     match WAIT_HIST.get_ptr_mut(&tid) {
         Some(h) => {

@@ -17,10 +17,7 @@ use aya_ebpf::{
 use pin_common::{Event, ThreadKey, ThreadStats, class, counter, event, guard};
 
 use crate::{
-    maps::{
-        CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, WAITING, bump, guard_state, send,
-        task_info,
-    },
+    maps::{CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, bump, guard_state, send, task_info},
     noise,
     task::{self, Kthread},
 };
@@ -124,28 +121,40 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
         record_intruder(cpu, tid, tgid, class, start, now, run_ns, known);
     }
     // Wait tracking of watched threads needs `next` (not on the classic
-    // tracepoint), and only runs where userspace watches someone.
-    if !next.is_null() && bits & guard::TRACK_WAITS != 0 {
-        let watched = if tid == 0 {
-            false
-        } else if tid == guard_state.owner_tid {
-            bits & guard::OWNER_WATCHED != 0
-        } else {
-            task_info(tid).watch != 0
-        };
-        if watched {
-            if prev_state == 0 {
-                // TASK_RUNNING at switch-out: preempted, still runnable, so waiting from now.
-                noise::start_wait(tid, cpu, now);
+    // tracepoint), and only runs where userspace watches someone. The CPU's
+    // cached, watched owner (a vCPU) keeps its wait in the CPU's slot (array
+    // access, no lookup); other watched threads, only when there are any
+    // (TRACK_WAITS), in `WAITING` after a `TASKS` lookup.
+    let owner_watched = bits & guard::OWNER_WATCHED != 0;
+    let track_others = bits & guard::TRACK_WAITS != 0;
+    if !next.is_null() && (owner_watched || track_others) {
+        if tid != 0 {
+            let owner = tid == guard_state.owner_tid;
+            let watched = if owner {
+                owner_watched
             } else {
-                // Going to sleep: forget a wake-up seen while it was still running
-                // (ttwu of a running task fires sched_wakeup too).
-                let _ = WAITING.remove(&tid);
+                track_others && task_info(tid).watch != 0
+            };
+            if watched {
+                if prev_state == 0 {
+                    // TASK_RUNNING at switch-out: preempted, still runnable, so waiting from now.
+                    noise::start_wait(tid, cpu, now, owner);
+                } else {
+                    // Going to sleep: forget a wake-up seen while it was still running
+                    // (ttwu of a running task fires sched_wakeup too).
+                    noise::cancel_wait(tid, cpu, owner);
+                }
             }
         }
         let next_tid = task::pid_as::<BTF>(next);
         if next_tid != 0 {
-            noise::end_wait(next_tid, cpu, now, tid, run_ns);
+            if next_tid != guard_state.owner_tid {
+                if track_others {
+                    noise::end_wait(next_tid, cpu, now, tid, run_ns, false);
+                }
+            } else if owner_watched {
+                noise::end_wait(next_tid, cpu, now, tid, run_ns, true);
+            }
         }
     }
     0

@@ -50,6 +50,11 @@ pub struct AttachArgs {
     /// before "attached" is printed (the benchmark's owner scenario).
     #[arg(long = "owner", value_name = "CPU=TID", value_parser = parse_owner)]
     pub owners: Vec<(u32, u32)>,
+    /// Also measure the owners' wake-up-to-run waits, as `pinguard run` does
+    /// for vCPUs (turns on the wait tracking of the sched_switch program;
+    /// attach `wakeup` too for the wake-up side).
+    #[arg(long)]
+    pub watch_owners: bool,
 }
 
 /// How the guarded CPUs are chosen, shared by every subcommand.

@@ -304,11 +304,22 @@ impl Probe {
         self.write_guard_bits_for(&cpus)
     }
 
-    /// Writes the guard state of `cpus`: guarded or not, whether waits are
-    /// tracked (only while some thread is watched: it costs a lookup per
-    /// switch), and the CPU's single owner, if it has exactly one.
+    /// Writes the guard state of `cpus`: guarded or not, the CPU's single
+    /// owner, if it has exactly one, and how waits are measured: a watched
+    /// single owner (a vCPU) in its CPU's slot, any other watched thread with
+    /// a lookup per switch on every guarded CPU, which is only turned on
+    /// while such a thread exists.
     fn write_guard_bits_for(&mut self, cpus: &CpuSet) -> Result<(), ProbeError> {
-        let track = if self.tasks.values().any(|t| t.watch != 0) {
+        let mut owners_of: BTreeMap<u32, usize> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| t.is_owner()) {
+            *owners_of.entry(t.owner_cpu).or_default() += 1;
+        }
+        let cached_vcpu = |t: &TaskInfo| {
+            t.watch == pin_common::watch::VCPU
+                && self.guarded.contains(t.owner_cpu)
+                && owners_of.get(&t.owner_cpu) == Some(&1)
+        };
+        let track = if self.tasks.values().any(|t| t.watch != 0 && !cached_vcpu(t)) {
             guard::TRACK_WAITS
         } else {
             0
@@ -319,9 +330,11 @@ impl Probe {
             if self.guarded.contains(cpu) {
                 state.bits = guard::GUARDED | track;
                 let mut owners = self.tasks.iter().filter(|(_, t)| t.owner_cpu == cpu);
-                if let (Some((tid, t)), None) = (owners.next(), owners.next()) {
+                if let (Some((tid, t)), None) = (owners.next(), owners.next())
+                    && t.watch != pin_common::watch::PROBE
+                {
                     state.owner_tid = *tid;
-                    if t.watch != 0 {
+                    if t.watch == pin_common::watch::VCPU {
                         state.bits |= guard::OWNER_WATCHED;
                     }
                 }
@@ -333,8 +346,25 @@ impl Probe {
             .map_mut(map::GUARDED)
             .ok_or(ProbeError::MissingMap(map::GUARDED))?;
         let mut arr: Array<_, GuardState> = Array::try_from(m).map_err(map_err(map::GUARDED))?;
-        for (cpu, state) in states {
+        for &(cpu, state) in &states {
             arr.set(cpu, state, 0).map_err(map_err(map::GUARDED))?;
+        }
+        // A CPU without a watched owner has no owner wait in progress: clear
+        // its slot, so that an owner watched again later does not end a wait
+        // that began before it was unwatched. (A new owner never takes an
+        // old one's slot: the slot names its thread.)
+        let m = self
+            .ebpf
+            .map_mut(map::OWNER_WAITING)
+            .ok_or(ProbeError::MissingMap(map::OWNER_WAITING))?;
+        let mut slots: Array<_, Waiting> =
+            Array::try_from(m).map_err(map_err(map::OWNER_WAITING))?;
+        for (cpu, state) in states {
+            if state.bits & guard::OWNER_WATCHED == 0 {
+                slots
+                    .set(cpu, Waiting::default(), 0)
+                    .map_err(map_err(map::OWNER_WAITING))?;
+            }
         }
         Ok(())
     }

@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// sampled (default 20, or 8 with --quick).
     #[arg(long, value_name = "SECS")]
     load_secs: Option<u64>,
+    /// Measure this pinguard binary instead of building target/release/pinguard
+    /// (to compare two builds on the same machine: alternate runs of each).
+    #[arg(long, value_name = "PATH")]
+    bin: Option<std::path::PathBuf>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -159,9 +163,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     let bin = if needs_bpf {
-        build::run()?;
         which("bpftool").context("bpftool not found (cargo xtask setup installs it)")?;
-        Some(util::pinguard_bin()?)
+        match &args.bin {
+            Some(path) if path.is_file() => Some(path.clone()),
+            Some(path) => bail!("--bin {}: no such file", path.display()),
+            None => {
+                build::run()?;
+                Some(util::pinguard_bin()?)
+            }
+        }
     } else {
         None
     };

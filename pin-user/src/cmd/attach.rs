@@ -30,6 +30,9 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
         // Before "attached": the caller measures from that line on.
         for &(cpu, tid) in &args.owners {
             probe.set_owner(tid, cpu)?;
+            if args.watch_owners {
+                probe.set_watched(tid, pin_common::watch::VCPU)?;
+            }
         }
         let mut out = std::io::stdout().lock();
         for name in probe.attached() {

@@ -14,9 +14,10 @@
 //! - housekeeping: the load runs on CPU 0, which is not guarded: the program
 //!   reads one array slot and returns. Most switches of a real host are here.
 //! - owner: the load runs on guarded CPU 1 and one of its threads is
-//!   registered as CPU 1's owner (like a vCPU): `pipe` alternates the owner
-//!   (cached owner, no lookup) with an intruding peer; `cross` is the vCPU
-//!   pattern, owner <-> idle on CPU 1 with the peer on CPU 0.
+//!   registered as CPU 1's owner with its waits measured and the `wakeup`
+//!   program attached beside (what the daemon does for a vCPU): `pipe`
+//!   alternates the owner (cached owner, no lookup) with an intruding peer;
+//!   `cross` is the vCPU pattern, owner <-> idle on CPU 1 with the peer on CPU 0.
 //! - intruder: only intruders on CPU 1: every switch takes the slowest path
 //!   (per-thread accounting in a hash map). The worst case.
 use std::{
@@ -49,6 +50,8 @@ pub const PROGRAMS: &[&str] = &[
 ];
 /// Pseudo-program: attach nothing. Its "loss" is the noise of a detached-vs-detached pair.
 const NONE: &str = "none";
+/// The sched_wakeup program, attached beside the measured one in the owner scenario.
+const WAKEUP: &str = "wakeup";
 /// What `pinguard run` attaches.
 const SHIPPED: &str = "switch_tp_btf";
 
@@ -119,8 +122,10 @@ impl Scenario {
                  housekeeping CPUs, so this is the cost pinguard adds to the host in general."
             }
             Scenario::Owner => {
-                "Load on guarded CPU 1, the pong thread registered as CPU 1's owner \
-                 (`pinguard attach --owner 1=TID`, as the daemon does for a vCPU). `pipe`: \
+                "Load on guarded CPU 1, the pong thread registered as CPU 1's owner and its \
+                 waits measured, with the `wakeup` program attached beside every program measured \
+                 (`pinguard attach --owner 1=TID --watch-owners --program wakeup`, as the daemon \
+                 does for a vCPU; the floor includes wakeup's cost). `pipe`: \
                  owner and an intruding ping thread alternate on CPU 1, so half the switches \
                  take the owner's fast path (its tid is cached per CPU, no lookup) and half the \
                  known-intruder path. `cross`: the ping thread is on CPU 0, so CPU 1 alternates \
@@ -503,6 +508,13 @@ impl Attached {
         ]);
         for (cpu, tid) in owners {
             cmd.arg("--owner").arg(format!("{cpu}={tid}"));
+        }
+        // With an owner, run as the daemon runs for a vCPU: its waits are
+        // measured (the sched_switch program's wait tracking is on) and the
+        // `wakeup` program starts them. Attached beside every program,
+        // including the empty floors, so the floor carries wakeup's cost too.
+        if !owners.is_empty() {
+            cmd.args(["--watch-owners", "--program", WAKEUP]);
         }
         let mut child = Child::spawn(&mut cmd)?;
         let want = format!("attached {name}");
