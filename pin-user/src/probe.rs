@@ -13,7 +13,7 @@ use aya::{
 use pin_common::{
     ANY_CPU, CpuStats, Event, GuardState, IrqKey, NO_CPU, NoiseStat, NoiseState, SoftirqStats,
     TASK_COMM_LEN, TaskInfo, ThreadKey, ThreadStats, WaitHist, Waiting, counter, global, guard,
-    map, program,
+    map, program, watch,
 };
 use thiserror::Error;
 
@@ -304,43 +304,9 @@ impl Probe {
         self.write_guard_bits_for(&cpus)
     }
 
-    /// Writes the guard state of `cpus`: guarded or not, the CPU's single
-    /// owner, if it has exactly one, and how waits are measured: a watched
-    /// single owner (a vCPU) in its CPU's slot, any other watched thread with
-    /// a lookup per switch on every guarded CPU, which is only turned on
-    /// while such a thread exists.
+    /// Writes the guard state of `cpus` (see [`guard_states`]).
     fn write_guard_bits_for(&mut self, cpus: &CpuSet) -> Result<(), ProbeError> {
-        let mut owners_of: BTreeMap<u32, usize> = BTreeMap::new();
-        for t in self.tasks.values().filter(|t| t.is_owner()) {
-            *owners_of.entry(t.owner_cpu).or_default() += 1;
-        }
-        let cached_vcpu = |t: &TaskInfo| {
-            t.watch == pin_common::watch::VCPU
-                && self.guarded.contains(t.owner_cpu)
-                && owners_of.get(&t.owner_cpu) == Some(&1)
-        };
-        let track = if self.tasks.values().any(|t| t.watch != 0 && !cached_vcpu(t)) {
-            guard::TRACK_WAITS
-        } else {
-            0
-        };
-        let mut states = Vec::new();
-        for cpu in cpus.iter() {
-            let mut state = GuardState::default();
-            if self.guarded.contains(cpu) {
-                state.bits = guard::GUARDED | track;
-                let mut owners = self.tasks.iter().filter(|(_, t)| t.owner_cpu == cpu);
-                if let (Some((tid, t)), None) = (owners.next(), owners.next())
-                    && t.watch != pin_common::watch::PROBE
-                {
-                    state.owner_tid = *tid;
-                    if t.watch == pin_common::watch::VCPU {
-                        state.bits |= guard::OWNER_WATCHED;
-                    }
-                }
-            }
-            states.push((cpu, state));
-        }
+        let states = guard_states(&self.tasks, &self.guarded, cpus);
         let m = self
             .ebpf
             .map_mut(map::GUARDED)
@@ -658,6 +624,52 @@ fn hook_of(name: &str) -> (HookKind, &'static str) {
 }
 
 /// Every program name `load_only` accepts.
+/// The guard state of each of `cpus`: guarded or not, the CPU's single owner,
+/// if it has exactly one, and how waits are measured: a single owner watched
+/// as a vCPU in its CPU's slot (`OWNER_WATCHED`); any other watched thread (a
+/// latency probe, vCPUs sharing a CPU) with a `TASKS` lookup per switch on
+/// every guarded CPU (`TRACK_WAITS`), turned on only while one exists. A
+/// single owner watched as a probe is not cached, so that its waits take that
+/// general path.
+fn guard_states(
+    tasks: &std::collections::HashMap<u32, TaskInfo>,
+    guarded: &CpuSet,
+    cpus: &CpuSet,
+) -> Vec<(u32, GuardState)> {
+    let mut owners_of: BTreeMap<u32, Vec<(u32, &TaskInfo)>> = BTreeMap::new();
+    for (tid, t) in tasks.iter().filter(|(_, t)| t.is_owner()) {
+        owners_of.entry(t.owner_cpu).or_default().push((*tid, t));
+    }
+    // The CPU's cached owner, if it has one.
+    let cached = |cpu: u32| match owners_of.get(&cpu).map(Vec::as_slice) {
+        Some(&[(tid, t)]) if guarded.contains(cpu) && t.watch != watch::PROBE => Some((tid, t)),
+        _ => None,
+    };
+    let track = if tasks.iter().any(|(tid, t)| {
+        t.watch != 0
+            && !(t.watch == watch::VCPU && cached(t.owner_cpu).is_some_and(|(c, _)| c == *tid))
+    }) {
+        guard::TRACK_WAITS
+    } else {
+        0
+    };
+    cpus.iter()
+        .map(|cpu| {
+            let mut state = GuardState::default();
+            if guarded.contains(cpu) {
+                state.bits = guard::GUARDED | track;
+                if let Some((tid, t)) = cached(cpu) {
+                    state.owner_tid = tid;
+                    if t.watch == watch::VCPU {
+                        state.bits |= guard::OWNER_WATCHED;
+                    }
+                }
+            }
+            (cpu, state)
+        })
+        .collect()
+}
+
 pub const PROGRAMS: &[&str] = &[
     program::SWITCH_TP_BTF,
     program::SWITCH_RAW_TP,
@@ -873,6 +885,74 @@ mod tests {
     use pin_common::{class, event};
 
     use super::*;
+
+    fn task(owner_cpu: u32, watch: u32) -> TaskInfo {
+        TaskInfo {
+            owner_cpu,
+            watch,
+            ..TaskInfo::EMPTY
+        }
+    }
+
+    fn states(tasks: &[(u32, TaskInfo)], guarded: &str) -> Vec<(u32, GuardState)> {
+        let guarded = CpuSet::parse(guarded).unwrap();
+        guard_states(&tasks.iter().copied().collect(), &guarded, &guarded)
+    }
+
+    fn state(bits: u32, owner_tid: u32) -> GuardState {
+        GuardState { bits, owner_tid }
+    }
+
+    const G: u32 = guard::GUARDED;
+
+    #[test]
+    fn a_watched_vcpu_per_cpu_needs_no_lookup_per_switch() {
+        let s = states(
+            &[(10, task(2, watch::VCPU)), (11, task(3, watch::VCPU))],
+            "2-4",
+        );
+        assert_eq!(
+            s,
+            [
+                (2, state(G | guard::OWNER_WATCHED, 10)),
+                (3, state(G | guard::OWNER_WATCHED, 11)),
+                (4, state(G, 0)),
+            ]
+        );
+        // An owner not watched is still cached, for classification.
+        assert_eq!(states(&[(10, task(2, 0))], "2"), [(2, state(G, 10))]);
+    }
+
+    #[test]
+    fn other_watched_threads_turn_on_the_general_path_everywhere() {
+        // Two vCPUs sharing CPU 2: no cached owner there, waits by lookup.
+        let shared = [(10, task(2, watch::VCPU)), (11, task(2, watch::VCPU))];
+        let s = states(&shared, "2-3");
+        let track = G | guard::TRACK_WAITS;
+        assert_eq!(s, [(2, state(track, 0)), (3, state(track, 0))]);
+        // A latency probe (not an owner) beside a vCPU.
+        let s = states(
+            &[(10, task(2, watch::VCPU)), (20, task(NO_CPU, watch::PROBE))],
+            "2-3",
+        );
+        assert_eq!(
+            s,
+            [
+                (2, state(track | guard::OWNER_WATCHED, 10)),
+                (3, state(track, 0))
+            ]
+        );
+        // A probe that owns its CPU is not cached: its waits take the general path.
+        assert_eq!(
+            states(&[(20, task(2, watch::PROBE))], "2"),
+            [(2, state(track, 0))]
+        );
+        // A watched vCPU whose CPU is not guarded cannot use a slot.
+        assert_eq!(
+            states(&[(10, task(5, watch::VCPU))], "2"),
+            [(2, state(track, 0))]
+        );
+    }
 
     fn bytes(e: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) plain data.
