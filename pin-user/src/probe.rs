@@ -623,7 +623,6 @@ fn hook_of(name: &str) -> (HookKind, &'static str) {
     }
 }
 
-/// Every program name `load_only` accepts.
 /// The guard state of each of `cpus`: guarded or not, the CPU's single owner,
 /// if it has exactly one, and how waits are measured: a single owner watched
 /// as a vCPU in its CPU's slot (`OWNER_WATCHED`); any other watched thread (a
@@ -670,6 +669,7 @@ fn guard_states(
         .collect()
 }
 
+/// Every program name `load_only` accepts.
 pub const PROGRAMS: &[&str] = &[
     program::SWITCH_TP_BTF,
     program::SWITCH_RAW_TP,
