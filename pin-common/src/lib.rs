@@ -170,6 +170,11 @@ pub mod event {
     /// target_tid/comm/mask: the thread that ran just before it and that
     /// thread's last slice (ns); other_cpu: NMIs meanwhile.
     pub const EPISODE: u32 = 7;
+    /// A hard IRQ handler ran on a CPU with [`super::guard::NOISE_EVENTS`]:
+    /// start_ns: handler entry; run_ns: its time; target_tid: the IRQ number.
+    pub const IRQ: u32 = 8;
+    /// Softirq processing of one vector, likewise; target_tid: the vector.
+    pub const SOFTIRQ: u32 = 9;
 
     pub const fn name(kind: u32) -> &'static str {
         match kind {
@@ -180,6 +185,8 @@ pub mod event {
             EXEC => "exec",
             EXIT => "exit",
             EPISODE => "episode",
+            IRQ => "irq",
+            SOFTIRQ => "softirq",
             _ => "unknown",
         }
     }
@@ -381,6 +388,9 @@ pub mod guard {
     /// [`super::GuardState::owner_tid`] is watched as a vCPU: its waits are
     /// kept in the CPU's `OWNER_WAITING` slot (array reads, no hash operation).
     pub const OWNER_WATCHED: u32 = 4;
+    /// Send every hard IRQ and softirq on this CPU as an event (a latency
+    /// probe names the IRQs and vectors inside each of its waits).
+    pub const NOISE_EVENTS: u32 = 8;
 }
 
 /// Value of the `GUARDED` array (index: CPU). Caching the CPU's single owner
@@ -427,7 +437,8 @@ pub struct Event {
     pub class: u32,
     /// MIGRATE_IN: origin CPU; OWNER_AWAY: destination CPU.
     pub other_cpu: u32,
-    /// AFFINITY_CHANGE: the thread whose affinity was changed.
+    /// AFFINITY_CHANGE: the thread whose affinity was changed; IRQ: the IRQ
+    /// number; SOFTIRQ: the vector.
     pub target_tid: u32,
     pub _pad: u32,
     /// AFFINITY_CHANGE: the first 64 bits of the new mask.

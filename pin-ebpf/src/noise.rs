@@ -62,7 +62,8 @@ pub fn irq_entry(_ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "irq_handler_exit")]
 pub fn irq_exit(ctx: BtfTracePointContext) -> i32 {
     let cpu = this_cpu();
-    if !is_guarded(cpu) {
+    let bits = guard_state(cpu).bits;
+    if bits & guard::GUARDED == 0 {
         return 0;
     }
     let irq: i32 = ctx.arg(0);
@@ -74,9 +75,13 @@ pub fn irq_exit(ctx: BtfTracePointContext) -> i32 {
     if n.irq_start == 0 {
         return 0;
     }
-    let ns = now().saturating_sub(n.irq_start);
+    let start = n.irq_start;
+    let ns = now().saturating_sub(start);
     n.irq_start = 0;
     n.irq_ns += ns;
+    if bits & guard::NOISE_EVENTS != 0 {
+        send_noise(event::IRQ, cpu, irq as u32, start, ns);
+    }
     let key = IrqKey {
         cpu,
         irq: irq as u32,
@@ -99,6 +104,18 @@ pub fn irq_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// One IRQ handler's or softirq vector's run, for a latency probe.
+#[inline(always)]
+fn send_noise(kind: u32, cpu: u32, number: u32, start: u64, ns: u64) {
+    let mut ev = Event::zeroed();
+    ev.kind = kind;
+    ev.cpu = cpu;
+    ev.target_tid = number;
+    ev.start_ns = start;
+    ev.run_ns = ns;
+    send(&ev);
+}
+
 /// `softirq_entry(unsigned int vec_nr)`
 #[btf_tracepoint(function = "softirq_entry")]
 pub fn softirq_entry(_ctx: BtfTracePointContext) -> i32 {
@@ -117,7 +134,8 @@ pub fn softirq_entry(_ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "softirq_exit")]
 pub fn softirq_exit(ctx: BtfTracePointContext) -> i32 {
     let cpu = this_cpu();
-    if !is_guarded(cpu) {
+    let bits = guard_state(cpu).bits;
+    if bits & guard::GUARDED == 0 {
         return 0;
     }
     let vec: u32 = ctx.arg(0);
@@ -129,9 +147,13 @@ pub fn softirq_exit(ctx: BtfTracePointContext) -> i32 {
     if n.softirq_start == 0 {
         return 0;
     }
-    let ns = now().saturating_sub(n.softirq_start);
+    let start = n.softirq_start;
+    let ns = now().saturating_sub(start);
     n.softirq_start = 0;
     n.softirq_ns += ns;
+    if bits & guard::NOISE_EVENTS != 0 {
+        send_noise(event::SOFTIRQ, cpu, vec, start, ns);
+    }
     if let Some(s) = SOFTIRQ_STATS.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; the mask keeps the index inside the array.
         add(

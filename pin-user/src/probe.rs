@@ -144,6 +144,8 @@ pub struct Probe {
     /// What we wrote to `TASKS` (userspace is its only writer): the source of
     /// the per-CPU owner cache in `GUARDED`.
     tasks: std::collections::HashMap<u32, TaskInfo>,
+    /// Every IRQ and softirq on guarded CPUs is sent as an event (latency runs).
+    noise_events: bool,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -212,6 +214,7 @@ impl Probe {
             attached: Vec::new(),
             guarded: CpuSet::new(),
             tasks: std::collections::HashMap::new(),
+            noise_events: false,
             _logger: logger,
         };
         probe.set_guarded(&config.guarded)?;
@@ -306,7 +309,7 @@ impl Probe {
 
     /// Writes the guard state of `cpus` (see [`guard_states`]).
     fn write_guard_bits_for(&mut self, cpus: &CpuSet) -> Result<(), ProbeError> {
-        let states = guard_states(&self.tasks, &self.guarded, cpus);
+        let states = guard_states(&self.tasks, &self.guarded, cpus, self.noise_events);
         let m = self
             .ebpf
             .map_mut(map::GUARDED)
@@ -410,6 +413,13 @@ impl Probe {
             .filter(|(_, t)| t.is_owner())
             .map(|(tid, t)| (tid, t.owner_cpu))
             .collect())
+    }
+
+    /// Sends every hard IRQ and softirq on the guarded CPUs as an event
+    /// (`irq`/`softirq`), for a latency probe to name what overlapped each wait.
+    pub fn set_noise_events(&mut self, on: bool) -> Result<(), ProbeError> {
+        self.noise_events = on;
+        self.write_guard_bits()
     }
 
     /// Measures `tid`'s wake-up-to-run waits (`pin_common::watch::VCPU` or `PROBE`).
@@ -634,6 +644,7 @@ fn guard_states(
     tasks: &std::collections::HashMap<u32, TaskInfo>,
     guarded: &CpuSet,
     cpus: &CpuSet,
+    noise_events: bool,
 ) -> Vec<(u32, GuardState)> {
     let mut owners_of: BTreeMap<u32, Vec<(u32, &TaskInfo)>> = BTreeMap::new();
     for (tid, t) in tasks.iter().filter(|(_, t)| t.is_owner()) {
@@ -657,6 +668,9 @@ fn guard_states(
             let mut state = GuardState::default();
             if guarded.contains(cpu) {
                 state.bits = guard::GUARDED | track;
+                if noise_events {
+                    state.bits |= guard::NOISE_EVENTS;
+                }
                 if let Some((tid, t)) = cached(cpu) {
                     state.owner_tid = tid;
                     if t.watch == watch::VCPU {
@@ -814,6 +828,9 @@ pub struct DecodedEvent {
     pub target_tid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
+    /// IRQ: the IRQ number; SOFTIRQ: the vector (start_ns/run_ns: when and how long).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub number: Option<u32>,
     /// EPISODE: what happened on the CPU while a watched probe thread waited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub episode: Option<Episode>,
@@ -867,6 +884,7 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedEvent, DecodeError> {
         target_tid: (e.kind == k::AFFINITY_CHANGE).then_some(e.target_tid),
         mask: (e.kind == k::AFFINITY_CHANGE)
             .then(|| CpuSet::from_cpus((0..64).filter(|b| e.mask & (1 << b) != 0)).to_string()),
+        number: matches!(e.kind, k::IRQ | k::SOFTIRQ).then_some(e.target_tid),
         episode: (e.kind == k::EPISODE).then(|| Episode {
             wake_ns: e.start_ns,
             wait_ns: e.run_ns,
@@ -896,7 +914,7 @@ mod tests {
 
     fn states(tasks: &[(u32, TaskInfo)], guarded: &str) -> Vec<(u32, GuardState)> {
         let guarded = CpuSet::parse(guarded).unwrap();
-        guard_states(&tasks.iter().copied().collect(), &guarded, &guarded)
+        guard_states(&tasks.iter().copied().collect(), &guarded, &guarded, false)
     }
 
     fn state(bits: u32, owner_tid: u32) -> GuardState {

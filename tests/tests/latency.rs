@@ -1,6 +1,7 @@
 //! `pinguard latency`: cyclictest on guarded CPU 1 (CPU 0 is housekeeping)
 //! with the real probe, real intruder threads and the real pictures.
 use std::{
+    net::UdpSocket,
     path::Path,
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -327,6 +328,91 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
             "cyclictest listed as an intruder: {i}"
         );
     }
+}
+
+#[test]
+fn softirqs_inside_a_wake_up_are_named_per_vector() {
+    require!(missing_cyclictest());
+    let _cpu = exclusive();
+    let mut pg = Pinguard::spawn(&[
+        "latency",
+        "--guard",
+        "1",
+        "--cpu",
+        "1",
+        "--duration",
+        "3s",
+        "--worst",
+        "20",
+        "--json",
+    ]);
+    pg.wait_stderr("measuring CPU 1", RUN_TIMEOUT);
+    // Loopback UDP sent from CPU 1 runs NET_RX softirqs on CPU 1 (with
+    // preemption off): wake-ups of cyclictest that land in one wait for it.
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = rx.local_addr().unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while rx.recv(&mut buf).is_ok() {}
+    });
+    let sender = Worker::spawn_on("pg-udp", &[1]);
+    sender.run(move || {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let end = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < end {
+            for _ in 0..100 {
+                let _ = tx.send_to(b"noise", addr);
+            }
+        }
+    });
+    drain.join().unwrap();
+    let (status, out, err) = pg.finish(RUN_TIMEOUT);
+    assert!(
+        status.success(),
+        "pinguard failed: {status:?}\n{}",
+        err.join("\n")
+    );
+    let r: Value = serde_json::from_str(&out.join("\n")).expect("one JSON report");
+    let worst = r["worst"].as_array().unwrap();
+    let with_softirqs: Vec<&Value> = worst.iter().filter(|w| u(w, "/softirq_ns") > 0).collect();
+    assert!(
+        !with_softirqs.is_empty(),
+        "none of the {} worst wake-ups under a NET_RX load had softirq time: {worst:#?}",
+        worst.len()
+    );
+    let net_rx = 3;
+    let mut named = 0;
+    for w in &with_softirqs {
+        // Each vector that ran inside the wait, with at most the time the
+        // kernel counted for the whole wait (a run that began before the
+        // wake-up counts only from it).
+        let runs = w["softirqs"].as_array().unwrap();
+        assert!(!runs.is_empty(), "softirq time but no vector named: {w}");
+        let sum: u64 = runs.iter().map(|o| u(o, "/ns")).sum();
+        assert!(
+            sum <= u(w, "/softirq_ns"),
+            "vectors add up to {sum} ns, more than the wait's {} ns: {w}",
+            u(w, "/softirq_ns")
+        );
+        if runs.iter().any(|o| o["number"] == net_rx) {
+            named += 1;
+        }
+        if w["cause"]["kind"] == "softirq" {
+            let e = w["explanation"].as_str().unwrap();
+            assert!(e.contains("softirq "), "{e}");
+        }
+    }
+    assert!(
+        named > 0,
+        "no worst wake-up names NET_RX although the load was NET_RX: {with_softirqs:#?}"
+    );
+    assert_eq!(
+        u(&r, "/probe/events_lost"),
+        0,
+        "events were lost: the attribution is incomplete"
+    );
 }
 
 #[test]

@@ -164,6 +164,8 @@ async fn measure(
     probe_config.lifecycle = false;
     probe_config.noise = true;
     let mut probe = Probe::load(&probe_config)?;
+    // Every IRQ and softirq too: each worst wake-up names the ones inside it.
+    probe.set_noise_events(true)?;
     let mut events = probe
         .take_events()?
         .into_async()

@@ -91,6 +91,16 @@ pub struct Overlap {
     pub run_ns: u64,
 }
 
+/// One IRQ's (by number) or softirq vector's time inside one wait.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NoiseOverlap {
+    /// The IRQ number or the softirq vector.
+    pub number: u32,
+    /// How often it ran inside the wait, and for how long in all.
+    pub count: u32,
+    pub ns: u64,
+}
+
 /// The thread that ran right before the probe at the end of a wait.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PrevThread {
@@ -116,6 +126,12 @@ pub struct WorstEpisode {
     pub prev: PrevThread,
     /// Threads that ran inside the wait, longest first.
     pub threads: Vec<Overlap>,
+    /// Hard IRQs and softirq vectors that ran inside the wait, longest first
+    /// (empty in reports made before pinguard recorded them).
+    #[serde(default)]
+    pub irqs: Vec<NoiseOverlap>,
+    #[serde(default)]
+    pub softirqs: Vec<NoiseOverlap>,
     pub cause: Cause,
     /// One line for people, filled in by the report (it names IRQs and softirq
     /// vectors from the run's totals).
@@ -191,6 +207,15 @@ const MAX_SLICES: usize = 200_000;
 /// IRQ time inside the slice; look this much further back for overlaps.
 const END_SLACK_NS: u64 = 10_000_000;
 
+/// A hard IRQ handler's or a softirq vector's run on the measured CPU.
+#[derive(Debug, Clone, Copy)]
+struct NoiseRun {
+    softirq: bool,
+    number: u32,
+    start_ns: u64,
+    ns: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Slice {
     start_ns: u64,
@@ -219,6 +244,7 @@ pub struct Recorder {
     slot_ns: u64,
     slots: Vec<Option<Point>>,
     slices: VecDeque<Slice>,
+    noise: VecDeque<NoiseRun>,
     spans: Vec<Span>,
     spans_dropped: u64,
     worst: Vec<WorstEpisode>,
@@ -256,6 +282,7 @@ impl Recorder {
             slot_ns,
             slots: vec![None; SLOTS as usize],
             slices: VecDeque::new(),
+            noise: VecDeque::new(),
             spans: Vec::new(),
             spans_dropped: 0,
             worst: Vec::new(),
@@ -284,6 +311,12 @@ impl Recorder {
         let end = self.end_ns.get();
         match ev.event {
             "intrusion" if ev.tgid != self.probe_tgid && ev.start_ns < end => self.on_slice(ev),
+            "irq" | "softirq" if ev.start_ns < end => self.on_noise(NoiseRun {
+                softirq: ev.event == "softirq",
+                number: ev.number.unwrap_or_default(),
+                start_ns: ev.start_ns,
+                ns: ev.run_ns,
+            }),
             "episode" => {
                 if let Some(ep) = &ev.episode
                     && ep.wake_ns < end
@@ -324,6 +357,56 @@ impl Recorder {
                 break;
             }
         }
+    }
+
+    /// IRQs and softirqs are sent at their exit, so all that ran inside a
+    /// wait arrive before its episode (sent at the switch that ends it).
+    fn on_noise(&mut self, run: NoiseRun) {
+        let newest_end = run.start_ns.saturating_add(run.ns);
+        self.noise.push_back(run);
+        while let Some(front) = self.noise.front() {
+            if self.noise.len() > MAX_SLICES
+                || front
+                    .start_ns
+                    .saturating_add(front.ns)
+                    .saturating_add(KEEP_NS)
+                    < newest_end
+            {
+                self.noise.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The IRQs and softirq vectors inside `[w0, w1]`, longest first.
+    fn noise_in(&self, w0: u64, w1: u64) -> (Vec<NoiseOverlap>, Vec<NoiseOverlap>) {
+        let mut irqs: BTreeMap<u32, NoiseOverlap> = BTreeMap::new();
+        let mut softirqs: BTreeMap<u32, NoiseOverlap> = BTreeMap::new();
+        for r in self.noise.iter().rev() {
+            let end = r.start_ns.saturating_add(r.ns);
+            if end.saturating_add(END_SLACK_NS) < w0 {
+                break;
+            }
+            let overlap = end.min(w1).saturating_sub(r.start_ns.max(w0));
+            if overlap == 0 {
+                continue;
+            }
+            let map = if r.softirq { &mut softirqs } else { &mut irqs };
+            let o = map.entry(r.number).or_insert(NoiseOverlap {
+                number: r.number,
+                count: 0,
+                ns: 0,
+            });
+            o.count += 1;
+            o.ns += overlap;
+        }
+        let sorted = |m: BTreeMap<u32, NoiseOverlap>| {
+            let mut v: Vec<NoiseOverlap> = m.into_values().collect();
+            v.sort_by_key(|o| std::cmp::Reverse(o.ns));
+            v
+        };
+        (sorted(irqs), sorted(softirqs))
     }
 
     fn keep_span(&mut self, span: Span) {
@@ -451,6 +534,7 @@ impl Recorder {
         {
             return;
         }
+        let (irqs, softirqs) = self.noise_in(w0, w1);
         let entry = WorstEpisode {
             offset_ns,
             wake_ns: ep.wake_ns,
@@ -466,6 +550,8 @@ impl Recorder {
                 run_ns: ep.prev_run_ns,
             },
             threads,
+            irqs,
+            softirqs,
             cause,
             explanation: String::new(),
         };
@@ -570,8 +656,17 @@ mod tests {
             other_cpu: None,
             target_tid: None,
             mask: None,
+            number: None,
             episode: None,
         }
+    }
+
+    fn noise(event: &'static str, number: u32, start: u64, ns: u64) -> DecodedEvent {
+        let mut e = ev(event, 1);
+        e.number = Some(number);
+        e.start_ns = start;
+        e.run_ns = ns;
+        e
     }
 
     fn slice(tid: u32, comm: &str, start: u64, run: u64) -> DecodedEvent {
@@ -790,5 +885,55 @@ mod tests {
         assert_eq!(dominant(100_000, 0, 0, 0, 33, &[]), Cause::WakeupPath);
         // Below 1 µs nothing counts, even for tiny waits.
         assert_eq!(dominant(2_000, 900, 0, 0, 0, &[]), Cause::IdleExit);
+    }
+
+    #[test]
+    fn irqs_and_softirqs_inside_a_wait_are_named_and_clipped_to_it() {
+        let mut r = recorder(1);
+        let wake = T0 + 100_000_000;
+        // Before the wait (ignored), straddling its start (clipped), inside it.
+        r.on_event(&noise("irq", 24, wake - 50_000, 10_000));
+        r.on_event(&noise("irq", 24, wake - 4_000, 6_000));
+        r.on_event(&noise("irq", 26, wake + 10_000, 3_000));
+        r.on_event(&noise("irq", 24, wake + 20_000, 9_000));
+        r.on_event(&noise("softirq", 3, wake + 30_000, 40_000));
+        // Another CPU's IRQ is not this wait's.
+        let mut other = noise("irq", 30, wake + 5_000, 50_000);
+        other.cpu = 0;
+        r.on_event(&other);
+        let mut e = episode(wake, 100_000, (0, "swapper/1", 0));
+        if let Some(ep) = e.episode.as_mut() {
+            ep.irq_ns = 18_000;
+            ep.softirq_ns = 40_000;
+        }
+        r.on_event(&e);
+        // After the wait (not part of it, arrives later anyway).
+        r.on_event(&noise("irq", 24, wake + 200_000, 5_000));
+        let rec = r.finish();
+        let w = &rec.worst[0];
+        assert_eq!(
+            w.irqs,
+            [
+                NoiseOverlap {
+                    number: 24,
+                    count: 2,
+                    ns: 2_000 + 9_000
+                },
+                NoiseOverlap {
+                    number: 26,
+                    count: 1,
+                    ns: 3_000
+                },
+            ]
+        );
+        assert_eq!(
+            w.softirqs,
+            [NoiseOverlap {
+                number: 3,
+                count: 1,
+                ns: 40_000
+            }]
+        );
+        assert_eq!(w.cause, Cause::Softirq { ns: 40_000 });
     }
 }

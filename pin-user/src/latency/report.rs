@@ -9,7 +9,7 @@ use pin_common::{
 
 use super::{
     CyclictestHistogram, CyclictestJson, LatencyError,
-    attribution::{Cause, CauseTally, Recorded, Timeline, WorstEpisode},
+    attribution::{Cause, CauseTally, NoiseOverlap, Recorded, Timeline, WorstEpisode},
     host::HostFacts,
     mode, percentile,
 };
@@ -456,11 +456,36 @@ impl Report {
     }
 }
 
-/// One line on why `w` waited, naming the run's IRQs and softirq vectors
-/// (per-wait IRQ identities are not recorded, only their time).
+/// One line on why `w` waited. IRQs and softirq vectors are named from what
+/// ran inside the wait; a report made before those were recorded names the
+/// run's IRQs and vectors instead.
 pub fn explain(w: &WorstEpisode, noise: &NoiseTotals) -> String {
+    let irq_name = |irq: u32| {
+        noise
+            .irqs
+            .iter()
+            .find(|i| i.irq == irq)
+            .map_or_else(|| irq_label(irq, ""), |i| irq_label(irq, &i.name))
+    };
+    let softirq_name = |v: u32| {
+        pin_common::SOFTIRQ_NAMES
+            .get(v as usize)
+            .map_or_else(|| format!("vector {v}"), |n| format!("softirq {n}"))
+    };
     let main = match &w.cause {
         Cause::Thread { ns, .. } => format!("{} ran {} of it", w.cause.who(), fmt_ns(*ns)),
+        Cause::Irq { ns } if !w.irqs.is_empty() => {
+            format!(
+                "hard IRQs took {}: {}",
+                fmt_ns(*ns),
+                inside(&w.irqs, irq_name)
+            )
+        }
+        Cause::Softirq { ns } if !w.softirqs.is_empty() => format!(
+            "softirqs took {}: {}",
+            fmt_ns(*ns),
+            inside(&w.softirqs, softirq_name)
+        ),
         Cause::Irq { ns } => {
             let seen: Vec<String> = noise
                 .irqs
@@ -509,12 +534,46 @@ pub fn explain(w: &WorstEpisode, noise: &NoiseTotals) -> String {
             fmt_ns(w.prev.run_ns)
         )
     };
+    // Which ones, also where they were not the main cause.
+    let names = |runs: &[NoiseOverlap], name: &dyn Fn(u32) -> String| {
+        if runs.is_empty() {
+            String::new()
+        } else {
+            let mut n: Vec<String> = runs.iter().take(2).map(|o| name(o.number)).collect();
+            if runs.len() > 2 {
+                n.push("...".into());
+            }
+            format!(" ({})", n.join(", "))
+        }
+    };
     format!(
-        "{main}; IRQs {}, softirqs {}, NMIs {}; right before: {before}",
+        "{main}; IRQs {}{}, softirqs {}{}, NMIs {}; right before: {before}",
         fmt_ns(w.irq_ns),
+        names(&w.irqs, &irq_name),
         fmt_ns(w.softirq_ns),
+        names(&w.softirqs, &softirq_name),
         w.nmis
     )
+}
+
+/// "IRQ 24 virtio0 9.0µs (2×), IRQ 26 ttyS0 3.0µs": the three longest.
+fn inside(runs: &[NoiseOverlap], name: impl Fn(u32) -> String) -> String {
+    let mut parts: Vec<String> = runs
+        .iter()
+        .take(3)
+        .map(|o| {
+            let times = if o.count > 1 {
+                format!(" ({}×)", o.count)
+            } else {
+                String::new()
+            };
+            format!("{} {}{times}", name(o.number), fmt_ns(o.ns))
+        })
+        .collect();
+    if runs.len() > 3 {
+        parts.push(format!("and {} more", runs.len() - 3));
+    }
+    parts.join(", ")
 }
 
 fn notes(r: &Report) -> Vec<String> {
@@ -959,6 +1018,8 @@ pub(crate) mod tests {
                 class: "intruder_user".into(),
                 ns: 1_970_000,
             },
+            irqs: Vec::new(),
+            softirqs: Vec::new(),
             explanation: String::new(),
         };
         let mut irqs = BTreeMap::new();
@@ -1170,6 +1231,29 @@ pub(crate) mod tests {
         );
         w.cause = Cause::Softirq { ns: 3_000 };
         assert!(explain(&w, noise).contains("(vectors on this CPU in the run: timer)"));
+        // Recorded per wait: named from the wait itself.
+        let o = |number, count, ns| NoiseOverlap { number, count, ns };
+        w.irqs = vec![o(24, 2, 9_000), o(31, 1, 3_000)];
+        w.cause = Cause::Irq { ns: 12_000 };
+        let e = explain(&w, noise);
+        assert!(
+            e.contains("hard IRQs took 12.0µs: IRQ 24 virtio0 9.0µs (2×), IRQ 31 3.0µs;"),
+            "{e}"
+        );
+        // Named after the totals too, whatever the main cause.
+        let mut t = w.clone();
+        t.cause = r.worst[0].cause.clone();
+        let e = explain(&t, noise);
+        assert!(e.contains("(IRQ 24 virtio0, IRQ 31), softirqs"), "{e}");
+        w.softirqs = vec![o(3, 1, 2_000), o(1, 1, 600), o(9, 1, 300), o(12, 1, 100)];
+        w.cause = Cause::Softirq { ns: 3_000 };
+        let e = explain(&w, noise);
+        assert!(
+            e.contains(
+                "softirqs took 3.0µs: softirq net_rx 2.0µs, softirq timer 600ns, softirq rcu 300ns, and 1 more;"
+            ),
+            "{e}"
+        );
         w.prev.tid = 0;
         w.cause = Cause::IdleExit;
         assert!(explain(&w, noise).ends_with("right before: idle"));
