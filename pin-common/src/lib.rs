@@ -97,6 +97,10 @@ pub struct TaskOffsets {
     /// accounts it (without IRQ and steal time), the same clock as
     /// `/proc/<tid>/schedstat`.
     pub sum_exec_runtime: u32,
+    /// Offset of `thread_pid` (`struct pid *`), and of `level` in `struct
+    /// pid`: the depth of the task's PID namespace (0: the host's).
+    pub thread_pid: u32,
+    pub pid_level: u32,
 }
 
 /// `task_struct::flags` bit for kernel threads (include/linux/sched.h).

@@ -15,7 +15,10 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use pin_common::{Event, PendingAffinity, event};
 
-use crate::maps::{PENDING_AFFINITY, SELF_TGID, send, task_info};
+use crate::{
+    maps::{PENDING_AFFINITY, SELF_TGID, send, task_info},
+    task,
+};
 
 const ARG0: usize = 16;
 
@@ -36,6 +39,12 @@ pub fn setaffinity_enter(ctx: TracePointContext) -> i32 {
     };
     let target = if pid == 0 { caller } else { pid as u32 };
     if !task_info(target).is_owner() {
+        return 0;
+    }
+    // A caller in a container (another PID namespace) names the target by
+    // an id of its own namespace, which may be some host thread's id, here an
+    // owner's: not trusted (the daemon's periodic check still sees a change).
+    if pid != 0 && !task::current_in_root_pid_ns() {
         return 0;
     }
     let mask = if len >= 8 {

@@ -85,6 +85,8 @@ pub static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
     comm: 0,
     cpu: 0,
     sum_exec_runtime: 0,
+    thread_pid: 0,
+    pid_level: 0,
 });
 
 #[inline(always)]

@@ -42,7 +42,6 @@ pub fn pid_as<const BTF: bool>(task: *const u8) -> u32 {
     read_as::<i32, BTF>(task, TASK_OFFSETS.load().pid) as u32
 }
 
-/// CPU time of the task so far (ns), as the scheduler accounts it.
 #[inline(always)]
 pub fn tgid_as<const BTF: bool>(task: *const u8) -> u32 {
     read_as::<i32, BTF>(task, TASK_OFFSETS.load().tgid) as u32
@@ -53,6 +52,7 @@ pub fn cpu_as<const BTF: bool>(task: *const u8) -> u32 {
     read_as::<u32, BTF>(task, TASK_OFFSETS.load().cpu)
 }
 
+/// CPU time of the task so far (ns), as the scheduler accounts it.
 #[inline(always)]
 pub fn sum_exec_runtime_as<const BTF: bool>(task: *const u8) -> u64 {
     read_as::<u64, BTF>(task, TASK_OFFSETS.load().sum_exec_runtime)
@@ -122,4 +122,19 @@ pub fn kthread(task: *const u8) -> Kthread {
     } else {
         Kthread::Unbound
     }
+}
+
+/// Whether the current task lives in the host's PID namespace, where the
+/// pids it passes to syscalls are the kernel's global ids (ours). One in a
+/// container names threads by ids of its own namespace.
+#[inline(always)]
+pub fn current_in_root_pid_ns() -> bool {
+    // SAFETY: plain helper call.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() } as *const u8;
+    let offsets = TASK_OFFSETS.load();
+    let pid: u64 = read(task, offsets.thread_pid);
+    if pid == 0 {
+        return false;
+    }
+    read::<u32>(pid as *const u8, offsets.pid_level) == 0
 }

@@ -225,6 +225,8 @@ impl Btf {
             comm: f("comm")?,
             cpu,
             sum_exec_runtime: f("se")? + self.field_offset("sched_entity", "sum_exec_runtime")?,
+            thread_pid: f("thread_pid")?,
+            pid_level: self.field_offset("pid", "level")?,
         })
     }
 }

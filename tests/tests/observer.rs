@@ -202,6 +202,57 @@ fn migration_onto_guarded_cpu_is_reported_owner_and_kernel_threads_are_not() {
 }
 
 #[test]
+fn a_containers_pid_is_not_taken_for_the_hosts_thread_of_that_id() {
+    require!(missing_bpf());
+    // The host's init (tid 1) stands in for a vCPU: in a fresh PID namespace,
+    // id 1 is the namespace's own first process.
+    let watch = start_watch(&["--owner", "1=1"]);
+    let init_cpus = std::fs::read_to_string("/proc/1/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|l| l.trim().to_string())
+        .expect("Cpus_allowed_list of pid 1");
+    // In a container, `taskset -p ... 1` changes the container's process 1
+    // (here: that very taskset), not the host's init.
+    let out = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "taskset", "-pc", &init_cpus, "1"])
+        .output()
+        .expect("run unshare");
+    assert!(out.status.success(), "unshare ... taskset failed: {out:?}");
+    // On the host it is init, set to the affinity it already has (nothing changes).
+    let host = std::process::Command::new("taskset")
+        .args(["-pc", &init_cpus, "1"])
+        .spawn()
+        .expect("run taskset");
+    let host_pid = host.id();
+    let status = host.wait_with_output().expect("taskset").status;
+    assert!(status.success(), "taskset -pc {init_cpus} 1 failed");
+
+    let (status, out, err) = watch.stop(EXIT_TIMEOUT);
+    assert!(
+        status.success(),
+        "watch failed: {status:?}\n{}",
+        err.join("\n")
+    );
+    let (events, _) = parse(&out);
+    let changes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "affinity_change" && e["target_tid"] == 1)
+        .collect();
+    assert!(
+        changes
+            .iter()
+            .any(|e| e["tgid"] == host_pid && e["comm"] == "taskset"),
+        "the host's taskset on tid 1 was not reported: {changes:?}"
+    );
+    assert!(
+        changes.iter().all(|e| e["tgid"] == host_pid),
+        "a change made inside a PID namespace was reported as one of host tid 1: {changes:?}"
+    );
+}
+
+#[test]
 fn bad_guard_and_owner_are_clear_errors() {
     require!(missing_bpf());
     let (code, _, err) =
