@@ -243,6 +243,10 @@ pub struct NoiseState {
     pub softirq_ns: u64,
     pub nmi_count: u64,
     pub nmi_ns: u64,
+    /// A latency probe is waiting to run on this CPU (set at its wake-up,
+    /// possibly by another CPU; cleared when it runs or sleeps): only then
+    /// are IRQs and softirqs sent as events ([`guard::NOISE_EVENTS`]).
+    pub probe_waiting: u64,
 }
 
 /// Why a thread is in `WATCHED`.
@@ -266,6 +270,11 @@ pub struct Waiting {
     /// thread that started it, not for a later owner of the CPU).
     pub tid: u32,
     pub _pad: u32,
+    /// Its `se.sum_exec_runtime` when the wait began. A wait is only ended if
+    /// the thread has not run since (same value at its switch-in): one left
+    /// behind because it ran elsewhere, or ended from the other structure,
+    /// never turns into a false, long wait later.
+    pub runtime_ns: u64,
 }
 
 /// log2 buckets of wait times: bucket `i` counts waits in [2^i, 2^(i+1)) ns

@@ -57,8 +57,10 @@ pub static WAITING: HashMap<u32, Waiting> = HashMap::with_max_entries(MAX_OWNERS
 
 /// The same for the cached single owner of each CPU (index: CPU), the hot
 /// case: a vCPU's wake-ups and switches then need no hash operation but the
-/// histogram's. Written under the CPU's runqueue lock (sched_wakeup fires in
-/// ttwu_do_activate(), sched_switch in __schedule()), so never concurrently.
+/// histogram's. Written almost always under that CPU's runqueue lock
+/// (sched_switch in __schedule(), sched_wakeup in ttwu_do_activate() and
+/// ttwu_runnable()); the exceptions (a thread waking itself, userspace
+/// clearing a slot) are made harmless by `Waiting::runtime_ns`.
 #[map]
 pub static OWNER_WAITING: Array<Waiting> = Array::with_max_entries(MAX_CPUS, 0);
 

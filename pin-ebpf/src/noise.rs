@@ -79,7 +79,7 @@ pub fn irq_exit(ctx: BtfTracePointContext) -> i32 {
     let ns = now().saturating_sub(start);
     n.irq_start = 0;
     n.irq_ns += ns;
-    if bits & guard::NOISE_EVENTS != 0 {
+    if bits & guard::NOISE_EVENTS != 0 && n.probe_waiting != 0 {
         send_noise(event::IRQ, cpu, irq as u32, start, ns);
     }
     let key = IrqKey {
@@ -151,7 +151,7 @@ pub fn softirq_exit(ctx: BtfTracePointContext) -> i32 {
     let ns = now().saturating_sub(start);
     n.softirq_start = 0;
     n.softirq_ns += ns;
-    if bits & guard::NOISE_EVENTS != 0 {
+    if bits & guard::NOISE_EVENTS != 0 && n.probe_waiting != 0 {
         send_noise(event::SOFTIRQ, cpu, vec, start, ns);
     }
     if let Some(s) = SOFTIRQ_STATS.get_ptr_mut(0) {
@@ -182,13 +182,15 @@ pub fn nmi(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// A wait of `tid`, starting `at`, that will end on `cpu`, with the CPU's
-/// noise totals at its start (a probe's episode reports what happened meanwhile).
+/// A wait of `tid` (whose CPU time so far is `runtime_ns`) that will end on
+/// `cpu`, with the CPU's noise totals at its start (a probe's episode reports
+/// what happened meanwhile). The totals are read before the time (`at` 0:
+/// now), so that nothing that ends between the two is counted twice.
 #[inline(always)]
-fn waiting(tid: u32, cpu: u32, at: u64) -> Waiting {
+fn waiting(tid: u32, cpu: u32, at: u64, runtime_ns: u64) -> Waiting {
     let mut w = Waiting {
-        since_ns: at,
         tid,
+        runtime_ns,
         ..Default::default()
     };
     if let Some(n) = NOISE.get(cpu) {
@@ -196,32 +198,66 @@ fn waiting(tid: u32, cpu: u32, at: u64) -> Waiting {
         w.softirq_ns = n.softirq_ns;
         w.nmi_count = n.nmi_count;
     }
+    w.since_ns = if at == 0 { now() } else { at };
     w
 }
 
-/// Starts a wait of watched thread `tid` that will run on `cpu`: in the CPU's
-/// owner slot when `tid` is the CPU's cached, watched owner, else in `WAITING`.
+/// Whether `w` is a wait of `tid` that is still going on: the thread has not
+/// run since it began.
 #[inline(always)]
-pub fn start_wait(tid: u32, cpu: u32, at: u64, owner: bool) {
-    let w = waiting(tid, cpu, at);
+fn in_progress(w: &Waiting, tid: u32, runtime_ns: u64) -> bool {
+    w.since_ns != 0 && w.tid == tid && w.runtime_ns == runtime_ns
+}
+
+/// Marks whether a latency probe waits on `cpu` (IRQ/softirq events are sent
+/// only then). A plain store to its own word of the CPU's slot.
+#[inline(always)]
+fn set_probe_waiting(cpu: u32, on: bool) {
+    if let Some(n) = NOISE.get_ptr_mut(cpu) {
+        // SAFETY: a valid map value; one aligned u64 store.
+        unsafe { (*n).probe_waiting = on as u64 };
+    }
+}
+
+/// Starts a wait of watched thread `tid` (watch `kind`) that will run on
+/// `cpu`: in the CPU's owner slot when `tid` is the CPU's cached, watched
+/// owner, else in `WAITING`. A wait already in progress (a runnable thread
+/// woken again) keeps its start.
+#[inline(always)]
+pub fn start_wait(tid: u32, cpu: u32, at: u64, runtime_ns: u64, owner: bool, kind: u32) {
+    if kind == watch::PROBE {
+        set_probe_waiting(cpu, true);
+    }
     if owner {
         if let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) {
-            // SAFETY: written only under `cpu`'s runqueue lock (see the map).
-            unsafe { *slot = w };
+            // SAFETY: a valid map value; see the map for who writes it.
+            let slot = unsafe { &mut *slot };
+            if !in_progress(slot, tid, runtime_ns) {
+                *slot = waiting(tid, cpu, at, runtime_ns);
+            }
         }
     } else {
-        let _ = WAITING.insert(&tid, &w, 0);
+        if unsafe { WAITING.get(&tid) }.is_some_and(|w| in_progress(w, tid, runtime_ns)) {
+            return;
+        }
+        let _ = WAITING.insert(&tid, &waiting(tid, cpu, at, runtime_ns), 0);
     }
 }
 
 /// Forgets a wait of `tid` (it went to sleep: a wake-up seen while it was
 /// still running is not a wait).
 #[inline(always)]
-pub fn cancel_wait(tid: u32, cpu: u32, owner: bool) {
+pub fn cancel_wait(tid: u32, cpu: u32, owner: bool, kind: u32) {
+    if kind == watch::PROBE {
+        set_probe_waiting(cpu, false);
+    }
     if owner {
         if let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) {
             // SAFETY: as in start_wait.
-            unsafe { (*slot).since_ns = 0 };
+            let slot = unsafe { &mut *slot };
+            if slot.tid == tid {
+                slot.since_ns = 0;
+            }
         }
     } else {
         let _ = WAITING.remove(&tid);
@@ -241,10 +277,24 @@ fn on_wakeup(p: *const u8) {
     let tid = task::pid_as::<true>(p);
     // The CPU's own vCPU, the common case: no hash lookup.
     let owner = tid == state.owner_tid && state.bits & guard::OWNER_WATCHED != 0;
-    if !owner && (state.bits & guard::TRACK_WAITS == 0 || task_info(tid).watch == 0) {
+    let kind = if owner {
+        watch::VCPU
+    } else if state.bits & guard::TRACK_WAITS != 0 {
+        task_info(tid).watch
+    } else {
+        0
+    };
+    if kind == 0 {
         return;
     }
-    start_wait(tid, cpu, now(), owner);
+    start_wait(
+        tid,
+        cpu,
+        0,
+        task::sum_exec_runtime_as::<true>(p),
+        owner,
+        kind,
+    );
 }
 
 /// `sched_wakeup(struct task_struct *p)`: only watched threads are looked at.
@@ -274,8 +324,19 @@ fn bucket(ns: u64) -> usize {
 /// is watched and was waiting, ends its wait, adds it to its histogram and,
 /// for probes, reports what happened on the CPU meanwhile. `owner`: `tid` is
 /// the CPU's cached owner, watched as a vCPU (its wait is in the CPU's slot).
+/// `runtime_ns`: the thread's CPU time so far; a wait recorded when it was
+/// different is not this one (it ran since, elsewhere).
 #[inline(always)]
-pub fn end_wait(tid: u32, cpu: u32, at: u64, prev_tid: u32, prev_run_ns: u64, owner: bool) {
+#[allow(clippy::too_many_arguments)]
+pub fn end_wait(
+    tid: u32,
+    cpu: u32,
+    at: u64,
+    runtime_ns: u64,
+    prev_tid: u32,
+    prev_run_ns: u64,
+    owner: bool,
+) {
     let (kind, w) = if owner {
         let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) else {
             return;
@@ -299,6 +360,12 @@ pub fn end_wait(tid: u32, cpu: u32, at: u64, prev_tid: u32, prev_run_ns: u64, ow
         let _ = WAITING.remove(&tid);
         (kind, w)
     };
+    if kind == watch::PROBE {
+        set_probe_waiting(cpu, false);
+    }
+    if w.runtime_ns != runtime_ns {
+        return;
+    }
     let wait = at.saturating_sub(w.since_ns);
     match WAIT_HIST.get_ptr_mut(&tid) {
         Some(h) => {

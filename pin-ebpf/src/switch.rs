@@ -14,7 +14,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use pin_common::{Event, ThreadKey, ThreadStats, class, counter, event, guard};
+use pin_common::{Event, ThreadKey, ThreadStats, class, counter, event, guard, watch};
 
 use crate::{
     maps::{CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, bump, guard_state, send, task_info},
@@ -130,30 +130,36 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
     if !next.is_null() && (owner_watched || track_others) {
         if tid != 0 {
             let owner = tid == guard_state.owner_tid;
-            let watched = if owner {
-                owner_watched
+            let kind = if owner {
+                if owner_watched { watch::VCPU } else { 0 }
+            } else if track_others {
+                task_info(tid).watch
             } else {
-                track_others && task_info(tid).watch != 0
+                0
             };
-            if watched {
+            if kind != 0 {
                 if prev_state == 0 {
-                    // TASK_RUNNING at switch-out: preempted, still runnable, so waiting from now.
-                    noise::start_wait(tid, cpu, now, owner);
+                    // TASK_RUNNING at switch-out: preempted, still runnable, so
+                    // waiting from now. Its CPU time was just brought up to date.
+                    let runtime = task::sum_exec_runtime_as::<BTF>(prev);
+                    noise::start_wait(tid, cpu, now, runtime, owner, kind);
                 } else {
                     // Going to sleep: forget a wake-up seen while it was still running
                     // (ttwu of a running task fires sched_wakeup too).
-                    noise::cancel_wait(tid, cpu, owner);
+                    noise::cancel_wait(tid, cpu, owner, kind);
                 }
             }
         }
         let next_tid = task::pid_as::<BTF>(next);
         if next_tid != 0 {
+            // `next`'s CPU time, read above: it has not run since it stopped.
+            let runtime = stats.cur_runtime;
             if next_tid != guard_state.owner_tid {
                 if track_others {
-                    noise::end_wait(next_tid, cpu, now, tid, run_ns, false);
+                    noise::end_wait(next_tid, cpu, now, runtime, tid, run_ns, false);
                 }
             } else if owner_watched {
-                noise::end_wait(next_tid, cpu, now, tid, run_ns, true);
+                noise::end_wait(next_tid, cpu, now, runtime, tid, run_ns, true);
             }
         }
     }
