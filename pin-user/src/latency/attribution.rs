@@ -360,7 +360,11 @@ impl Recorder {
     }
 
     /// IRQs and softirqs are sent at their exit, so all that ran inside a
-    /// wait arrive before its episode (sent at the switch that ends it).
+    /// wait arrive before its episode (sent at the switch that ends it):
+    /// neither can be switched out. On PREEMPT_RT softirqs run in preemptible
+    /// threads: one that the probe preempts ends after the wait and is not
+    /// among its softirqs (nor in the kernel's per-wait softirq time, which
+    /// counts what ended inside the wait); the thread running it is.
     fn on_noise(&mut self, run: NoiseRun) {
         let newest_end = run.start_ns.saturating_add(run.ns);
         self.noise.push_back(run);
