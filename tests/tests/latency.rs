@@ -34,18 +34,35 @@ fn exclusive() -> MutexGuard<'static, ()> {
 /// Probe load plus the run plus cyclictest's exit, with a wide margin.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runs `pinguard latency ... --json` to completion and parses its report.
-fn latency_json(args: &[&str]) -> Value {
+/// Starts `pinguard latency --guard 1 --cpu 1 --json ARGS`.
+fn spawn_latency(args: &[&str]) -> Pinguard {
     let mut all = vec!["latency", "--guard", "1", "--cpu", "1", "--json"];
     all.extend_from_slice(args);
-    let (status, out, err) = Pinguard::spawn(&all).finish(RUN_TIMEOUT);
+    Pinguard::spawn(&all)
+}
+
+/// The same, returning once cyclictest's thread is being measured.
+fn start_latency(args: &[&str]) -> Pinguard {
+    let mut pg = spawn_latency(args);
+    pg.wait_stderr("measuring CPU 1", RUN_TIMEOUT);
+    pg
+}
+
+/// Waits for a latency run to end and parses its report.
+fn report_of(pg: Pinguard) -> Value {
+    let (status, out, err) = pg.finish(RUN_TIMEOUT);
     assert!(
         status.success(),
-        "pinguard {all:?} failed: {status:?}\nstderr:\n{}",
+        "pinguard latency failed: {status:?}\nstderr:\n{}",
         err.join("\n")
     );
     serde_json::from_str(&out.join("\n"))
         .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{}", out.join("\n")))
+}
+
+/// Runs `pinguard latency ... --json` to completion and parses its report.
+fn latency_json(args: &[&str]) -> Value {
+    report_of(spawn_latency(args))
 }
 
 fn u(v: &Value, path: &str) -> u64 {
@@ -205,21 +222,7 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
     let _cpu = exclusive();
     // cyclictest at FIFO 50, the intruder at FIFO 60: each of its bursts keeps
     // cyclictest's thread off the CPU until the burst ends.
-    let mut pg = Pinguard::spawn(&[
-        "latency",
-        "--guard",
-        "1",
-        "--cpu",
-        "1",
-        "--duration",
-        "3s",
-        "--priority",
-        "50",
-        "--worst",
-        "5",
-        "--json",
-    ]);
-    pg.wait_stderr("measuring CPU 1", RUN_TIMEOUT);
+    let pg = start_latency(&["--duration", "3s", "--priority", "50", "--worst", "5"]);
     let spiker = Worker::spawn_on("pg-spiker", &[1]);
     let tid = spiker.tid();
     spiker.run(|| {
@@ -242,13 +245,7 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
         // SAFETY: as above.
         unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
     });
-    let (status, out, err) = pg.finish(RUN_TIMEOUT);
-    assert!(
-        status.success(),
-        "pinguard failed: {status:?}\n{}",
-        err.join("\n")
-    );
-    let r: Value = serde_json::from_str(&out.join("\n")).expect("one JSON report");
+    let r = report_of(pg);
 
     // cyclictest saw THAT something happened...
     assert!(
@@ -334,19 +331,7 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
 fn softirqs_inside_a_wake_up_are_named_per_vector() {
     require!(missing_cyclictest());
     let _cpu = exclusive();
-    let mut pg = Pinguard::spawn(&[
-        "latency",
-        "--guard",
-        "1",
-        "--cpu",
-        "1",
-        "--duration",
-        "3s",
-        "--worst",
-        "20",
-        "--json",
-    ]);
-    pg.wait_stderr("measuring CPU 1", RUN_TIMEOUT);
+    let pg = start_latency(&["--duration", "3s", "--worst", "20"]);
     // Loopback UDP sent from CPU 1 runs NET_RX softirqs on CPU 1 (with
     // preemption off): wake-ups of cyclictest that land in one wait for it.
     let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -368,13 +353,7 @@ fn softirqs_inside_a_wake_up_are_named_per_vector() {
         }
     });
     drain.join().unwrap();
-    let (status, out, err) = pg.finish(RUN_TIMEOUT);
-    assert!(
-        status.success(),
-        "pinguard failed: {status:?}\n{}",
-        err.join("\n")
-    );
-    let r: Value = serde_json::from_str(&out.join("\n")).expect("one JSON report");
+    let r = report_of(pg);
     let worst = r["worst"].as_array().unwrap();
     let with_softirqs: Vec<&Value> = worst.iter().filter(|w| u(w, "/softirq_ns") > 0).collect();
     assert!(
