@@ -93,17 +93,23 @@ fn intruder_bursts_are_reported_and_accounted_like_schedstat() {
         assert_eq!(e["class"], "intruder_user", "{e}");
     }
     let cpu1 = cpu_summary(&summary, 1);
-    let accounted = cpu1["top_intruders"]
+    let entry = cpu1["top_intruders"]
         .as_array()
         .and_then(|a| a.iter().find(|i| i["tid"] == tid))
-        .unwrap_or_else(|| panic!("tid {tid} missing from the summary: {cpu1}"))["run_ns"]
-        .as_u64()
-        .unwrap();
+        .unwrap_or_else(|| panic!("tid {tid} missing from the summary: {cpu1}"));
+    let accounted = entry["run_ns"].as_u64().unwrap();
     let diff = (accounted as f64 - kernel_ns as f64).abs() / kernel_ns as f64;
+    // Seen once in ~40 runs: 19.6% more than schedstat, cause not found. The
+    // slices say whether one long slice (a wall-clock one) or many carry it.
+    let mut slices: Vec<u64> = mine.iter().filter_map(|e| e["run_ns"].as_u64()).collect();
+    slices.sort_unstable_by(|a, b| b.cmp(a));
     assert!(
         diff <= 0.05,
-        "pinguard accounted {accounted} ns for tid {tid}, /proc schedstat says {kernel_ns} ns ({:.1}% apart, limit 5%)",
-        diff * 100.0
+        "pinguard accounted {accounted} ns for tid {tid}, /proc schedstat says {kernel_ns} ns ({:.1}% apart, limit 5%); \
+         its summary entry: {entry}; its {} slices, longest first: {:?}",
+        diff * 100.0,
+        slices.len(),
+        &slices[..slices.len().min(12)]
     );
     assert_eq!(summary["events_lost"], 0, "{summary}");
     // With --event-interval 0 every slice is an event: together they are the whole run time
