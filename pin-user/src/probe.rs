@@ -105,6 +105,8 @@ pub struct ProbeConfig {
     pub lifecycle: bool,
     /// Attach IRQ/softirq/NMI timing and wake-up tracking of watched threads.
     pub noise: bool,
+    /// Size of the event ring buffer in bytes (a power of two, at least a page).
+    pub events_bytes: u32,
 }
 
 impl ProbeConfig {
@@ -112,6 +114,7 @@ impl ProbeConfig {
         Self {
             guarded,
             hook: Hook::TpBtf,
+            events_bytes: pin_common::EVENTS_BYTES,
             event_interval: Duration::from_secs(1),
             migrations: true,
             affinity: true,
@@ -196,6 +199,7 @@ impl Probe {
         let interval_ns = u64::try_from(config.event_interval.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
+            .map_max_entries(map::EVENTS, config.events_bytes)
             .override_global(global::SELF_TGID, &self_tgid, true)
             .override_global(global::EVENT_INTERVAL_NS, &interval_ns, true)
             .override_global(global::TASK_OFFSETS, &offsets, true)

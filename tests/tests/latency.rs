@@ -331,70 +331,94 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
 fn softirqs_inside_a_wake_up_are_named_per_vector() {
     require!(missing_cyclictest());
     let _cpu = exclusive();
-    // Enough worst wake-ups that kernel threads flushing the disk after a
-    // build (seen in CI: 5 ms waits) cannot crowd the softirq ones out.
-    let pg = start_latency(&["--duration", "3s", "--worst", "300"]);
-    // Loopback UDP sent from CPU 1 runs NET_RX softirqs on CPU 1 (with
-    // preemption off): wake-ups of cyclictest that land in one wait for it.
-    // Large datagrams (fragmented on loopback) make long softirq runs.
+    // cyclictest at FIFO 50, the sender at FIFO 60: each of its 2 ms bursts
+    // of loopback UDP keeps cyclictest waiting, and the NET_RX softirqs the
+    // bursts raise on CPU 1 run inside those waits: ~70 waits of 2 ms, among
+    // the 100 worst whatever else the machine does (a disk flush after a
+    // build delays others by a few ms; a sender without priority was not
+    // reliably among the worst in CI).
+    let pg = start_latency(&["--duration", "3s", "--priority", "50", "--worst", "100"]);
     let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = rx.local_addr().unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(200)))
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     let drain = std::thread::spawn(move || {
         let mut buf = vec![0u8; 65_536];
         while rx.recv(&mut buf).is_ok() {}
     });
     let sender = Worker::spawn_on("pg-udp", &[1]);
+    let tid = sender.tid();
     sender.run(move || {
+        let fifo = libc::sched_param { sched_priority: 60 };
+        // SAFETY: plain syscalls on the calling thread.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setscheduler: {}",
+            std::io::Error::last_os_error()
+        );
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // 2 ms bursts every ~20 ms: 10% of the CPU, far below RT throttling.
         let end = Instant::now() + Duration::from_millis(1500);
         while Instant::now() < end {
-            for _ in 0..10 {
+            let burst = Instant::now() + Duration::from_millis(2);
+            while Instant::now() < burst {
                 let _ = tx.send_to(&[0u8; 60_000], addr);
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let other = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as above.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
     });
     drain.join().unwrap();
     let r = report_of(pg);
-    let worst = r["worst"].as_array().unwrap();
-    let with_softirqs: Vec<&Value> = worst.iter().filter(|w| u(w, "/softirq_ns") > 0).collect();
-    assert!(
-        !with_softirqs.is_empty(),
-        "none of the {} worst wake-ups under a NET_RX load had softirq time: {worst:#?}",
-        worst.len()
-    );
-    let net_rx = 3;
-    let mut named = 0;
-    for w in &with_softirqs {
-        // Each vector that ran inside the wait, with at most the time the
-        // kernel counted for the whole wait (a run that began before the
-        // wake-up counts only from it).
-        let runs = w["softirqs"].as_array().unwrap();
-        assert!(!runs.is_empty(), "softirq time but no vector named: {w}");
-        let sum: u64 = runs.iter().map(|o| u(o, "/ns")).sum();
-        assert!(
-            sum <= u(w, "/softirq_ns"),
-            "vectors add up to {sum} ns, more than the wait's {} ns: {w}",
-            u(w, "/softirq_ns")
-        );
-        if runs.iter().any(|o| o["number"] == net_rx) {
-            named += 1;
-        }
-        if w["cause"]["kind"] == "softirq" {
-            let e = w["explanation"].as_str().unwrap();
-            assert!(e.contains("softirq "), "{e}");
-        }
-    }
-    assert!(
-        named > 0,
-        "no worst wake-up names NET_RX although the load was NET_RX: {with_softirqs:#?}"
-    );
     assert_eq!(
         u(&r, "/probe/events_lost"),
         0,
         "events were lost: the attribution is incomplete"
     );
+    let worst = r["worst"].as_array().unwrap();
+    // Whatever caused a wait, the vectors listed in it never add up to more
+    // than the kernel counted for it (one that began before the wake-up
+    // counts only from it).
+    for w in worst {
+        let sum: u64 = w["softirqs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| u(o, "/ns"))
+            .sum();
+        assert!(
+            sum <= u(w, "/softirq_ns"),
+            "vectors add up to {sum} ns, more than the wait's {} ns: {w}",
+            u(w, "/softirq_ns")
+        );
+    }
+    // The sender's waits name NET_RX, with its time.
+    let net_rx = 3;
+    let by_sender: Vec<&Value> = worst
+        .iter()
+        .filter(|w| w["cause"]["kind"] == "thread" && w["cause"]["tid"] == tid)
+        .collect();
+    assert!(
+        by_sender.len() >= 5,
+        "only {} of the 100 worst wake-ups blamed on pg-udp: {worst:#?}",
+        by_sender.len()
+    );
+    for w in &by_sender {
+        let rx_ns = w["softirqs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["number"] == net_rx)
+            .map(|o| u(o, "/ns"))
+            .unwrap_or_else(|| panic!("a pg-udp burst's wait does not name NET_RX: {w}"));
+        assert!(rx_ns > 0, "{w}");
+        let e = w["explanation"].as_str().unwrap();
+        assert!(e.contains("softirq net_rx"), "{e}");
+    }
 }
 
 #[test]

@@ -163,6 +163,9 @@ async fn measure(
     probe_config.affinity = false;
     probe_config.lifecycle = false;
     probe_config.noise = true;
+    // Every slice, IRQ and softirq during a wait is an event: room for bursts
+    // while the reader is busy (16 MiB, against 256 KiB for the daemon).
+    probe_config.events_bytes = 16 << 20;
     let mut probe = Probe::load(&probe_config)?;
     // Every IRQ and softirq too: each worst wake-up names the ones inside it.
     probe.set_noise_events(true)?;
