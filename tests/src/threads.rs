@@ -41,6 +41,29 @@ pub fn schedstat_run_ns(tid: u32) -> u64 {
 }
 
 /// Spins on the CPU for `d` (a run slice unless preempted).
+/// Makes the calling thread SCHED_FIFO at `priority` (a real-time competitor
+/// that normal threads, and lower real-time ones, cannot preempt).
+pub fn become_fifo(priority: i32) {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: plain syscall on the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setscheduler: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Back to SCHED_OTHER (best effort: the thread is about to idle anyway).
+pub fn become_normal() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+}
+
 pub fn spin(d: Duration) {
     let end = Instant::now() + d;
     while Instant::now() < end {

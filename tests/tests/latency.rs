@@ -10,7 +10,7 @@ use std::{
 use integration_tests::{
     process::{Pinguard, run},
     require,
-    threads::{Worker, spin},
+    threads::{Worker, become_fifo, become_normal, spin},
     util::{missing_bpf, which},
 };
 use serde_json::Value;
@@ -226,24 +226,14 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
     let spiker = Worker::spawn_on("pg-spiker", &[1]);
     let tid = spiker.tid();
     spiker.run(|| {
-        let fifo = libc::sched_param { sched_priority: 60 };
-        // SAFETY: plain syscalls on the calling thread.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) };
-        assert_eq!(
-            rc,
-            0,
-            "sched_setscheduler: {}",
-            std::io::Error::last_os_error()
-        );
+        become_fifo(60);
         // 2 ms bursts every ~50 ms: 4% of the CPU, far below RT throttling's 95%.
         let end = Instant::now() + Duration::from_millis(1500);
         while Instant::now() < end {
             spin(Duration::from_millis(2));
             std::thread::sleep(Duration::from_millis(50));
         }
-        let other = libc::sched_param { sched_priority: 0 };
-        // SAFETY: as above.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
+        become_normal();
     });
     let r = report_of(pg);
 
@@ -349,15 +339,7 @@ fn softirqs_inside_a_wake_up_are_named_per_vector() {
     let sender = Worker::spawn_on("pg-udp", &[1]);
     let tid = sender.tid();
     sender.run(move || {
-        let fifo = libc::sched_param { sched_priority: 60 };
-        // SAFETY: plain syscalls on the calling thread.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) };
-        assert_eq!(
-            rc,
-            0,
-            "sched_setscheduler: {}",
-            std::io::Error::last_os_error()
-        );
+        become_fifo(60);
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         // 2 ms bursts every ~20 ms: 10% of the CPU, far below RT throttling.
         let end = Instant::now() + Duration::from_millis(1500);
@@ -368,9 +350,7 @@ fn softirqs_inside_a_wake_up_are_named_per_vector() {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let other = libc::sched_param { sched_priority: 0 };
-        // SAFETY: as above.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
+        become_normal();
     });
     drain.join().unwrap();
     let r = report_of(pg);

@@ -11,7 +11,7 @@ use integration_tests::{
     daemon::{Daemon, sum_metric},
     guest::{Guest, GuestOptions},
     require,
-    threads::{Worker, set_affinity, spin},
+    threads::{Worker, become_fifo, set_affinity, spin},
     util::{missing_bpf, missing_kvm, wait_for},
 };
 
@@ -235,15 +235,7 @@ fn vcpu_wait_grows_when_a_thread_competes_for_its_cpu() {
     hog.run(move || {
         // A real-time competitor: the vCPU cannot preempt it, so each of its
         // wake-ups waits until the hog pauses.
-        let param = libc::sched_param { sched_priority: 10 };
-        // SAFETY: plain syscall on the calling thread.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-        assert_eq!(
-            rc,
-            0,
-            "sched_setscheduler: {}",
-            std::io::Error::last_os_error()
-        );
+        become_fifo(10);
         while Instant::now() < end {
             spin(Duration::from_millis(20));
             std::thread::sleep(Duration::from_millis(5));
