@@ -48,6 +48,17 @@ fn parse(lines: &[String]) -> (Vec<Value>, Value) {
     )
 }
 
+/// Stops `watch` (SIGINT), which must exit cleanly: its events and summary.
+fn stop_watch(watch: Pinguard) -> (Vec<Value>, Value) {
+    let (status, out, err) = watch.stop(EXIT_TIMEOUT);
+    assert!(
+        status.success(),
+        "watch failed: {status:?}\n{}",
+        err.join("\n")
+    );
+    parse(&out)
+}
+
 fn cpu_summary(summary: &Value, cpu: u64) -> &Value {
     summary["cpus"]
         .as_array()
@@ -70,13 +81,7 @@ fn intruder_bursts_are_reported_and_accounted_like_schedstat() {
     });
     // The worker is now blocked (off the CPU), so its schedstat is final for this window.
     let kernel_ns = schedstat_run_ns(tid);
-    let (status, out, err) = watch.stop(EXIT_TIMEOUT);
-    assert!(
-        status.success(),
-        "watch failed: {status:?}\n{}",
-        err.join("\n")
-    );
-    let (events, summary) = parse(&out);
+    let (events, summary) = stop_watch(watch);
 
     let mine: Vec<&Value> = events.iter().filter(|e| e["tid"] == tid).collect();
     let pid = std::process::id();
@@ -154,13 +159,7 @@ fn migration_onto_guarded_cpu_is_reported_owner_and_kernel_threads_are_not() {
         spin(Duration::from_millis(1));
     });
 
-    let (status, out, err) = watch.stop(EXIT_TIMEOUT);
-    assert!(
-        status.success(),
-        "watch failed: {status:?}\n{}",
-        err.join("\n")
-    );
-    let (events, summary) = parse(&out);
+    let (events, summary) = stop_watch(watch);
 
     let migrated = events
         .iter()
@@ -235,13 +234,7 @@ fn a_containers_pid_is_not_taken_for_the_hosts_thread_of_that_id() {
     let status = host.wait_with_output().expect("taskset").status;
     assert!(status.success(), "taskset -pc {init_cpus} 1 failed");
 
-    let (status, out, err) = watch.stop(EXIT_TIMEOUT);
-    assert!(
-        status.success(),
-        "watch failed: {status:?}\n{}",
-        err.join("\n")
-    );
-    let (events, _) = parse(&out);
+    let (events, _) = stop_watch(watch);
     let changes: Vec<&Value> = events
         .iter()
         .filter(|e| e["event"] == "affinity_change" && e["target_tid"] == 1)
