@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use nix::sched::CpuSet;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, OrPanic as _, Result};
 
 pub type Cpus = BTreeSet<usize>;
 
@@ -41,13 +41,19 @@ pub fn parse_mask(text: &str) -> Result<Cpus> {
 }
 
 /// The online CPUs as sysfs writes them, and parsed.
-pub fn online() -> Result<(String, Cpus)> {
+pub fn try_online() -> Result<(String, Cpus)> {
     const PATH: &str = "/sys/devices/system/cpu/online";
     let text =
         std::fs::read_to_string(PATH).map_err(|e| Error::io(format!("reading {PATH}"), e))?;
     let text = text.trim().to_string();
     let cpus = parse_list(&text)?;
     Ok((text, cpus))
+}
+
+/// [`try_online`], panicking on failure.
+#[track_caller]
+pub fn online() -> (String, Cpus) {
+    try_online().or_panic()
 }
 
 pub fn to_set(cpus: &Cpus) -> Result<CpuSet> {

@@ -132,7 +132,13 @@ impl Daemon {
     pub fn start(config: &str, extra: &[&str]) -> Self {
         let mut opts = DaemonOptions::new(config);
         opts.args = extra.iter().map(|a| a.to_string()).collect();
-        Self::try_start(&opts).or_panic()
+        Self::start_with(&opts)
+    }
+
+    /// [`Daemon::try_start`], panicking if it does not come up.
+    #[track_caller]
+    pub fn start_with(opts: &DaemonOptions) -> Self {
+        Self::try_start(opts).or_panic()
     }
 
     pub fn pid(&self) -> u32 {

@@ -211,11 +211,17 @@ impl Process {
         }
     }
 
-    /// Reads the stderr lines available now into `stderr_seen` and returns
-    /// the last few as "; its stderr:\n  ...", or "" when there are none.
-    pub fn stderr_tail(&mut self) -> String {
+    /// Everything printed on stderr so far (reads what is available now).
+    pub fn stderr_lines(&mut self) -> &[String] {
         self.stderr_seen.extend(self.stderr.try_iter());
-        let tail = &self.stderr_seen[self.stderr_seen.len().saturating_sub(TAIL)..];
+        &self.stderr_seen
+    }
+
+    /// The last few lines of [`Process::stderr_lines`] as
+    /// "; its stderr:\n  ...", or "" when there are none.
+    pub fn stderr_tail(&mut self) -> String {
+        let lines = self.stderr_lines();
+        let tail = &lines[lines.len().saturating_sub(TAIL)..];
         if tail.is_empty() {
             return String::new();
         }
@@ -350,6 +356,16 @@ pub struct Run {
     pub stderr: String,
 }
 
+impl From<Output> for Run {
+    fn from(out: Output) -> Self {
+        Self {
+            status: out.status,
+            stdout: out.stdout.join("\n"),
+            stderr: out.stderr.join("\n"),
+        }
+    }
+}
+
 impl Run {
     pub fn code(&self) -> Option<i32> {
         self.status.code()
@@ -369,12 +385,7 @@ impl Run {
 /// Runs `pinguard ARGS...` to completion within `timeout`.
 #[track_caller]
 pub fn run(args: &[&str], timeout: Duration) -> Run {
-    let out = Process::pinguard(args).finish(timeout);
-    Run {
-        status: out.status,
-        stdout: out.stdout.join("\n"),
-        stderr: out.stderr.join("\n"),
-    }
+    Process::pinguard(args).finish(timeout).into()
 }
 
 /// Runs `pinguard SUBCOMMAND ARGS...` to completion within `timeout`.

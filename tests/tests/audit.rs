@@ -11,14 +11,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{
-    guest::{Guest, GuestOptions, cpus_allowed, wait_for_no_other_guests},
-    process::{self, Pinguard, Run, run_subcommand},
-    require,
-    threads::{Worker, allowed_list, spin},
-    util::{missing_bpf, missing_kvm, pinguard_bin},
-};
 use serde_json::Value;
+use testkit::{
+    cpus,
+    env::{missing_bpf, missing_kvm, pinguard_bin},
+    guest::{Guest, GuestOptions, wait_for_no_other_guests},
+    process::{self, Process, Run, run_subcommand},
+    require,
+    threads::{Worker, cpus_allowed, spin},
+};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,24 +28,9 @@ fn audit(args: &[&str]) -> Run {
     run_subcommand("audit", args, RUN_TIMEOUT)
 }
 
-/// Online CPUs, from sysfs.
-fn online() -> (String, Vec<u32>) {
-    let text = fs::read_to_string("/sys/devices/system/cpu/online")
-        .expect("reading /sys/devices/system/cpu/online")
-        .trim()
-        .to_string();
-    let mut cpus = Vec::new();
-    for part in text.split(',').filter(|p| !p.is_empty()) {
-        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
-        let (lo, hi): (u32, u32) = (lo.parse().unwrap(), hi.parse().unwrap());
-        cpus.extend(lo..=hi);
-    }
-    (text, cpus)
-}
-
 /// Skips unless CPU 1 (the guarded CPU of these tests) is online.
 fn missing_cpu1() -> Option<String> {
-    (!online().1.contains(&1))
+    (!cpus::online().1.contains(&1))
         .then(|| "needs CPU 1 online (it is the guarded CPU of these tests)".to_string())
 }
 
@@ -168,7 +154,7 @@ fn pinned_intruder_is_a_violation_named_by_tid_and_comm() {
         .unwrap_or_else(|| {
             panic!(
                 "intruder {tid} (affinity now {}) is not a violation: {:#}",
-                allowed_list(me, tid),
+                cpus_allowed(me, tid),
                 cpu(&report, 1)["violations"]
             )
         });
@@ -202,13 +188,16 @@ fn pinned_intruder_is_a_violation_named_by_tid_and_comm() {
 fn pin_alone(g: &Guest) {
     for _ in 0..3 {
         wait_for_no_other_guests(&[g]);
-        let (code, out, err) = process::run(&["pin", "--guard", "1"]);
-        if code == 0 {
+        let r = process::run(&["pin", "--guard", "1"], RUN_TIMEOUT);
+        if r.code() == Some(0) {
             return;
         }
         assert!(
-            err.contains("need a guarded CPU each"),
-            "pinguard pin failed ({code}):\n{out}\n{err}"
+            r.stderr.contains("need a guarded CPU each"),
+            "pinguard pin failed ({}):\n{}\n{}",
+            r.status,
+            r.stdout,
+            r.stderr
         );
     }
     panic!(
@@ -292,7 +281,7 @@ fn pinned_guest_owns_its_cpu_and_its_emulator_threads_are_not_violations() {
 fn window_catches_a_short_intruder_that_a_snapshot_misses() {
     require!(missing_bpf());
     require!(missing_cpu1());
-    let mut p = Pinguard::spawn(&["audit", "--guard", "1", "--window", "2s", "--json"]);
+    let mut p = Process::pinguard(&["audit", "--guard", "1", "--window", "2s", "--json"]);
     p.wait_stderr("auditing CPUs 1", ATTACH_TIMEOUT);
     let attached = Instant::now();
     let worker = Worker::spawn_on("pg-audit-short", &[1]);
@@ -300,12 +289,7 @@ fn window_catches_a_short_intruder_that_a_snapshot_misses() {
     worker.run(|| spin(Duration::from_micros(300)));
     drop(worker);
     let ran_within = attached.elapsed();
-    let (status, out, err) = p.finish(RUN_TIMEOUT);
-    let r = Run {
-        status,
-        stdout: out.join("\n"),
-        stderr: err.join("\n"),
-    };
+    let r: Run = p.finish(RUN_TIMEOUT).into();
     assert!(
         ran_within < Duration::from_secs(2),
         "precondition: the intruder should run inside the 2 s window, but it was done only after {ran_within:?}"
@@ -371,7 +355,7 @@ fn window_catches_a_short_intruder_that_a_snapshot_misses() {
 #[test]
 fn bad_input_exits_2_with_a_clear_error() {
     require!(missing_cpu1());
-    let (online, cpus) = online();
+    let (online, cpus) = cpus::online();
     // 7 on the 2-CPU lab machine; past the last online CPU on bigger hosts.
     let offline = if cpus.contains(&7) {
         cpus.iter().max().unwrap() + 1

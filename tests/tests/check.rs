@@ -11,44 +11,18 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{
-    require,
-    util::{pinguard_bin, wait_for, which},
-};
 use serde_json::Value;
+use testkit::{
+    cpus::{self, Cpus},
+    env::pinguard_bin,
+    require,
+    wait::wait_for,
+    which,
+};
 
-/// Parses a kernel CPU list ("0-3,8"); the tests crate does not link pinguard.
-fn cpu_list(s: &str) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => out.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()),
-            None => {
-                out.insert(part.parse::<u32>().unwrap());
-            }
-        }
-    }
-    out
-}
-
-/// Parses a hex cpumask ("3", "ff,00000001").
-fn cpu_mask(s: &str) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    for (i, word) in s.trim().split(',').rev().enumerate() {
-        let v = u32::from_str_radix(word, 16).unwrap();
-        out.extend(
-            (0..32)
-                .filter(|b| v & (1 << b) != 0)
-                .map(|b| i as u32 * 32 + b),
-        );
-    }
-    out
-}
-
-fn online() -> (String, BTreeSet<u32>) {
-    let text = fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    let set = cpu_list(&text);
-    (text.trim().to_string(), set)
+/// A CPU list the kernel or pinguard wrote ("0-3,8").
+fn cpu_list(s: &str) -> Cpus {
+    cpus::parse_list(s).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn pinguard_check(args: &[&str]) -> Output {
@@ -74,7 +48,7 @@ fn text(bytes: &[u8]) -> String {
 /// The IRQs that can fire on `cpu`, by the rule `pinguard check` documents:
 /// every /proc/irq/N except 0 and 2 with a handler in /proc/interrupts whose
 /// smp_affinity_list or effective_affinity_list contains the CPU.
-fn irqs_reaching(cpu: u32) -> BTreeSet<u32> {
+fn irqs_reaching(cpu: usize) -> BTreeSet<u32> {
     let interrupts = fs::read_to_string("/proc/interrupts").unwrap();
     let handled: BTreeSet<u32> = interrupts
         .lines()
@@ -117,7 +91,7 @@ fn item<'a>(report: &'a Value, id: &str) -> &'a Value {
 
 #[test]
 fn json_report_matches_the_host() {
-    let (_, online) = online();
+    let (_, online) = cpus::online();
     require!((online.len() < 2).then(|| "needs at least two online CPUs".to_string()));
     let _exclusive = exclusive();
     // Guard the last online CPU; everything else is housekeeping.
@@ -148,7 +122,7 @@ fn json_report_matches_the_host() {
     };
 
     assert_eq!(report["guarded"], cpu_arg);
-    let housekeeping: BTreeSet<u32> = online.iter().copied().filter(|c| *c != cpu).collect();
+    let housekeeping: Cpus = online.iter().copied().filter(|c| *c != cpu).collect();
     assert_eq!(
         cpu_list(report["housekeeping"].as_str().unwrap()),
         housekeeping
@@ -249,7 +223,10 @@ fn json_report_matches_the_host() {
 
     // Workqueue: fail exactly when the unbound cpumask includes the guarded CPU.
     let wq = fs::read_to_string("/sys/devices/virtual/workqueue/cpumask").unwrap();
-    let wq_expected = if cpu_mask(&wq).contains(&cpu) {
+    let wq_expected = if cpus::parse_mask(&wq)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .contains(&cpu)
+    {
         "fail"
     } else {
         "pass"
@@ -296,7 +273,7 @@ fn json_report_matches_the_host() {
 
 #[test]
 fn offline_guard_is_an_error_naming_online_cpus() {
-    let (online_text, online) = online();
+    let (online_text, online) = cpus::online();
     // 7 on the 2-CPU lab machine; on bigger hosts the first CPU past the online ones.
     let offline = if online.contains(&7) {
         online.last().unwrap() + 1
@@ -354,7 +331,7 @@ fn no_guard_and_nothing_isolated_explains_isolation() {
 
 #[test]
 fn guard_of_every_cpu_is_an_error() {
-    let (online_text, _) = online();
+    let (online_text, _) = cpus::online();
     let out = pinguard_check(&["--guard", &online_text]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
@@ -429,7 +406,7 @@ fn irqbalance_note(report: &Value, pid: u32) -> (String, String) {
 
 #[test]
 fn running_irqbalance_is_judged_by_its_environment() {
-    let (_, online) = online();
+    let (_, online) = cpus::online();
     require!((online.len() < 2).then(|| "needs at least two online CPUs".to_string()));
     let _exclusive = exclusive();
     let cpu = online.last().unwrap().to_string();

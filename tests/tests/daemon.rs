@@ -1,41 +1,18 @@
 //! The daemon (`pinguard run`) with real guests, real threads and real scrapes.
 //! CPU 1 is guarded, CPU 0 is housekeeping.
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
-use integration_tests::{
-    daemon::Daemon,
-    guest::{Guest, GuestOptions, cpus_allowed},
-    require,
-    threads::{Worker, allowed_list, schedstat_run_ns, set_affinity, spin},
-    util::{missing_kvm, wait_for},
-};
 use serde_json::Value;
+use testkit::{
+    daemon::Daemon,
+    env::missing_kvm,
+    guest::{Guest, GuestOptions},
+    require,
+    threads::{AffinitySnapshot, Worker, cpus_allowed, schedstat_run_ns, set_affinity, spin},
+    wait::wait_for,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Affinity of every thread on the host, as /proc shows it.
-fn all_affinities() -> BTreeMap<(u32, u32), String> {
-    let mut out = BTreeMap::new();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let Ok(tid) = t.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if let Ok(s) = std::fs::read_to_string(t.path().join("status"))
-                && let Some(l) = s.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            {
-                out.insert((pid, tid), l.trim().to_string());
-            }
-        }
-    }
-    out
-}
 
 fn violations(d: &Daemon) -> Vec<Value> {
     let (status, body) = d.get("/violations");
@@ -64,7 +41,7 @@ fn observe_mode_reports_guests_and_intruders_and_changes_no_affinity() {
         Some(0.0),
         "an unpinned vCPU must read 0"
     );
-    let before = all_affinities();
+    let before = AffinitySnapshot::take();
 
     let intruder_seconds = |d: &Daemon| {
         d.metric(
@@ -120,11 +97,7 @@ fn observe_mode_reports_guests_and_intruders_and_changes_no_affinity() {
     });
 
     // Observe mode: no thread's affinity changed except by this test's own doing.
-    let after = all_affinities();
-    let changed: Vec<_> = before
-        .iter()
-        .filter(|(k, v)| after.get(k).is_some_and(|a| a != *v))
-        .collect();
+    let changed = before.changed();
     assert!(
         changed.is_empty(),
         "observe mode changed affinities: {changed:?}"
@@ -200,13 +173,13 @@ fn enforce_mode_pins_repins_after_taskset_and_evicts_user_intruders() {
     intruder.run(move || {
         set_affinity(itid, &[1]);
         let deadline = std::time::Instant::now() + WAIT;
-        while allowed_list(me, itid) != "0" && std::time::Instant::now() < deadline {
+        while cpus_allowed(me, itid) != "0" && std::time::Instant::now() < deadline {
             spin(Duration::from_millis(1));
             std::thread::sleep(Duration::from_millis(1));
         }
     });
     assert_eq!(
-        allowed_list(me, itid),
+        cpus_allowed(me, itid),
         "0",
         "the intruder was not evicted to the housekeeping CPU"
     );
@@ -225,7 +198,7 @@ fn enforce_mode_pins_repins_after_taskset_and_evicts_user_intruders() {
     );
     for comm in ["ksoftirqd/1", "migration/1", "cpuhp/1"] {
         if let Some(pid) = find_kthread(comm) {
-            assert_eq!(allowed_list(pid, pid), "1", "{comm} was moved");
+            assert_eq!(cpus_allowed(pid, pid), "1", "{comm} was moved");
         }
     }
     drop(guest);
@@ -424,7 +397,7 @@ fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
     worker.run(move || {
         set_affinity(tid, &[1]);
         let deadline = std::time::Instant::now() + WAIT;
-        while allowed_list(me, tid) != "0" && std::time::Instant::now() < deadline {
+        while cpus_allowed(me, tid) != "0" && std::time::Instant::now() < deadline {
             spin(Duration::from_millis(1));
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -432,7 +405,7 @@ fn a_reused_vcpu_thread_id_is_not_taken_for_the_old_vcpu() {
     // Had pinguard still taken the id for the old vCPU it would have pinned the
     // thread to CPU 1; as a stranger on a guarded CPU it is evicted instead.
     assert_eq!(
-        allowed_list(me, tid),
+        cpus_allowed(me, tid),
         "0",
         "thread {tid} (a reused vCPU id) was not treated as an intruder"
     );
@@ -516,7 +489,7 @@ fn allowlisted_threads_are_neither_violations_nor_evicted() {
         let tid = w.tid();
         w.run(move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while allowed_list(me, tid) == "1" && std::time::Instant::now() < deadline {
+            while cpus_allowed(me, tid) == "1" && std::time::Instant::now() < deadline {
                 spin(Duration::from_millis(1));
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -525,13 +498,13 @@ fn allowlisted_threads_are_neither_violations_nor_evicted() {
     // The stranger is evicted (the daemon works), the allowlisted thread is not.
     work(&stranger);
     assert_eq!(
-        allowed_list(me, stranger.tid()),
+        cpus_allowed(me, stranger.tid()),
         "0",
         "the stranger was not evicted"
     );
     work(&allowed);
     assert_eq!(
-        allowed_list(me, allowed.tid()),
+        cpus_allowed(me, allowed.tid()),
         "1",
         "the allowlisted thread was moved"
     );

@@ -10,9 +10,8 @@
 //! rule through its HTTP API.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -22,13 +21,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{
-    guest::{Guest, GuestOptions},
-    prometheus::{self, PromExpr, Prometheus, Rule, Source},
-    threads::set_affinity,
-    util,
-};
+use integration_tests::promql::{self, PromExpr, Rule, Source};
+use nix::sys::signal::Signal;
 use serde_json::Value;
+use testkit::{
+    daemon::{Daemon, DaemonOptions},
+    env::missing_kvm,
+    guest::{Guest, GuestOptions},
+    metrics,
+    prometheus::{Prometheus, missing_prometheus},
+    threads::{pin_current_thread, set_affinity, spin},
+    wait::wait_for,
+};
 
 /// pinguard's metrics and their labels (Prometheus adds `instance` and `job`).
 const CONTRACT: &[(&str, &[&str])] = &[
@@ -179,7 +183,7 @@ fn dashboard() -> Value {
 }
 
 fn rules() -> Vec<Rule> {
-    prometheus::parse_rules(&read("dashboards/prometheus/pinguard.rules.yml"))
+    promql::parse_rules(&read("dashboards/prometheus/pinguard.rules.yml"))
         .unwrap_or_else(|e| panic!("dashboards/prometheus/pinguard.rules.yml: {e}"))
 }
 
@@ -202,7 +206,7 @@ fn rule_test_files() -> Vec<PathBuf> {
 /// Every expression of the dashboard and the rules.
 fn all_exprs() -> Vec<PromExpr> {
     let mut exprs =
-        prometheus::dashboard_exprs(&dashboard()).unwrap_or_else(|e| panic!("dashboard: {e}"));
+        promql::dashboard_exprs(&dashboard()).unwrap_or_else(|e| panic!("dashboard: {e}"));
     exprs.extend(rules().iter().map(Rule::to_expr));
     exprs
 }
@@ -270,7 +274,7 @@ fn dashboard_is_importable_and_complete() {
 
     // Panels.
     let mut ids = BTreeSet::new();
-    for p in prometheus::all_panels(&d) {
+    for p in promql::all_panels(&d) {
         let title = p["title"].as_str().unwrap_or_default();
         let Some(id) = p["id"].as_u64() else {
             bad.push(format!("panel {title:?} has no numeric id"));
@@ -324,15 +328,11 @@ fn dashboard_is_importable_and_complete() {
 
     // Every variable used anywhere is defined or built in.
     let mut known: BTreeSet<String> = vars.keys().map(|k| k.to_string()).collect();
-    known.extend(
-        prometheus::GRAFANA_BUILTINS
-            .iter()
-            .map(|(k, _)| k.to_string()),
-    );
+    known.extend(promql::GRAFANA_BUILTINS.iter().map(|(k, _)| k.to_string()));
     let mut strings = Vec::new();
     collect_strings(&d, &mut strings);
     for s in strings {
-        for v in prometheus::variable_refs(&s) {
+        for v in promql::variable_refs(&s) {
             if !known.contains(&v) {
                 bad.push(format!(
                     "${v} is used in {s:?} but is not a dashboard variable"
@@ -355,7 +355,7 @@ fn collect_strings(v: &Value, out: &mut Vec<String>) {
 #[test]
 fn dashboard_has_the_panels_operators_need() {
     let d = dashboard();
-    let panels = prometheus::all_panels(&d);
+    let panels = promql::all_panels(&d);
     let exprs_of = |p: &Value| -> String {
         p["targets"]
             .as_array()
@@ -475,11 +475,11 @@ fn noise_and_wait_panels_honour_the_variables() {
     let d = dashboard();
     let mut bad = Vec::new();
     let mut seen = 0;
-    for p in prometheus::all_panels(&d) {
+    for p in promql::all_panels(&d) {
         let title = p["title"].as_str().unwrap_or_default();
         for t in p["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().unwrap_or_default();
-            let Ok(selectors) = prometheus::selectors(expr) else {
+            let Ok(selectors) = promql::selectors(expr) else {
                 continue; // reported by every_expression_uses_only_contract_...
             };
             if !selectors
@@ -549,7 +549,7 @@ fn every_expression_uses_only_contract_metrics_labels_and_values() {
     let mut bad = Vec::new();
     let mut used = BTreeSet::new();
     for e in all_exprs() {
-        let selectors = match prometheus::selectors(&e.expr) {
+        let selectors = match promql::selectors(&e.expr) {
             Ok(s) => s,
             Err(err) => {
                 bad.push(format!("{}: cannot read {:?}: {err}", e.origin, e.expr));
@@ -629,7 +629,7 @@ fn every_expression_uses_only_contract_metrics_labels_and_values() {
 fn alerts_have_severity_annotations_runbooks_and_unit_tests() {
     let rules = rules();
     let runbook = read("docs/ALERTS.md");
-    let anchors = prometheus::markdown_anchors(&runbook);
+    let anchors = promql::markdown_anchors(&runbook);
     let tests: String = rule_test_files()
         .iter()
         .map(|p| std::fs::read_to_string(p).expect("reading a promtool test file"))
@@ -656,7 +656,7 @@ fn alerts_have_severity_annotations_runbooks_and_unit_tests() {
                 bad.push(format!("{n}: annotation {key} is missing"));
             }
         }
-        let anchor = prometheus::github_anchor(n);
+        let anchor = promql::github_anchor(n);
         let want = format!("docs/ALERTS.md#{anchor}");
         match a.annotations.get("runbook_url") {
             Some(url) if *url == want => {}
@@ -712,8 +712,8 @@ fn alerts_have_severity_annotations_runbooks_and_unit_tests() {
 }
 
 fn missing_promtool() -> Option<String> {
-    util::which("promtool")
-        .is_none()
+    testkit::which("promtool")
+        .is_err()
         .then(|| "promtool is not installed (apt-get install prometheus)".into())
 }
 
@@ -734,7 +734,7 @@ fn promtool(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn promtool_checks_and_unit_tests_pass() {
-    integration_tests::require!(missing_promtool());
+    testkit::require!(missing_promtool());
     let (ok, out) = promtool(&["check", "rules", "dashboards/prometheus/pinguard.rules.yml"]);
     assert!(ok, "promtool check rules failed:\n{out}");
     // Cross-checks this test's own rules reader against Prometheus's.
@@ -758,99 +758,6 @@ fn promtool_checks_and_unit_tests_pass() {
 // ---------------------------------------------------------------------------
 // Live: real daemon, real guest, real intruder, real Prometheus.
 
-/// A running `pinguard run`; stopped (SIGTERM, then SIGKILL) on drop.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(guard: &str, addr: SocketAddr) -> Self {
-        let log =
-            std::env::temp_dir().join(format!("pinguard-dashboards-{}.log", std::process::id()));
-        let file = std::fs::File::create(&log)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-        let child = Command::new(util::pinguard_bin())
-            .args(["run", "--guard", guard, "--listen", &addr.to_string()])
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("duplicating the log file handle"))
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting pinguard run: {e}"));
-        Self { child, addr, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends SIGHUP and waits (bounded) until /metrics counts a successful reload.
-    fn reload(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)
-            .unwrap_or_else(|e| panic!("sending SIGHUP to pinguard run: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((200, body)) =
-                prometheus::http_get(self.addr, "/metrics", Duration::from_secs(2))
-                && body
-                    .lines()
-                    .any(|l| l.starts_with("pinguard_config_reloads_total{result=\"success\"}"))
-            {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "pinguard run did not count a successful reload within 30s of SIGHUP; output:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits (bounded) until /metrics answers 200 and returns the exposition.
-    fn wait_for_metrics(&mut self, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "pinguard run exited ({status}) before serving /metrics; output:\n{}",
-                    self.log()
-                );
-            }
-            let last = match prometheus::http_get(self.addr, "/metrics", Duration::from_secs(2)) {
-                Ok((200, body)) => return body,
-                Ok((status, body)) => format!("HTTP {status}: {body}"),
-                Err(e) => e,
-            };
-            if Instant::now() > deadline {
-                panic!(
-                    "pinguard run did not serve http://{}/metrics within {timeout:?} ({last}); output:\n{}",
-                    self.addr,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
 /// A thread bound to one CPU that runs a few ms, sleeps a few ms, until dropped.
 struct Intruder {
     stop: Arc<AtomicBool>,
@@ -865,12 +772,7 @@ impl Intruder {
         let handle = std::thread::Builder::new()
             .name("dash-intruder".into())
             .spawn(move || {
-                let mut set = nix::sched::CpuSet::new();
-                let bound = set
-                    .set(cpu)
-                    .and_then(|()| {
-                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-                    })
+                let bound = pin_current_thread(cpu)
                     .map_err(|e| format!("binding the intruder to CPU {cpu}: {e}"));
                 let failed = bound.is_err();
                 let _ = ready_tx.send(bound);
@@ -878,10 +780,7 @@ impl Intruder {
                     return;
                 }
                 while !flag.load(Ordering::Relaxed) {
-                    let end = Instant::now() + Duration::from_millis(4);
-                    while Instant::now() < end {
-                        std::hint::spin_loop();
-                    }
+                    spin(Duration::from_millis(4));
                     std::thread::sleep(Duration::from_millis(2));
                 }
             })
@@ -929,11 +828,7 @@ impl DiskWriter {
             .name("dash-disk".into())
             .spawn(move || {
                 let opened = (|| {
-                    let mut set = nix::sched::CpuSet::new();
-                    set.set(cpu)
-                        .and_then(|()| {
-                            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-                        })
+                    pin_current_thread(cpu)
                         .map_err(|e| format!("binding the disk writer to CPU {cpu}: {e}"))?;
                     std::fs::File::create(&path)
                         .map_err(|e| format!("creating {}: {e}", path.display()))
@@ -1004,26 +899,6 @@ fn proc_irqs_on(cpu: usize) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Series names present in a text exposition (a histogram's `_bucket`,
-/// `_sum` and `_count` separately, as in [`CONTRACT`]), with their label sets.
-fn exposition_series(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let end = l.find(['{', ' '])?;
-            let labels = if l[end..].starts_with('{') {
-                l[end..]
-                    .find('}')
-                    .map(|c| l[end + 1..end + c].to_string())
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            };
-            Some((l[..end].to_string(), labels))
-        })
-        .collect()
-}
-
 /// Why a query result does not satisfy `e`, if it does not.
 fn check_result(e: &PromExpr, series: &[Value]) -> Result<(), String> {
     if series.is_empty() {
@@ -1051,8 +926,8 @@ fn check_result(e: &PromExpr, series: &[Value]) -> Result<(), String> {
 
 #[test]
 fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
-    integration_tests::require!(util::missing_kvm());
-    integration_tests::require!(prometheus::missing_prometheus());
+    testkit::require!(missing_kvm());
+    testkit::require!(missing_prometheus());
     const CPU: usize = 1;
 
     const VM: &str = "pg-dashboards";
@@ -1062,49 +937,58 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
     // pinned to the guarded CPU (where pinguard measures waits) it waits
     // whenever the intruder holds that CPU.
     let guest = Guest::start(GuestOptions {
-        name: VM.into(),
-        smp: 1,
-        debug_threads: true,
         paused: false,
+        ..GuestOptions::new(VM)
     });
     set_affinity(guest.vcpu_tids()[0], &[CPU]);
     // Guests of others may run too: in observe mode pinguard changes no
     // affinity and places every vCPU it finds (sharing CPU 1 if need be);
     // their series only add to ours, and the checks below name our VM.
     let irqs_before = proc_irqs_on(CPU);
-    let addr: SocketAddr = ([127, 0, 0, 1], prometheus::free_port()).into();
-    let mut daemon = Daemon::start(&CPU.to_string(), addr);
-    let exposition = daemon.wait_for_metrics(Duration::from_secs(60));
+    // Observe mode (the default) with the defaults: an empty config.
+    let mut opts = DaemonOptions::new("");
+    opts.guard = CPU;
+    let mut daemon = Daemon::start_with(&opts);
+    let exposition = daemon.scrape();
     let _intruder = Intruder::start(CPU);
     let _disk = DiskWriter::start(CPU);
     // A reload creates pinguard_config_reloads_total{result="success"}.
-    daemon.reload();
+    daemon.process().signal(Signal::SIGHUP);
+    daemon.wait_metric(
+        "a successful reload after SIGHUP",
+        "pinguard_config_reloads_total",
+        &[("result", "success")],
+        |_| true,
+    );
 
     // The contract's always-present metrics, straight from /metrics.
-    let present = exposition_series(&exposition);
+    let present = metrics::parse(&exposition)
+        .unwrap_or_else(|e| panic!("/metrics is not an exposition ({e}):\n{exposition}"));
     let mut bad = Vec::new();
     for m in ALWAYS_PRESENT {
-        if !present.iter().any(|(n, _)| n == m) {
+        if !present.iter().any(|s| s.name == *m) {
             bad.push(format!("{m} is missing from /metrics"));
         }
     }
+    let cpu = CPU.to_string();
     for class in LABEL_VALUES[0].1 {
-        let ok = present.iter().any(|(n, l)| {
-            n == "pinguard_cpu_run_seconds_total"
-                && l.contains(&format!("cpu=\"{CPU}\""))
-                && l.contains(&format!("class=\"{class}\""))
+        let ok = present.iter().any(|s| {
+            s.name == "pinguard_cpu_run_seconds_total" && s.has(&[("cpu", &cpu), ("class", class)])
         });
         if !ok {
             bad.push(format!("pinguard_cpu_run_seconds_total{{cpu=\"{CPU}\",class=\"{class}\"}} is missing from /metrics"));
         }
     }
     assert_no_failures(
-        &format!("/metrics of pinguard run (output:\n{})", daemon.log()),
+        &format!(
+            "/metrics of pinguard run (output:\n{})",
+            daemon.process().stderr_lines().join("\n")
+        ),
         &bad,
     );
 
-    let prom = Prometheus::start(&addr.to_string(), &rules_path());
-    util::wait_for(
+    let prom = Prometheus::start(&daemon.addr.to_string(), &rules_path());
+    wait_for(
         "Prometheus to scrape pinguard successfully",
         Duration::from_secs(30),
         || {
@@ -1129,7 +1013,7 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
     // Prometheus loaded exactly the rules this test reads, and evaluates them without error.
     let rules = rules();
     let names: BTreeSet<String> = rules.iter().map(|r| r.name.clone()).collect();
-    let loaded = util::wait_for(
+    let loaded = wait_for(
         "every rule to be evaluated once",
         Duration::from_secs(30),
         || {
@@ -1156,7 +1040,7 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
     // rule's expression and its recorded series, each alert's expression.
     let recorded_labels: BTreeMap<&str, &[&str]> = RECORDED.iter().copied().collect();
     let mut exprs =
-        prometheus::dashboard_exprs(&dashboard()).unwrap_or_else(|e| panic!("dashboard: {e}"));
+        promql::dashboard_exprs(&dashboard()).unwrap_or_else(|e| panic!("dashboard: {e}"));
     for r in &rules {
         let mut e = r.to_expr();
         if !r.alert {
@@ -1269,7 +1153,7 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
         })
         .collect();
     let irq_only = |expr: &str| {
-        prometheus::metric_names(expr)
+        promql::metric_names(expr)
             .is_ok_and(|names| names.iter().any(|n| IRQ_SERIES.contains(&n.as_str())))
     };
     if irq_grew.is_empty() {
@@ -1332,6 +1216,6 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
         bad.len(),
         bad.join("\n  "),
         prom.targets(),
-        daemon.log()
+        daemon.process().stderr_lines().join("\n")
     );
 }

@@ -7,18 +7,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{
-    process::{Pinguard, run},
+use serde_json::Value;
+use testkit::{
+    env::{missing_bpf, pinguard_bin},
+    process::{Process, run},
     require,
     threads::{Worker, become_fifo, become_normal, spin},
-    util::{missing_bpf, which},
+    which,
 };
-use serde_json::Value;
 
 /// What these tests need: eBPF privileges and cyclictest (rt-tests).
 fn missing_cyclictest() -> Option<String> {
     missing_bpf().or_else(|| {
-        which("cyclictest").is_none().then(|| {
+        which("cyclictest").is_err().then(|| {
             "cyclictest is not installed (apt-get install rt-tests, or cargo xtask setup)".into()
         })
     })
@@ -35,29 +36,31 @@ fn exclusive() -> MutexGuard<'static, ()> {
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts `pinguard latency --guard 1 --cpu 1 --json ARGS`.
-fn spawn_latency(args: &[&str]) -> Pinguard {
+fn spawn_latency(args: &[&str]) -> Process {
     let mut all = vec!["latency", "--guard", "1", "--cpu", "1", "--json"];
     all.extend_from_slice(args);
-    Pinguard::spawn(&all)
+    Process::pinguard(&all)
 }
 
 /// The same, returning once cyclictest's thread is being measured.
-fn start_latency(args: &[&str]) -> Pinguard {
+fn start_latency(args: &[&str]) -> Process {
     let mut pg = spawn_latency(args);
     pg.wait_stderr("measuring CPU 1", RUN_TIMEOUT);
     pg
 }
 
 /// Waits for a latency run to end and parses its report.
-fn report_of(pg: Pinguard) -> Value {
-    let (status, out, err) = pg.finish(RUN_TIMEOUT);
+fn report_of(pg: Process) -> Value {
+    let out = pg.finish(RUN_TIMEOUT);
     assert!(
-        status.success(),
-        "pinguard latency failed: {status:?}\nstderr:\n{}",
-        err.join("\n")
+        out.status.success(),
+        "pinguard latency failed: {:?}\nstderr:\n{}",
+        out.status,
+        out.stderr.join("\n")
     );
-    serde_json::from_str(&out.join("\n"))
-        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{}", out.join("\n")))
+    let stdout = out.stdout.join("\n");
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{stdout}"))
 }
 
 /// Runs `pinguard latency ... --json` to completion and parses its report.
@@ -414,13 +417,17 @@ fn compare_puts_two_saved_runs_side_by_side() {
     }
     let a = dir.path().join("first.json");
     let b = dir.path().join("second.json");
-    let (code, out, err) = run(&[
-        "latency",
-        "--compare",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let r = run(
+        &[
+            "latency",
+            "--compare",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    let out = r.stdout;
     let header = out.lines().next().unwrap();
     assert!(
         header.contains("first.json") && header.contains("second.json"),
@@ -460,13 +467,17 @@ fn compare_puts_two_saved_runs_side_by_side() {
     // A file that is no report is named in the error.
     let junk = dir.path().join("junk.json");
     std::fs::write(&junk, "{\"format\": \"something else\"}").unwrap();
-    let (code, _, err) = run(&[
-        "latency",
-        "--compare",
-        a.to_str().unwrap(),
-        junk.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 2, "{err}");
+    let r = run(
+        &[
+            "latency",
+            "--compare",
+            a.to_str().unwrap(),
+            junk.to_str().unwrap(),
+        ],
+        RUN_TIMEOUT,
+    );
+    let err = &r.stderr;
+    assert_eq!(r.code(), Some(2), "{err}");
     assert!(
         err.contains("junk.json") && err.contains("pinguard-latency/1"),
         "{err}"
@@ -503,8 +514,9 @@ fn bad_input_is_rejected_before_anything_runs() {
         ),
     ];
     for (args, needle) in cases {
-        let (code, _, err) = run(args);
-        assert_eq!(code, 2, "{args:?}: {err}");
+        let r = run(args, RUN_TIMEOUT);
+        let err = &r.stderr;
+        assert_eq!(r.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {needle:?} not in {err}");
     }
 }
@@ -512,7 +524,7 @@ fn bad_input_is_rejected_before_anything_runs() {
 #[test]
 fn a_missing_cyclictest_says_how_to_install_it() {
     let empty = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(integration_tests::util::pinguard_bin())
+    let out = std::process::Command::new(pinguard_bin())
         .args(["latency", "--guard", "1", "--duration", "1s"])
         .env("PATH", empty.path())
         .output()

@@ -7,12 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{
-    daemon::{Daemon, sum_metric},
+use testkit::{
+    daemon::Daemon,
+    env::{missing_bpf, missing_kvm, require_privileged},
     guest::{Guest, GuestOptions},
+    metrics::sum_metric,
     require,
     threads::{Worker, become_fifo, set_affinity, spin},
-    util::{missing_bpf, missing_kvm, wait_for},
+    wait::wait_for,
 };
 
 /// Per-IRQ interrupt counts on CPU 1 from /proc/interrupts (the kernel's own tally).
@@ -172,7 +174,7 @@ fn irqs_and_softirqs_on_the_guarded_cpu_are_counted_like_the_kernel_does() {
             "no device IRQ reached CPU 1 during the I/O (busiest: IRQ {irq} +{kernel_delta})"
         );
         assert!(
-            !integration_tests::util::require_privileged(),
+            !require_privileged(),
             "{why}: cannot cross-check IRQ counts"
         );
         eprintln!("{why}; IRQ cross-check skipped");

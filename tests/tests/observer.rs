@@ -2,18 +2,18 @@
 //! CPU 1 is guarded; CPU 0 is housekeeping.
 use std::time::Duration;
 
-use integration_tests::{
-    process::Pinguard,
-    require,
-    threads::{Worker, schedstat_run_ns, set_affinity, spin},
-    util::missing_bpf,
-};
 use serde_json::Value;
+use testkit::{
+    env::missing_bpf,
+    process::{Process, run},
+    require,
+    threads::{Worker, cpus_allowed, schedstat_run_ns, set_affinity, spin},
+};
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn start_watch(extra: &[&str]) -> Pinguard {
+fn start_watch(extra: &[&str]) -> Process {
     let mut args = vec![
         "watch",
         "--guard",
@@ -25,7 +25,7 @@ fn start_watch(extra: &[&str]) -> Pinguard {
         "1000",
     ];
     args.extend_from_slice(extra);
-    let mut p = Pinguard::spawn(&args);
+    let mut p = Process::pinguard(&args);
     p.wait_stderr("watching CPUs", ATTACH_TIMEOUT);
     p
 }
@@ -49,8 +49,12 @@ fn parse(lines: &[String]) -> (Vec<Value>, Value) {
 }
 
 /// Stops `watch` (SIGINT), which must exit cleanly: its events and summary.
-fn stop_watch(watch: Pinguard) -> (Vec<Value>, Value) {
-    let (status, out, err) = watch.stop(EXIT_TIMEOUT);
+fn stop_watch(watch: Process) -> (Vec<Value>, Value) {
+    let testkit::process::Output {
+        status,
+        stdout: out,
+        stderr: err,
+    } = watch.stop(EXIT_TIMEOUT);
     assert!(
         status.success(),
         "watch failed: {status:?}\n{}",
@@ -212,12 +216,8 @@ fn a_containers_pid_is_not_taken_for_the_hosts_thread_of_that_id() {
     // The host's init (tid 1) stands in for a vCPU: in a fresh PID namespace,
     // id 1 is the namespace's own first process.
     let watch = start_watch(&["--owner", "1=1"]);
-    let init_cpus = std::fs::read_to_string("/proc/1/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|l| l.trim().to_string())
-        .expect("Cpus_allowed_list of pid 1");
+    let init_cpus = cpus_allowed(1, 1);
+    assert!(!init_cpus.is_empty(), "no Cpus_allowed_list for pid 1");
     // In a container, `taskset -p ... 1` changes the container's process 1
     // (here: that very taskset), not the host's init.
     let out = std::process::Command::new("unshare")
@@ -254,25 +254,22 @@ fn a_containers_pid_is_not_taken_for_the_hosts_thread_of_that_id() {
 #[test]
 fn bad_guard_and_owner_are_clear_errors() {
     require!(missing_bpf());
-    let (code, _, err) =
-        integration_tests::process::run(&["watch", "--guard", "7", "--duration", "1"]);
-    assert_eq!(code, 2, "stderr: {err}");
+    let r = run(&["watch", "--guard", "7", "--duration", "1"], EXIT_TIMEOUT);
+    let err = &r.stderr;
+    assert_eq!(r.code(), Some(2), "stderr: {err}");
     assert!(
         err.contains("CPU 7 is not online") && err.contains("0-1"),
         "stderr: {err}"
     );
-    let (code, _, err) = integration_tests::process::run(&[
-        "watch",
-        "--guard",
-        "1",
-        "--owner",
-        "0=1",
-        "--duration",
-        "1",
-    ]);
-    assert_eq!(code, 2, "stderr: {err}");
+    let r = run(
+        &["watch", "--guard", "1", "--owner", "0=1", "--duration", "1"],
+        EXIT_TIMEOUT,
+    );
+    let err = &r.stderr;
+    assert_eq!(r.code(), Some(2), "stderr: {err}");
     assert!(err.contains("CPU 0 is not guarded"), "stderr: {err}");
-    let (code, _, err) = integration_tests::process::run(&["watch", "--guard", "1-x"]);
-    assert_eq!(code, 2, "stderr: {err}");
+    let r = run(&["watch", "--guard", "1-x"], EXIT_TIMEOUT);
+    let err = &r.stderr;
+    assert_eq!(r.code(), Some(2), "stderr: {err}");
     assert!(err.contains("--guard"), "stderr: {err}");
 }

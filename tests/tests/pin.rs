@@ -4,13 +4,14 @@
 //! host is managed by `pin`: run them serially (--test-threads=1).
 use std::time::Duration;
 
-use integration_tests::{
-    guest::{Guest, GuestOptions, affinities, cpus_allowed, wait_for_no_other_guests},
+use serde_json::Value;
+use testkit::{
+    env::missing_kvm,
+    guest::{Guest, GuestOptions, wait_for_no_other_guests},
     process::{Run, run_subcommand},
     require,
-    util::missing_kvm,
+    threads::cpus_allowed,
 };
-use serde_json::Value;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -57,7 +58,7 @@ fn pins_vcpu_to_guarded_cpu_and_emulators_to_housekeeping_then_is_stable() {
     assert_eq!(entries(&v).len(), 1 + emulators.len(), "{v}");
 
     // A second run finds everything in place.
-    let before = affinities(&g);
+    let before = g.affinities();
     let r = pin(&["--guard", "1", "--json"]);
     assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
     let v = r.json();
@@ -65,7 +66,7 @@ fn pins_vcpu_to_guarded_cpu_and_emulators_to_housekeeping_then_is_stable() {
         entries(&v).iter().all(|e| e["change"] == false),
         "second run changed something: {v:#}"
     );
-    assert_eq!(affinities(&g), before);
+    assert_eq!(g.affinities(), before);
 }
 
 #[test]
@@ -132,7 +133,7 @@ fn dry_run_changes_nothing() {
     require!(missing_kvm());
     let g = start("pin-dry");
     wait_for_no_other_guests(&[&g]);
-    let before = affinities(&g);
+    let before = g.affinities();
     let r = pin(&["--guard", "1", "--dry-run", "--json"]);
     assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
     let v = r.json();
@@ -148,17 +149,17 @@ fn dry_run_changes_nothing() {
         "entry {e}; affinities before: {before:?} (did something else pin this guest?)"
     );
     assert_eq!(e["status"], "planned");
-    assert_eq!(affinities(&g), before);
+    assert_eq!(g.affinities(), before);
 
     let r = pin(&["--guard", "1", "--dry-run"]);
     assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
     assert!(r.stdout.contains("nothing was changed"), "{}", r.stdout);
-    assert_eq!(affinities(&g), before);
+    assert_eq!(g.affinities(), before);
 }
 
 /// Runs pin expecting exit 2, an error naming `needle`, and no change.
 fn rejected(guests: &[&Guest], args: &[&str], needle: &str) {
-    let before: Vec<_> = guests.iter().map(|g| affinities(g)).collect();
+    let before: Vec<_> = guests.iter().map(|g| g.affinities()).collect();
     let r = pin(args);
     assert_eq!(
         r.code(),
@@ -172,7 +173,7 @@ fn rejected(guests: &[&Guest], args: &[&str], needle: &str) {
         "pin {args:?}: stderr should name {needle:?}:\n{}",
         r.stderr
     );
-    let after: Vec<_> = guests.iter().map(|g| affinities(g)).collect();
+    let after: Vec<_> = guests.iter().map(|g| g.affinities()).collect();
     assert_eq!(before, after, "pin {args:?} changed affinities");
 }
 

@@ -1,346 +1,13 @@
-//! A real Prometheus server for tests, and the PromQL the shipped dashboard and
-//! rules contain, made executable.
-//!
-//! [`Prometheus::start`] runs Debian's `prometheus` on loopback with a
-//! generated config that scrapes one target every second and loads a rules
-//! file; queries go through its HTTP API with a minimal HTTP/1.1 client (no
-//! HTTP crate needed for a handful of GETs on 127.0.0.1).
+//! The PromQL the shipped dashboard and rules contain, made executable.
 //!
 //! [`dashboard_exprs`] and [`parse_rules`] pull every expression out of the
 //! Grafana dashboard and the rules file; [`selectors`] finds the metric names
 //! and label matchers an expression uses, so a typo in a metric name can be
-//! caught without running anything.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant},
-};
+//! caught without running anything. PromQL is read here and nowhere else.
+use std::collections::{BTreeMap, BTreeSet};
 
+use serde::Deserialize;
 use serde_json::Value;
-
-use crate::util;
-
-/// What is missing to run the Prometheus server, if anything.
-pub fn missing_prometheus() -> Option<String> {
-    if util::which("prometheus").is_none() {
-        return Some("prometheus is not installed (apt-get install prometheus)".into());
-    }
-    None
-}
-
-/// A loopback TCP port that was free a moment ago (the kernel picked it).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port on 127.0.0.1");
-    l.local_addr()
-        .expect("local address of a bound socket")
-        .port()
-}
-
-/// A running Prometheus server; killed and its data removed on drop.
-pub struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-/// One scrape target as `/api/v1/targets` reports it.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub scrape_url: String,
-    /// "up", "down" or "unknown" (not scraped yet).
-    pub health: String,
-    pub last_error: String,
-}
-
-/// One loaded rule as `/api/v1/rules` reports it.
-#[derive(Debug, Clone)]
-pub struct LoadedRule {
-    pub name: String,
-    /// "recording" or "alerting".
-    pub kind: String,
-    /// "ok", "err" or "unknown" (not evaluated yet).
-    pub health: String,
-    pub last_error: String,
-}
-
-impl Prometheus {
-    /// Starts Prometheus scraping `target` ("host:port", job `pinguard`)
-    /// every second with `rules` loaded and evaluated every second, and
-    /// waits (bounded) until it is ready. Panics with its log on failure.
-    pub fn start(target: &str, rules: &Path) -> Self {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let bin = util::which("prometheus")
-            .expect("prometheus is not installed (apt-get install prometheus)");
-        let rules = rules
-            .canonicalize()
-            .unwrap_or_else(|e| panic!("rules file {}: {e}", rules.display()));
-        let dir = std::env::temp_dir().join(format!(
-            "pinguard-prometheus-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let config = dir.join("prometheus.yml");
-        std::fs::write(&config, scrape_config(target, &rules))
-            .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
-        let log_path = dir.join("prometheus.log");
-        let log = std::fs::File::create(&log_path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
-        let port = free_port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = Command::new(bin)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("duplicating the log file handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting prometheus: {e}"));
-        let mut prom = Self { child, addr, dir };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = prom.child.try_wait() {
-                panic!(
-                    "prometheus exited ({status}) before it was ready; log:\n{}",
-                    prom.log()
-                );
-            }
-            if matches!(
-                http_get(addr, "/-/ready", Duration::from_secs(2)),
-                Ok((200, _))
-            ) {
-                return prom;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "prometheus on {addr} was not ready within 60 s; log:\n{}",
-                    prom.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Everything Prometheus logged so far (for failure messages).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
-    }
-
-    /// GETs an API path and returns its `data`, or why it failed.
-    fn api(&self, path: &str) -> Result<Value, String> {
-        let (status, body) = http_get(self.addr, path, Duration::from_secs(10))?;
-        let v: Value = serde_json::from_str(&body)
-            .map_err(|e| format!("GET {path}: HTTP {status}, body is not JSON ({e}): {body}"))?;
-        if v["status"] != "success" {
-            return Err(format!(
-                "GET {path}: HTTP {status}, {}: {}",
-                v["errorType"].as_str().unwrap_or("error"),
-                v["error"].as_str().unwrap_or(&body)
-            ));
-        }
-        Ok(v["data"].clone())
-    }
-
-    /// Instant query; returns the API's `data` (`resultType` and `result`)
-    /// or the server's error (e.g. a PromQL parse error).
-    pub fn try_query(&self, expr: &str) -> Result<Value, String> {
-        self.api(&format!("/api/v1/query?query={}", url_encode(expr)))
-    }
-
-    /// Instant query; panics with the server's error.
-    pub fn query(&self, expr: &str) -> Value {
-        self.try_query(expr)
-            .unwrap_or_else(|e| panic!("query {expr:?} failed: {e}"))
-    }
-
-    /// The series of an instant-vector query (empty when nothing matches).
-    pub fn series(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let data = self.try_query(expr)?;
-        match data["resultType"].as_str() {
-            Some("vector") => Ok(data["result"].as_array().cloned().unwrap_or_default()),
-            other => Err(format!(
-                "query {expr:?} returned {other:?}, not an instant vector"
-            )),
-        }
-    }
-
-    /// Polls `expr` until it returns at least one series; panics after
-    /// `timeout` with the last error and Prometheus's target health.
-    pub fn wait_for_series(&self, expr: &str, timeout: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let last = match self.series(expr) {
-                Ok(s) if !s.is_empty() => return s,
-                Ok(_) => "empty result".to_string(),
-                Err(e) => e,
-            };
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for series of {expr:?} ({last}); targets: {:?}",
-                    self.targets()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// Health of the scrape targets (empty if the API cannot be read).
-    pub fn targets(&self) -> Vec<Target> {
-        let Ok(data) = self.api("/api/v1/targets?state=active") else {
-            return Vec::new();
-        };
-        data["activeTargets"]
-            .as_array()
-            .map(|ts| {
-                ts.iter()
-                    .map(|t| Target {
-                        scrape_url: t["scrapeUrl"].as_str().unwrap_or_default().into(),
-                        health: t["health"].as_str().unwrap_or_default().into(),
-                        last_error: t["lastError"].as_str().unwrap_or_default().into(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// The rules Prometheus loaded, with their evaluation health.
-    pub fn rules(&self) -> Result<Vec<LoadedRule>, String> {
-        let data = self.api("/api/v1/rules")?;
-        let mut out = Vec::new();
-        for group in data["groups"].as_array().into_iter().flatten() {
-            for r in group["rules"].as_array().into_iter().flatten() {
-                out.push(LoadedRule {
-                    name: r["name"].as_str().unwrap_or_default().into(),
-                    kind: r["type"].as_str().unwrap_or_default().into(),
-                    health: r["health"].as_str().unwrap_or_default().into(),
-                    last_error: r["lastError"].as_str().unwrap_or_default().into(),
-                });
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The config the test server runs: one job `pinguard` (the name the alert
-/// rules expect) scraped every second, rules evaluated every second.
-pub fn scrape_config(target: &str, rules: &Path) -> String {
-    format!(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-         rule_files:\n  - {rules:?}\n\
-         scrape_configs:\n  - job_name: pinguard\n    static_configs:\n      - targets: [{target:?}]\n",
-        rules = rules.display().to_string(),
-    )
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-pub fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// `GET path` over HTTP/1.1 on `addr`; returns the status and the body
-/// (chunked transfer encoding decoded).
-pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), String> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json, text/plain\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("read from {addr}: {e}"))?;
-    parse_response(&raw).map_err(|e| format!("GET {path} on {addr}: {e}"))
-}
-
-/// Splits a complete HTTP/1.1 response into status and body.
-pub fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("response has no end of headers")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding")
-                && v.to_ascii_lowercase().contains("chunked")
-        })
-    });
-    let body = if chunked {
-        decode_chunked(body)?
-    } else {
-        body.to_vec()
-    };
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-fn decode_chunked(mut b: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk size line")?;
-        let size_line = String::from_utf8_lossy(&b[..eol]);
-        let size_hex = size_line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .map_err(|_| format!("bad chunk size {size_hex:?}"))?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            return Err("truncated chunk".into());
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Expressions in the dashboard and the rules file.
 
 /// Where an expression comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -669,161 +336,66 @@ impl Rule {
     }
 }
 
-/// Reads the rules of a Prometheus rules file. Covers the YAML the shipped
-/// file uses (block mappings; plain, quoted and `|`/`>` block scalars),
-/// not YAML in general; `promtool check rules`'s rule count cross-checks it.
+/// A rules file as Prometheus reads it; unknown keys are refused, as
+/// Prometheus refuses them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    groups: Vec<RuleGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleGroup {
+    #[allow(dead_code)]
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    interval: Option<String>,
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    record: Option<String>,
+    alert: Option<String>,
+    expr: String,
+    #[serde(rename = "for")]
+    for_: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// Reads the rules of a Prometheus rules file, in file order;
+/// `promtool check rules`'s rule count cross-checks it.
 pub fn parse_rules(yaml: &str) -> Result<Vec<Rule>, String> {
-    let lines: Vec<&str> = yaml.lines().collect();
-    let indent = |l: &str| l.len() - l.trim_start().len();
-    let is_content = |l: &str| {
-        let t = l.trim();
-        !t.is_empty() && !t.starts_with('#')
-    };
+    let file: RulesFile = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
     let mut rules = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let t = lines[i].trim_start();
-        let (alert, name) = if let Some(n) = t.strip_prefix("- record:") {
-            (false, n)
-        } else if let Some(n) = t.strip_prefix("- alert:") {
-            (true, n)
-        } else {
-            i += 1;
-            continue;
+    for raw in file.groups.into_iter().flat_map(|g| g.rules) {
+        let (alert, name) = match (raw.record, raw.alert) {
+            (Some(name), None) => (false, name),
+            (None, Some(name)) => (true, name),
+            _ => {
+                return Err(format!(
+                    "a rule needs one of record or alert: {:?}",
+                    raw.expr
+                ));
+            }
         };
-        let rule_indent = indent(lines[i]);
-        // The rule's keys sit where its first key starts, after "- ".
-        let key_indent = rule_indent + 2;
-        let mut rule = Rule {
+        rules.push(Rule {
             alert,
-            name: unquote(strip_comment(name.trim())),
-            ..Rule::default()
-        };
-        let mut j = i + 1;
-        while j < lines.len() && (!is_content(lines[j]) || indent(lines[j]) > rule_indent) {
-            let l = lines[j];
-            if !is_content(l) || indent(l) != key_indent {
-                j += 1;
-                continue;
-            }
-            let (key, rest) = l.trim().split_once(':').ok_or_else(|| {
-                format!(
-                    "line {}: expected `key: value` in rule {}",
-                    j + 1,
-                    rule.name
-                )
-            })?;
-            let (value, next) = scalar(&lines, j, rest)?;
-            match key {
-                "expr" => rule.expr = value,
-                "for" => rule.for_ = Some(value),
-                "labels" | "annotations" => {
-                    let mut map = BTreeMap::new();
-                    let mut k = j + 1;
-                    while k < lines.len()
-                        && (!is_content(lines[k]) || indent(lines[k]) > key_indent)
-                    {
-                        if is_content(lines[k]) {
-                            let (mk, mrest) = lines[k].trim().split_once(':').ok_or_else(|| {
-                                format!("line {}: expected `key: value` under {key}", k + 1)
-                            })?;
-                            let (mv, mnext) = scalar(&lines, k, mrest)?;
-                            map.insert(mk.trim().to_string(), mv);
-                            k = mnext;
-                        } else {
-                            k += 1;
-                        }
-                    }
-                    if key == "labels" {
-                        rule.labels = map;
-                    } else {
-                        rule.annotations = map;
-                    }
-                    j = k;
-                    continue;
-                }
-                _ => {}
-            }
-            j = next;
-        }
-        if rule.expr.trim().is_empty() {
-            return Err(format!("rule {} (line {}) has no expr", rule.name, i + 1));
-        }
-        rules.push(rule);
-        i = j;
+            name,
+            // A `|` block keeps its final newline; the expression is the same without.
+            expr: raw.expr.trim_end().to_string(),
+            for_: raw.for_,
+            labels: raw.labels,
+            annotations: raw.annotations,
+        });
     }
     Ok(rules)
-}
-
-/// The scalar value of the key on `lines[at]` whose text after the colon is
-/// `rest`; returns it and the index of the line after it.
-fn scalar(lines: &[&str], at: usize, rest: &str) -> Result<(String, usize), String> {
-    let indent = |l: &str| l.len() - l.trim_start().len();
-    let key_indent = indent(lines[at]);
-    let rest = rest.trim();
-    let mut j = at + 1;
-    let mut cont = Vec::new();
-    while j < lines.len() && (lines[j].trim().is_empty() || indent(lines[j]) > key_indent) {
-        cont.push(lines[j]);
-        j += 1;
-    }
-    while cont.last().is_some_and(|l| l.trim().is_empty()) {
-        cont.pop();
-        j -= 1;
-    }
-    if rest.starts_with('|') || rest.starts_with('>') {
-        let body_indent = cont
-            .iter()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| indent(l))
-            .min()
-            .unwrap_or(0);
-        let body: Vec<&str> = cont
-            .iter()
-            .map(|l| {
-                if l.len() >= body_indent {
-                    &l[body_indent..]
-                } else {
-                    ""
-                }
-            })
-            .collect();
-        let sep = if rest.starts_with('|') { "\n" } else { " " };
-        return Ok((body.join(sep).trim_end().to_string(), j));
-    }
-    if rest.starts_with('"') || rest.starts_with('\'') {
-        // Quoted scalars in the shipped files fit on one line.
-        return Ok((unquote(rest), at + 1));
-    }
-    let mut value = strip_comment(rest).to_string();
-    for l in cont {
-        let t = strip_comment(l.trim());
-        if !t.is_empty() {
-            value.push(' ');
-            value.push_str(t);
-        }
-    }
-    Ok((value, j))
-}
-
-fn strip_comment(s: &str) -> &str {
-    match s.find(" #") {
-        Some(i) if !s.starts_with('"') && !s.starts_with('\'') => s[..i].trim_end(),
-        _ => s,
-    }
-}
-
-fn unquote(s: &str) -> String {
-    let s = s.trim();
-    if s.len() >= 2 && s.starts_with('"') && s.ends_with('"') {
-        s[1..s.len() - 1]
-            .replace("\\\"", "\"")
-            .replace("\\\\", "\\")
-    } else if s.len() >= 2 && s.starts_with('\'') && s.ends_with('\'') {
-        s[1..s.len() - 1].replace("''", "'")
-    } else {
-        s.to_string()
-    }
 }
 
 /// A label matcher inside `{...}`.
@@ -1074,27 +646,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn url_encoding_keeps_only_unreserved_characters() {
-        assert_eq!(
-            url_encode("rate(x{a=~\"b|c\"}[5m])"),
-            "rate%28x%7Ba%3D~%22b%7Cc%22%7D%5B5m%5D%29"
-        );
-        assert_eq!(url_encode("a b+c/é"), "a%20b%2Bc%2F%C3%A9");
-    }
-
-    #[test]
-    fn responses_with_and_without_chunked_encoding() {
-        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-        assert_eq!(parse_response(plain).unwrap(), (200, "ok".into()));
-        let chunked = b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\n5;x=y\r\npedia\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (503, "Wikipedia".into()));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
-        );
-    }
-
-    #[test]
     fn selectors_skip_functions_keywords_strings_and_ranges() {
         let e = r#"sum by (instance, cpu) (rate(pinguard_a_total{cpu=~"1|2", class="vcpu"}[5m]))
             / on (instance) group_left (cpu) (pinguard:b:rate5m offset 5m > 0)
@@ -1184,7 +735,7 @@ mod tests {
     }
 
     #[test]
-    fn rules_with_every_scalar_style() {
+    fn rules_read_with_every_scalar_style_and_nothing_unknown() {
         let yaml = r#"
 groups:
   - name: g
@@ -1234,6 +785,12 @@ groups:
         assert_eq!(r[2].annotations["runbook_url"], "docs/ALERTS.md#folded");
         assert_eq!(r[3].expr, "up == 1");
         assert!(parse_rules("      - record: x\n        labels: {}\n").is_err());
+        // Prometheus refuses unknown keys and rules that are neither or both kinds.
+        let rule = |body: &str| format!("groups:\n  - name: g\n    rules:\n      - {body}\n");
+        assert!(parse_rules(&rule("record: x\n        expr: up\n        anotations: {}")).is_err());
+        assert!(parse_rules(&rule("expr: up")).is_err());
+        assert!(parse_rules(&rule("record: x\n        alert: y\n        expr: up")).is_err());
+        assert!(parse_rules(&rule("record: x")).is_err(), "no expr");
     }
 
     #[test]
