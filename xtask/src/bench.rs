@@ -16,25 +16,14 @@
 //! kernel.bpf_stats_enabled is put back, on every exit path including Ctrl-C.
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
-    os::unix::process::CommandExt as _,
-    path::PathBuf,
-    process::{Command, ExitStatus, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
+    process::Command,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
-use nix::{
-    sched::{CpuSet, sched_setaffinity},
-    sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal},
-    unistd::Pid,
-};
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::{Value, json};
+use testkit::{host, which};
 
 use crate::{build, util};
 
@@ -93,34 +82,12 @@ pub struct BenchArgs {
     bin: Option<std::path::PathBuf>,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 extern "C" fn on_signal(_: nix::libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+    testkit::wait::interrupt();
 }
 
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Sleeps `d`, waking early with an error on Ctrl-C.
-fn sleep_interruptible(d: Duration) -> Result<()> {
-    let end = Instant::now() + d;
-    loop {
-        check_interrupted()?;
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(());
-        }
-        std::thread::sleep(left.min(Duration::from_millis(100)));
-    }
-}
-
-/// Ctrl-C / SIGTERM only set a flag, so the benchmark stops at the next step
-/// and the Drop guards (bpf_stats, children, the guest) run.
+/// Ctrl-C / SIGTERM only set the kit's flag, so the benchmark stops at its
+/// next step or wait and the Drop guards (bpf_stats, children, the guest) run.
 fn install_signal_handlers() -> Result<()> {
     let action = SigAction::new(
         SigHandler::Handler(on_signal),
@@ -128,7 +95,8 @@ fn install_signal_handlers() -> Result<()> {
         SigSet::empty(),
     );
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        // SAFETY: the handler only stores to an atomic (testkit::wait::interrupt),
+        // which is async-signal-safe.
         unsafe { signal::sigaction(sig, &action) }
             .with_context(|| format!("installing the {sig} handler"))?;
     }
@@ -227,12 +195,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 /// Other pinguards add their own programs to every sched_switch, and other
 /// guests would be managed by the daemon we start: say so up front.
 fn warn_about_others() {
-    let me = std::process::id();
-    let others: Vec<String> = processes_named(&["pinguard", "qemu-system-x86"])
-        .into_iter()
-        .filter(|(pid, _)| *pid != me)
-        .map(|(pid, comm)| format!("{comm} ({pid})"))
-        .collect();
+    let others = others_running();
     if !others.is_empty() {
         eprintln!(
             "{W}: WARNING: already running: {}; their eBPF programs and threads disturb the measurement",
@@ -251,8 +214,8 @@ struct Witness(std::collections::BTreeSet<String>);
 impl Witness {
     fn look(&mut self, ours: &[u32]) {
         let me = std::process::id();
-        for (pid, comm) in processes_named(&["pinguard", "qemu-system-x86"]) {
-            if pid == me || ours.contains(&pid) || is_zombie(pid) {
+        for (pid, comm) in host::processes(is_pinguard_or_qemu) {
+            if pid == me || ours.contains(&pid) {
                 continue;
             }
             let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
@@ -268,25 +231,19 @@ impl Witness {
     }
 }
 
-fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "Z"))
-        .unwrap_or(false)
+/// Processes whose eBPF programs or guests would disturb a measurement
+/// (`comm` of a QEMU is its program name cut to 15 characters).
+fn is_pinguard_or_qemu(comm: &str) -> bool {
+    comm == "pinguard" || comm.starts_with("qemu-system-")
 }
 
-/// (pid, comm) of processes whose comm is one of `names`.
-fn processes_named(names: &[&str]) -> Vec<(u32, String)> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            let comm = comm.trim().to_string();
-            names.contains(&comm.as_str()).then_some((pid, comm))
-        })
+/// "comm (pid)" of the pinguards and guests running now, other than us.
+fn others_running() -> Vec<String> {
+    let me = std::process::id();
+    host::processes(is_pinguard_or_qemu)
+        .into_iter()
+        .filter(|(pid, _)| *pid != me)
+        .map(|(pid, comm)| format!("{comm} ({pid})"))
         .collect()
 }
 
@@ -360,202 +317,6 @@ const KERNEL_NAME_LEN: usize = 15;
 fn prog_name_matches(shown: &str, program: &str) -> bool {
     let truncated: String = program.chars().take(KERNEL_NAME_LEN).collect();
     shown == program || shown == truncated
-}
-
-/// A child process in its own process group (Ctrl-C reaches only us, and we
-/// stop it in order), its stdout and stderr drained by threads so it never
-/// blocks on a full pipe. SIGTERM, then SIGKILL, on drop.
-struct Child {
-    child: Option<std::process::Child>,
-    shown: String,
-    /// stdout and stderr lines, as they come.
-    lines: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-/// Lines of stderr kept for error messages (the last ones win).
-const STDERR_KEEP: usize = 2000;
-
-impl Child {
-    fn spawn(cmd: &mut Command) -> Result<Self> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let shown = util::show(cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("could not start `{shown}`"))?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let stderr_pipe = child.stderr.take().context("child stderr")?;
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (tx, lines) = mpsc::channel();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let kept = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr_pipe).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(mut v) = kept.lock() {
-                    if v.len() >= STDERR_KEEP {
-                        v.remove(0);
-                    }
-                    v.push(line.clone());
-                }
-                let _ = tx2.send(line);
-            }
-        });
-        Ok(Self {
-            child: Some(child),
-            shown,
-            lines,
-            stderr,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, std::process::Child::id)
-    }
-
-    /// Waits (bounded, interruptible) for an output line satisfying `want`.
-    fn wait_line(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        want: impl Fn(&str) -> bool,
-    ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            check_interrupted()?;
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) if want(&line) => return Ok(()),
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => bail!(
-                    "`{}` did not print {what} within {}s{}",
-                    self.shown,
-                    timeout.as_secs(),
-                    self.stderr_tail()
-                ),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.take().map(|mut c| c.wait());
-                    let status = match status {
-                        Some(Ok(s)) => util::describe(s),
-                        _ => "unknown status".into(),
-                    };
-                    bail!(
-                        "`{}` exited ({status}) before printing {what}{}",
-                        self.shown,
-                        self.stderr_tail()
-                    )
-                }
-            }
-        }
-    }
-
-    fn stderr_lines(&self) -> Vec<String> {
-        self.stderr.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    fn stderr_tail(&self) -> String {
-        let lines = self.stderr_lines();
-        if lines.is_empty() {
-            return String::new();
-        }
-        let tail = &lines[lines.len().saturating_sub(15)..];
-        format!("; its stderr:\n  {}", tail.join("\n  "))
-    }
-
-    /// SIGTERM, then expect a clean exit (0) within `timeout`.
-    fn stop(&mut self, timeout: Duration) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        if let Ok(None) = child.try_wait() {
-            let _ = signal::killpg(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        }
-        match wait_timeout(&mut child, timeout)? {
-            Some(s) if s.success() => Ok(()),
-            Some(s) => bail!(
-                "`{}` exited with {} on SIGTERM{}",
-                self.shown,
-                util::describe(s),
-                self.stderr_tail()
-            ),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "`{}` did not exit within {}s of SIGTERM (killed){}",
-                    self.shown,
-                    timeout.as_secs(),
-                    self.stderr_tail()
-                )
-            }
-        }
-    }
-}
-
-impl Drop for Child {
-    /// The whole group (perf and stress-ng fork workers), while the leader is
-    /// not yet reaped so its pid, the group's id, cannot have been reused.
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let group = Pid::from_raw(child.id() as i32);
-            let _ = signal::killpg(group, Signal::SIGTERM);
-            if !matches!(
-                wait_timeout(&mut child, Duration::from_secs(5)),
-                Ok(Some(_))
-            ) {
-                let _ = signal::killpg(group, Signal::SIGKILL);
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn wait_timeout(child: &mut std::process::Child, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait().context("waiting for a child process")? {
-            return Ok(Some(s));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn cpu_set(cpu: usize) -> Result<CpuSet> {
-    let mut set = CpuSet::new();
-    set.set(cpu)
-        .with_context(|| format!("CPU {cpu} is out of range"))?;
-    Ok(set)
-}
-
-fn pin_current_thread(cpu: usize) -> Result<()> {
-    sched_setaffinity(Pid::from_raw(0), &cpu_set(cpu)?)
-        .with_context(|| format!("cannot pin a benchmark thread to CPU {cpu} (offline?)"))
-}
-
-/// The CPUs in `set` (up to 1024).
-fn cpus_of(set: &CpuSet) -> Vec<usize> {
-    (0..CpuSet::count())
-        .filter(|&c| set.is_set(c).unwrap_or(false))
-        .collect()
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let paths = std::env::var_os("PATH")?;
-    std::env::split_paths(&paths)
-        .map(|p| p.join(program))
-        .find(|p| p.is_file())
 }
 
 /// min, median, max.
@@ -754,12 +515,5 @@ mod tests {
         let d = utc_now();
         assert!(d.len() == 20 && d.ends_with(" UTC"), "{d}");
         assert!(d.starts_with("20"), "{d}");
-    }
-
-    #[test]
-    fn cpu_sets_list_their_cpus() {
-        let mut s = cpu_set(1).unwrap();
-        s.set(3).unwrap();
-        assert_eq!(cpus_of(&s), [1, 3]);
     }
 }

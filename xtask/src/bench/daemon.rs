@@ -10,25 +10,29 @@
 //!    RSS from /proc, and the run time of its eBPF programs from bpf_stats.
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use nix::{
     sched::{sched_getaffinity, sched_setaffinity},
-    sys::signal::{self, Signal},
     unistd::Pid,
 };
 use serde_json::{Value, json};
+use testkit::{
+    cpus,
+    daemon::{Daemon, DaemonOptions},
+    guest::{Guest, GuestOptions},
+    process::Process,
+    threads::{self, process_run_ns},
+    wait, which,
+};
 
 use super::{
-    BenchArgs, BpfStats, Child, GUARDED_CPU, OTHER_CPU, W, Witness, bpftool_progs,
-    check_interrupted, cpu_set, cpus_of, percentile, processes_named, prog_stats,
-    sleep_interruptible, which,
+    BenchArgs, BpfStats, GUARDED_CPU, OTHER_CPU, W, Witness, bpftool_progs, others_running,
+    percentile, prog_stats,
 };
 use crate::util;
 
@@ -43,7 +47,6 @@ const POLL: Duration = Duration::from_micros(20);
 /// would have caught it by then).
 const REPIN_TIMEOUT: Duration = Duration::from_secs(3);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long to wait for other guests and pinguards to go away before giving up.
 const QUIET_TIMEOUT: Duration = Duration::from_secs(90);
 const GUEST_NAME: &str = "bench";
@@ -87,7 +90,7 @@ impl Plan {
             bail!("--load-secs must be at least 1");
         }
         for tool in ["qemu-system-x86_64", "stress-ng", "perf"] {
-            if which(tool).is_none() {
+            if which(tool).is_err() {
                 bail!(
                     "the daemon suite needs {tool} (cargo xtask setup installs it), or run --suite observer"
                 );
@@ -182,35 +185,43 @@ impl Usage {
 
 pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
     wait_until_alone()?;
-    let dir = TempDir::new()?;
 
     eprintln!(
         "{W}: daemon: re-pin latency (enforce mode, {} affinity changes)",
         plan.repins
     );
-    let enforce_cfg = dir.write("enforce.toml", ENFORCE_CONFIG)?;
-    let mut daemon = Daemon::start(bin, "enforce", &enforce_cfg)?;
-    let guest = Guest::start(&dir.0)?;
-    let vcpu = guest.vcpu_tid()?;
+    let mut daemon = start_daemon(bin, "enforce", ENFORCE_CONFIG)?;
+    let guest = Guest::try_start(GuestOptions {
+        // No QMP socket, as this benchmark always ran it: the daemon finds the
+        // vCPU by its thread name, so its discovery cost stays comparable
+        // with earlier reports.
+        qmp: false,
+        ..GuestOptions::new(GUEST_NAME)
+    })?;
+    let vcpu = wait::poll(
+        "QEMU's thread \"CPU 0/KVM\"",
+        START_TIMEOUT,
+        Duration::from_millis(50),
+        || guest.try_vcpu_tids().ok()?.first().copied(),
+    )?;
     eprintln!(
         "{W}: daemon: guest pid {}, vCPU 0 is tid {vcpu}; waiting for the daemon to pin it to CPU {GUARDED_CPU}",
-        guest.pid
+        guest.pid()
     );
-    wait_affinity(vcpu, GUARDED_CPU, START_TIMEOUT).with_context(|| {
-        format!(
-            "the daemon did not pin the guest's vCPU{}",
-            daemon.child.stderr_tail()
-        )
-    })?;
+    if let Err(e) = wait_affinity(vcpu, GUARDED_CPU, START_TIMEOUT) {
+        let tail = daemon.process().stderr_tail();
+        return Err(e.context(format!("the daemon did not pin the guest's vCPU{tail}")));
+    }
     let mut witness = Witness::default();
-    let ours = [daemon.pid(), guest.pid];
-    let counted_before = daemon.metric("pinguard_repins_total");
+    let ours = [daemon.pid(), guest.pid()];
+    let repins_total = |d: &Daemon| d.try_metric("pinguard_repins_total", &[]).ok().flatten();
+    let counted_before = repins_total(&daemon);
     let (samples, missing) = measure_repins(vcpu, plan.repins, &mut witness, &ours)?;
-    let counted = match (counted_before, daemon.metric("pinguard_repins_total")) {
+    let counted = match (counted_before, repins_total(&daemon)) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    daemon.stop()?;
+    daemon.try_stop()?;
     let repin = Repins {
         samples,
         missing,
@@ -218,11 +229,17 @@ pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
     };
     eprintln!("{W}: daemon: {}", repin.summary());
 
-    let observe_cfg = dir.write("observe.toml", OBSERVE_CONFIG)?;
-    let mut daemon = Daemon::start(bin, "observe", &observe_cfg)?;
-    daemon.wait_for_guest()?;
+    let mut daemon = start_daemon(bin, "observe", OBSERVE_CONFIG)?;
+    // Observe mode does not pin: wait for the guest's vCPU in /metrics.
+    daemon.try_wait_metric(
+        "the guest's vCPU to be reported",
+        "pinguard_vcpu_info",
+        &[("vm", GUEST_NAME)],
+        START_TIMEOUT,
+        |v| v >= 1.0,
+    )?;
     let programs = daemon_programs(daemon.pid())?;
-    let ours = [daemon.pid(), guest.pid];
+    let ours = [daemon.pid(), guest.pid()];
     let mut usage = Vec::new();
     for placement in [Placement::Unpinned, Placement::Housekeeping] {
         eprintln!(
@@ -252,7 +269,7 @@ pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
         );
         usage.push(u);
     }
-    daemon.stop()?;
+    daemon.try_stop()?;
     drop(guest);
     let strangers = witness.into_list();
     if !strangers.is_empty() {
@@ -271,15 +288,10 @@ pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
 /// Another guest would be managed by our daemon (and pinned in enforce mode),
 /// another pinguard would re-pin our guest too: wait until neither runs.
 fn wait_until_alone() -> Result<()> {
-    let me = std::process::id();
     let deadline = Instant::now() + QUIET_TIMEOUT;
     let mut told = false;
     loop {
-        let others: Vec<String> = processes_named(&["pinguard", "qemu-system-x86"])
-            .into_iter()
-            .filter(|(pid, _)| *pid != me)
-            .map(|(pid, comm)| format!("{comm} ({pid})"))
-            .collect();
+        let others = others_running();
         if others.is_empty() {
             return Ok(());
         }
@@ -299,316 +311,34 @@ fn wait_until_alone() -> Result<()> {
             );
             told = true;
         }
-        sleep_interruptible(Duration::from_secs(1))?;
+        wait::sleep(Duration::from_secs(1))?;
     }
 }
 
-/// A directory of ours under the temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("pinguard-bench-{}", std::process::id()));
-        // Left over from a crashed run with a recycled pid: ours now.
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
-        let p = self.0.join(name);
-        fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-        Ok(p)
-    }
+/// `pinguard run --guard 1 --mode MODE` with `config`, logging at info, in
+/// its own process group (Ctrl-C reaches only us; we stop it in order).
+fn start_daemon(bin: &Path, mode: &str, config: &str) -> Result<Daemon> {
+    let opts = DaemonOptions {
+        bin: bin.to_path_buf(),
+        guard: GUARDED_CPU,
+        config: config.to_string(),
+        args: vec!["--mode".into(), mode.into()],
+        env: vec![("RUST_LOG".into(), "info".into())],
+        own_group: true,
+    };
+    Daemon::try_start(&opts).with_context(|| format!("starting pinguard run --mode {mode}"))
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `pinguard run --guard 1 --mode MODE --listen 127.0.0.1:PORT --config FILE`.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Daemon {
-    fn start(bin: &Path, mode: &str, config: &Path) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free port on 127.0.0.1")?
-            .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut cmd = Command::new(bin);
-        cmd.args(["run", "--guard", &GUARDED_CPU.to_string(), "--mode", mode])
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info");
-        let mut child = Child::spawn(&mut cmd)?;
-        child.wait_line("its \"running\" line", START_TIMEOUT, |l| {
-            l.contains(" running: guarding CPUs")
-        })?;
-        let d = Self { child, addr };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !matches!(http_get(d.addr, "/healthz"), Ok((200, _))) {
-            if Instant::now() >= deadline {
-                bail!(
-                    "pinguard run did not answer /healthz on {} within {}s{}",
-                    d.addr,
-                    START_TIMEOUT.as_secs(),
-                    d.child.stderr_tail()
-                );
-            }
-            sleep_interruptible(Duration::from_millis(50))?;
-        }
-        Ok(d)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.pid()
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = http_get(self.addr, "/metrics").ok()?;
-        sum_metric(&body, name)
-    }
-
-    /// Observe mode does not pin, so wait for the guest's vCPU in /metrics
-    /// (`pinguard_vcpu_info{cpu="1",vcpu="0",vm="bench"}`: labels sorted by name).
-    fn wait_for_guest(&self) -> Result<()> {
-        let label = format!("vm=\"{GUEST_NAME}\"");
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok((200, body)) = http_get(self.addr, "/metrics")
-                && body
-                    .lines()
-                    .any(|l| l.starts_with("pinguard_vcpu_info{") && l.contains(&label))
-            {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "pinguard run (observe) did not report the guest's vCPU (pinguard_vcpu_info with {label}) within {}s{}",
-                    START_TIMEOUT.as_secs(),
-                    self.child.stderr_tail()
-                );
-            }
-            sleep_interruptible(Duration::from_millis(100))?;
-        }
-    }
-
-    fn stop(&mut self) -> Result<()> {
-        let r = self.child.stop(STOP_TIMEOUT);
-        restore_evictions(&self.child.stderr_lines());
-        r
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // stop() already did both.
-        if self.child.child.is_some() {
-            let _ = self.child.stop(STOP_TIMEOUT);
-            restore_evictions(&self.child.stderr_lines());
-        }
-    }
-}
-
-/// The allow-all rule should prevent evictions; should one happen anyway,
-/// put the thread back as it was ("evicted tid N (...) ... (was CPULIST)").
-fn restore_evictions(stderr: &[String]) {
-    for line in stderr {
-        let Some((tid, was)) = parse_eviction(line) else {
-            continue;
-        };
-        let mut set = nix::sched::CpuSet::new();
-        for c in was {
-            let _ = set.set(c);
-        }
-        match sched_setaffinity(Pid::from_raw(tid as i32), &set) {
-            Ok(()) => {
-                eprintln!("{W}: restored the affinity of tid {tid}, which the daemon evicted")
-            }
-            Err(e) => eprintln!("{W}: could not restore the affinity of evicted tid {tid}: {e}"),
-        }
-    }
-}
-
-fn parse_eviction(line: &str) -> Option<(u32, Vec<usize>)> {
-    let rest = line.split("evicted tid ").nth(1)?;
-    let tid = rest.split_whitespace().next()?.parse().ok()?;
-    let was = rest
-        .rsplit_once("(was ")?
-        .1
-        .trim_end()
-        .trim_end_matches(')');
-    let mut cpus = Vec::new();
-    for part in was.split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => cpus.extend(a.trim().parse::<usize>().ok()?..=b.trim().parse().ok()?),
-            None => cpus.push(part.trim().parse().ok()?),
-        }
-    }
-    Some((tid, cpus))
-}
-
-/// GET over plain HTTP/1.1 with `Connection: close` (what pinguard serves).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let timeout = Duration::from_secs(5);
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)
-        .with_context(|| format!("reading GET {path} from {addr}"))?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("no end of headers")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("bad status line")?;
-    Ok((status, body.to_string()))
-}
-
-/// Sum of every sample of `name` in Prometheus text format.
-fn sum_metric(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let n = series.split_once('{').map_or(series, |(n, _)| n);
-        if n == name {
-            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    found
-}
-
-/// A paused single-vCPU QEMU/KVM guest; SIGKILLed (and waited for) on drop.
-struct Guest {
-    pid: u32,
-    pidfile: PathBuf,
-}
-
-impl Guest {
-    fn start(dir: &Path) -> Result<Self> {
-        let pidfile = dir.join("qemu.pid");
-        let log = dir.join("qemu.log");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-accel",
-            "kvm",
-            "-smp",
-            "1",
-            "-m",
-            "128",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-S",
-        ])
-        .arg("-name")
-        .arg(format!("{GUEST_NAME},debug-threads=on"))
-        .arg("-daemonize")
-        .arg("-pidfile")
-        .arg(&pidfile)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).context("creating the QEMU log")?);
-        let shown = util::show(&cmd);
-        let mut launcher = cmd
-            .spawn()
-            .with_context(|| format!("could not start `{shown}`"))?;
-        // With -daemonize the launcher exits once the VM is set up.
-        let status = loop {
-            if let Some(s) = launcher.try_wait().context("waiting for QEMU")? {
-                break s;
-            }
-            if let Err(e) = check_interrupted() {
-                let _ = launcher.kill();
-                let _ = launcher.wait();
-                return Err(e);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let pid = fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        match pid {
-            Some(pid) if status.success() => Ok(Self { pid, pidfile }),
-            _ => bail!(
-                "`{shown}` failed ({}): {}",
-                util::describe(status),
-                fs::read_to_string(&log).unwrap_or_default().trim()
-            ),
-        }
-    }
-
-    /// The thread QEMU names "CPU 0/KVM" (debug-threads=on).
-    fn vcpu_tid(&self) -> Result<u32> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let task = format!("/proc/{}/task", self.pid);
-            if let Ok(dir) = fs::read_dir(&task) {
-                for e in dir.filter_map(Result::ok) {
-                    let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-                    if comm.trim() == "CPU 0/KVM"
-                        && let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok())
-                    {
-                        return Ok(tid);
-                    }
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!("QEMU (pid {}) has no thread named \"CPU 0/KVM\"", self.pid);
-            }
-            sleep_interruptible(Duration::from_millis(50))?;
-        }
-    }
-
-    /// Still our QEMU (and not a recycled pid)?
-    fn is_ours(&self) -> bool {
-        fs::read(format!("/proc/{}/cmdline", self.pid)).is_ok_and(|c| {
-            let pidfile = self.pidfile.as_os_str().as_encoded_bytes();
-            c.split(|b| *b == 0).any(|arg| arg == pidfile)
-        })
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        if !self.is_ours() {
-            return;
-        }
-        let _ = signal::kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Path::new(&format!("/proc/{}", self.pid)).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn affinity(tid: u32) -> Result<Vec<usize>> {
-    let set = sched_getaffinity(Pid::from_raw(tid as i32))
-        .with_context(|| format!("reading the affinity of thread {tid}"))?;
-    Ok(cpus_of(&set))
+/// Whether `tid` may run on `cpu` alone.
+fn only_on(tid: u32, cpu: usize) -> Result<bool> {
+    Ok(threads::affinity(tid)?.into_iter().eq([cpu]))
 }
 
 fn wait_affinity(tid: u32, cpu: usize, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let now = affinity(tid)?;
-        if now == [cpu] {
+        let now = threads::affinity(tid)?;
+        if now.iter().eq([&cpu]) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -617,7 +347,7 @@ fn wait_affinity(tid: u32, cpu: usize, timeout: Duration) -> Result<()> {
                 timeout.as_secs()
             );
         }
-        sleep_interruptible(Duration::from_millis(20))?;
+        wait::sleep(Duration::from_millis(20))?;
     }
 }
 
@@ -631,7 +361,7 @@ struct PollerSetup {
 impl PollerSetup {
     fn new(cpu: usize) -> Result<Self> {
         let affinity = sched_getaffinity(Pid::from_raw(0)).context("reading our own affinity")?;
-        sched_setaffinity(Pid::from_raw(0), &cpu_set(cpu)?)
+        threads::pin_current_thread(cpu)
             .with_context(|| format!("pinning the poller to CPU {cpu}"))?;
         // SAFETY: prctl with integer arguments only.
         let slack = unsafe { nix::libc::prctl(nix::libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
@@ -661,21 +391,21 @@ fn measure_repins(
     ours: &[u32],
 ) -> Result<(Vec<Duration>, u32)> {
     let _setup = PollerSetup::new(OTHER_CPU)?;
-    let away = cpu_set(OTHER_CPU)?;
+    let away = cpus::to_set(&[OTHER_CPU].into())?;
     let mut samples = Vec::new();
     let mut missing = 0;
     for i in 0..n {
         if i % 10 == 0 {
             witness.look(ours);
         }
-        sleep_interruptible(SPACING)?;
+        wait::sleep(SPACING)?;
         // A late re-pin (or the safety net) must have put it back first.
         wait_affinity(tid, GUARDED_CPU, Duration::from_secs(5))?;
         let t0 = Instant::now();
         sched_setaffinity(Pid::from_raw(tid as i32), &away)
             .with_context(|| format!("moving the vCPU thread {tid} to CPU {OTHER_CPU}"))?;
         loop {
-            if affinity(tid)? == [GUARDED_CPU] {
+            if only_on(tid, GUARDED_CPU)? {
                 samples.push(t0.elapsed());
                 break;
             }
@@ -810,22 +540,25 @@ fn measure_usage(
     let p0 = read_progs()?;
     let (c0, n0, r0, x0) = (
         cpu_ticks(pid)?,
-        threads_run_ns(pid)?,
+        process_run_ns(pid),
         status_kib(pid, "VmRSS")?,
         context_switches()?,
     );
     let t0 = Instant::now();
-    let loads = [Child::spawn(&mut perf)?, Child::spawn(&mut stress)?];
+    let loads = [
+        Process::try_spawn_group(&mut perf)?,
+        Process::try_spawn_group(&mut stress)?,
+    ];
     let mut rss_max = r0;
     while t0.elapsed() < len {
-        sleep_interruptible(Duration::from_millis(500).min(len.saturating_sub(t0.elapsed())))?;
+        wait::sleep(Duration::from_millis(500).min(len.saturating_sub(t0.elapsed())))?;
         rss_max = rss_max.max(status_kib(pid, "VmRSS")?);
         witness.look(ours);
     }
     let window = t0.elapsed();
     let (c1, n1, r1, x1) = (
         cpu_ticks(pid)?,
-        threads_run_ns(pid)?,
+        process_run_ns(pid),
         status_kib(pid, "VmRSS")?,
         context_switches()?,
     );
@@ -857,23 +590,6 @@ fn measure_usage(
         ctxt_per_sec: x1.saturating_sub(x0) as f64 / window.as_secs_f64(),
         programs: progs,
     })
-}
-
-/// Sum of the first field (time on CPU, ns) of every live thread's schedstat.
-fn threads_run_ns(pid: u32) -> Result<u64> {
-    let dir = format!("/proc/{pid}/task");
-    let mut total = 0;
-    for e in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
-        let e = e?;
-        if let Ok(s) = fs::read_to_string(e.path().join("schedstat")) {
-            total += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    Ok(total)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -1083,25 +799,6 @@ mod tests {
         assert_eq!(parse_status_kib(status, "VmRSS"), Some(9876));
         assert_eq!(parse_status_kib(status, "VmHWM"), Some(12345));
         assert_eq!(parse_status_kib(status, "VmSwap"), None);
-    }
-
-    #[test]
-    fn parses_evictions() {
-        let l = "[2026-01-01T00:00:00Z INFO  pinguard::daemon] evicted tid 77 (\"cc1\", pid 70) from CPU 1 to CPUs 0 (was 0-1)";
-        assert_eq!(parse_eviction(l), Some((77, vec![0, 1])));
-        let l = "evicted tid 8 (\"x (y)\", pid 8) from CPU 3 to CPUs 0 (was 0,2-3)";
-        assert_eq!(parse_eviction(l), Some((8, vec![0, 2, 3])));
-        assert_eq!(
-            parse_eviction("re-pinned bench vcpu 0 (tid 9) to CPU 1"),
-            None
-        );
-    }
-
-    #[test]
-    fn sums_metrics() {
-        let text = "# HELP x\npinguard_repins_total{vm=\"a\"} 3\npinguard_repins_total{vm=\"b\"} 2\npinguard_repins_totalx 9\n";
-        assert_eq!(sum_metric(text, "pinguard_repins_total"), Some(5.0));
-        assert_eq!(sum_metric(text, "nope"), None);
     }
 
     #[test]

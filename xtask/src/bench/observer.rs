@@ -30,12 +30,18 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use nix::{sched::sched_getaffinity, unistd::Pid};
 use serde_json::{Value, json};
+use testkit::{
+    host,
+    process::Process,
+    threads::{affinity, gettid, pin_current_thread},
+    wait::check_interrupted,
+    which,
+};
 
 use super::{
-    BenchArgs, BpfStats, Child, GUARDED_CPU, OTHER_CPU, W, Witness, bpftool_progs,
-    check_interrupted, cpus_of, pin_current_thread, prog_name_matches, prog_stats, spread, which,
+    BenchArgs, BpfStats, GUARDED_CPU, OTHER_CPU, W, Witness, bpftool_progs, prog_name_matches,
+    prog_stats, spread,
 };
 use crate::util;
 
@@ -221,7 +227,7 @@ impl Plan {
             args.scenarios.clone()
         };
         scenarios.dedup();
-        let perf = !args.no_perf && which("perf").is_some();
+        let perf = !args.no_perf && which("perf").is_ok();
         if !args.no_perf && !perf {
             eprintln!(
                 "{W}: note: perf not found (cargo xtask setup installs linux-perf): skipping the perf loads"
@@ -264,7 +270,7 @@ impl PingPong {
         let pong = std::thread::Builder::new()
             .name("bench-pong".into())
             .spawn(move || {
-                let pinned = pin_current_thread(pong_cpu);
+                let pinned = pin_to(pong_cpu);
                 let failed = pinned.is_err();
                 let _ = pong_tids.send(pinned.map(|()| gettid()));
                 if failed {
@@ -285,7 +291,7 @@ impl PingPong {
                 while let Ok((want, n)) = cmd_rx.recv() {
                     let mut run = || -> Result<Duration> {
                         if cpu != Some(want) {
-                            pin_current_thread(want)?;
+                            pin_to(want)?;
                             cpu = Some(want);
                         }
                         let t = Instant::now();
@@ -316,7 +322,7 @@ impl PingPong {
                 .recv_timeout(Duration::from_secs(10))
                 .context("a ping-pong thread did not start")??;
             // The pong thread reports after pinning, the ping thread at once; tell them apart by name.
-            if thread_name(tid).as_deref() == Some("bench-pong") {
+            if host::comm(std::process::id(), tid).as_deref() == Some("bench-pong") {
                 me.pong_tid = tid;
             } else {
                 me.ping_tid = tid;
@@ -350,10 +356,9 @@ impl PingPong {
     /// silently change the scenario: refuse to report such numbers.
     fn check_pinned(&self, ping_cpu: usize) -> Result<()> {
         for (tid, cpu) in [(self.ping_tid, ping_cpu), (self.pong_tid, self.pong_cpu)] {
-            let set = sched_getaffinity(Pid::from_raw(tid as i32))
+            let cpus = affinity(tid)
                 .with_context(|| format!("reading the affinity of ping-pong thread {tid}"))?;
-            let cpus = cpus_of(&set);
-            if cpus != [cpu] {
+            if !cpus.iter().eq([&cpu]) {
                 bail!(
                     "ping-pong thread {tid} should be pinned to CPU {cpu} but may run on {cpus:?}: \
                      another tool (a `pinguard run --mode enforce`?) changed its affinity; stop it and rerun"
@@ -374,14 +379,9 @@ impl Drop for PingPong {
     }
 }
 
-fn gettid() -> u32 {
-    nix::unistd::gettid().as_raw() as u32
-}
-
-fn thread_name(tid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-        .ok()
-        .map(|s| s.trim().to_string())
+fn pin_to(cpu: usize) -> Result<()> {
+    pin_current_thread(cpu)
+        .with_context(|| format!("cannot pin a benchmark thread to CPU {cpu} (offline?)"))
 }
 
 /// One scenario's loads, each with its calibrated size.
@@ -492,7 +492,7 @@ fn parse_perf_pipe(out: &str) -> Option<f64> {
 
 /// A `pinguard attach --program NAME [--owner CPU=TID]` child.
 struct Attached {
-    child: Child,
+    child: Process,
     name: String,
 }
 
@@ -516,9 +516,9 @@ impl Attached {
         if !owners.is_empty() {
             cmd.args(["--watch-owners", "--program", WAKEUP]);
         }
-        let mut child = Child::spawn(&mut cmd)?;
+        let mut child = Process::try_spawn_group(&mut cmd)?;
         let want = format!("attached {name}");
-        child.wait_line(&format!("{want:?}"), ATTACH_TIMEOUT, |l| l.trim() == want)?;
+        child.try_wait_stdout(&format!("{want:?}"), ATTACH_TIMEOUT, |l| l.trim() == want)?;
         Ok(Self {
             child,
             name: name.to_string(),
@@ -529,9 +529,10 @@ impl Attached {
         self.child.pid()
     }
 
-    fn stop(mut self) -> Result<()> {
+    fn stop(self) -> Result<()> {
         self.child
-            .stop(STOP_TIMEOUT)
+            .try_terminate(STOP_TIMEOUT)
+            .map(drop)
             .with_context(|| format!("stopping the attached {}", self.name))
     }
 }
