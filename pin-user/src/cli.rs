@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::cpulist::CpuSet;
+use crate::host::cpulist::CpuSet;
 
 #[derive(Debug, Parser)]
 #[command(name = "pinguard", version, about = "Keeps the dedicated CPUs of virtual machines dedicated", long_about = None)]

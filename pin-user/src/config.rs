@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::{
     cli::{EmulatorPolicy, Mode, RunArgs, SmtPolicy, parse_duration, parse_emulator},
-    cpulist::CpuSet,
+    host::cpulist::CpuSet,
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";

@@ -10,14 +10,14 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    bpf::probe::{EventReader, Probe, ProbeConfig},
     cli::RunArgs,
     cmd::{move_self_to, runtime},
     config::Config,
+    daemon::metrics::{self, Metrics},
     daemon::{Daemon, RecentViolations},
     exit,
-    metrics::{self, Metrics},
-    probe::{EventReader, Probe, ProbeConfig},
-    topology::Topology,
+    host::topology::Topology,
 };
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

@@ -17,9 +17,9 @@ use thiserror::Error;
 
 use crate::{
     cli::{EmulatorPolicy, PinArgs, SmtPolicy},
-    cpulist::CpuSet,
-    discover::Guest,
-    topology::{Guard, Topology},
+    guests::Guest,
+    host::cpulist::CpuSet,
+    host::topology::{Guard, Topology},
 };
 
 /// How to place (the `pin` flags, or the daemon's configuration).
@@ -100,6 +100,7 @@ impl Plan {
         self.entries.iter().filter(|e| e.change)
     }
 
+    #[cfg(test)]
     /// Guarded CPU -> the vCPU threads planned on it: who owns each CPU.
     pub fn owners(&self) -> BTreeMap<u32, Vec<u32>> {
         let mut out: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
@@ -628,7 +629,7 @@ impl<'a> Placer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{discover::Source, discover::Vcpu, topology::CpuInfo};
+    use crate::{guests::Source, guests::Vcpu, host::topology::CpuInfo};
 
     /// A topology from (cpu, node, core) triples; SMT siblings share (node, core).
     fn topo(cpus: &[(u32, u32, u32)]) -> Topology {

@@ -18,9 +18,9 @@ use pin_common::{
 use thiserror::Error;
 
 use crate::{
-    btf::{Btf, BtfError},
+    bpf::btf::{Btf, BtfError},
     cli::Hook,
-    cpulist::CpuSet,
+    host::cpulist::CpuSet,
 };
 
 /// The eBPF object built from pin-ebpf by build.rs.
@@ -293,10 +293,6 @@ impl Probe {
         &self.attached
     }
 
-    pub fn guarded(&self) -> &CpuSet {
-        &self.guarded
-    }
-
     /// Replaces the guarded set (the programs see the change at once).
     pub fn set_guarded(&mut self, guarded: &CpuSet) -> Result<(), ProbeError> {
         if let Some(cpu) = guarded.iter().find(|c| *c >= pin_common::MAX_CPUS) {
@@ -407,16 +403,6 @@ impl Probe {
 
     pub fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError> {
         self.update_task(tid, |t| t.owner_cpu = NO_CPU)
-    }
-
-    /// Current owners: tid -> CPU.
-    pub fn owners(&self) -> Result<BTreeMap<u32, u32>, ProbeError> {
-        Ok(self
-            .tasks()?
-            .into_iter()
-            .filter(|(_, t)| t.is_owner())
-            .map(|(tid, t)| (tid, t.owner_cpu))
-            .collect())
     }
 
     /// Sends every hard IRQ and softirq on the guarded CPUs as an event
