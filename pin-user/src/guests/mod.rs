@@ -111,15 +111,6 @@ impl Default for DiscoverOptions {
     }
 }
 
-impl From<&crate::cli::DiscoverArgs> for DiscoverOptions {
-    fn from(args: &crate::cli::DiscoverArgs) -> Self {
-        Self {
-            qmp: args.qmp.clone(),
-            ..Self::default()
-        }
-    }
-}
-
 /// Talking to a QMP monitor failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum QmpError {
