@@ -71,17 +71,19 @@ pub fn all_panels(dashboard: &Value) -> Vec<&Value> {
     out
 }
 
+/// Where the variable name starting at `b[i]` ends (letters, digits, `_`).
+fn ident_end(b: &[u8], i: usize) -> usize {
+    i + b[i.min(b.len())..]
+        .iter()
+        .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_')
+        .count()
+}
+
 /// Variable references in `s`: `$name`, `${name}`, `${name:format}`, `[[name]]`.
 pub fn variable_refs(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let b = s.as_bytes();
-    let ident = |i: usize| -> usize {
-        let mut j = i;
-        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
-            j += 1;
-        }
-        j
-    };
+    let ident = |i: usize| ident_end(b, i);
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'$' && i + 1 < b.len() && b[i + 1] == b'{' {
@@ -113,13 +115,7 @@ pub fn variable_refs(s: &str) -> Vec<String> {
 pub fn expand_variables(s: &str, values: &BTreeMap<String, String>) -> String {
     let mut out = String::with_capacity(s.len());
     let b = s.as_bytes();
-    let ident = |i: usize| -> usize {
-        let mut j = i;
-        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
-            j += 1;
-        }
-        j
-    };
+    let ident = |i: usize| ident_end(b, i);
     let mut i = 0;
     while i < b.len() {
         if s[i..].starts_with("${") {
