@@ -21,6 +21,14 @@ pub const MAX_TASKS: u32 = 16384;
 /// Capacity of the guest and waiting-thread maps.
 pub const MAX_OWNERS: u32 = 4096;
 
+/// Capacity of `PENDING_AFFINITY`: sched_setaffinity calls on owner threads
+/// in flight at once (an entry lives from syscall entry to exit).
+pub const MAX_PENDING_AFFINITY: u32 = 1024;
+
+/// Capacity of `IRQ_STATS`: (guarded CPU, IRQ line) pairs. When full, an IRQ
+/// not seen before is still in the CPU's noise total, not in the per-line table.
+pub const MAX_IRQ_KEYS: u32 = 4096;
+
 /// Size of the event ring buffer in bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -147,11 +155,9 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 0;
     /// `THREADS` map full: a new intruder thread is counted only in the class totals.
     pub const THREAD_MAP_FULL: u32 = 1;
-    /// sched_switch events seen on guarded CPUs.
-    pub const GUARDED_SWITCHES: u32 = 2;
     /// Reads of task_struct fields that failed.
-    pub const READ_ERRORS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    pub const READ_ERRORS: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Kinds of [`Event`].
@@ -249,7 +255,7 @@ pub struct NoiseState {
     pub probe_waiting: u64,
 }
 
-/// Why a thread is in `WATCHED`.
+/// Values of [`TaskInfo::watch`]: why a thread's waits are measured.
 pub mod watch {
     /// An owner vCPU: its wait times feed the "CPU ready" histogram.
     pub const VCPU: u32 = 1;
@@ -316,8 +322,6 @@ pub struct ThreadStats {
     pub run_ns: u64,
     /// Number of run slices.
     pub slices: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the start of the first slice.
-    pub first_ns: u64,
     /// When the last event for this thread was sent (rate limit).
     pub last_event_ns: u64,
     /// Longest single slice.

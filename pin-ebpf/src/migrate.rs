@@ -29,8 +29,10 @@ fn on_migrate(p: *const u8, dest: u32) {
     if (bpf_get_current_pid_tgid() >> 32) as u32 == SELF_TGID.load() {
         return;
     }
-    let tid = task::pid(p);
-    let orig = task::cpu(p);
+    // `p` is BTF-typed: direct loads, no helper calls.
+    let tid = task::pid::<true>(p);
+    let orig = task::cpu::<true>(p);
+    let tgid = task::tgid::<true>(p);
     let mut ev = Event::zeroed();
     let info = task_info(tid);
     if info.is_owner() {
@@ -46,8 +48,7 @@ fn on_migrate(p: *const u8, dest: u32) {
         if !is_guarded(dest) {
             return;
         }
-        let tgid = task::tgid(p);
-        if tgid == SELF_TGID.load() || task::kthread(p) == Kthread::PerCpu {
+        if tgid == SELF_TGID.load() || task::kthread::<true>(p) == Kthread::PerCpu {
             return;
         }
         if info.allowed_on(dest) {
@@ -58,7 +59,7 @@ fn on_migrate(p: *const u8, dest: u32) {
         ev.other_cpu = orig;
     }
     ev.tid = tid;
-    ev.tgid = task::tgid(p);
+    ev.tgid = tgid;
     ev.comm = task::comm(p);
     // SAFETY: helper without preconditions.
     ev.start_ns = unsafe { bpf_ktime_get_ns() };
