@@ -1,10 +1,39 @@
+//! pinguard: keeps the dedicated CPUs of virtual machines dedicated.
+//!
+//! A binary crate on purpose: nothing else links these modules, so the
+//! compiler reports every item no command uses. Features live in folders
+//! (`guests`, `placement`, `audit`, `check`, `daemon`, `latency`), facts about
+//! the host they share in `host`, the kernel side in `bpf`; `cmd` is the edge
+//! where clap arguments (`cli`) become domain types and errors become
+//! messages and exit codes.
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use pinguard::{
-    cli::{Cli, Command},
-    cmd, exit,
-};
+
+mod audit;
+mod bpf;
+mod check;
+mod cli;
+mod cmd;
+mod config;
+mod daemon;
+mod guests;
+mod host;
+mod latency;
+mod placement;
+mod units;
+
+use cli::{Cli, Command};
+
+/// Process exit codes shared by every subcommand.
+mod exit {
+    /// Everything is as it should be.
+    pub const OK: u8 = 0;
+    /// The command ran and found violations (audit) or failed checks (check).
+    pub const VIOLATIONS: u8 = 1;
+    /// The command could not do its job (bad input, missing privileges, ...).
+    pub const ERROR: u8 = 2;
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -1,14 +1,14 @@
 //! Hidden `pinguard attach`: one program attached until a signal, for benchmarks.
 use std::{io::Write as _, process::ExitCode};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::{
+    bpf::probe::{PROGRAMS, Probe, ProbeConfig},
     cli::AttachArgs,
-    cmd::{check_owners, move_self_to, runtime},
+    cmd::{check_owners, move_self_to, runtime, wait_for_stop},
     exit,
-    probe::{PROGRAMS, Probe, ProbeConfig},
-    topology::Topology,
+    host::topology::Topology,
 };
 
 pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
@@ -44,16 +44,4 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
         drop(probe);
         Ok(ExitCode::from(exit::OK))
     })
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn wait_for_stop() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

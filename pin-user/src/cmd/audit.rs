@@ -16,14 +16,14 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     audit::{self, EventTally, MapSnapshot, Observation, Ownership, Report},
+    bpf::probe::{self, DecodeError, DecodedEvent, EventReader, Probe, ProbeConfig},
     cli::{AuditArgs, DiscoverArgs},
-    cmd::{attach::wait_for_stop, move_self_to, runtime},
-    cpulist::CpuSet,
-    discover::{DiscoverOptions, Discoverer},
-    plan::{self, PlanOptions},
-    probe::{self, DecodeError, DecodedEvent, EventReader, Probe, ProbeConfig},
-    procfs::{Proc, ThreadInfo},
-    topology::{Guard, Topology},
+    cmd::{move_self_to, runtime, wait_for_stop},
+    guests::{DiscoverOptions, Discoverer},
+    host::cpulist::CpuSet,
+    host::procfs::{Proc, ThreadInfo},
+    host::topology::{Guard, Topology},
+    placement::plan::{self, PlanOptions},
 };
 
 pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {

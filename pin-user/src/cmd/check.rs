@@ -6,8 +6,9 @@ use std::{io::Write as _, process::ExitCode};
 use anyhow::Context as _;
 
 use crate::{
-    check::{self, Host, Report, Status},
+    check::{self, Report, Status},
     cli::CheckArgs,
+    host::Host,
 };
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -117,7 +118,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::cpulist::CpuSet;
+    use crate::host::cpulist::CpuSet;
 
     fn fixture(name: &str) -> Host {
         Host::under(

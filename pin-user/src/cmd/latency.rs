@@ -14,12 +14,15 @@ use anyhow::{Context as _, bail};
 use pin_common::watch;
 
 use crate::{
-    check::Host,
+    bpf::probe::{DecodeError, DecodedEvent, EventReader, Probe, ProbeConfig},
     cli::LatencyArgs,
-    cmd::{attach::wait_for_stop, move_self_to, runtime},
-    cpulist::CpuSet,
-    daemon::irq_name,
+    cmd::{move_self_to, runtime, wait_for_stop},
     exit,
+    host::Host,
+    host::cpulist::CpuSet,
+    host::irq::irq_name,
+    host::procfs::Proc,
+    host::topology::Topology,
     latency::{
         CyclictestConfig,
         attribution::Recorder,
@@ -31,9 +34,6 @@ use crate::{
             compare_runs, compare_table,
         },
     },
-    probe::{DecodeError, DecodedEvent, EventReader, Probe, ProbeConfig},
-    procfs::Proc,
-    topology::Topology,
 };
 
 /// How long cyclictest may take to start its measurement thread.

@@ -9,7 +9,7 @@ pub mod watch;
 
 use anyhow::Context as _;
 
-use crate::{cpulist::CpuSet, procfs::Proc};
+use crate::{host::cpulist::CpuSet, host::procfs::Proc};
 
 /// Moves every thread of this process onto `cpus` (the housekeeping set), so
 /// pinguard never runs on the CPUs it guards. Threads created later (tokio
@@ -51,6 +51,18 @@ pub fn check_owners(guarded: &CpuSet, owners: &[(u32, u32)]) -> anyhow::Result<(
         if proc.tgid_of(tid)?.is_none() {
             anyhow::bail!("--owner {cpu}={tid}: no thread with id {tid} exists");
         }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_stop() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     Ok(())
 }

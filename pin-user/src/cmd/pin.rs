@@ -10,14 +10,14 @@ use std::{collections::BTreeMap, io::Write as _, process::ExitCode};
 use anyhow::{Context as _, bail};
 
 use crate::{
-    affinity::{self, AffinityError},
     cli::PinArgs,
-    cpulist::CpuSet,
-    discover::{DiscoverOptions, Discoverer, Guest},
     exit,
-    plan::{self, Entry, Plan, PlanOptions, Role},
-    procfs::Proc,
-    topology::Topology,
+    guests::{DiscoverOptions, Discoverer, Guest},
+    host::affinity::{self, AffinityError},
+    host::cpulist::CpuSet,
+    host::procfs::Proc,
+    host::topology::Topology,
+    placement::plan::{self, Entry, Plan, PlanOptions, Role},
 };
 
 /// What happened to one thread.
@@ -272,7 +272,7 @@ fn render(r: &Report) -> String {
         return s;
     }
     // Column width: the longest cell, at least the header's width.
-    let width = |cell: &dyn Fn(&crate::plan::Entry) -> usize, min: usize| {
+    let width = |cell: &dyn Fn(&crate::placement::plan::Entry) -> usize, min: usize| {
         r.entries
             .iter()
             .map(|e| cell(&e.entry))

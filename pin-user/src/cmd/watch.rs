@@ -11,11 +11,11 @@ use anyhow::Context as _;
 use pin_common::class;
 
 use crate::{
+    bpf::probe::{DecodedEvent, EventReader, Probe, ProbeConfig, comm_str},
     cli::WatchArgs,
-    cmd::{attach::wait_for_stop, check_owners, move_self_to, runtime},
+    cmd::{check_owners, move_self_to, runtime, wait_for_stop},
     exit,
-    probe::{DecodedEvent, EventReader, Probe, ProbeConfig, comm_str},
-    topology::Topology,
+    host::topology::Topology,
 };
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {

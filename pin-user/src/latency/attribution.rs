@@ -15,7 +15,7 @@ use std::{
     rc::Rc,
 };
 
-use crate::probe::DecodedEvent;
+use crate::bpf::probe::DecodedEvent;
 
 /// Why one wait was long: its largest contributor.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -443,7 +443,7 @@ impl Recorder {
         c
     }
 
-    fn on_episode(&mut self, tid: u32, ep: &crate::probe::Episode) {
+    fn on_episode(&mut self, tid: u32, ep: &crate::bpf::probe::Episode) {
         if !self.probe_tids.contains(&tid) {
             self.probe_tids.push(tid);
         }
@@ -637,7 +637,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::probe::Episode;
+    use crate::bpf::probe::Episode;
 
     const T0: u64 = 1_000_000_000;
     const PROBE_PID: u32 = 500;

@@ -2,7 +2,7 @@
 //! model, isolation parameters. Read through [`Host`] so tests use fixtures.
 use std::{fs, path::Path};
 
-use crate::check::{Host, KernelCmdline};
+use crate::host::{Host, cmdline::KernelCmdline};
 
 /// The kernel's preemption model.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

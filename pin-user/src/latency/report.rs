@@ -13,7 +13,7 @@ use super::{
     host::HostFacts,
     mode, percentile,
 };
-use crate::probe::comm_str;
+use crate::bpf::probe::comm_str;
 
 /// Value of the report's `format` field.
 pub const FORMAT: &str = "pinguard-latency/1";
@@ -448,11 +448,6 @@ impl Report {
             path: path.to_owned(),
             source,
         })
-    }
-
-    /// The dominant cause of the longest wait, for people.
-    pub fn worst_cause(&self) -> Option<String> {
-        self.worst.first().map(|w| w.cause.who())
     }
 }
 

@@ -16,11 +16,49 @@ use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 
 use crate::{
-    cli::{EmulatorPolicy, PinArgs, SmtPolicy},
-    cpulist::CpuSet,
-    discover::Guest,
-    topology::{Guard, Topology},
+    guests::Guest,
+    host::cpulist::CpuSet,
+    host::topology::{Guard, Topology},
 };
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmtPolicy {
+    /// Place one guest's vCPUs on SMT siblings of the same core.
+    #[default]
+    PreferSiblings,
+    /// Use one thread per core and keep its sibling free (no SMT noise between vCPUs).
+    KeepSiblingsFree,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum EmulatorPolicy {
+    Housekeeping,
+    WithVcpu0,
+    Cpus(CpuSet),
+}
+
+impl std::str::FromStr for EmulatorPolicy {
+    type Err = String;
+
+    /// "housekeeping", "with-vcpu0" or a CPU list.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "housekeeping" => Ok(Self::Housekeeping),
+            "with-vcpu0" => Ok(Self::WithVcpu0),
+            list => match CpuSet::parse(list) {
+                Ok(cpus) if !cpus.is_empty() => Ok(Self::Cpus(cpus)),
+                Ok(_) => Err(
+                    "expected housekeeping, with-vcpu0 or a CPU list (the CPU list is empty)"
+                        .into(),
+                ),
+                Err(e) => Err(format!(
+                    "expected housekeeping, with-vcpu0 or a CPU list ({e})"
+                )),
+            },
+        }
+    }
+}
 
 /// How to place (the `pin` flags, or the daemon's configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,17 +78,6 @@ impl Default for PlanOptions {
             emulator: EmulatorPolicy::Housekeeping,
             smt: SmtPolicy::default(),
             allow_shared: false,
-        }
-    }
-}
-
-impl From<&PinArgs> for PlanOptions {
-    fn from(args: &PinArgs) -> Self {
-        Self {
-            vm: args.vm.clone(),
-            emulator: args.emulator.clone(),
-            smt: args.smt,
-            allow_shared: args.allow_shared,
         }
     }
 }
@@ -100,6 +127,7 @@ impl Plan {
         self.entries.iter().filter(|e| e.change)
     }
 
+    #[cfg(test)]
     /// Guarded CPU -> the vCPU threads planned on it: who owns each CPU.
     pub fn owners(&self) -> BTreeMap<u32, Vec<u32>> {
         let mut out: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
@@ -628,7 +656,7 @@ impl<'a> Placer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{discover::Source, discover::Vcpu, topology::CpuInfo};
+    use crate::{guests::Source, guests::Vcpu, host::topology::CpuInfo};
 
     /// A topology from (cpu, node, core) triples; SMT siblings share (node, core).
     fn topo(cpus: &[(u32, u32, u32)]) -> Topology {
@@ -713,6 +741,19 @@ mod tests {
 
     fn cs(s: &str) -> CpuSet {
         CpuSet::parse(s).unwrap()
+    }
+
+    #[test]
+    fn emulator_policies_parse() {
+        assert_eq!("with-vcpu0".parse(), Ok(EmulatorPolicy::WithVcpu0));
+        assert_eq!("0".parse(), Ok(EmulatorPolicy::Cpus(CpuSet::single(0))));
+        assert!(
+            "nowhere"
+                .parse::<EmulatorPolicy>()
+                .unwrap_err()
+                .contains("with-vcpu0")
+        );
+        assert!("".parse::<EmulatorPolicy>().is_err());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::{
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::procfs::{Proc, ThreadInfo};
+use crate::host::procfs::{Proc, ThreadInfo};
 
 /// Bound on one whole QMP exchange (connect, greeting, two commands).
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -72,11 +72,13 @@ pub struct Guest {
 }
 
 impl Guest {
+    #[cfg(test)]
     /// The thread running vCPU `index`.
     pub fn vcpu_tid(&self, index: u32) -> Option<u32> {
         self.vcpus.iter().find(|v| v.index == index).map(|v| v.tid)
     }
 
+    #[cfg(test)]
     /// The vCPU index a thread runs, if it is one of this guest's vCPU threads.
     pub fn vcpu_of(&self, tid: u32) -> Option<u32> {
         self.vcpus.iter().find(|v| v.tid == tid).map(|v| v.index)
@@ -105,15 +107,6 @@ impl Default for DiscoverOptions {
         Self {
             qmp: Vec::new(),
             libvirt_dir: PathBuf::from(DEFAULT_LIBVIRT_DIR),
-        }
-    }
-}
-
-impl From<&crate::cli::DiscoverArgs> for DiscoverOptions {
-    fn from(args: &crate::cli::DiscoverArgs) -> Self {
-        Self {
-            qmp: args.qmp.clone(),
-            ..Self::default()
         }
     }
 }
@@ -181,6 +174,7 @@ pub struct Discovery {
 }
 
 impl Discovery {
+    #[cfg(test)]
     /// Logs the warnings and fails on the first error.
     pub fn into_result(self) -> Result<Vec<Guest>, DiscoverError> {
         for w in &self.warnings {
@@ -193,6 +187,7 @@ impl Discovery {
     }
 }
 
+#[cfg(test)]
 /// Finds every QEMU guest (one-shot). Warnings are logged; a failing
 /// `--qmp` socket is an error.
 pub fn discover(proc: &Proc, opts: &DiscoverOptions) -> Result<Vec<Guest>, DiscoverError> {
@@ -201,6 +196,7 @@ pub fn discover(proc: &Proc, opts: &DiscoverOptions) -> Result<Vec<Guest>, Disco
         .into_result()
 }
 
+#[cfg(test)]
 /// Looks at one process only (one-shot): `None` if it is not a QEMU guest
 /// (or exited, or has no usable vCPU map).
 pub fn discover_pid(
@@ -246,10 +242,6 @@ impl Discoverer {
             qmp_cache: HashMap::new(),
             qmp_owner: HashMap::new(),
         }
-    }
-
-    pub fn options(&self) -> &DiscoverOptions {
-        &self.opts
     }
 
     /// Drops what is remembered about a process (call when it exits or execs).

@@ -20,7 +20,7 @@ use std::{path::PathBuf, time::Duration};
 
 use thiserror::Error;
 
-use crate::cpulist::CpuSet;
+use crate::host::cpulist::CpuSet;
 
 #[derive(Debug, Error)]
 pub enum LatencyError {

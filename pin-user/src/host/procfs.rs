@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::cpulist::CpuSet;
+use crate::host::cpulist::CpuSet;
 
 /// A procfs mount (normally `/proc`; tests point it at a fixture tree).
 #[derive(Debug, Clone)]
@@ -47,21 +47,6 @@ impl ThreadInfo {
     pub fn no_setaffinity(&self) -> bool {
         self.flags & pin_common::PF_NO_SETAFFINITY != 0
     }
-
-    /// A kernel thread bound to exactly one CPU (migration/N, ksoftirqd/N, kworker/N:M).
-    pub fn is_percpu_kthread(&self) -> bool {
-        self.is_kthread() && self.allowed.len() == 1
-    }
-}
-
-/// Scheduler statistics of a thread (`/proc/<pid>/task/<tid>/schedstat`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SchedStat {
-    /// Time spent on the CPU (ns): the kernel's `sum_exec_runtime`.
-    pub run_ns: u64,
-    /// Time spent runnable but waiting for a CPU (ns).
-    pub wait_ns: u64,
-    pub slices: u64,
 }
 
 /// Reads a file, mapping "the task is gone" to `None`.
@@ -224,24 +209,6 @@ impl Proc {
             .lines()
             .find_map(|l| l.strip_prefix("Tgid:"))
             .and_then(|v| v.trim().parse().ok()))
-    }
-
-    pub fn schedstat(&self, pid: u32, tid: u32) -> io::Result<Option<SchedStat>> {
-        let Some(s) = read_gone_ok(&self.task_dir(pid, tid).join("schedstat"))? else {
-            return Ok(None);
-        };
-        let v: Vec<u64> = s
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        Ok(match v.as_slice() {
-            [run, wait, slices, ..] => Some(SchedStat {
-                run_ns: *run,
-                wait_ns: *wait,
-                slices: *slices,
-            }),
-            _ => None,
-        })
     }
 }
 

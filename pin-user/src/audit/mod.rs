@@ -21,12 +21,12 @@ use std::{
 use pin_common::{CpuStats, ThreadKey, ThreadStats, class};
 
 use crate::{
-    cpulist::CpuSet,
+    bpf::probe::{Counters, DecodedEvent, comm_str},
     exit,
-    plan::{Plan, Role},
-    probe::{Counters, DecodedEvent, comm_str},
-    procfs::ThreadInfo,
-    topology::Guard,
+    host::cpulist::CpuSet,
+    host::procfs::ThreadInfo,
+    host::topology::Guard,
+    placement::plan::{Plan, Role},
 };
 
 /// A vCPU thread and the guarded CPU the plan gives it.
@@ -88,6 +88,7 @@ impl Ownership {
         own
     }
 
+    #[cfg(test)]
     /// Adds one vCPU assignment (tests, or callers without a plan).
     pub fn add_vcpu(&mut self, owner: VcpuOwner) {
         self.guests.insert(owner.pid, owner.vm.clone());
@@ -97,11 +98,7 @@ impl Ownership {
         self.vcpus.insert(owner.tid, owner);
     }
 
-    /// Adds a guest process whose non-vCPU threads are emulator threads.
-    pub fn add_guest(&mut self, pid: u32, vm: &str) {
-        self.guests.insert(pid, vm.to_string());
-    }
-
+    #[cfg(test)]
     /// Adds an emulator thread of another process (a vhost kernel worker).
     pub fn add_emulator(&mut self, tid: u32, vm: &str, pid: u32) {
         self.emulators.insert(tid, (vm.to_string(), pid));
@@ -1647,7 +1644,7 @@ mod tests {
                 size_of::<pin_common::Event>(),
             )
         };
-        crate::probe::decode(bytes).unwrap()
+        crate::bpf::probe::decode(bytes).unwrap()
     }
 
     #[test]

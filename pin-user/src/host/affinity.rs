@@ -11,7 +11,7 @@ use nix::{
 };
 use thiserror::Error;
 
-use crate::cpulist::CpuSet;
+use crate::host::cpulist::CpuSet;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum AffinityError {
@@ -46,6 +46,7 @@ pub enum AffinityError {
 }
 
 impl AffinityError {
+    #[cfg(test)]
     /// The thread id the error is about.
     pub fn tid(&self) -> u32 {
         match self {
@@ -229,7 +230,7 @@ mod tests {
     #[test]
     fn offline_cpu_is_einval() {
         // CPU 1000 fits the mask but is not online on any machine this runs on.
-        let online = crate::topology::Topology::read().map(|t| t.online);
+        let online = crate::host::topology::Topology::read().map(|t| t.online);
         if online.is_ok_and(|o| o.contains(1000)) {
             return;
         }

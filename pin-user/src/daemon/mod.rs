@@ -4,6 +4,8 @@
 //! Everything runs on one thread (a current-thread tokio runtime), so the
 //! state needs no locks; the HTTP server only reads the metrics registry and
 //! the recent-violations list.
+pub mod metrics;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
@@ -13,17 +15,16 @@ use std::{
 use pin_common::class;
 
 use crate::{
-    affinity::{self, AffinityError},
-    cli::Mode,
-    config::Config,
-    cpulist::CpuSet,
-    discover::{DiscoverOptions, Discoverer, Discovery, Guest},
-    enforce::{self, Limiter},
-    metrics::{Deltas, Metrics},
-    plan::{self, PlanOptions, Role},
-    probe::{DecodedEvent, Probe, ProbeError, StatsGuard},
-    procfs::Proc,
-    topology::{Guard, Topology},
+    bpf::probe::{DecodedEvent, Probe, ProbeError, StatsGuard},
+    config::{Config, Mode},
+    daemon::metrics::{Deltas, Metrics},
+    guests::{DiscoverOptions, Discoverer, Discovery, Guest},
+    host::affinity::{self, AffinityError},
+    host::cpulist::CpuSet,
+    host::procfs::Proc,
+    host::topology::{Guard, Topology},
+    placement::enforce::{self, Limiter},
+    placement::plan::{self, PlanOptions, Role},
 };
 
 /// How many violations the recent list keeps.
@@ -217,7 +218,7 @@ impl Daemon {
         for cpu in self.guard.guarded.iter() {
             m.cpu_guarded.with_label_values(&[&cpu.to_string()]).set(1);
             // Every class is present from the start, so dashboards and rate() see zeros, not gaps.
-            for class in crate::metrics::CLASSES {
+            for class in crate::daemon::metrics::CLASSES {
                 m.cpu_run_seconds
                     .with_label_values(&[&cpu.to_string(), class])
                     .inc_by(0.0);
@@ -225,13 +226,9 @@ impl Daemon {
         }
         m.mode.reset();
         m.mode
-            .with_label_values(&[mode_name(self.config.mode)])
+            .with_label_values(&[self.config.mode.as_str()])
             .set(1);
         m.events_lost.inc_by(0);
-    }
-
-    pub fn guard(&self) -> &Guard {
-        &self.guard
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -869,7 +866,7 @@ impl Daemon {
         // A guest's threads are placed by the plan, never evicted. A vCPU of a
         // guest not discovered yet (it just started) triggers a rescan instead.
         if self.guests.contains_key(&ev.tgid)
-            || crate::discover::parse_vcpu_thread_name(&ev.comm).is_some()
+            || crate::guests::parse_vcpu_thread_name(&ev.comm).is_some()
         {
             if !self.guests.contains_key(&ev.tgid) && self.scan_retry.is_none() {
                 self.scan_retry = Some(Retry {
@@ -1030,7 +1027,7 @@ impl Daemon {
             let name = self
                 .irq_names
                 .entry(key.irq)
-                .or_insert_with(|| irq_name(key.irq))
+                .or_insert_with(|| crate::host::irq::irq_name(key.irq))
                 .clone();
             let (cpu, irq) = (key.cpu.to_string(), key.irq.to_string());
             let labels = [cpu.as_str(), irq.as_str(), name.as_str()];
@@ -1074,7 +1071,7 @@ impl Daemon {
             series.push((a.vm.clone(), vcpu, *h));
         }
         *m.extra_text.lock().unwrap_or_else(|e| e.into_inner()) =
-            crate::metrics::render_wait_histogram(&series);
+            crate::daemon::metrics::render_wait_histogram(&series);
         Ok(())
     }
 
@@ -1093,7 +1090,7 @@ impl Daemon {
                 cpu: k.cpu,
                 tid: k.tid,
                 tgid: t.tgid,
-                comm: crate::probe::comm_str(&t.comm),
+                comm: crate::bpf::probe::comm_str(&t.comm),
                 class: class::name(t.class),
                 run_ns: t.run_ns,
                 slices: t.slices,
@@ -1128,28 +1125,6 @@ impl Daemon {
                 }
             }
         }
-    }
-}
-
-/// The names of an IRQ's actions (the subdirectories of /proc/irq/N), e.g.
-/// "virtio0-requests"; "" if it has none or is gone.
-pub fn irq_name(irq: u32) -> String {
-    let Ok(rd) = std::fs::read_dir(format!("/proc/irq/{irq}")) else {
-        return String::new();
-    };
-    let mut names: Vec<String> = rd
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names.join(",")
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Observe => "observe",
-        Mode::Enforce => "enforce",
     }
 }
 

@@ -18,9 +18,8 @@ use pin_common::{
 use thiserror::Error;
 
 use crate::{
-    btf::{Btf, BtfError},
-    cli::Hook,
-    cpulist::CpuSet,
+    bpf::btf::{Btf, BtfError},
+    host::cpulist::CpuSet,
 };
 
 /// The eBPF object built from pin-ebpf by build.rs.
@@ -88,6 +87,18 @@ fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// Kind of kernel hook for `sched_switch` (the benchmark compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hook {
+    /// BTF-enabled raw tracepoint (tp_btf): cheapest, needs kernel BTF.
+    #[default]
+    TpBtf,
+    /// Raw tracepoint.
+    RawTp,
+    /// Classic perf-event tracepoint.
+    Tracepoint,
 }
 
 /// What to load and attach.
@@ -293,10 +304,6 @@ impl Probe {
         &self.attached
     }
 
-    pub fn guarded(&self) -> &CpuSet {
-        &self.guarded
-    }
-
     /// Replaces the guarded set (the programs see the change at once).
     pub fn set_guarded(&mut self, guarded: &CpuSet) -> Result<(), ProbeError> {
         if let Some(cpu) = guarded.iter().find(|c| *c >= pin_common::MAX_CPUS) {
@@ -407,16 +414,6 @@ impl Probe {
 
     pub fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError> {
         self.update_task(tid, |t| t.owner_cpu = NO_CPU)
-    }
-
-    /// Current owners: tid -> CPU.
-    pub fn owners(&self) -> Result<BTreeMap<u32, u32>, ProbeError> {
-        Ok(self
-            .tasks()?
-            .into_iter()
-            .filter(|(_, t)| t.is_owner())
-            .map(|(tid, t)| (tid, t.owner_cpu))
-            .collect())
     }
 
     /// Sends every hard IRQ and softirq on the guarded CPUs as an event

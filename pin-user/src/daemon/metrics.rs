@@ -14,14 +14,6 @@ use tokio::{
 
 /// Classes of time on a guarded CPU as exported (`class` label).
 pub const CLASSES: [&str; 5] = ["vcpu", "kernel", "allowed", "intruder", "idle"];
-/// Violation kinds (`kind` label).
-pub const KINDS: [&str; 5] = [
-    "intruder",
-    "migration_in",
-    "vcpu_drift",
-    "affinity_changed",
-    "shared_cpu",
-];
 
 #[derive(Clone)]
 pub struct Metrics {

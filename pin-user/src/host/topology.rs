@@ -8,7 +8,7 @@ use std::{
 
 use thiserror::Error;
 
-use crate::cpulist::{CpuListError, CpuSet};
+use crate::host::cpulist::{CpuListError, CpuSet};
 
 #[derive(Debug, Error)]
 pub enum TopologyError {

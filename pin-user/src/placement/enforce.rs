@@ -7,9 +7,9 @@ use std::{
 };
 
 use crate::{
-    affinity::{self, AffinityError},
-    cpulist::CpuSet,
-    procfs::ThreadInfo,
+    host::affinity::{self, AffinityError},
+    host::cpulist::CpuSet,
+    host::procfs::ThreadInfo,
 };
 
 /// Why a thread is left alone.

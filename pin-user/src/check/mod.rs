@@ -5,49 +5,17 @@
 //! or kernel parameter that fixes it. All reads go through [`Host`], so tests
 //! run against fixture trees instead of the live `/proc` and `/sys`. Nothing
 //! here changes the host.
-use std::{
-    collections::BTreeMap,
-    fmt, fs, io,
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, fmt, fs, io, os::unix::fs::PermissionsExt, path::Path};
 
 use thiserror::Error;
 
-use crate::{
+use crate::host::{
+    Host,
+    cmdline::KernelCmdline,
     cpulist::CpuSet,
     procfs::Proc,
     topology::{Guard, Topology, TopologyError},
 };
-
-/// Where the host's pseudo-filesystems and configuration are mounted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Host {
-    pub proc: PathBuf,
-    pub sys: PathBuf,
-    pub etc: PathBuf,
-}
-
-impl Default for Host {
-    fn default() -> Self {
-        Self {
-            proc: "/proc".into(),
-            sys: "/sys".into(),
-            etc: "/etc".into(),
-        }
-    }
-}
-
-impl Host {
-    /// A tree holding `proc/`, `sys/` and `etc/` (a test fixture).
-    pub fn under(root: &Path) -> Self {
-        Self {
-            proc: root.join("proc"),
-            sys: root.join("sys"),
-            etc: root.join("etc"),
-        }
-    }
-}
 
 /// Why the check could not run at all (individual unreadable files only make
 /// their item `warn`).
@@ -131,6 +99,7 @@ pub struct Report {
 }
 
 impl Report {
+    #[cfg(test)]
     pub fn item(&self, id: &str) -> Option<&Item> {
         self.items.iter().find(|i| i.id == id)
     }
@@ -249,87 +218,6 @@ fn read_opt(path: &Path) -> io::Result<Option<String>> {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
-    }
-}
-
-/// The hexadecimal cpumask format the kernel accepts in `/proc/irq/*/smp_affinity`,
-/// `default_smp_affinity` and the workqueue `cpumask` (32-bit words, most significant first).
-pub fn hex_mask(set: &CpuSet) -> String {
-    let Some(last) = set.last() else {
-        return "0".into();
-    };
-    let mut words = vec![0u32; last as usize / 32 + 1];
-    for cpu in set.iter() {
-        words[cpu as usize / 32] |= 1 << (cpu % 32);
-    }
-    let mut out = String::new();
-    for (i, w) in words.iter().rev().enumerate() {
-        if i == 0 {
-            out.push_str(&format!("{w:x}"));
-        } else {
-            out.push_str(&format!(",{w:08x}"));
-        }
-    }
-    out
-}
-
-/// The kernel command line (`/proc/cmdline`), split the way the kernel does.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KernelCmdline {
-    params: Vec<(String, Option<String>)>,
-}
-
-impl KernelCmdline {
-    /// Splits at whitespace outside double quotes and stops at `--` (what
-    /// follows goes to init). Names compare with `-` and `_` equal, as in the kernel.
-    pub fn parse(text: &str) -> Self {
-        let mut words = Vec::new();
-        let mut cur = String::new();
-        let mut quoted = false;
-        let mut in_word = false;
-        for c in text.chars() {
-            match c {
-                '"' => {
-                    quoted = !quoted;
-                    in_word = true;
-                }
-                c if c.is_whitespace() && !quoted => {
-                    if in_word {
-                        words.push(std::mem::take(&mut cur));
-                        in_word = false;
-                    }
-                }
-                c => {
-                    cur.push(c);
-                    in_word = true;
-                }
-            }
-        }
-        if in_word {
-            words.push(cur);
-        }
-        let mut params = Vec::new();
-        for word in words {
-            if word == "--" {
-                break;
-            }
-            let (name, value) = match word.split_once('=') {
-                Some((n, v)) => (n.to_string(), Some(v.to_string())),
-                None => (word, None),
-            };
-            params.push((name.replace('-', "_"), value));
-        }
-        Self { params }
-    }
-
-    /// The last occurrence of a parameter: `Some(None)` when given without a value.
-    pub fn get(&self, name: &str) -> Option<Option<&str>> {
-        let name = name.replace('-', "_");
-        self.params
-            .iter()
-            .rev()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_deref())
     }
 }
 
@@ -756,7 +644,7 @@ impl<'a> Ctx<'a> {
                 ),
                 format!(
                     "`echo {} > /proc/irq/default_smp_affinity` now; to keep it, {boot_fix}",
-                    hex_mask(hk)
+                    hk.to_mask()
                 ),
             ),
             Some(d) if !cmd_ok => warn(
@@ -962,7 +850,7 @@ impl<'a> Ctx<'a> {
         let path = self.host.sys.join("devices/virtual/workqueue/cpumask");
         let fix = format!(
             "`echo {} > /sys/devices/virtual/workqueue/cpumask`; to keep it across reboots add workqueue.unbound_cpus={hk} (Linux 6.6+) {GRUB_HOWTO}",
-            hex_mask(hk)
+            hk.to_mask()
         );
         let text = match read_opt(&path) {
             Ok(Some(t)) => t,
@@ -1356,7 +1244,7 @@ mod tests {
 
     fn fixture(name: &str) -> Host {
         Host::under(
-            &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures")
                 .join(name),
         )
@@ -1732,7 +1620,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         copy(
-            &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures")
                 .join(name),
             dir.path(),
@@ -1925,22 +1813,6 @@ mod tests {
     }
 
     #[test]
-    fn cmdline_parsing() {
-        let c = KernelCmdline::parse(
-            "BOOT_IMAGE=/vmlinuz ro \"dyndbg=file a.c +p\" isolcpus=1 rcu-nocbs=2 quiet isolcpus=3 -- isolcpus=9\n",
-        );
-        assert_eq!(
-            c.get("isolcpus"),
-            Some(Some("3")),
-            "last one wins, not after --"
-        );
-        assert_eq!(c.get("rcu_nocbs"), Some(Some("2")), "- and _ are the same");
-        assert_eq!(c.get("quiet"), Some(None));
-        assert_eq!(c.get("dyndbg"), Some(Some("file a.c +p")));
-        assert_eq!(c.get("nohz_full"), None);
-    }
-
-    #[test]
     fn isolcpus_flags_and_special_lists() {
         let possible = set("0-7");
         let i = Isolcpus::parse("domain,managed_irq,2-3", &possible).unwrap();
@@ -1977,23 +1849,6 @@ mod tests {
         assert_eq!(m[&30], "arch_timer");
         assert_eq!(m[&44], "");
         assert_eq!(m.len(), 4);
-    }
-
-    #[test]
-    fn hex_masks_round_trip() {
-        for s in [
-            "0",
-            "1",
-            "0-1",
-            "2-15,18-31,34-47,50-63",
-            "0,32",
-            "5,40-41,70",
-        ] {
-            let cpus = set(s);
-            assert_eq!(CpuSet::parse_mask(&hex_mask(&cpus)).unwrap(), cpus, "{s}");
-        }
-        assert_eq!(hex_mask(&set("0-1")), "3");
-        assert_eq!(hex_mask(&set("0,32")), "1,00000001");
     }
 
     #[test]

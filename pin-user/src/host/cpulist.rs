@@ -138,6 +138,27 @@ impl CpuSet {
         }
     }
 
+    /// The hexadecimal cpumask format the kernel accepts in `/proc/irq/*/smp_affinity`,
+    /// `default_smp_affinity` and the workqueue `cpumask` (32-bit words, most significant first).
+    pub fn to_mask(&self) -> String {
+        let Some(last) = self.last() else {
+            return "0".into();
+        };
+        let mut words = vec![0u32; last as usize / 32 + 1];
+        for cpu in self.iter() {
+            words[cpu as usize / 32] |= 1 << (cpu % 32);
+        }
+        let mut out = String::new();
+        for (i, w) in words.iter().rev().enumerate() {
+            if i == 0 {
+                out.push_str(&format!("{w:x}"));
+            } else {
+                out.push_str(&format!(",{w:08x}"));
+            }
+        }
+        out
+    }
+
     /// Parses the hexadecimal mask format of `/proc/irq/N/smp_affinity` and
     /// `Cpus_allowed` ("ff,ffffffff": 32-bit words, most significant first).
     pub fn parse_mask(input: &str) -> Result<Self, CpuListError> {
@@ -157,13 +178,6 @@ impl CpuSet {
             }
         }
         Ok(Self(set))
-    }
-
-    /// The first 64 CPUs as a bitmask (for compact display and eBPF).
-    pub fn mask64(&self) -> u64 {
-        self.iter()
-            .filter(|c| *c < 64)
-            .fold(0, |m, c| m | (1u64 << c))
     }
 }
 
@@ -239,6 +253,27 @@ impl<'de> serde::Deserialize<'de> for CpuSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn set(s: &str) -> CpuSet {
+        CpuSet::parse(s).unwrap()
+    }
+
+    #[test]
+    fn hex_masks_round_trip() {
+        for s in [
+            "0",
+            "1",
+            "0-1",
+            "2-15,18-31,34-47,50-63",
+            "0,32",
+            "5,40-41,70",
+        ] {
+            let cpus = set(s);
+            assert_eq!(CpuSet::parse_mask(&cpus.to_mask()).unwrap(), cpus, "{s}");
+        }
+        assert_eq!(set("0-1").to_mask(), "3");
+        assert_eq!(set("0,32").to_mask(), "1,00000001");
+    }
 
     #[test]
     fn parses_kernel_lists() {

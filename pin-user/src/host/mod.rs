@@ -1,0 +1,42 @@
+//! Facts about the host shared by every feature: CPU lists and topology,
+//! `/proc` readers, thread affinity, the kernel command line, IRQ names.
+//! Everything reads through a [`Host`] root, so tests can point it at a
+//! fixture tree.
+use std::path::PathBuf;
+
+pub mod affinity;
+pub mod cmdline;
+pub mod cpulist;
+pub mod irq;
+pub mod procfs;
+pub mod topology;
+
+/// Where the host's pseudo-filesystems and configuration are mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub proc: PathBuf,
+    pub sys: PathBuf,
+    pub etc: PathBuf,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Self {
+            proc: "/proc".into(),
+            sys: "/sys".into(),
+            etc: "/etc".into(),
+        }
+    }
+}
+
+impl Host {
+    #[cfg(test)]
+    /// A tree holding `proc/`, `sys/` and `etc/` (a test fixture).
+    pub fn under(root: &std::path::Path) -> Self {
+        Self {
+            proc: root.join("proc"),
+            sys: root.join("sys"),
+            etc: root.join("etc"),
+        }
+    }
+}
