@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use pin_common::{
-    CpuStats, EVENTS_BYTES, Event, GuardState, IrqKey, MAX_CPUS, MAX_IRQ_KEYS, MAX_OWNERS,
+    CpuStats, EVENTS_BYTES, GuardState, IrqKey, MAX_CPUS, MAX_IRQ_KEYS, MAX_OWNERS,
     MAX_PENDING_AFFINITY, MAX_TASKS, MAX_THREADS, NoiseStat, NoiseState, PendingAffinity,
     SoftirqStats, TaskInfo, TaskOffsets, ThreadKey, ThreadStats, WaitHist, Waiting, counter, guard,
 };
@@ -133,12 +133,13 @@ pub fn task_info(tid: u32) -> TaskInfo {
     }
 }
 
-/// Sends an event, counting it as lost when the ring buffer is full.
+/// Sends one record (a `pin_common::event` type: exactly its size is
+/// reserved), counting it as lost when the ring buffer is full.
 #[inline(always)]
-pub fn send(event: &Event) {
-    match EVENTS.reserve::<Event>(0) {
+pub fn send<T: 'static>(record: T) {
+    match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
-            entry.write(*event);
+            entry.write(record);
             entry.submit(0);
         }
         None => bump(counter::EVENTS_LOST),

@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use pin_common::{
-    Event, IrqKey, NoiseStat, NoiseState, SOFTIRQ_SLOTS, WAIT_BUCKETS, WaitHist, Waiting, event,
-    guard, watch,
+    IrqKey, NoiseStat, NoiseState, SOFTIRQ_SLOTS, WAIT_BUCKETS, WaitHist, Waiting, event, guard,
+    watch,
 };
 
 use crate::{
@@ -118,13 +118,13 @@ fn handler_exit(h: Handler, number: u32) -> Option<(u32, u64)> {
 /// One IRQ handler's or softirq vector's run, for a latency probe.
 #[inline(always)]
 fn send_noise(kind: u32, cpu: u32, number: u32, start: u64, ns: u64) {
-    let mut ev = Event::zeroed();
-    ev.kind = kind;
-    ev.cpu = cpu;
-    ev.target_tid = number;
-    ev.start_ns = start;
-    ev.run_ns = ns;
-    send(&ev);
+    send(event::Noise {
+        header: event::Header { kind, cpu },
+        number,
+        _pad: 0,
+        start_ns: start,
+        run_ns: ns,
+    });
 }
 
 /// `irq_handler_entry(int irq, struct irqaction *action)`
@@ -400,20 +400,28 @@ pub fn end_wait(
     if kind != watch::PROBE {
         return;
     }
-    let mut ev = Event::zeroed();
-    ev.kind = event::EPISODE;
-    ev.cpu = cpu;
-    ev.tid = tid;
-    ev.start_ns = w.since_ns;
-    ev.run_ns = wait;
-    if let Some(n) = NOISE.get(cpu) {
-        ev.total_ns = n.irq_ns.saturating_sub(w.irq_ns);
-        ev.slices = n.softirq_ns.saturating_sub(w.softirq_ns);
-        ev.other_cpu = n.nmi_count.saturating_sub(w.nmi_count) as u32;
-    }
-    ev.target_tid = prev_tid;
-    // `current` is still the previous thread at sched_switch.
-    ev.comm = bpf_get_current_comm().unwrap_or_default();
-    ev.mask = prev_run_ns;
-    send(&ev);
+    let (irq_ns, softirq_ns, nmis) = match NOISE.get(cpu) {
+        Some(n) => (
+            n.irq_ns.saturating_sub(w.irq_ns),
+            n.softirq_ns.saturating_sub(w.softirq_ns),
+            n.nmi_count.saturating_sub(w.nmi_count),
+        ),
+        None => (0, 0, 0),
+    };
+    send(event::Episode {
+        header: event::Header {
+            kind: event::EPISODE,
+            cpu,
+        },
+        tid,
+        prev_tid,
+        wake_ns: w.since_ns,
+        wait_ns: wait,
+        irq_ns,
+        softirq_ns,
+        nmis,
+        prev_run_ns,
+        // `current` is still the previous thread at sched_switch.
+        prev_comm: bpf_get_current_comm().unwrap_or_default(),
+    });
 }

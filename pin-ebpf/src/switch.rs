@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use pin_common::{Event, ThreadKey, ThreadStats, class, counter, event, guard, watch};
+use pin_common::{ThreadKey, ThreadStats, class, counter, event, guard, watch};
 
 use crate::{
     maps::{CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, bump, guard_state, send, task_info},
@@ -270,18 +270,21 @@ fn record_intruder(
             (run_ns, 1)
         }
     };
-    let mut ev = Event::zeroed();
-    ev.kind = event::INTRUSION;
-    ev.cpu = cpu;
-    ev.tid = tid;
-    ev.tgid = tgid;
-    ev.comm = bpf_get_current_comm().unwrap_or_default();
-    // SAFETY: helper without preconditions; `current` is the thread that ran.
-    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    ev.start_ns = start;
-    ev.run_ns = run_ns;
-    ev.total_ns = total_ns;
-    ev.slices = slices;
-    ev.class = class;
-    send(&ev);
+    send(event::Intrusion {
+        header: event::Header {
+            kind: event::INTRUSION,
+            cpu,
+        },
+        tid,
+        tgid,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        // SAFETY: helper without preconditions; `current` is the thread that ran.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        start_ns: start,
+        run_ns,
+        total_ns,
+        slices,
+        class,
+        _pad: 0,
+    });
 }
