@@ -21,6 +21,14 @@ pub const MAX_TASKS: u32 = 16384;
 /// Capacity of the guest and waiting-thread maps.
 pub const MAX_OWNERS: u32 = 4096;
 
+/// Capacity of `PENDING_AFFINITY`: sched_setaffinity calls on owner threads
+/// in flight at once (an entry lives from syscall entry to exit).
+pub const MAX_PENDING_AFFINITY: u32 = 1024;
+
+/// Capacity of `IRQ_STATS`: (guarded CPU, IRQ line) pairs. When full, an IRQ
+/// not seen before is still in the CPU's noise total, not in the per-line table.
+pub const MAX_IRQ_KEYS: u32 = 4096;
+
 /// Size of the event ring buffer in bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -124,18 +132,6 @@ pub mod class {
     pub const INTRUDER_KTHREAD: u32 = 5;
     pub const COUNT: usize = 6;
 
-    pub const fn name(class: u32) -> &'static str {
-        match class {
-            IDLE => "idle",
-            VCPU => "vcpu",
-            KERNEL => "kernel",
-            ALLOWED => "allowed",
-            INTRUDER_USER => "intruder_user",
-            INTRUDER_KTHREAD => "intruder_kthread",
-            _ => "unknown",
-        }
-    }
-
     pub const fn is_intruder(class: u32) -> bool {
         matches!(class, INTRUDER_USER | INTRUDER_KTHREAD)
     }
@@ -147,53 +143,158 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 0;
     /// `THREADS` map full: a new intruder thread is counted only in the class totals.
     pub const THREAD_MAP_FULL: u32 = 1;
-    /// sched_switch events seen on guarded CPUs.
-    pub const GUARDED_SWITCHES: u32 = 2;
     /// Reads of task_struct fields that failed.
-    pub const READ_ERRORS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    pub const READ_ERRORS: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
-/// Kinds of [`Event`].
+/// Records sent through the `EVENTS` ring buffer. Each kind has a record
+/// type sized to what it carries, beginning with a [`Header`](event::Header)
+/// whose `kind` says which type follows. The eBPF side reserves exactly that
+/// type's size; userspace reads the header, then the record.
 pub mod event {
-    /// A thread that is neither owner nor allowed ran on a guarded CPU.
+    use super::TASK_COMM_LEN;
+
+    /// A thread that is neither owner nor allowed ran on a guarded CPU: [`Intrusion`].
     pub const INTRUSION: u32 = 1;
-    /// A non-owner thread was migrated onto a guarded CPU.
+    /// A non-owner thread was migrated onto a guarded CPU: [`Migration`].
     pub const MIGRATE_IN: u32 = 2;
-    /// An owner (vCPU) thread was migrated away from its CPU.
+    /// An owner (vCPU) thread was migrated away from its CPU: [`Migration`].
     pub const OWNER_AWAY: u32 = 3;
-    /// Someone called sched_setaffinity on an owner thread (emitted at syscall exit).
+    /// Someone called sched_setaffinity on an owner thread (emitted at
+    /// syscall exit): [`AffinityChange`].
     pub const AFFINITY_CHANGE: u32 = 4;
-    /// A process whose name starts with "qemu" or "kvm" called exec.
+    /// A process whose name starts with "qemu" or "kvm" called exec: [`Process`].
     pub const EXEC: u32 = 5;
-    /// A known guest process (tgid in GUESTS) or an owner thread exited.
+    /// A known guest process (tgid in GUESTS) or an owner thread exited: [`Process`].
     pub const EXIT: u32 = 6;
-    /// A watched latency-probe thread waited from wake-up to running. Fields:
-    /// tid/tgid: the probe thread; start_ns: wake-up time; run_ns: the wait;
-    /// total_ns: hard IRQ time and slices: softirq time on the CPU meanwhile;
-    /// target_tid/comm/mask: the thread that ran just before it and that
-    /// thread's last slice (ns); other_cpu: NMIs meanwhile.
+    /// A watched latency-probe thread waited from wake-up to running: [`Episode`].
     pub const EPISODE: u32 = 7;
-    /// A hard IRQ handler ran on a CPU with [`super::guard::NOISE_EVENTS`]:
-    /// start_ns: handler entry; run_ns: its time; target_tid: the IRQ number.
+    /// A hard IRQ handler ran on a CPU with [`super::guard::NOISE_EVENTS`]
+    /// while a latency probe waited there: [`Noise`].
     pub const IRQ: u32 = 8;
-    /// Softirq processing of one vector, likewise; target_tid: the vector.
+    /// Softirq processing of one vector, likewise: [`Noise`].
     pub const SOFTIRQ: u32 = 9;
 
-    pub const fn name(kind: u32) -> &'static str {
-        match kind {
-            INTRUSION => "intrusion",
-            MIGRATE_IN => "migrate_in",
-            OWNER_AWAY => "owner_away",
-            AFFINITY_CHANGE => "affinity_change",
-            EXEC => "exec",
-            EXIT => "exit",
-            EPISODE => "episode",
-            IRQ => "irq",
-            SOFTIRQ => "softirq",
-            _ => "unknown",
-        }
+    /// The start of every record.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Header {
+        /// One of the kinds above.
+        pub kind: u32,
+        /// The guarded CPU concerned (0 for [`EXEC`] and [`EXIT`]).
+        pub cpu: u32,
     }
+
+    /// [`INTRUSION`]: a run slice of an intruder, the first one on this CPU or
+    /// the first after `EVENT_INTERVAL_NS`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct Intrusion {
+        pub header: Header,
+        pub tid: u32,
+        pub tgid: u32,
+        pub comm: [u8; TASK_COMM_LEN],
+        pub cgroup_id: u64,
+        /// Start of the slice (CLOCK_MONOTONIC ns) and its length.
+        pub start_ns: u64,
+        pub run_ns: u64,
+        /// Cumulative run time and slices of this thread on this CPU.
+        pub total_ns: u64,
+        pub slices: u64,
+        /// A [`super::class`].
+        pub class: u32,
+        pub _pad: u32,
+    }
+
+    /// [`MIGRATE_IN`] (`header.cpu`: the guarded destination) and
+    /// [`OWNER_AWAY`] (`header.cpu`: the owner's assigned CPU).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct Migration {
+        pub header: Header,
+        /// The thread that moves.
+        pub tid: u32,
+        pub tgid: u32,
+        pub comm: [u8; TASK_COMM_LEN],
+        pub at_ns: u64,
+        /// MIGRATE_IN: the origin CPU; OWNER_AWAY: the destination CPU.
+        pub other_cpu: u32,
+        pub _pad: u32,
+    }
+
+    /// [`AFFINITY_CHANGE`]: `header.cpu` is the owner's assigned CPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct AffinityChange {
+        pub header: Header,
+        /// The caller of sched_setaffinity.
+        pub tid: u32,
+        pub tgid: u32,
+        pub comm: [u8; TASK_COMM_LEN],
+        pub at_ns: u64,
+        /// The owner thread whose affinity was changed.
+        pub target_tid: u32,
+        pub _pad: u32,
+        /// The first 64 bits of the new mask.
+        pub mask: u64,
+    }
+
+    /// [`EXEC`] and [`EXIT`]: the thread that called exec or exited.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct Process {
+        pub header: Header,
+        pub tid: u32,
+        pub tgid: u32,
+        pub comm: [u8; TASK_COMM_LEN],
+        pub at_ns: u64,
+    }
+
+    /// [`EPISODE`]: a latency probe's wait and what happened on its CPU meanwhile.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct Episode {
+        pub header: Header,
+        /// The probe thread.
+        pub tid: u32,
+        /// The thread that ran just before the probe.
+        pub prev_tid: u32,
+        /// Wake-up time (CLOCK_MONOTONIC ns) and the wait until it ran.
+        pub wake_ns: u64,
+        pub wait_ns: u64,
+        /// Hard IRQ and softirq time, and NMIs, on the CPU during the wait.
+        pub irq_ns: u64,
+        pub softirq_ns: u64,
+        pub nmis: u64,
+        /// The last slice of `prev_tid`, and its name.
+        pub prev_run_ns: u64,
+        pub prev_comm: [u8; TASK_COMM_LEN],
+    }
+
+    /// [`IRQ`] and [`SOFTIRQ`]: one handler's run.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct Noise {
+        pub header: Header,
+        /// The IRQ number, or the softirq vector.
+        pub number: u32,
+        pub _pad: u32,
+        pub start_ns: u64,
+        pub run_ns: u64,
+    }
+
+    // The sizes userspace expects; a field added without thought about
+    // padding or size shows up here.
+    const _: () = {
+        assert!(size_of::<Header>() == 8);
+        assert!(size_of::<Intrusion>() == 80);
+        assert!(size_of::<Migration>() == 48);
+        assert!(size_of::<AffinityChange>() == 56);
+        assert!(size_of::<Process>() == 40);
+        assert!(size_of::<Episode>() == 80);
+        assert!(size_of::<Noise>() == 32);
+    };
 }
 
 /// Softirq vectors (include/linux/interrupt.h: HI, TIMER, NET_TX, NET_RX, BLOCK, IRQ_POLL, TASKLET, SCHED, HRTIMER, RCU).
@@ -249,7 +350,7 @@ pub struct NoiseState {
     pub probe_waiting: u64,
 }
 
-/// Why a thread is in `WATCHED`.
+/// Values of [`TaskInfo::watch`]: why a thread's waits are measured.
 pub mod watch {
     /// An owner vCPU: its wait times feed the "CPU ready" histogram.
     pub const VCPU: u32 = 1;
@@ -316,8 +417,6 @@ pub struct ThreadStats {
     pub run_ns: u64,
     /// Number of run slices.
     pub slices: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the start of the first slice.
-    pub first_ns: u64,
     /// When the last event for this thread was sent (rate limit).
     pub last_event_ns: u64,
     /// Longest single slice.
@@ -428,58 +527,6 @@ pub struct PendingAffinity {
     pub mask: u64,
 }
 
-/// A record sent through the `EVENTS` ring buffer.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct Event {
-    pub kind: u32,
-    /// The guarded CPU concerned (for OWNER_AWAY: the owner's assigned CPU).
-    pub cpu: u32,
-    /// The thread that ran / migrated / called sched_setaffinity.
-    pub tid: u32,
-    pub tgid: u32,
-    pub comm: [u8; TASK_COMM_LEN],
-    pub cgroup_id: u64,
-    /// Start of the run slice (CLOCK_MONOTONIC ns), or time of the event.
-    pub start_ns: u64,
-    /// Length of this run slice.
-    pub run_ns: u64,
-    /// Cumulative run time and slices of this thread on this CPU.
-    pub total_ns: u64,
-    pub slices: u64,
-    pub class: u32,
-    /// MIGRATE_IN: origin CPU; OWNER_AWAY: destination CPU.
-    pub other_cpu: u32,
-    /// AFFINITY_CHANGE: the thread whose affinity was changed; IRQ: the IRQ
-    /// number; SOFTIRQ: the vector.
-    pub target_tid: u32,
-    pub _pad: u32,
-    /// AFFINITY_CHANGE: the first 64 bits of the new mask.
-    pub mask: u64,
-}
-
-impl Event {
-    pub const fn zeroed() -> Self {
-        Self {
-            kind: 0,
-            cpu: 0,
-            tid: 0,
-            tgid: 0,
-            comm: [0; TASK_COMM_LEN],
-            cgroup_id: 0,
-            start_ns: 0,
-            run_ns: 0,
-            total_ns: 0,
-            slices: 0,
-            class: 0,
-            other_cpu: 0,
-            target_tid: 0,
-            _pad: 0,
-            mask: 0,
-        }
-    }
-}
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, contain only integers and arrays
@@ -490,7 +537,6 @@ mod pod {
     unsafe impl aya::Pod for super::TaskInfo {}
     unsafe impl aya::Pod for super::GuardState {}
     unsafe impl aya::Pod for super::TaskOffsets {}
-    unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::PendingAffinity {}
     unsafe impl aya::Pod for super::NoiseStat {}
     unsafe impl aya::Pod for super::IrqKey {}
@@ -498,4 +544,11 @@ mod pod {
     unsafe impl aya::Pod for super::NoiseState {}
     unsafe impl aya::Pod for super::Waiting {}
     unsafe impl aya::Pod for super::WaitHist {}
+    unsafe impl aya::Pod for super::event::Header {}
+    unsafe impl aya::Pod for super::event::Intrusion {}
+    unsafe impl aya::Pod for super::event::Migration {}
+    unsafe impl aya::Pod for super::event::AffinityChange {}
+    unsafe impl aya::Pod for super::event::Process {}
+    unsafe impl aya::Pod for super::event::Episode {}
+    unsafe impl aya::Pod for super::event::Noise {}
 }

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
-use pin_common::{Event, PendingAffinity, event};
+use pin_common::{PendingAffinity, event};
 
 use crate::{
     maps::{PENDING_AFFINITY, SELF_TGID, send, task_info},
@@ -79,20 +79,23 @@ pub fn setaffinity_exit(ctx: TracePointContext) -> i32 {
     if !owner.is_owner() {
         return 0;
     }
-    let mut ev = Event::zeroed();
-    ev.kind = event::AFFINITY_CHANGE;
-    ev.cpu = owner.owner_cpu;
-    ev.tid = caller;
-    ev.tgid = (pid_tgid >> 32) as u32;
-    ev.comm = bpf_get_current_comm().unwrap_or_default();
-    // SAFETY: helper without preconditions.
-    ev.start_ns = unsafe { bpf_ktime_get_ns() };
-    ev.target_tid = pending.target_tid;
-    ev.mask = pending.mask;
     debug!(
         &ctx,
         "affinity of vCPU thread {} changed by {}", pending.target_tid, caller
     );
-    send(&ev);
+    send(event::AffinityChange {
+        header: event::Header {
+            kind: event::AFFINITY_CHANGE,
+            cpu: owner.owner_cpu,
+        },
+        tid: caller,
+        tgid: (pid_tgid >> 32) as u32,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        // SAFETY: helper without preconditions.
+        at_ns: unsafe { bpf_ktime_get_ns() },
+        target_tid: pending.target_tid,
+        _pad: 0,
+        mask: pending.mask,
+    });
     0
 }

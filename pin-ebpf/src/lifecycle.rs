@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use pin_common::{Event, event};
+use pin_common::{TASK_COMM_LEN, event};
 
 use crate::maps::{GUESTS, send, task_info};
 
@@ -44,14 +44,15 @@ pub fn proc_exit(_ctx: BtfTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn emit(kind: u32, comm: [u8; 16]) {
+fn emit(kind: u32, comm: [u8; TASK_COMM_LEN]) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let mut ev = Event::zeroed();
-    ev.kind = kind;
-    ev.tid = pid_tgid as u32;
-    ev.tgid = (pid_tgid >> 32) as u32;
-    ev.comm = comm;
-    // SAFETY: helper without preconditions.
-    ev.start_ns = unsafe { bpf_ktime_get_ns() };
-    send(&ev);
+    send(event::Process {
+        // No CPU concerned: a guest's threads may be anywhere.
+        header: event::Header { kind, cpu: 0 },
+        tid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        comm,
+        // SAFETY: helper without preconditions.
+        at_ns: unsafe { bpf_ktime_get_ns() },
+    });
 }

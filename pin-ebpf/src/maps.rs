@@ -5,9 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use pin_common::{
-    CpuStats, EVENTS_BYTES, Event, GuardState, IrqKey, MAX_CPUS, MAX_OWNERS, MAX_TASKS,
-    MAX_THREADS, NoiseStat, NoiseState, PendingAffinity, SoftirqStats, TaskInfo, TaskOffsets,
-    ThreadKey, ThreadStats, WaitHist, Waiting, counter, guard,
+    CpuStats, EVENTS_BYTES, GuardState, IrqKey, MAX_CPUS, MAX_IRQ_KEYS, MAX_OWNERS,
+    MAX_PENDING_AFFINITY, MAX_TASKS, MAX_THREADS, NoiseStat, NoiseState, PendingAffinity,
+    SoftirqStats, TaskInfo, TaskOffsets, ThreadKey, ThreadStats, WaitHist, Waiting, counter, guard,
 };
 
 /// `guard::*` bits at index `cpu` (0: not guarded). Userspace may change it at run time.
@@ -36,11 +36,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// sched_setaffinity arguments between syscall entry and exit, keyed by caller tid.
 #[map]
-pub static PENDING_AFFINITY: HashMap<u32, PendingAffinity> = HashMap::with_max_entries(1024, 0);
+pub static PENDING_AFFINITY: HashMap<u32, PendingAffinity> =
+    HashMap::with_max_entries(MAX_PENDING_AFFINITY, 0);
 
 /// Hardware IRQs handled on guarded CPUs.
 #[map]
-pub static IRQ_STATS: HashMap<IrqKey, NoiseStat> = HashMap::with_max_entries(4096, 0);
+pub static IRQ_STATS: HashMap<IrqKey, NoiseStat> = HashMap::with_max_entries(MAX_IRQ_KEYS, 0);
 
 /// Softirqs run on guarded CPUs, per vector.
 #[map]
@@ -132,12 +133,13 @@ pub fn task_info(tid: u32) -> TaskInfo {
     }
 }
 
-/// Sends an event, counting it as lost when the ring buffer is full.
+/// Sends one record (a `pin_common::event` type: exactly its size is
+/// reserved), counting it as lost when the ring buffer is full.
 #[inline(always)]
-pub fn send(event: &Event) {
-    match EVENTS.reserve::<Event>(0) {
+pub fn send<T: 'static>(record: T) {
+    match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
-            entry.write(*event);
+            entry.write(record);
             entry.submit(0);
         }
         None => bump(counter::EVENTS_LOST),

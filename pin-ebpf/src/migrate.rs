@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use pin_common::{Event, event};
+use pin_common::event;
 
 use crate::{
     maps::{SELF_TGID, is_guarded, send, task_info},
@@ -29,38 +29,37 @@ fn on_migrate(p: *const u8, dest: u32) {
     if (bpf_get_current_pid_tgid() >> 32) as u32 == SELF_TGID.load() {
         return;
     }
-    let tid = task::pid(p);
-    let orig = task::cpu(p);
-    let mut ev = Event::zeroed();
+    // `p` is BTF-typed: direct loads, no helper calls.
+    let tid = task::pid::<true>(p);
+    let orig = task::cpu::<true>(p);
+    let tgid = task::tgid::<true>(p);
     let info = task_info(tid);
-    if info.is_owner() {
-        let owner = info;
+    let (kind, cpu, other_cpu) = if info.is_owner() {
         // Report an owner leaving home, not every later move elsewhere.
-        if orig != owner.owner_cpu || dest == owner.owner_cpu {
+        if orig != info.owner_cpu || dest == info.owner_cpu {
             return;
         }
-        ev.kind = event::OWNER_AWAY;
-        ev.cpu = owner.owner_cpu;
-        ev.other_cpu = dest;
+        (event::OWNER_AWAY, info.owner_cpu, dest)
     } else {
         if !is_guarded(dest) {
             return;
         }
-        let tgid = task::tgid(p);
-        if tgid == SELF_TGID.load() || task::kthread(p) == Kthread::PerCpu {
+        if tgid == SELF_TGID.load() || task::kthread::<true>(p) == Kthread::PerCpu {
             return;
         }
         if info.allowed_on(dest) {
             return;
         }
-        ev.kind = event::MIGRATE_IN;
-        ev.cpu = dest;
-        ev.other_cpu = orig;
-    }
-    ev.tid = tid;
-    ev.tgid = task::tgid(p);
-    ev.comm = task::comm(p);
-    // SAFETY: helper without preconditions.
-    ev.start_ns = unsafe { bpf_ktime_get_ns() };
-    send(&ev);
+        (event::MIGRATE_IN, dest, orig)
+    };
+    send(event::Migration {
+        header: event::Header { kind, cpu },
+        tid,
+        tgid,
+        comm: task::comm(p),
+        // SAFETY: helper without preconditions.
+        at_ns: unsafe { bpf_ktime_get_ns() },
+        other_cpu,
+        _pad: 0,
+    });
 }

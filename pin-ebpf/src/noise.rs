@@ -12,7 +12,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use pin_common::{
-    Event, IrqKey, NoiseStat, SOFTIRQ_SLOTS, WAIT_BUCKETS, WaitHist, Waiting, event, guard, watch,
+    IrqKey, NoiseStat, NoiseState, SOFTIRQ_SLOTS, WAIT_BUCKETS, WaitHist, Waiting, event, guard,
+    watch,
 };
 
 use crate::{
@@ -44,44 +45,101 @@ fn add(stat: &mut NoiseStat, ns: u64) {
     }
 }
 
-/// `irq_handler_entry(int irq, struct irqaction *action)`
-#[btf_tracepoint(function = "irq_handler_entry")]
-pub fn irq_entry(_ctx: BtfTracePointContext) -> i32 {
+/// The two kinds of handler timed between an entry and an exit tracepoint.
+#[derive(Clone, Copy)]
+enum Handler {
+    Irq,
+    Softirq,
+}
+
+impl Handler {
+    /// The entry time of the one in progress and the running total, in the CPU's `NOISE` slot.
+    #[inline(always)]
+    fn clock(self, n: &mut NoiseState) -> (&mut u64, &mut u64) {
+        match self {
+            Self::Irq => (&mut n.irq_start, &mut n.irq_ns),
+            Self::Softirq => (&mut n.softirq_start, &mut n.softirq_ns),
+        }
+    }
+
+    #[inline(always)]
+    fn event(self) -> u32 {
+        match self {
+            Self::Irq => event::IRQ,
+            Self::Softirq => event::SOFTIRQ,
+        }
+    }
+}
+
+/// Notes when handler `h` began on this CPU, if it is guarded.
+#[inline(always)]
+fn handler_entry(h: Handler) -> i32 {
     let cpu = this_cpu();
     if !is_guarded(cpu) {
         return 0;
     }
     if let Some(n) = NOISE.get_ptr_mut(cpu) {
-        // SAFETY: slot of this CPU, written only here with IRQs off.
-        unsafe { (*n).irq_start = now() };
+        // SAFETY: slot of this CPU, written only by this CPU (handlers run with
+        // IRQs off, or on this CPU's softirq path).
+        *h.clock(unsafe { &mut *n }).0 = now();
     }
     0
+}
+
+/// Ends handler `h` (IRQ or vector `number`) on this CPU: adds its time to
+/// the CPU's running total and, while a latency probe waits here, sends it as
+/// an event. Returns the CPU and the time for the per-number statistics; None
+/// when the CPU is not guarded or the entry was not seen (attached meanwhile).
+#[inline(always)]
+fn handler_exit(h: Handler, number: u32) -> Option<(u32, u64)> {
+    let cpu = this_cpu();
+    let bits = guard_state(cpu).bits;
+    if bits & guard::GUARDED == 0 {
+        return None;
+    }
+    let n = NOISE.get_ptr_mut(cpu)?;
+    // SAFETY: as in handler_entry.
+    let n = unsafe { &mut *n };
+    let probe_waiting = n.probe_waiting != 0;
+    let (start_slot, total) = h.clock(n);
+    let start = *start_slot;
+    if start == 0 {
+        return None;
+    }
+    let ns = now().saturating_sub(start);
+    *start_slot = 0;
+    *total += ns;
+    if bits & guard::NOISE_EVENTS != 0 && probe_waiting {
+        send_noise(h.event(), cpu, number, start, ns);
+    }
+    Some((cpu, ns))
+}
+
+/// One IRQ handler's or softirq vector's run, for a latency probe.
+#[inline(always)]
+fn send_noise(kind: u32, cpu: u32, number: u32, start: u64, ns: u64) {
+    send(event::Noise {
+        header: event::Header { kind, cpu },
+        number,
+        _pad: 0,
+        start_ns: start,
+        run_ns: ns,
+    });
+}
+
+/// `irq_handler_entry(int irq, struct irqaction *action)`
+#[btf_tracepoint(function = "irq_handler_entry")]
+pub fn irq_entry(_ctx: BtfTracePointContext) -> i32 {
+    handler_entry(Handler::Irq)
 }
 
 /// `irq_handler_exit(int irq, struct irqaction *action, int ret)`
 #[btf_tracepoint(function = "irq_handler_exit")]
 pub fn irq_exit(ctx: BtfTracePointContext) -> i32 {
-    let cpu = this_cpu();
-    let bits = guard_state(cpu).bits;
-    if bits & guard::GUARDED == 0 {
-        return 0;
-    }
     let irq: i32 = ctx.arg(0);
-    let Some(n) = NOISE.get_ptr_mut(cpu) else {
+    let Some((cpu, ns)) = handler_exit(Handler::Irq, irq as u32) else {
         return 0;
     };
-    // SAFETY: as above.
-    let n = unsafe { &mut *n };
-    if n.irq_start == 0 {
-        return 0;
-    }
-    let start = n.irq_start;
-    let ns = now().saturating_sub(start);
-    n.irq_start = 0;
-    n.irq_ns += ns;
-    if bits & guard::NOISE_EVENTS != 0 && n.probe_waiting != 0 {
-        send_noise(event::IRQ, cpu, irq as u32, start, ns);
-    }
     let key = IrqKey {
         cpu,
         irq: irq as u32,
@@ -104,56 +162,19 @@ pub fn irq_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// One IRQ handler's or softirq vector's run, for a latency probe.
-#[inline(always)]
-fn send_noise(kind: u32, cpu: u32, number: u32, start: u64, ns: u64) {
-    let mut ev = Event::zeroed();
-    ev.kind = kind;
-    ev.cpu = cpu;
-    ev.target_tid = number;
-    ev.start_ns = start;
-    ev.run_ns = ns;
-    send(&ev);
-}
-
 /// `softirq_entry(unsigned int vec_nr)`
 #[btf_tracepoint(function = "softirq_entry")]
 pub fn softirq_entry(_ctx: BtfTracePointContext) -> i32 {
-    let cpu = this_cpu();
-    if !is_guarded(cpu) {
-        return 0;
-    }
-    if let Some(n) = NOISE.get_ptr_mut(cpu) {
-        // SAFETY: slot of this CPU.
-        unsafe { (*n).softirq_start = now() };
-    }
-    0
+    handler_entry(Handler::Softirq)
 }
 
 /// `softirq_exit(unsigned int vec_nr)`
 #[btf_tracepoint(function = "softirq_exit")]
 pub fn softirq_exit(ctx: BtfTracePointContext) -> i32 {
-    let cpu = this_cpu();
-    let bits = guard_state(cpu).bits;
-    if bits & guard::GUARDED == 0 {
-        return 0;
-    }
     let vec: u32 = ctx.arg(0);
-    let Some(n) = NOISE.get_ptr_mut(cpu) else {
+    let Some((_, ns)) = handler_exit(Handler::Softirq, vec) else {
         return 0;
     };
-    // SAFETY: slot of this CPU.
-    let n = unsafe { &mut *n };
-    if n.softirq_start == 0 {
-        return 0;
-    }
-    let start = n.softirq_start;
-    let ns = now().saturating_sub(start);
-    n.softirq_start = 0;
-    n.softirq_ns += ns;
-    if bits & guard::NOISE_EVENTS != 0 && n.probe_waiting != 0 {
-        send_noise(event::SOFTIRQ, cpu, vec, start, ns);
-    }
     if let Some(s) = SOFTIRQ_STATS.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; the mask keeps the index inside the array.
         add(
@@ -269,12 +290,12 @@ fn on_wakeup(p: *const u8) {
     // Only CPUs where someone is watched (a cheap array read before any task read).
     // `p` is BTF-typed (tp_btf): direct loads, no helper calls, since this
     // runs on every wake-up of every CPU.
-    let cpu = task::cpu_as::<true>(p);
+    let cpu = task::cpu::<true>(p);
     let state = guard_state(cpu);
     if state.bits & (guard::OWNER_WATCHED | guard::TRACK_WAITS) == 0 {
         return;
     }
-    let tid = task::pid_as::<true>(p);
+    let tid = task::pid::<true>(p);
     // The CPU's own vCPU, the common case: no hash lookup.
     let owner = tid == state.owner_tid && state.bits & guard::OWNER_WATCHED != 0;
     let kind = if owner {
@@ -287,14 +308,7 @@ fn on_wakeup(p: *const u8) {
     if kind == 0 {
         return;
     }
-    start_wait(
-        tid,
-        cpu,
-        0,
-        task::sum_exec_runtime_as::<true>(p),
-        owner,
-        kind,
-    );
+    start_wait(tid, cpu, 0, task::sum_exec_runtime::<true>(p), owner, kind);
 }
 
 /// `sched_wakeup(struct task_struct *p)`: only watched threads are looked at.
@@ -386,20 +400,28 @@ pub fn end_wait(
     if kind != watch::PROBE {
         return;
     }
-    let mut ev = Event::zeroed();
-    ev.kind = event::EPISODE;
-    ev.cpu = cpu;
-    ev.tid = tid;
-    ev.start_ns = w.since_ns;
-    ev.run_ns = wait;
-    if let Some(n) = NOISE.get(cpu) {
-        ev.total_ns = n.irq_ns.saturating_sub(w.irq_ns);
-        ev.slices = n.softirq_ns.saturating_sub(w.softirq_ns);
-        ev.other_cpu = n.nmi_count.saturating_sub(w.nmi_count) as u32;
-    }
-    ev.target_tid = prev_tid;
-    // `current` is still the previous thread at sched_switch.
-    ev.comm = bpf_get_current_comm().unwrap_or_default();
-    ev.mask = prev_run_ns;
-    send(&ev);
+    let (irq_ns, softirq_ns, nmis) = match NOISE.get(cpu) {
+        Some(n) => (
+            n.irq_ns.saturating_sub(w.irq_ns),
+            n.softirq_ns.saturating_sub(w.softirq_ns),
+            n.nmi_count.saturating_sub(w.nmi_count),
+        ),
+        None => (0, 0, 0),
+    };
+    send(event::Episode {
+        header: event::Header {
+            kind: event::EPISODE,
+            cpu,
+        },
+        tid,
+        prev_tid,
+        wake_ns: w.since_ns,
+        wait_ns: wait,
+        irq_ns,
+        softirq_ns,
+        nmis,
+        prev_run_ns,
+        // `current` is still the previous thread at sched_switch.
+        prev_comm: bpf_get_current_comm().unwrap_or_default(),
+    });
 }

@@ -6,7 +6,6 @@
 //! before `context_switch()`, so `current` is still `prev`
 //! (https://elixir.bootlin.com/linux/v6.18/source/kernel/sched/core.c).
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
@@ -14,7 +13,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use pin_common::{Event, ThreadKey, ThreadStats, class, counter, event, guard, watch};
+use pin_common::{ThreadKey, ThreadStats, class, counter, event, guard, watch};
 
 use crate::{
     maps::{CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, bump, guard_state, send, task_info},
@@ -55,8 +54,7 @@ fn switch_out_state(preempt: u64, prev_state: u32) -> u32 {
 /// and without `next` slices are measured in wall-clock time (IRQ and steal
 /// time included), unlike the two hooks above.
 #[tracepoint(category = "sched", name = "sched_switch")]
-pub fn switch_tracepoint(ctx: TracePointContext) -> i32 {
-    let _ = ctx.as_ptr();
+pub fn switch_tracepoint(_ctx: TracePointContext) -> i32 {
     // SAFETY: plain helper call.
     let prev = unsafe { bpf_get_current_task() } as *const u8;
     on_switch::<false>(prev, core::ptr::null(), u32::MAX)
@@ -92,7 +90,7 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
         stats.cur_task = 0;
     } else {
         stats.cur_task = next as u64;
-        stats.cur_runtime = task::sum_exec_runtime_as::<BTF>(next);
+        stats.cur_runtime = task::sum_exec_runtime::<BTF>(next);
     }
     if start == 0 || start > now {
         // First switch seen on this CPU: the slice began before we attached.
@@ -101,13 +99,13 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
     // With BTF pointers two direct loads are cheaper than a helper call
     // (calls are expensive under retpoline/SRSO mitigations).
     let (tid, tgid) = if BTF {
-        (task::pid_as::<true>(prev), task::tgid_as::<true>(prev))
+        (task::pid::<true>(prev), task::tgid::<true>(prev))
     } else {
         let pid_tgid = bpf_get_current_pid_tgid();
         (pid_tgid as u32, (pid_tgid >> 32) as u32)
     };
     let run_ns = if tid != 0 && cur_task != 0 && cur_task == prev as u64 {
-        task::sum_exec_runtime_as::<BTF>(prev).saturating_sub(cur_runtime)
+        task::sum_exec_runtime::<BTF>(prev).saturating_sub(cur_runtime)
     } else {
         now - start
     };
@@ -141,7 +139,7 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
                 if prev_state == 0 {
                     // TASK_RUNNING at switch-out: preempted, still runnable, so
                     // waiting from now. Its CPU time was just brought up to date.
-                    let runtime = task::sum_exec_runtime_as::<BTF>(prev);
+                    let runtime = task::sum_exec_runtime::<BTF>(prev);
                     noise::start_wait(tid, cpu, now, runtime, owner, kind);
                 } else {
                     // Going to sleep: forget a wake-up seen while it was still running
@@ -150,7 +148,7 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
                 }
             }
         }
-        let next_tid = task::pid_as::<BTF>(next);
+        let next_tid = task::pid::<BTF>(next);
         if next_tid != 0 {
             // `next`'s CPU time, read above: it has not run since it stopped.
             let runtime = stats.cur_runtime;
@@ -208,7 +206,7 @@ fn classify<const BTF: bool>(
     if info.allowed_on(cpu) {
         return (class::ALLOWED, none);
     }
-    let class = match task::kthread_as::<BTF>(prev) {
+    let class = match task::kthread::<BTF>(prev) {
         Kthread::PerCpu => class::KERNEL,
         Kthread::Unbound => class::INTRUDER_KTHREAD,
         Kthread::No => class::INTRUDER_USER,
@@ -256,7 +254,6 @@ fn record_intruder(
             let stats = ThreadStats {
                 run_ns,
                 slices: 1,
-                first_ns: start,
                 last_event_ns: now,
                 max_slice_ns: run_ns,
                 tgid,
@@ -273,18 +270,21 @@ fn record_intruder(
             (run_ns, 1)
         }
     };
-    let mut ev = Event::zeroed();
-    ev.kind = event::INTRUSION;
-    ev.cpu = cpu;
-    ev.tid = tid;
-    ev.tgid = tgid;
-    ev.comm = bpf_get_current_comm().unwrap_or_default();
-    // SAFETY: helper without preconditions; `current` is the thread that ran.
-    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    ev.start_ns = start;
-    ev.run_ns = run_ns;
-    ev.total_ns = total_ns;
-    ev.slices = slices;
-    ev.class = class;
-    send(&ev);
+    send(event::Intrusion {
+        header: event::Header {
+            kind: event::INTRUSION,
+            cpu,
+        },
+        tid,
+        tgid,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        // SAFETY: helper without preconditions; `current` is the thread that ran.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        start_ns: start,
+        run_ns,
+        total_ns,
+        slices,
+        class,
+        _pad: 0,
+    });
 }

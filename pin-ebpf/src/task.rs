@@ -1,4 +1,9 @@
 //! Reads of `struct task_struct` fields at offsets resolved from BTF at load time.
+//!
+//! Every accessor takes `BTF`: true when the pointer is BTF-typed (a `tp_btf`
+//! argument), so the field is read with a direct load; false for any other
+//! task pointer (a raw tracepoint argument, `bpf_get_current_task()`), read
+//! with `bpf_probe_read_kernel`.
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use pin_common::{PF_KTHREAD, TASK_COMM_LEN, counter};
 
@@ -26,10 +31,9 @@ fn load<T: Copy>(task: *const u8, offset: u32) -> T {
     unsafe { core::ptr::read_volatile(task.add(offset as usize) as *const T) }
 }
 
-/// Reads with a direct load when `BTF` (the pointer is BTF-typed), else with
-/// `bpf_probe_read_kernel`.
+/// The one field reader: a direct load when `BTF`, else `bpf_probe_read_kernel`.
 #[inline(always)]
-fn read_as<T: Copy + Default, const BTF: bool>(task: *const u8, offset: u32) -> T {
+fn field<T: Copy + Default, const BTF: bool>(task: *const u8, offset: u32) -> T {
     if BTF {
         load(task, offset)
     } else {
@@ -37,65 +41,28 @@ fn read_as<T: Copy + Default, const BTF: bool>(task: *const u8, offset: u32) -> 
     }
 }
 
+/// The thread id (`task_struct::pid`).
 #[inline(always)]
-pub fn pid_as<const BTF: bool>(task: *const u8) -> u32 {
-    read_as::<i32, BTF>(task, TASK_OFFSETS.load().pid) as u32
+pub fn pid<const BTF: bool>(task: *const u8) -> u32 {
+    field::<i32, BTF>(task, TASK_OFFSETS.load().pid) as u32
 }
 
+/// The process id (`task_struct::tgid`).
 #[inline(always)]
-pub fn tgid_as<const BTF: bool>(task: *const u8) -> u32 {
-    read_as::<i32, BTF>(task, TASK_OFFSETS.load().tgid) as u32
+pub fn tgid<const BTF: bool>(task: *const u8) -> u32 {
+    field::<i32, BTF>(task, TASK_OFFSETS.load().tgid) as u32
 }
 
+/// The CPU the task is on, or was last on.
 #[inline(always)]
-pub fn cpu_as<const BTF: bool>(task: *const u8) -> u32 {
-    read_as::<u32, BTF>(task, TASK_OFFSETS.load().cpu)
+pub fn cpu<const BTF: bool>(task: *const u8) -> u32 {
+    field::<u32, BTF>(task, TASK_OFFSETS.load().cpu)
 }
 
 /// CPU time of the task so far (ns), as the scheduler accounts it.
 #[inline(always)]
-pub fn sum_exec_runtime_as<const BTF: bool>(task: *const u8) -> u64 {
-    read_as::<u64, BTF>(task, TASK_OFFSETS.load().sum_exec_runtime)
-}
-
-#[inline(always)]
-pub fn kthread_as<const BTF: bool>(task: *const u8) -> Kthread {
-    let offsets = TASK_OFFSETS.load();
-    let flags: u32 = read_as::<u32, BTF>(task, offsets.flags);
-    if flags & PF_KTHREAD == 0 {
-        return Kthread::No;
-    }
-    let nr: i32 = read_as::<i32, BTF>(task, offsets.nr_cpus_allowed);
-    if nr == 1 {
-        Kthread::PerCpu
-    } else {
-        Kthread::Unbound
-    }
-}
-
-#[inline(always)]
-pub fn pid(task: *const u8) -> u32 {
-    read::<i32>(task, TASK_OFFSETS.load().pid) as u32
-}
-
-#[inline(always)]
-pub fn tgid(task: *const u8) -> u32 {
-    read::<i32>(task, TASK_OFFSETS.load().tgid) as u32
-}
-
-#[inline(always)]
-pub fn cpu(task: *const u8) -> u32 {
-    read::<u32>(task, TASK_OFFSETS.load().cpu)
-}
-
-pub fn comm(task: *const u8) -> [u8; TASK_COMM_LEN] {
-    let mut buf = [0u8; TASK_COMM_LEN];
-    // SAFETY: as above; on failure the name stays empty.
-    let src = unsafe { task.add(TASK_OFFSETS.load().comm as usize) };
-    if unsafe { bpf_probe_read_kernel_buf(src, &mut buf) }.is_err() {
-        bump(counter::READ_ERRORS);
-    }
-    buf
+pub fn sum_exec_runtime<const BTF: bool>(task: *const u8) -> u64 {
+    field::<u64, BTF>(task, TASK_OFFSETS.load().sum_exec_runtime)
 }
 
 /// What kind of kernel thread a task is, if any.
@@ -110,18 +77,30 @@ pub enum Kthread {
 }
 
 #[inline(always)]
-pub fn kthread(task: *const u8) -> Kthread {
+pub fn kthread<const BTF: bool>(task: *const u8) -> Kthread {
     let offsets = TASK_OFFSETS.load();
-    let flags: u32 = read(task, offsets.flags);
+    let flags: u32 = field::<u32, BTF>(task, offsets.flags);
     if flags & PF_KTHREAD == 0 {
         return Kthread::No;
     }
-    let nr: i32 = read(task, offsets.nr_cpus_allowed);
+    let nr: i32 = field::<i32, BTF>(task, offsets.nr_cpus_allowed);
     if nr == 1 {
         Kthread::PerCpu
     } else {
         Kthread::Unbound
     }
+}
+
+/// The task's name. Always read with `bpf_probe_read_kernel_buf`: one helper
+/// call for the 16 bytes, on rare paths only (events).
+pub fn comm(task: *const u8) -> [u8; TASK_COMM_LEN] {
+    let mut buf = [0u8; TASK_COMM_LEN];
+    // SAFETY: as above; on failure the name stays empty.
+    let src = unsafe { task.add(TASK_OFFSETS.load().comm as usize) };
+    if unsafe { bpf_probe_read_kernel_buf(src, &mut buf) }.is_err() {
+        bump(counter::READ_ERRORS);
+    }
+    buf
 }
 
 /// Whether the current task lives in the host's PID namespace, where the

@@ -21,7 +21,11 @@ use std::{
 use pin_common::{CpuStats, ThreadKey, ThreadStats, class};
 
 use crate::{
-    bpf::probe::{Counters, DecodedEvent, comm_str},
+    bpf::{
+        class::ThreadClass,
+        events::KernelEvent,
+        probe::{Counters, comm_str},
+    },
     exit,
     host::cpulist::CpuSet,
     host::procfs::ThreadInfo,
@@ -712,50 +716,53 @@ pub struct EventTally {
 }
 
 impl EventTally {
-    pub fn add(&mut self, ev: &DecodedEvent) {
-        match ev.event {
-            "migrate_in" => {
+    pub fn add(&mut self, ev: &KernelEvent) {
+        match ev {
+            KernelEvent::MigrateIn(mig) => {
+                let t = &mig.thread;
                 let m = self
                     .migrations
-                    .entry((ev.cpu, ev.tid))
+                    .entry((mig.to_cpu, t.tid))
                     .or_insert_with(|| Migration {
-                        tid: ev.tid,
-                        pid: ev.tgid,
-                        comm: ev.comm.clone(),
+                        tid: t.tid,
+                        pid: t.tgid,
+                        comm: t.comm.clone(),
                         count: 0,
                         from_cpus: CpuSet::new(),
                     });
                 m.count += 1;
-                if let Some(from) = ev.other_cpu {
-                    m.from_cpus.insert(from);
-                }
+                m.from_cpus.insert(mig.from_cpu);
             }
-            "intrusion" => {
+            KernelEvent::Intrusion(i) => {
+                let t = &i.thread;
                 self.intrusions
-                    .entry(ev.tid)
-                    .or_insert_with(|| (ev.tgid, ev.comm.clone(), CpuSet::new()))
+                    .entry(t.tid)
+                    .or_insert_with(|| (t.tgid, t.comm.clone(), CpuSet::new()))
                     .2
-                    .insert(ev.cpu);
+                    .insert(i.cpu);
             }
-            "owner_away" => {
-                let a = self.away.entry(ev.tid).or_default();
+            KernelEvent::OwnerAway(mig) => {
+                let a = self.away.entry(mig.thread.tid).or_default();
                 a.0 += 1;
-                if let Some(to) = ev.other_cpu {
-                    a.1.insert(to);
-                }
+                a.1.insert(mig.to_cpu);
             }
             // Bounded: a loop re-pinning a vCPU should not grow memory.
-            "affinity_change" if self.affinity.len() < MAX_AFFINITY_CHANGES => {
+            KernelEvent::AffinityChange(c) if self.affinity.len() < MAX_AFFINITY_CHANGES => {
                 self.affinity.push(AffinityChange {
-                    target: ev.target_tid.unwrap_or_default(),
-                    tid: ev.tid,
-                    pid: ev.tgid,
-                    comm: ev.comm.clone(),
-                    mask: ev.mask.clone().unwrap_or_default(),
+                    target: c.target_tid,
+                    tid: c.caller.tid,
+                    pid: c.caller.tgid,
+                    comm: c.caller.comm.clone(),
+                    mask: c.mask.to_string(),
                 });
             }
-            "affinity_change" => self.affinity_dropped += 1,
-            _ => {}
+            KernelEvent::AffinityChange(_) => self.affinity_dropped += 1,
+            // Guest lifecycle and latency-probe events say nothing about isolation.
+            KernelEvent::Exec(_)
+            | KernelEvent::Exit(_)
+            | KernelEvent::Episode(_)
+            | KernelEvent::Irq(_)
+            | KernelEvent::Softirq(_) => {}
         }
     }
 }
@@ -887,10 +894,11 @@ pub fn window(
 
     for cpu in guard.guarded.iter() {
         let stats = obs.maps.cpu_stats.get(&cpu).copied().unwrap_or_default();
-        let mut time: BTreeMap<&'static str, ClassTime> = (0..class::COUNT as u32)
+        let mut time: BTreeMap<&'static str, ClassTime> = ThreadClass::ALL
+            .iter()
             .map(|c| {
-                let ns = stats.run_ns[c as usize];
-                (class::name(c), ClassTime { ns, pct: pct(ns) })
+                let ns = stats.run_ns[c.index()];
+                (c.as_str(), ClassTime { ns, pct: pct(ns) })
             })
             .collect();
         // A slice is accounted when it ends: one still running when the
@@ -909,7 +917,10 @@ pub fn window(
         for (k, t) in obs.maps.threads.iter().filter(|(k, _)| k.cpu == cpu) {
             let now = live.get(&k.tid).filter(|i| i.tgid == t.tgid);
             let comm = now.map_or_else(|| comm_str(&t.comm), |i| i.comm.clone());
-            let kthread = t.class == class::INTRUDER_KTHREAD;
+            let Some(class) = ThreadClass::from_raw(t.class) else {
+                continue;
+            };
+            let kthread = class == ThreadClass::IntruderKthread;
             let (vm, vcpu, assigned_cpu) = vcpu_fields(k.tid, t.tgid, own);
             let (row_class, finding) = match (own.vcpu(k.tid), vm.is_some(), kthread) {
                 (Some(_), _, _) => (Class::OtherVcpu, Finding::Intruder),
@@ -919,7 +930,7 @@ pub fn window(
             };
             let mut note = format!(
                 "{} ran {} in {} slice(s), longest {}",
-                class::name(t.class),
+                class,
                 fmt_ns(t.run_ns),
                 t.slices,
                 fmt_ns(t.max_slice_ns)
@@ -1304,6 +1315,7 @@ mod tests {
     use pin_common::{PF_KTHREAD, TASK_COMM_LEN};
 
     use super::*;
+    use crate::bpf::events::{self, Thread};
 
     fn set(s: &str) -> CpuSet {
         CpuSet::parse(s).unwrap()
@@ -1625,26 +1637,54 @@ mod tests {
         }
     }
 
-    /// An event as the kernel would send it, decoded like the real ones.
-    fn event(kind: u32, cpu: u32, tid: u32, other: u32) -> DecodedEvent {
-        let mut e = pin_common::Event::zeroed();
-        e.kind = kind;
-        e.cpu = cpu;
-        e.tid = tid;
-        e.tgid = tid;
-        e.comm = comm(&format!("t{tid}"));
-        e.class = class::INTRUDER_USER;
-        e.other_cpu = other;
-        e.target_tid = 77;
-        e.mask = 0b11;
-        // SAFETY: Event is repr(C) plain data.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&e as *const pin_common::Event).cast::<u8>(),
-                size_of::<pin_common::Event>(),
-            )
-        };
-        crate::bpf::probe::decode(bytes).unwrap()
+    fn named(tid: u32) -> Thread {
+        Thread {
+            tid,
+            tgid: tid,
+            comm: format!("t{tid}"),
+        }
+    }
+
+    fn migrate_in(to_cpu: u32, tid: u32, from_cpu: u32) -> KernelEvent {
+        KernelEvent::MigrateIn(events::Migration {
+            thread: named(tid),
+            from_cpu,
+            to_cpu,
+            at_ns: 0,
+        })
+    }
+
+    fn owner_away(from_cpu: u32, tid: u32, to_cpu: u32) -> KernelEvent {
+        KernelEvent::OwnerAway(events::Migration {
+            thread: named(tid),
+            from_cpu,
+            to_cpu,
+            at_ns: 0,
+        })
+    }
+
+    fn intrusion(cpu: u32, tid: u32) -> KernelEvent {
+        KernelEvent::Intrusion(events::Intrusion {
+            cpu,
+            thread: named(tid),
+            cgroup_id: 0,
+            start_ns: 0,
+            run_ns: 0,
+            total_ns: 0,
+            slices: 0,
+            class: ThreadClass::IntruderUser,
+        })
+    }
+
+    /// Thread `tid` set the affinity of vCPU thread 77 (owner of `cpu`) to 0-1.
+    fn affinity_change(cpu: u32, tid: u32) -> KernelEvent {
+        KernelEvent::AffinityChange(events::AffinityChange {
+            cpu,
+            caller: named(tid),
+            target_tid: 77,
+            mask: CpuSet::from_cpus([0, 1]),
+            at_ns: 0,
+        })
     }
 
     #[test]
@@ -1725,14 +1765,10 @@ mod tests {
             ),
         ];
         obs.maps.counters.events_lost = 3;
-        obs.events
-            .add(&event(pin_common::event::MIGRATE_IN, 2, 700, 0));
-        obs.events
-            .add(&event(pin_common::event::MIGRATE_IN, 2, 700, 1));
-        obs.events
-            .add(&event(pin_common::event::OWNER_AWAY, 2, 101, 0));
-        obs.events
-            .add(&event(pin_common::event::INTRUSION, 2, 601, 0));
+        obs.events.add(&migrate_in(2, 700, 0));
+        obs.events.add(&migrate_in(2, 700, 1));
+        obs.events.add(&owner_away(2, 101, 0));
+        obs.events.add(&intrusion(2, 601));
         let mut live = BTreeMap::new();
         live.insert(23, kthread(23, "kworker/u8:2", 3, "0-3"));
         let r = window(&guard(), &own, &obs, &live);
@@ -1821,8 +1857,7 @@ mod tests {
         s.run_ns[class::IDLE as usize] = 499_999_000;
         obs.maps.cpu_stats.insert(2, s);
         // Someone changed a thread's affinity: worth a warning, not a violation.
-        obs.events
-            .add(&event(pin_common::event::AFFINITY_CHANGE, 2, 55, 0));
+        obs.events.add(&affinity_change(2, 55));
         let r = window(&guard(), &ownership(), &obs, &BTreeMap::new());
         assert_eq!(r.summary.violations, 0, "{}", render(&r));
         assert_eq!(r.exit_code(), exit::OK);

@@ -11,14 +11,17 @@ use aya::{
     programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint},
 };
 use pin_common::{
-    ANY_CPU, CpuStats, Event, GuardState, IrqKey, NO_CPU, NoiseStat, NoiseState, SoftirqStats,
+    ANY_CPU, CpuStats, GuardState, IrqKey, NO_CPU, NoiseStat, NoiseState, SoftirqStats,
     TASK_COMM_LEN, TaskInfo, ThreadKey, ThreadStats, WaitHist, Waiting, counter, global, guard,
     map, program, watch,
 };
 use thiserror::Error;
 
 use crate::{
-    bpf::btf::{Btf, BtfError},
+    bpf::{
+        btf::{Btf, BtfError},
+        events::{DecodeError, KernelEvent, decode},
+    },
     host::cpulist::CpuSet,
 };
 
@@ -775,7 +778,7 @@ impl EventReader {
     }
 
     /// Drains every event currently in the buffer.
-    pub fn drain(&mut self, mut f: impl FnMut(Result<DecodedEvent, DecodeError>)) {
+    pub fn drain(&mut self, mut f: impl FnMut(Result<KernelEvent, DecodeError>)) {
         while let Some(item) = self.ring.next() {
             f(decode(&item));
         }
@@ -784,7 +787,7 @@ impl EventReader {
     /// Waits (async) until events are available, then drains them.
     pub async fn next_batch(
         fd: &mut tokio::io::unix::AsyncFd<EventReader>,
-        f: impl FnMut(Result<DecodedEvent, DecodeError>),
+        f: impl FnMut(Result<KernelEvent, DecodeError>),
     ) -> io::Result<()> {
         let mut guard = fd.readable_mut().await?;
         guard.get_inner_mut().drain(f);
@@ -799,110 +802,14 @@ impl std::os::fd::AsRawFd for EventReader {
     }
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error("event of {got} bytes, expected {expected}")]
-pub struct DecodeError {
-    pub got: usize,
-    pub expected: usize,
-}
-
-/// An event as userspace uses it (and prints as JSON).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DecodedEvent {
-    pub event: &'static str,
-    pub kind: u32,
-    pub cpu: u32,
-    pub tid: u32,
-    pub tgid: u32,
-    pub comm: String,
-    pub cgroup_id: u64,
-    pub start_ns: u64,
-    pub run_ns: u64,
-    pub total_ns: u64,
-    pub slices: u64,
-    pub class: &'static str,
-    /// MIGRATE_IN: origin CPU; OWNER_AWAY: destination CPU.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub other_cpu: Option<u32>,
-    /// AFFINITY_CHANGE: the vCPU thread whose affinity was changed, and the new mask.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub target_tid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mask: Option<String>,
-    /// IRQ: the IRQ number; SOFTIRQ: the vector (start_ns/run_ns: when and how long).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub number: Option<u32>,
-    /// EPISODE: what happened on the CPU while a watched probe thread waited.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub episode: Option<Episode>,
-}
-
-/// A latency probe's wait from wake-up to running, and what overlapped it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Episode {
-    pub wake_ns: u64,
-    pub wait_ns: u64,
-    pub irq_ns: u64,
-    pub softirq_ns: u64,
-    pub nmis: u32,
-    /// The thread that ran on the CPU right before the probe, and its last slice.
-    pub prev_tid: u32,
-    pub prev_comm: String,
-    pub prev_run_ns: u64,
-}
-
+/// A task name as the kernel stores it: NUL-terminated, unless all 16 bytes are used.
 pub fn comm_str(comm: &[u8; TASK_COMM_LEN]) -> String {
     let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-/// Decodes one ring buffer record.
-pub fn decode(bytes: &[u8]) -> Result<DecodedEvent, DecodeError> {
-    let expected = size_of::<Event>();
-    if bytes.len() < expected {
-        return Err(DecodeError {
-            got: bytes.len(),
-            expected,
-        });
-    }
-    // SAFETY: length checked; Event is plain old data; the record may be unaligned.
-    let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    use pin_common::event as k;
-    Ok(DecodedEvent {
-        event: k::name(e.kind),
-        kind: e.kind,
-        cpu: e.cpu,
-        tid: e.tid,
-        tgid: e.tgid,
-        comm: comm_str(&e.comm),
-        cgroup_id: e.cgroup_id,
-        start_ns: e.start_ns,
-        run_ns: e.run_ns,
-        total_ns: e.total_ns,
-        slices: e.slices,
-        class: pin_common::class::name(e.class),
-        other_cpu: matches!(e.kind, k::MIGRATE_IN | k::OWNER_AWAY).then_some(e.other_cpu),
-        target_tid: (e.kind == k::AFFINITY_CHANGE).then_some(e.target_tid),
-        mask: (e.kind == k::AFFINITY_CHANGE)
-            .then(|| CpuSet::from_cpus((0..64).filter(|b| e.mask & (1 << b) != 0)).to_string()),
-        number: matches!(e.kind, k::IRQ | k::SOFTIRQ).then_some(e.target_tid),
-        episode: (e.kind == k::EPISODE).then(|| Episode {
-            wake_ns: e.start_ns,
-            wait_ns: e.run_ns,
-            irq_ns: e.total_ns,
-            softirq_ns: e.slices,
-            nmis: e.other_cpu,
-            prev_tid: e.target_tid,
-            prev_comm: comm_str(&e.comm),
-            prev_run_ns: e.mask,
-        }),
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use pin_common::{class, event};
-
     use super::*;
 
     fn task(owner_cpu: u32, watch: u32) -> TaskInfo {
@@ -971,74 +878,5 @@ mod tests {
             states(&[(10, task(5, watch::VCPU))], "2"),
             [(2, state(track, 0))]
         );
-    }
-
-    fn bytes(e: &Event) -> Vec<u8> {
-        // SAFETY: Event is repr(C) plain data.
-        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
-            .to_vec()
-    }
-
-    #[test]
-    fn decodes_intrusion() {
-        let mut e = Event::zeroed();
-        e.kind = event::INTRUSION;
-        e.cpu = 1;
-        e.tid = 4243;
-        e.tgid = 4242;
-        e.comm[..7].copy_from_slice(b"stress\0");
-        e.run_ns = 200_000;
-        e.class = class::INTRUDER_USER;
-        let mut raw = vec![0xAB]; // force misalignment
-        raw.extend(bytes(&e));
-        let d = decode(&raw[1..]).unwrap();
-        assert_eq!(
-            (d.event, d.cpu, d.tid, d.tgid),
-            ("intrusion", 1, 4243, 4242)
-        );
-        assert_eq!(d.comm, "stress");
-        assert_eq!(d.class, "intruder_user");
-        assert_eq!(d.other_cpu, None);
-        let json = serde_json::to_value(&d).unwrap();
-        for key in ["event", "cpu", "tid", "tgid", "comm"] {
-            assert!(json.get(key).is_some(), "JSON lacks {key}: {json}");
-        }
-    }
-
-    #[test]
-    fn decodes_affinity_change_and_migration() {
-        let mut e = Event::zeroed();
-        e.kind = event::AFFINITY_CHANGE;
-        e.target_tid = 77;
-        e.mask = 0b101;
-        e.comm = *b"taskset\0\0\0\0\0\0\0\0\0";
-        let d = decode(&bytes(&e)).unwrap();
-        assert_eq!(
-            (d.event, d.target_tid, d.mask.as_deref()),
-            ("affinity_change", Some(77), Some("0,2"))
-        );
-        e.kind = event::MIGRATE_IN;
-        e.other_cpu = 0;
-        let d = decode(&bytes(&e)).unwrap();
-        assert_eq!(
-            (d.event, d.other_cpu, d.target_tid),
-            ("migrate_in", Some(0), None)
-        );
-    }
-
-    #[test]
-    fn rejects_short_records() {
-        assert_eq!(
-            decode(&[0; 10]),
-            Err(DecodeError {
-                got: 10,
-                expected: size_of::<Event>()
-            })
-        );
-    }
-
-    #[test]
-    fn full_comm_has_no_nul() {
-        assert_eq!(comm_str(b"0123456789abcdef"), "0123456789abcdef");
     }
 }

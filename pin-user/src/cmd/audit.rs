@@ -16,7 +16,10 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     audit::{self, EventTally, MapSnapshot, Observation, Ownership, Report},
-    bpf::probe::{self, DecodeError, DecodedEvent, EventReader, Probe, ProbeConfig},
+    bpf::{
+        events::{DecodeError, KernelEvent},
+        probe::{self, EventReader, Probe, ProbeConfig},
+    },
     cli::{AuditArgs, DiscoverArgs},
     cmd::{move_self_to, runtime, wait_for_stop},
     guests::{DiscoverOptions, Discoverer},
@@ -147,7 +150,7 @@ fn observe(
         );
         let mut tally = EventTally::default();
         let mut decode_errors = 0u64;
-        let mut add = |r: Result<DecodedEvent, DecodeError>| match r {
+        let mut add = |r: Result<KernelEvent, DecodeError>| match r {
             Ok(ev) => tally.add(&ev),
             Err(e) => {
                 decode_errors += 1;

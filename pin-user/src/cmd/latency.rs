@@ -14,7 +14,11 @@ use anyhow::{Context as _, bail};
 use pin_common::watch;
 
 use crate::{
-    bpf::probe::{DecodeError, DecodedEvent, EventReader, Probe, ProbeConfig},
+    bpf::{
+        class::ThreadClass,
+        events::{DecodeError, KernelEvent},
+        probe::{EventReader, Probe, ProbeConfig},
+    },
     cli::LatencyArgs,
     cmd::{move_self_to, runtime, wait_for_stop},
     exit,
@@ -134,19 +138,21 @@ fn measurement_threads(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Classifies a thread that ran before cyclictest and is no intruder.
-fn resolve_class(tid: u32) -> &'static str {
+/// Classifies a thread that ran before cyclictest and is no intruder (None: it is gone).
+fn resolve_class(tid: u32) -> Option<ThreadClass> {
     let proc = Proc::default();
     let info = proc
         .tgid_of(tid)
         .ok()
         .flatten()
         .and_then(|tgid| proc.thread(tgid, tid).ok().flatten());
-    match info {
-        Some(t) if t.is_kthread() => "kernel",
-        Some(_) => "allowed",
-        None => "unknown",
-    }
+    info.map(|t| {
+        if t.is_kthread() {
+            ThreadClass::Kernel
+        } else {
+            ThreadClass::Allowed
+        }
+    })
 }
 
 async fn measure(
@@ -197,7 +203,7 @@ async fn measure(
     );
     let end = recorder.end();
     let mut decode_errors = 0u64;
-    let mut handle = |r: Result<DecodedEvent, DecodeError>| match r {
+    let mut handle = |r: Result<KernelEvent, DecodeError>| match r {
         Ok(ev) => recorder.on_event(&ev),
         Err(e) => {
             decode_errors += 1;

@@ -15,7 +15,11 @@ use std::{
 use pin_common::class;
 
 use crate::{
-    bpf::probe::{DecodedEvent, Probe, ProbeError, StatsGuard},
+    bpf::{
+        class::ThreadClass,
+        events::{Intrusion, KernelEvent, Migration, Thread},
+        probe::{Probe, ProbeError, StatsGuard},
+    },
     config::{Config, Mode},
     daemon::metrics::{Deltas, Metrics},
     guests::{DiscoverOptions, Discoverer, Discovery, Guest},
@@ -83,7 +87,7 @@ pub struct IntruderRecord {
     pub tid: u32,
     pub tgid: u32,
     pub comm: String,
-    pub class: &'static str,
+    pub class: ThreadClass,
     pub run_ns: u64,
     pub slices: u64,
     pub max_slice_ns: u64,
@@ -604,7 +608,7 @@ impl Daemon {
         }
     }
 
-    fn verify_one(&mut self, tid: u32, cause: Option<&DecodedEvent>) {
+    fn verify_one(&mut self, tid: u32, cause: Option<&KernelEvent>) {
         let Some(a) = self.assignments.get(&tid).cloned() else {
             return;
         };
@@ -681,53 +685,47 @@ impl Daemon {
     }
 
     /// Handles one event from the kernel.
-    pub fn handle(&mut self, ev: &DecodedEvent) {
-        match ev.event {
-            "intrusion" => self.on_intrusion(ev),
-            "migrate_in" => self.on_migrate_in(ev),
-            "owner_away" => {
+    pub fn handle(&mut self, ev: &KernelEvent) {
+        match ev {
+            KernelEvent::Intrusion(i) => self.on_intrusion(i),
+            KernelEvent::MigrateIn(m) => self.on_migrate_in(m),
+            KernelEvent::OwnerAway(m) => {
+                let t = &m.thread;
                 // The kernel named the CPU it knew; a re-plan may already have
                 // moved the vCPU (then this is pinguard's own move).
-                if let Some(a) = self.assignments.get(&ev.tid).cloned()
-                    && ev.cpu == a.cpu
-                    && ev.other_cpu != Some(a.cpu)
+                if let Some(a) = self.assignments.get(&t.tid).cloned()
+                    && m.from_cpu == a.cpu
+                    && m.to_cpu != a.cpu
                 {
                     self.record(
                         Violation::new(
                             "vcpu_drift",
                             a.cpu,
-                            ev.tid,
-                            ev.tgid,
-                            &ev.comm,
-                            format!(
-                                "left its CPU {} for CPU {}",
-                                a.cpu,
-                                ev.other_cpu.unwrap_or_default()
-                            ),
+                            t.tid,
+                            t.tgid,
+                            &t.comm,
+                            format!("left its CPU {} for CPU {}", a.cpu, m.to_cpu),
                         )
                         .of_vcpu(&a),
                     );
-                    self.pinned.insert(ev.tid, false);
-                    self.verify_one(ev.tid, Some(ev));
+                    self.pinned.insert(t.tid, false);
+                    self.verify_one(t.tid, Some(ev));
                 }
             }
-            "affinity_change" => {
-                let target = ev.target_tid.unwrap_or_default();
+            KernelEvent::AffinityChange(c) => {
+                let target = c.target_tid;
+                let t = &c.caller;
                 if let Some(a) = self.assignments.get(&target).cloned() {
                     self.record(
                         Violation::new(
                             "affinity_changed",
                             a.cpu,
-                            ev.tid,
-                            ev.tgid,
-                            &ev.comm,
+                            t.tid,
+                            t.tgid,
+                            &t.comm,
                             format!(
                                 "{:?} (pid {}) set the affinity of {} vcpu {} (tid {target}) to {}",
-                                ev.comm,
-                                ev.tgid,
-                                a.vm,
-                                a.vcpu,
-                                ev.mask.as_deref().unwrap_or("?")
+                                t.comm, t.tgid, a.vm, a.vcpu, c.mask
                             ),
                         )
                         .of_vcpu(&a),
@@ -735,36 +733,38 @@ impl Daemon {
                     self.verify_one(target, Some(ev));
                 }
             }
-            "exec" => {
+            KernelEvent::Exec(p) => {
                 log::debug!(
                     "exec of {:?} (pid {}): looking for a new guest",
-                    ev.comm,
-                    ev.tgid
+                    p.thread.comm,
+                    p.thread.tgid
                 );
                 self.scan_retry = Some(Retry {
                     due: Instant::now() + Duration::from_millis(RETRY_DELAYS_MS[0]),
                     attempt: 0,
                 });
             }
-            "exit" => {
-                if ev.tid == ev.tgid && self.guests.contains_key(&ev.tgid) {
-                    log::info!("guest process {} exited", ev.tgid);
-                    self.guests.remove(&ev.tgid);
-                    self.retries.remove(&ev.tgid);
-                    self.discoverer.forget(ev.tgid);
+            KernelEvent::Exit(p) => {
+                let t = &p.thread;
+                if t.tid == t.tgid && self.guests.contains_key(&t.tgid) {
+                    log::info!("guest process {} exited", t.tgid);
+                    self.guests.remove(&t.tgid);
+                    self.retries.remove(&t.tgid);
+                    self.discoverer.forget(t.tgid);
                     let next = self
                         .assignments
                         .iter()
-                        .filter(|(_, a)| a.pid != ev.tgid)
+                        .filter(|(_, a)| a.pid != t.tgid)
                         .map(|(t, a)| (*t, a.clone()))
                         .collect();
                     self.set_assignments(next);
-                } else if self.assignments.contains_key(&ev.tid) {
+                } else if self.assignments.contains_key(&t.tid) {
                     // A vCPU thread exited (CPU hot-unplug in the guest, or the guest is going away).
-                    self.schedule_retry(ev.tgid, 0);
+                    self.schedule_retry(t.tgid, 0);
                 }
             }
-            _ => {}
+            // Latency-probe events: the daemon watches no probe.
+            KernelEvent::Episode(_) | KernelEvent::Irq(_) | KernelEvent::Softirq(_) => {}
         }
     }
 
@@ -791,8 +791,9 @@ impl Daemon {
             .map(|r| r.cpus.clone())
     }
 
-    fn on_intrusion(&mut self, ev: &DecodedEvent) {
-        if let Some(a) = self.assignments.get(&ev.tid).cloned() {
+    fn on_intrusion(&mut self, ev: &Intrusion) {
+        let t = &ev.thread;
+        if let Some(a) = self.assignments.get(&t.tid).cloned() {
             if a.cpu == ev.cpu {
                 // A vCPU on its own CPU: the event raced its registration as owner.
                 return;
@@ -800,12 +801,12 @@ impl Daemon {
             // Another guest's vCPU running here: its owner CPU lost it too.
             let detail = format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu);
             self.record(
-                Violation::new("vcpu_drift", a.cpu, ev.tid, ev.tgid, &ev.comm, detail).of_vcpu(&a),
+                Violation::new("vcpu_drift", a.cpu, t.tid, t.tgid, &t.comm, detail).of_vcpu(&a),
             );
-            self.verify_one(ev.tid, None);
+            self.verify_one(t.tid, None);
         }
-        if ev.class == class::name(class::INTRUDER_USER)
-            && let Some(cpus) = self.allowlisted(ev.tid, ev.tgid, &ev.comm)
+        if ev.class == ThreadClass::IntruderUser
+            && let Some(cpus) = self.allowlisted(t.tid, t.tgid, &t.comm)
             && cpus.as_ref().is_none_or(|c| c.contains(ev.cpu))
         {
             // The kernel keeps one CPU or "any" per thread: a rule covering
@@ -817,17 +818,17 @@ impl Daemon {
                 Some(c) if c.len() == 1 => c.first(),
                 Some(_) => Some(ev.cpu),
             };
-            if let Err(e) = self.probe.set_allowed(ev.tid, allowed) {
-                log::warn!("allowlisting {}: {e}", ev.tid);
+            if let Err(e) = self.probe.set_allowed(t.tid, allowed) {
+                log::warn!("allowlisting {}: {e}", t.tid);
             }
             return;
         }
         self.record(Violation::new(
             "intruder",
             ev.cpu,
-            ev.tid,
-            ev.tgid,
-            &ev.comm,
+            t.tid,
+            t.tgid,
+            &t.comm,
             format!(
                 "{} ran {} µs (total {} µs in {} slices)",
                 ev.class,
@@ -836,30 +837,30 @@ impl Daemon {
                 ev.slices
             ),
         ));
-        self.evict(ev);
+        self.evict(ev.cpu, t);
     }
 
-    fn on_migrate_in(&mut self, ev: &DecodedEvent) {
-        if self.allowlisted(ev.tid, ev.tgid, &ev.comm).is_some() {
+    fn on_migrate_in(&mut self, m: &Migration) {
+        let t = &m.thread;
+        if self.allowlisted(t.tid, t.tgid, &t.comm).is_some() {
             return;
         }
         self.record(Violation::new(
             "migration_in",
-            ev.cpu,
-            ev.tid,
-            ev.tgid,
-            &ev.comm,
+            m.to_cpu,
+            t.tid,
+            t.tgid,
+            &t.comm,
             format!(
                 "moved from CPU {} onto guarded CPU {}",
-                ev.other_cpu.unwrap_or_default(),
-                ev.cpu
+                m.from_cpu, m.to_cpu
             ),
         ));
-        self.evict(ev);
+        self.evict(m.to_cpu, t);
     }
 
-    /// Enforce mode: moves a user intruder off the guarded CPUs.
-    fn evict(&mut self, ev: &DecodedEvent) {
+    /// Enforce mode: moves a user intruder (`ev`, seen on guarded CPU `cpu`) off the guarded CPUs.
+    fn evict(&mut self, cpu: u32, ev: &Thread) {
         if self.config.mode != Mode::Enforce || self.assignments.contains_key(&ev.tid) {
             return;
         }
@@ -900,14 +901,14 @@ impl Daemon {
             Ok(()) => {
                 self.metrics
                     .evictions
-                    .with_label_values(&[&ev.cpu.to_string()])
+                    .with_label_values(&[&cpu.to_string()])
                     .inc();
                 log::info!(
                     "evicted tid {} ({:?}, pid {}) from CPU {} to CPUs {target} (was {})",
                     ev.tid,
                     ev.comm,
                     ev.tgid,
-                    ev.cpu,
+                    cpu,
                     info.allowed
                 );
             }
@@ -1086,15 +1087,17 @@ impl Daemon {
         };
         let mut list: Vec<IntruderRecord> = threads
             .into_iter()
-            .map(|(k, t)| IntruderRecord {
-                cpu: k.cpu,
-                tid: k.tid,
-                tgid: t.tgid,
-                comm: crate::bpf::probe::comm_str(&t.comm),
-                class: class::name(t.class),
-                run_ns: t.run_ns,
-                slices: t.slices,
-                max_slice_ns: t.max_slice_ns,
+            .filter_map(|(k, t)| {
+                Some(IntruderRecord {
+                    cpu: k.cpu,
+                    tid: k.tid,
+                    tgid: t.tgid,
+                    comm: crate::bpf::probe::comm_str(&t.comm),
+                    class: ThreadClass::from_raw(t.class)?,
+                    run_ns: t.run_ns,
+                    slices: t.slices,
+                    max_slice_ns: t.max_slice_ns,
+                })
             })
             .collect();
         list.sort_by_key(|i| std::cmp::Reverse(i.run_ns));

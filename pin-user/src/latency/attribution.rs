@@ -15,7 +15,10 @@ use std::{
     rc::Rc,
 };
 
-use crate::bpf::probe::DecodedEvent;
+use crate::bpf::{
+    class::ThreadClass,
+    events::{Episode, Intrusion, KernelEvent, Noise},
+};
 
 /// Why one wait was long: its largest contributor.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -222,7 +225,7 @@ struct Slice {
     run_ns: u64,
     tid: u32,
     comm: String,
-    class: &'static str,
+    class: ThreadClass,
 }
 
 impl Slice {
@@ -232,8 +235,13 @@ impl Slice {
 }
 
 /// Classifies a thread that is not an intruder (ran right before the probe):
-/// "idle", "kernel" (kernel thread) or "allowed" (an allowed user thread).
-pub type Resolver = Box<dyn FnMut(u32) -> &'static str>;
+/// a kernel thread or an allowed user thread; None when it is gone.
+pub type Resolver = Box<dyn FnMut(u32) -> Option<ThreadClass>>;
+
+/// A class as the report names it ("unknown": a thread gone before it was looked at).
+fn class_label(class: Option<ThreadClass>) -> &'static str {
+    class.map_or("unknown", ThreadClass::as_str)
+}
 
 /// Streams probe events of one run into a [`Recorded`].
 pub struct Recorder {
@@ -251,8 +259,8 @@ pub struct Recorder {
     episodes: u64,
     max_wait_ns: u64,
     by_cause: HashMap<String, CauseTally>,
-    intruder_class: HashMap<u32, &'static str>,
-    other_class: HashMap<u32, &'static str>,
+    intruder_class: HashMap<u32, ThreadClass>,
+    other_class: HashMap<u32, Option<ThreadClass>>,
     probe_tids: Vec<u32>,
     end_ns: Rc<Cell<u64>>,
     resolve: Resolver,
@@ -304,38 +312,40 @@ impl Recorder {
         self.end_ns.clone()
     }
 
-    pub fn on_event(&mut self, ev: &DecodedEvent) {
-        if ev.cpu != self.cpu {
-            return;
-        }
+    /// Takes the events of the measured CPU up to the end; the probe's own
+    /// slices are the measurement, not noise.
+    pub fn on_event(&mut self, ev: &KernelEvent) {
         let end = self.end_ns.get();
-        match ev.event {
-            "intrusion" if ev.tgid != self.probe_tgid && ev.start_ns < end => self.on_slice(ev),
-            "irq" | "softirq" if ev.start_ns < end => self.on_noise(NoiseRun {
-                softirq: ev.event == "softirq",
-                number: ev.number.unwrap_or_default(),
-                start_ns: ev.start_ns,
-                ns: ev.run_ns,
-            }),
-            "episode" => {
-                if let Some(ep) = &ev.episode
-                    && ep.wake_ns < end
-                {
-                    self.on_episode(ev.tid, ep);
+        match ev {
+            KernelEvent::Intrusion(i) => {
+                if i.cpu == self.cpu && i.thread.tgid != self.probe_tgid && i.start_ns < end {
+                    self.on_slice(i);
                 }
             }
-            _ => {}
+            KernelEvent::Irq(n) => self.on_noise(false, n, end),
+            KernelEvent::Softirq(n) => self.on_noise(true, n, end),
+            KernelEvent::Episode(ep) => {
+                if ep.cpu == self.cpu && ep.wake_ns < end {
+                    self.on_episode(ep.tid, ep);
+                }
+            }
+            // The daemon's business, not a wait's.
+            KernelEvent::MigrateIn(_)
+            | KernelEvent::OwnerAway(_)
+            | KernelEvent::AffinityChange(_)
+            | KernelEvent::Exec(_)
+            | KernelEvent::Exit(_) => {}
         }
     }
 
-    fn on_slice(&mut self, ev: &DecodedEvent) {
+    fn on_slice(&mut self, ev: &Intrusion) {
         let class = ev.class;
-        self.intruder_class.insert(ev.tid, class);
+        self.intruder_class.insert(ev.thread.tid, class);
         let slice = Slice {
             start_ns: ev.start_ns,
             run_ns: ev.run_ns,
-            tid: ev.tid,
-            comm: ev.comm.clone(),
+            tid: ev.thread.tid,
+            comm: ev.thread.comm.clone(),
             class,
         };
         let newest_end = slice.end_ns();
@@ -365,7 +375,16 @@ impl Recorder {
     /// threads: one that the probe preempts ends after the wait and is not
     /// among its softirqs (nor in the kernel's per-wait softirq time, which
     /// counts what ended inside the wait); the thread running it is.
-    fn on_noise(&mut self, run: NoiseRun) {
+    fn on_noise(&mut self, softirq: bool, n: &Noise, end: u64) {
+        if n.cpu != self.cpu || n.start_ns >= end {
+            return;
+        }
+        let run = NoiseRun {
+            softirq,
+            number: n.number,
+            start_ns: n.start_ns,
+            ns: n.run_ns,
+        };
         let newest_end = run.start_ns.saturating_add(run.ns);
         self.noise.push_back(run);
         while let Some(front) = self.noise.front() {
@@ -428,22 +447,22 @@ impl Recorder {
         }
     }
 
-    fn class_of(&mut self, tid: u32) -> &'static str {
+    fn class_of(&mut self, tid: u32) -> Option<ThreadClass> {
         if tid == 0 {
-            return "idle";
+            return Some(ThreadClass::Idle);
         }
         if let Some(c) = self.intruder_class.get(&tid) {
-            return c;
+            return Some(*c);
         }
         if let Some(c) = self.other_class.get(&tid) {
-            return c;
+            return *c;
         }
         let c = (self.resolve)(tid);
         self.other_class.insert(tid, c);
         c
     }
 
-    fn on_episode(&mut self, tid: u32, ep: &crate::bpf::probe::Episode) {
+    fn on_episode(&mut self, tid: u32, ep: &Episode) {
         if !self.probe_tids.contains(&tid) {
             self.probe_tids.push(tid);
         }
@@ -476,7 +495,7 @@ impl Recorder {
             o.overlap_ns += overlap;
             o.run_ns += s.run_ns;
         }
-        let prev_class = self.class_of(ep.prev_tid);
+        let prev_class = class_label(self.class_of(ep.prev_tid));
         let is_probe = ep.prev_tid == tid || self.probe_tids.contains(&ep.prev_tid);
         if ep.prev_tid != 0 && !is_probe && !per_tid.contains_key(&ep.prev_tid) {
             // A kernel or allowed thread: no slice events, but its last slice
@@ -637,57 +656,57 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::bpf::probe::Episode;
+    use crate::bpf::events::Thread;
 
     const T0: u64 = 1_000_000_000;
     const PROBE_PID: u32 = 500;
     const PROBE_TID: u32 = 501;
 
-    fn ev(event: &'static str, cpu: u32) -> DecodedEvent {
-        DecodedEvent {
-            event,
-            kind: 0,
+    /// An intruder's slice on `cpu` (tid and tgid alike).
+    fn slice_on(cpu: u32, tid: u32, comm: &str, start: u64, run: u64) -> Intrusion {
+        Intrusion {
             cpu,
-            tid: 0,
-            tgid: 0,
-            comm: String::new(),
+            thread: Thread {
+                tid,
+                tgid: tid,
+                comm: comm.into(),
+            },
             cgroup_id: 0,
-            start_ns: 0,
-            run_ns: 0,
+            start_ns: start,
+            run_ns: run,
             total_ns: 0,
             slices: 0,
-            class: "intruder_user",
-            other_cpu: None,
-            target_tid: None,
-            mask: None,
-            number: None,
-            episode: None,
+            class: ThreadClass::IntruderUser,
         }
     }
 
-    fn noise(event: &'static str, number: u32, start: u64, ns: u64) -> DecodedEvent {
-        let mut e = ev(event, 1);
-        e.number = Some(number);
-        e.start_ns = start;
-        e.run_ns = ns;
-        e
+    fn slice(tid: u32, comm: &str, start: u64, run: u64) -> KernelEvent {
+        KernelEvent::Intrusion(slice_on(1, tid, comm, start, run))
     }
 
-    fn slice(tid: u32, comm: &str, start: u64, run: u64) -> DecodedEvent {
-        let mut e = ev("intrusion", 1);
-        e.tid = tid;
-        e.tgid = tid;
-        e.comm = comm.into();
-        e.start_ns = start;
-        e.run_ns = run;
-        e
+    fn noise_on(cpu: u32, number: u32, start: u64, ns: u64) -> Noise {
+        Noise {
+            cpu,
+            number,
+            start_ns: start,
+            run_ns: ns,
+        }
     }
 
-    fn episode(wake: u64, wait: u64, prev: (u32, &str, u64)) -> DecodedEvent {
-        let mut e = ev("episode", 1);
-        e.tid = PROBE_TID;
-        e.tgid = PROBE_PID;
-        e.episode = Some(Episode {
+    fn irq(number: u32, start: u64, ns: u64) -> KernelEvent {
+        KernelEvent::Irq(noise_on(1, number, start, ns))
+    }
+
+    fn softirq(number: u32, start: u64, ns: u64) -> KernelEvent {
+        KernelEvent::Softirq(noise_on(1, number, start, ns))
+    }
+
+    /// A wait of the probe thread on CPU 1; `prev`: tid, name and last slice
+    /// of the thread that ran before it.
+    fn wait(wake: u64, wait: u64, prev: (u32, &str, u64)) -> Episode {
+        Episode {
+            cpu: 1,
+            tid: PROBE_TID,
             wake_ns: wake,
             wait_ns: wait,
             irq_ns: 0,
@@ -696,8 +715,11 @@ mod tests {
             prev_tid: prev.0,
             prev_comm: prev.1.into(),
             prev_run_ns: prev.2,
-        });
-        e
+        }
+    }
+
+    fn episode(wake: u64, wait_ns: u64, prev: (u32, &str, u64)) -> KernelEvent {
+        KernelEvent::Episode(wait(wake, wait_ns, prev))
     }
 
     fn recorder(worst: usize) -> Recorder {
@@ -707,7 +729,13 @@ mod tests {
             Duration::from_secs(2),
             PROBE_PID,
             worst,
-            Box::new(|tid| if tid == 77 { "kernel" } else { "allowed" }),
+            Box::new(|tid| {
+                Some(if tid == 77 {
+                    ThreadClass::Kernel
+                } else {
+                    ThreadClass::Allowed
+                })
+            }),
         )
     }
 
@@ -726,16 +754,15 @@ mod tests {
             (4242, "pg-spiker", 2_000_000),
         ));
         // A softirq-heavy wait.
-        let mut e = episode(T0 + 30_000_000, 40_000, (0, "swapper/1", 0));
-        e.episode.as_mut().unwrap().softirq_ns = 30_000;
-        r.on_event(&e);
+        let mut e = wait(T0 + 30_000_000, 40_000, (0, "swapper/1", 0));
+        e.softirq_ns = 30_000;
+        r.on_event(&KernelEvent::Episode(e));
         // Events of other CPUs and of cyclictest's own threads are not noise.
-        let mut other = slice(9, "elsewhere", T0 + 30_000_000, 50_000_000);
-        other.cpu = 0;
-        r.on_event(&other);
-        let mut own = slice(PROBE_TID, "cyclictest", T0, 10_000_000);
-        own.tgid = PROBE_PID;
-        r.on_event(&own);
+        let other = slice_on(0, 9, "elsewhere", T0 + 30_000_000, 50_000_000);
+        r.on_event(&KernelEvent::Intrusion(other));
+        let mut own = slice_on(1, PROBE_TID, "cyclictest", T0, 10_000_000);
+        own.thread.tgid = PROBE_PID;
+        r.on_event(&KernelEvent::Intrusion(own));
 
         let rec = r.finish();
         assert_eq!(rec.episodes, 12);
@@ -896,23 +923,19 @@ mod tests {
         let mut r = recorder(1);
         let wake = T0 + 100_000_000;
         // Before the wait (ignored), straddling its start (clipped), inside it.
-        r.on_event(&noise("irq", 24, wake - 50_000, 10_000));
-        r.on_event(&noise("irq", 24, wake - 4_000, 6_000));
-        r.on_event(&noise("irq", 26, wake + 10_000, 3_000));
-        r.on_event(&noise("irq", 24, wake + 20_000, 9_000));
-        r.on_event(&noise("softirq", 3, wake + 30_000, 40_000));
+        r.on_event(&irq(24, wake - 50_000, 10_000));
+        r.on_event(&irq(24, wake - 4_000, 6_000));
+        r.on_event(&irq(26, wake + 10_000, 3_000));
+        r.on_event(&irq(24, wake + 20_000, 9_000));
+        r.on_event(&softirq(3, wake + 30_000, 40_000));
         // Another CPU's IRQ is not this wait's.
-        let mut other = noise("irq", 30, wake + 5_000, 50_000);
-        other.cpu = 0;
-        r.on_event(&other);
-        let mut e = episode(wake, 100_000, (0, "swapper/1", 0));
-        if let Some(ep) = e.episode.as_mut() {
-            ep.irq_ns = 18_000;
-            ep.softirq_ns = 40_000;
-        }
-        r.on_event(&e);
+        r.on_event(&KernelEvent::Irq(noise_on(0, 30, wake + 5_000, 50_000)));
+        let mut e = wait(wake, 100_000, (0, "swapper/1", 0));
+        e.irq_ns = 18_000;
+        e.softirq_ns = 40_000;
+        r.on_event(&KernelEvent::Episode(e));
         // After the wait (not part of it, arrives later anyway).
-        r.on_event(&noise("irq", 24, wake + 200_000, 5_000));
+        r.on_event(&irq(24, wake + 200_000, 5_000));
         let rec = r.finish();
         let w = &rec.worst[0];
         assert_eq!(

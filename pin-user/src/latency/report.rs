@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use pin_common::{
-    CpuStats, IrqKey, NoiseStat, SOFTIRQ_NAMES, SoftirqStats, ThreadKey, ThreadStats, class,
+    CpuStats, IrqKey, NoiseStat, SOFTIRQ_NAMES, SoftirqStats, ThreadKey, ThreadStats,
 };
 
 use super::{
@@ -13,7 +13,7 @@ use super::{
     host::HostFacts,
     mode, percentile,
 };
-use crate::bpf::probe::comm_str;
+use crate::bpf::{class::ThreadClass, probe::comm_str};
 
 /// Value of the report's `format` field.
 pub const FORMAT: &str = "pinguard-latency/1";
@@ -300,14 +300,16 @@ impl NoiseTotals {
             .threads
             .iter()
             .filter(|(k, t)| k.cpu == cpu && t.tgid != probe_tgid)
-            .map(|(k, t)| IntruderTotal {
-                tid: k.tid,
-                tgid: t.tgid,
-                comm: comm_str(&t.comm),
-                class: class::name(t.class).to_string(),
-                slices: t.slices,
-                run_ns: t.run_ns,
-                max_slice_ns: t.max_slice_ns,
+            .filter_map(|(k, t)| {
+                Some(IntruderTotal {
+                    tid: k.tid,
+                    tgid: t.tgid,
+                    comm: comm_str(&t.comm),
+                    class: ThreadClass::from_raw(t.class)?.to_string(),
+                    slices: t.slices,
+                    run_ns: t.run_ns,
+                    max_slice_ns: t.max_slice_ns,
+                })
             })
             .collect();
         intruders.sort_by_key(|i| (std::cmp::Reverse(i.run_ns), i.tid));
@@ -316,8 +318,9 @@ impl NoiseTotals {
             .cpu_stats
             .get(&cpu)
             .map(|s| {
-                (0..class::COUNT as u32)
-                    .map(|c| (class::name(c).to_string(), s.run_ns[c as usize]))
+                ThreadClass::ALL
+                    .iter()
+                    .map(|c| (c.to_string(), s.run_ns[c.index()]))
                     .collect()
             })
             .unwrap_or_default();
@@ -338,7 +341,7 @@ impl NoiseTotals {
             label: format!("intruder {} (tid {})", i.comm, i.tid),
             ns: i.run_ns,
         }));
-        if let Some(k) = time_by_class_ns.get(class::name(class::KERNEL)) {
+        if let Some(k) = time_by_class_ns.get(ThreadClass::Kernel.as_str()) {
             candidates.push(Source {
                 kind: "kernel_threads".into(),
                 label: "per-CPU kernel threads".into(),
@@ -1052,7 +1055,7 @@ pub(crate) mod tests {
                     slices: 60,
                     max_slice_ns: 2_000_000,
                     tgid: 4240,
-                    class: class::INTRUDER_USER,
+                    class: ThreadClass::IntruderUser.raw(),
                     comm,
                     ..Default::default()
                 },
@@ -1063,14 +1066,14 @@ pub(crate) mod tests {
                     run_ns: 1_000,
                     slices: 1,
                     tgid: 500,
-                    class: class::INTRUDER_USER,
+                    class: ThreadClass::IntruderUser.raw(),
                     ..Default::default()
                 },
             ),
         ];
         let mut cs = CpuStats::default();
-        cs.run_ns[class::KERNEL as usize] = 500_000;
-        cs.run_ns[class::IDLE as usize] = 2_800_000_000;
+        cs.run_ns[ThreadClass::Kernel.index()] = 500_000;
+        cs.run_ns[ThreadClass::Idle.index()] = 2_800_000_000;
         let cpu_stats = BTreeMap::from([(1, cs)]);
         let noise = NoiseTotals::new(
             1,
