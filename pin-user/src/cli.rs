@@ -3,9 +3,16 @@
 //! against the host (online CPUs, running guests) before anything is changed.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
-use crate::host::cpulist::CpuSet;
+use crate::{
+    bpf::probe::Hook,
+    config::{Mode, Overrides},
+    guests::DiscoverOptions,
+    host::cpulist::CpuSet,
+    placement::plan::{EmulatorPolicy, PlanOptions, SmtPolicy},
+    units::parse_duration,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "pinguard", version, about = "Keeps the dedicated CPUs of virtual machines dedicated", long_about = None)]
@@ -98,30 +105,6 @@ pub struct WatchArgs {
     pub top: usize,
 }
 
-/// Kind of kernel hook for `sched_switch` (the benchmark compares them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum Hook {
-    /// BTF-enabled raw tracepoint (tp_btf): cheapest, needs kernel BTF.
-    #[default]
-    TpBtf,
-    /// Raw tracepoint.
-    RawTp,
-    /// Classic perf-event tracepoint.
-    Tracepoint,
-}
-
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum SmtPolicy {
-    /// Place one guest's vCPUs on SMT siblings of the same core.
-    #[default]
-    PreferSiblings,
-    /// Use one thread per core and keep its sibling free (no SMT noise between vCPUs).
-    KeepSiblingsFree,
-}
-
 #[derive(Debug, Args)]
 pub struct PinArgs {
     #[command(flatten)]
@@ -146,13 +129,6 @@ pub struct PinArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum EmulatorPolicy {
-    Housekeeping,
-    WithVcpu0,
-    Cpus(CpuSet),
-}
-
 #[derive(Debug, Args)]
 pub struct AuditArgs {
     #[command(flatten)]
@@ -173,15 +149,6 @@ pub struct CheckArgs {
     pub guard: GuardArgs,
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Watch and report only; never change an affinity.
-    Observe,
-    /// Re-pin drifted vCPUs and evict intruders.
-    Enforce,
 }
 
 #[derive(Debug, Args)]
@@ -248,35 +215,6 @@ pub fn parse_cpulist(s: &str) -> Result<CpuSet, String> {
     Ok(set)
 }
 
-/// Durations as "5s", "200ms", "10us", "2m", or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| {
-        format!("invalid duration {s:?}: expected a number with a unit such as 5s, 200ms, 2m")
-    })?;
-    let secs = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "ns" => value / 1e9,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: use ns, us, ms, s, m or h"
-            ));
-        }
-    };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("duration {s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 fn parse_owner(s: &str) -> Result<(u32, u32), String> {
     let (cpu, tid) = s
         .split_once('=')
@@ -303,32 +241,80 @@ fn parse_vm_map(s: &str) -> Result<(String, CpuSet), String> {
     Ok((name.trim().to_string(), cpus))
 }
 
-pub fn parse_emulator(s: &str) -> Result<EmulatorPolicy, String> {
-    match s.trim() {
-        "housekeeping" => Ok(EmulatorPolicy::Housekeeping),
-        "with-vcpu0" => Ok(EmulatorPolicy::WithVcpu0),
-        list => parse_cpulist(list).map(EmulatorPolicy::Cpus).map_err(|e| {
-            format!(
-                "invalid --emulator {s:?}: expected housekeeping, with-vcpu0 or a CPU list ({e})"
-            )
-        }),
+fn parse_emulator(s: &str) -> Result<EmulatorPolicy, String> {
+    s.parse()
+        .map_err(|e| format!("invalid --emulator {s:?}: {e}"))
+}
+
+// The domain enums carry no clap derives; their names and help for the
+// command line are given here, at the edge.
+macro_rules! value_enum {
+    ($ty:ty { $($variant:ident => $name:literal: $help:literal),+ $(,)? }) => {
+        impl ValueEnum for $ty {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$(<$ty>::$variant),+]
+            }
+
+            fn to_possible_value(&self) -> Option<PossibleValue> {
+                Some(match self {
+                    $(<$ty>::$variant => PossibleValue::new($name).help($help)),+
+                })
+            }
+        }
+    };
+}
+
+value_enum!(Hook {
+    TpBtf => "tp-btf": "BTF-enabled raw tracepoint (tp_btf): cheapest, needs kernel BTF",
+    RawTp => "raw-tp": "Raw tracepoint",
+    Tracepoint => "tracepoint": "Classic perf-event tracepoint",
+});
+
+value_enum!(SmtPolicy {
+    PreferSiblings => "prefer-siblings": "Place one guest's vCPUs on SMT siblings of the same core",
+    KeepSiblingsFree => "keep-siblings-free": "Use one thread per core and keep its sibling free (no SMT noise between vCPUs)",
+});
+
+value_enum!(Mode {
+    Observe => "observe": "Watch and report only; never change an affinity",
+    Enforce => "enforce": "Re-pin drifted vCPUs and evict intruders",
+});
+
+impl From<&PinArgs> for PlanOptions {
+    fn from(args: &PinArgs) -> Self {
+        Self {
+            vm: args.vm.clone(),
+            emulator: args.emulator.clone(),
+            smt: args.smt,
+            allow_shared: args.allow_shared,
+        }
+    }
+}
+
+impl From<&DiscoverArgs> for DiscoverOptions {
+    fn from(args: &DiscoverArgs) -> Self {
+        Self {
+            qmp: args.qmp.clone(),
+            ..Self::default()
+        }
+    }
+}
+
+impl From<&RunArgs> for Overrides {
+    fn from(args: &RunArgs) -> Self {
+        Self {
+            path: args.config.clone(),
+            guard: args.guard.guard.clone(),
+            mode: args.mode,
+            listen: args.listen,
+            qmp: args.discover.qmp.clone(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("unit"));
-        assert!(parse_duration("-1s").is_err());
-    }
 
     #[test]
     fn owners_and_maps() {
@@ -338,15 +324,6 @@ mod tests {
         assert_eq!((n.as_str(), c.to_string().as_str()), ("web", "2-3"));
         assert!(parse_vm_map("=2").is_err());
         assert!(parse_vm_map("web=").is_err());
-        assert_eq!(
-            parse_emulator("with-vcpu0").unwrap(),
-            EmulatorPolicy::WithVcpu0
-        );
-        assert_eq!(
-            parse_emulator("0").unwrap(),
-            EmulatorPolicy::Cpus(CpuSet::single(0))
-        );
-        assert!(parse_emulator("nowhere").is_err());
     }
 
     #[test]

@@ -9,11 +9,40 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
-    cli::{EmulatorPolicy, Mode, RunArgs, SmtPolicy, parse_duration, parse_emulator},
     host::cpulist::CpuSet,
+    placement::plan::{EmulatorPolicy, SmtPolicy},
+    units::parse_duration,
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Watch and report only; never change an affinity.
+    Observe,
+    /// Re-pin drifted vCPUs and evict intruders.
+    Enforce,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Observe => "observe",
+            Self::Enforce => "enforce",
+        }
+    }
+}
+
+/// What the command line says on top of the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub path: Option<PathBuf>,
+    pub guard: Option<CpuSet>,
+    pub mode: Option<Mode>,
+    pub listen: Option<SocketAddr>,
+    pub qmp: Vec<PathBuf>,
+}
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -209,8 +238,8 @@ impl Default for Config {
 
 impl Config {
     /// Reads the file (if any) and applies the flags on top.
-    pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
-        let mut config = match &args.config {
+    pub fn load(args: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match &args.path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),
@@ -220,7 +249,7 @@ impl Config {
             }
             None => Self::default(),
         };
-        if let Some(g) = &args.guard.guard {
+        if let Some(g) = &args.guard {
             config.guard = Some(g.clone());
         }
         if let Some(m) = args.mode {
@@ -229,7 +258,7 @@ impl Config {
         if let Some(l) = args.listen {
             config.listen = l;
         }
-        config.qmp.extend(args.discover.qmp.iter().cloned());
+        config.qmp.extend(args.qmp.iter().cloned());
         Ok(config)
     }
 
@@ -259,7 +288,7 @@ impl Config {
             }
         };
         let emulator = match &file.placement.emulator {
-            Some(e) => parse_emulator(e).map_err(|m| invalid("placement.emulator", m))?,
+            Some(e) => e.parse().map_err(|m| invalid("placement.emulator", m))?,
             None => d.emulator.clone(),
         };
         let mut vm = Vec::new();

@@ -19,7 +19,6 @@ use thiserror::Error;
 
 use crate::{
     bpf::btf::{Btf, BtfError},
-    cli::Hook,
     host::cpulist::CpuSet,
 };
 
@@ -88,6 +87,18 @@ fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// Kind of kernel hook for `sched_switch` (the benchmark compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hook {
+    /// BTF-enabled raw tracepoint (tp_btf): cheapest, needs kernel BTF.
+    #[default]
+    TpBtf,
+    /// Raw tracepoint.
+    RawTp,
+    /// Classic perf-event tracepoint.
+    Tracepoint,
 }
 
 /// What to load and attach.

@@ -13,7 +13,7 @@ use crate::{
     bpf::probe::{EventReader, Probe, ProbeConfig},
     cli::RunArgs,
     cmd::{move_self_to, runtime},
-    config::Config,
+    config::{Config, Overrides},
     daemon::metrics::{self, Metrics},
     daemon::{Daemon, RecentViolations},
     exit,
@@ -21,7 +21,7 @@ use crate::{
 };
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args)?;
+    let config = Config::load(&Overrides::from(&args))?;
     let topo = Topology::read()?;
     let guard = topo.guard(config.guard.as_ref())?;
     move_self_to(&guard.housekeeping)?;
@@ -106,7 +106,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// SIGHUP: re-read the configuration; a bad file keeps the running one.
 fn reload(daemon: &mut Daemon, args: &RunArgs) {
-    let result = Config::load(args)
+    let result = Config::load(&Overrides::from(args))
         .map_err(|e| e.to_string())
         .and_then(|c| daemon.reload(c));
     match result {

@@ -16,8 +16,7 @@ use pin_common::class;
 
 use crate::{
     bpf::probe::{DecodedEvent, Probe, ProbeError, StatsGuard},
-    cli::Mode,
-    config::Config,
+    config::{Config, Mode},
     daemon::metrics::{Deltas, Metrics},
     guests::{DiscoverOptions, Discoverer, Discovery, Guest},
     host::affinity::{self, AffinityError},
@@ -227,7 +226,7 @@ impl Daemon {
         }
         m.mode.reset();
         m.mode
-            .with_label_values(&[mode_name(self.config.mode)])
+            .with_label_values(&[self.config.mode.as_str()])
             .set(1);
         m.events_lost.inc_by(0);
     }
@@ -1126,13 +1125,6 @@ impl Daemon {
                 }
             }
         }
-    }
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Observe => "observe",
-        Mode::Enforce => "enforce",
     }
 }
 

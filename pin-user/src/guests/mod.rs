@@ -109,15 +109,6 @@ impl Default for DiscoverOptions {
     }
 }
 
-impl From<&crate::cli::DiscoverArgs> for DiscoverOptions {
-    fn from(args: &crate::cli::DiscoverArgs) -> Self {
-        Self {
-            qmp: args.qmp.clone(),
-            ..Self::default()
-        }
-    }
-}
-
 #[derive(Debug, Error)]
 pub enum DiscoverError {
     #[error("cannot list processes in {}: {source}", path.display())]

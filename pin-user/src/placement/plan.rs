@@ -16,11 +16,49 @@ use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 
 use crate::{
-    cli::{EmulatorPolicy, PinArgs, SmtPolicy},
     guests::Guest,
     host::cpulist::CpuSet,
     host::topology::{Guard, Topology},
 };
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmtPolicy {
+    /// Place one guest's vCPUs on SMT siblings of the same core.
+    #[default]
+    PreferSiblings,
+    /// Use one thread per core and keep its sibling free (no SMT noise between vCPUs).
+    KeepSiblingsFree,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum EmulatorPolicy {
+    Housekeeping,
+    WithVcpu0,
+    Cpus(CpuSet),
+}
+
+impl std::str::FromStr for EmulatorPolicy {
+    type Err = String;
+
+    /// "housekeeping", "with-vcpu0" or a CPU list.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "housekeeping" => Ok(Self::Housekeeping),
+            "with-vcpu0" => Ok(Self::WithVcpu0),
+            list => match CpuSet::parse(list) {
+                Ok(cpus) if !cpus.is_empty() => Ok(Self::Cpus(cpus)),
+                Ok(_) => Err(
+                    "expected housekeeping, with-vcpu0 or a CPU list (the CPU list is empty)"
+                        .into(),
+                ),
+                Err(e) => Err(format!(
+                    "expected housekeeping, with-vcpu0 or a CPU list ({e})"
+                )),
+            },
+        }
+    }
+}
 
 /// How to place (the `pin` flags, or the daemon's configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,17 +78,6 @@ impl Default for PlanOptions {
             emulator: EmulatorPolicy::Housekeeping,
             smt: SmtPolicy::default(),
             allow_shared: false,
-        }
-    }
-}
-
-impl From<&PinArgs> for PlanOptions {
-    fn from(args: &PinArgs) -> Self {
-        Self {
-            vm: args.vm.clone(),
-            emulator: args.emulator.clone(),
-            smt: args.smt,
-            allow_shared: args.allow_shared,
         }
     }
 }
@@ -714,6 +741,19 @@ mod tests {
 
     fn cs(s: &str) -> CpuSet {
         CpuSet::parse(s).unwrap()
+    }
+
+    #[test]
+    fn emulator_policies_parse() {
+        assert_eq!("with-vcpu0".parse(), Ok(EmulatorPolicy::WithVcpu0));
+        assert_eq!("0".parse(), Ok(EmulatorPolicy::Cpus(CpuSet::single(0))));
+        assert!(
+            "nowhere"
+                .parse::<EmulatorPolicy>()
+                .unwrap_err()
+                .contains("with-vcpu0")
+        );
+        assert!("".parse::<EmulatorPolicy>().is_err());
     }
 
     #[test]
