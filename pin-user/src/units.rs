@@ -11,33 +11,24 @@ pub fn fmt_ns(ns: u64) -> String {
     }
 }
 
-/// Durations as "5s", "200ms", "10us", "2m", or a bare number of seconds.
+/// Durations as humantime reads them ("5s", "200ms", "10us", "1.5m",
+/// "1m30s"), or a bare number of seconds ("10", "0.5"), which pinguard has
+/// always accepted and humantime does not.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| {
-        format!("invalid duration {s:?}: expected a number with a unit such as 5s, 200ms, 2m")
-    })?;
-    let secs = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "ns" => value / 1e9,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: use ns, us, ms, s, m or h"
-            ));
-        }
+    let bare = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    let parsed = if bare {
+        humantime::parse_duration(&format!("{s}s"))
+    } else {
+        humantime::parse_duration(s)
     };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("duration {s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    parsed.map_err(|e| match e {
+        // humantime's message lists the units already.
+        humantime::DurationError::UnknownUnit { .. } => format!("invalid duration {s:?}: {e}"),
+        e => format!(
+            "invalid duration {s:?}: {e}; expected e.g. 5s, 200ms, 2m or a number of seconds"
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -59,7 +50,25 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("unit"));
+        assert_eq!(parse_duration("0.5").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration(" 10 ").unwrap(), Duration::from_secs(10));
+        assert_eq!(
+            parse_duration("1500ns").unwrap(),
+            Duration::from_nanos(1500)
+        );
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("2µs").unwrap(), Duration::from_micros(2));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        let e = parse_duration("5 parsecs").unwrap_err();
+        assert!(e.contains("unit") && e.contains("5 parsecs"), "{e}");
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration(".").is_err());
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("expected e.g. 5s")
+        );
     }
 }

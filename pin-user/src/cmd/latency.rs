@@ -12,12 +12,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use pin_common::watch;
+use tokio::io::unix::AsyncFd;
 
 use crate::{
     bpf::{
         class::ThreadClass,
         events::{DecodeError, KernelEvent},
-        probe::{EventReader, Probe, ProbeConfig},
+        probe::{Counters, EventReader, Probe, ProbeConfig},
     },
     cli::LatencyArgs,
     cmd::{move_self_to, runtime, wait_for_stop},
@@ -28,7 +29,7 @@ use crate::{
     host::procfs::Proc,
     host::topology::Topology,
     latency::{
-        CyclictestConfig,
+        CyclictestConfig, CyclictestHistogram, CyclictestJson,
         attribution::Recorder,
         find_cyclictest,
         host::{HostFacts, steal_ticks, ticks_per_second},
@@ -155,13 +156,9 @@ fn resolve_class(tid: u32) -> Option<ThreadClass> {
     })
 }
 
-async fn measure(
-    path: &Path,
-    config: &CyclictestConfig,
-    worst: usize,
-    host: HostFacts,
-) -> anyhow::Result<Report> {
-    let cpu = config.cpu;
+/// Loads the probe for `cpu` with noise events on: every intruder slice,
+/// IRQ and softirq during a wait becomes an event.
+fn load_probe(cpu: u32) -> anyhow::Result<(Probe, AsyncFd<EventReader>)> {
     let mut probe_config = ProbeConfig::new(CpuSet::single(cpu));
     // Every intruder slice is an event: the worst wake-ups need all of them.
     probe_config.event_interval = Duration::ZERO;
@@ -175,10 +172,152 @@ async fn measure(
     let mut probe = Probe::load(&probe_config)?;
     // Every IRQ and softirq too: each worst wake-up names the ones inside it.
     probe.set_noise_events(true)?;
-    let mut events = probe
+    let events = probe
         .take_events()?
         .into_async()
         .context("polling the event ring buffer")?;
+    Ok((probe, events))
+}
+
+/// Watching cyclictest while it runs: its measurement thread is handed to
+/// the probe as soon as it exists, and a cyclictest that ignores SIGINT is
+/// killed.
+struct Supervisor<'a> {
+    cpu: u32,
+    pid: u32,
+    duration: Duration,
+    cmdline: &'a str,
+    start: Instant,
+    /// The measurement threads, once seen.
+    watched: Vec<u32>,
+    interrupted_at: Option<Instant>,
+}
+
+impl Supervisor<'_> {
+    /// One periodic look: `Some` once cyclictest has exited.
+    fn tick(
+        &mut self,
+        ct: &mut Cyclictest,
+        probe: &mut Probe,
+    ) -> anyhow::Result<Option<ExitStatus>> {
+        let (cpu, pid) = (self.cpu, self.pid);
+        if let Some(status) = ct.try_wait()? {
+            return Ok(Some(status));
+        }
+        if self.watched.is_empty() {
+            for tid in measurement_threads(pid) {
+                probe.set_watched(tid, watch::PROBE)?;
+                // Its own slices are the measurement, not intrusions.
+                probe.set_allowed(tid, Some(cpu))?;
+                self.watched.push(tid);
+            }
+            if let Some(tid) = self.watched.first() {
+                eprintln!(
+                    "pinguard: measuring CPU {cpu} for {:?}: cyclictest pid {pid}, measurement thread {tid}",
+                    self.duration
+                );
+            } else if self.start.elapsed() > START_TIMEOUT {
+                bail!(
+                    "cyclictest (pid {pid}) started no measurement thread within {START_TIMEOUT:?}; its command line: {}",
+                    self.cmdline
+                );
+            }
+        }
+        if self
+            .interrupted_at
+            .is_some_and(|t| t.elapsed() > STOP_TIMEOUT)
+        {
+            log::warn!("cyclictest did not stop within {STOP_TIMEOUT:?} of SIGINT; killing it");
+            ct.kill();
+        }
+        Ok(None)
+    }
+
+    /// When to look next: quickly until the measurement thread is watched, then relaxed.
+    fn next_tick(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now()
+            + if self.watched.is_empty() {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(20)
+            }
+    }
+}
+
+/// cyclictest's histogram (stdout) and JSON summary, once it exited.
+fn read_results(
+    ct: &mut Cyclictest,
+    status: ExitStatus,
+    json_path: &Path,
+    cmdline: &str,
+) -> anyhow::Result<(CyclictestHistogram, Option<CyclictestJson>)> {
+    let (stdout, stderr) = ct.output();
+    if !status.success() {
+        bail!(
+            "cyclictest failed ({status}): {}\ncommand line: {cmdline}",
+            last_lines(&stderr, 10)
+        );
+    }
+    let histogram = parse_histogram(&stdout).with_context(|| {
+        format!(
+            "reading cyclictest's histogram; its stderr: {}",
+            last_lines(&stderr, 5)
+        )
+    })?;
+    let json = match std::fs::read_to_string(json_path) {
+        Ok(text) => Some(parse_cyclictest_json(&text)?),
+        Err(e) => {
+            log::warn!(
+                "cyclictest wrote no JSON file ({}: {e}); its loop count is unknown",
+                json_path.display()
+            );
+            None
+        }
+    };
+    Ok((histogram, json))
+}
+
+/// What the probe's maps add up to for `cpu` (leaving out cyclictest,
+/// `pid`), and its own health counters; the probe is unloaded after.
+fn read_noise(
+    probe: Probe,
+    cpu: u32,
+    pid: u32,
+    steal: Option<u64>,
+) -> anyhow::Result<(NoiseTotals, Counters)> {
+    let (irqs, softirqs, nmis, threads, cpu_stats, counters) = (
+        probe.irq_stats()?,
+        probe.softirq_stats()?,
+        probe.nmi_stats()?,
+        probe.threads()?,
+        probe.cpu_stats()?,
+        probe.counters()?,
+    );
+    drop(probe);
+    let noise = NoiseTotals::new(
+        cpu,
+        &ProbeMaps {
+            irqs: &irqs,
+            softirqs: &softirqs,
+            nmis: &nmis,
+            threads: &threads,
+            cpu_stats: &cpu_stats,
+        },
+        pid,
+        irq_name,
+        steal,
+    );
+    Ok((noise, counters))
+}
+
+async fn measure(
+    path: &Path,
+    config: &CyclictestConfig,
+    worst: usize,
+    host: HostFacts,
+) -> anyhow::Result<Report> {
+    let cpu = config.cpu;
+    let (mut probe, mut events) = load_probe(cpu)?;
 
     let tmp = PrivateDir::create()?;
     let json_path = tmp.0.join("cyclictest.json");
@@ -212,106 +351,46 @@ async fn measure(
     };
     let stop = wait_for_stop();
     tokio::pin!(stop);
-    let start = Instant::now();
-    let mut watched: Vec<u32> = Vec::new();
+    let mut sup = Supervisor {
+        cpu,
+        pid,
+        duration: config.duration,
+        cmdline: &cmdline,
+        start: Instant::now(),
+        watched: Vec::new(),
+        interrupted_at: None,
+    };
     let mut next_check = tokio::time::Instant::now();
-    let mut interrupted_at: Option<Instant> = None;
     let status: ExitStatus = loop {
         tokio::select! {
             r = EventReader::next_batch(&mut events, &mut handle) => r.context("reading events")?,
             _ = tokio::time::sleep_until(next_check) => {
-                if let Some(status) = ct.try_wait()? {
+                if let Some(status) = sup.tick(&mut ct, &mut probe)? {
                     break status;
                 }
-                if watched.is_empty() {
-                    for tid in measurement_threads(pid) {
-                        probe.set_watched(tid, watch::PROBE)?;
-                        // Its own slices are the measurement, not intrusions.
-                        probe.set_allowed(tid, Some(cpu))?;
-                        watched.push(tid);
-                    }
-                    if let Some(tid) = watched.first() {
-                        eprintln!(
-                            "pinguard: measuring CPU {cpu} for {:?}: cyclictest pid {pid}, measurement thread {tid}",
-                            config.duration
-                        );
-                    } else if start.elapsed() > START_TIMEOUT {
-                        bail!(
-                            "cyclictest (pid {pid}) started no measurement thread within {START_TIMEOUT:?}; its command line: {cmdline}"
-                        );
-                    }
-                }
-                if interrupted_at.is_some_and(|t| t.elapsed() > STOP_TIMEOUT) {
-                    log::warn!("cyclictest did not stop within {STOP_TIMEOUT:?} of SIGINT; killing it");
-                    ct.kill();
-                }
-                // Poll quickly until the measurement thread is watched, then relax.
-                next_check = tokio::time::Instant::now()
-                    + if watched.is_empty() { Duration::from_millis(1) } else { Duration::from_millis(20) };
+                next_check = sup.next_tick();
             }
-            r = &mut stop, if interrupted_at.is_none() => {
+            r = &mut stop, if sup.interrupted_at.is_none() => {
                 r?;
                 eprintln!("pinguard: interrupted; waiting for cyclictest's results");
                 end.set(end.get().min(monotonic_ns()));
                 ct.interrupt();
-                interrupted_at = Some(Instant::now());
+                sup.interrupted_at = Some(Instant::now());
             }
         }
     };
     let elapsed_ns = monotonic_ns().saturating_sub(t0);
+    let (measurement_tids, interrupted) = (sup.watched, sup.interrupted_at.is_some());
     // Events already in the buffer still belong to the run.
     events.get_mut().drain(&mut handle);
-    let (stdout, stderr) = ct.output();
-    if !status.success() {
-        bail!(
-            "cyclictest failed ({status}): {}\ncommand line: {cmdline}",
-            last_lines(&stderr, 10)
-        );
-    }
-    let histogram = parse_histogram(&stdout).with_context(|| {
-        format!(
-            "reading cyclictest's histogram; its stderr: {}",
-            last_lines(&stderr, 5)
-        )
-    })?;
-    let json = match std::fs::read_to_string(&json_path) {
-        Ok(text) => Some(parse_cyclictest_json(&text)?),
-        Err(e) => {
-            log::warn!(
-                "cyclictest wrote no JSON file ({}: {e}); its loop count is unknown",
-                json_path.display()
-            );
-            None
-        }
-    };
+    let (histogram, json) = read_results(&mut ct, status, &json_path, &cmdline)?;
     drop(tmp);
 
     let steal = match (steal_before, steal_ns(cpu)) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
-    let (irqs, softirqs, nmis, threads, cpu_stats, counters) = (
-        probe.irq_stats()?,
-        probe.softirq_stats()?,
-        probe.nmi_stats()?,
-        probe.threads()?,
-        probe.cpu_stats()?,
-        probe.counters()?,
-    );
-    drop(probe);
-    let noise = NoiseTotals::new(
-        cpu,
-        &ProbeMaps {
-            irqs: &irqs,
-            softirqs: &softirqs,
-            nmis: &nmis,
-            threads: &threads,
-            cpu_stats: &cpu_stats,
-        },
-        pid,
-        irq_name,
-        steal,
-    );
+    let (noise, counters) = read_noise(probe, cpu, pid, steal)?;
     let recorded = recorder.finish();
     let version = json.as_ref().and_then(|j| j.version.clone());
     Ok(Report::build(Inputs {
@@ -329,8 +408,8 @@ async fn measure(
                 version,
                 cmdline,
             },
-            measurement_tids: watched,
-            interrupted: interrupted_at.is_some(),
+            measurement_tids,
+            interrupted,
         },
         histogram,
         json,

@@ -1,10 +1,11 @@
 //! IRQ facts from `/proc/irq`.
+use std::path::Path;
 
-/// The names of an IRQ's actions (the subdirectories of /proc/irq/N), e.g.
-/// "virtio0-requests"; "" if it has none or is gone.
-pub fn irq_name(irq: u32) -> String {
-    let Ok(rd) = std::fs::read_dir(format!("/proc/irq/{irq}")) else {
-        return String::new();
+/// The names of an IRQ's actions: the subdirectories of its `/proc/irq/N`
+/// directory, sorted (e.g. "virtio0-requests"); empty if it has none or is gone.
+pub fn actions(irq_dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(irq_dir) else {
+        return Vec::new();
     };
     let mut names: Vec<String> = rd
         .flatten()
@@ -12,5 +13,10 @@ pub fn irq_name(irq: u32) -> String {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    names.join(",")
+    names
+}
+
+/// The names of a live IRQ's actions joined by commas, "" if it has none or is gone.
+pub fn irq_name(irq: u32) -> String {
+    actions(Path::new(&format!("/proc/irq/{irq}"))).join(",")
 }
