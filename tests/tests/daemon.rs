@@ -69,12 +69,18 @@ fn observe_mode_reports_guests_and_intruders_and_changes_no_affinity() {
     );
     // ...and the daemon's per-thread accounting of this intruder is what the kernel says it ran.
     let tid = intruder.tid();
-    let entry = wait_for("the intruder in /intruders", WAIT, || {
+    // `/intruders` is refreshed at every tick: await the snapshot taken after
+    // the intruder stopped (a stale one shows part of its run).
+    let entry = wait_for("the intruder's whole run in /intruders", WAIT, || {
         let (_, body) = daemon.get("/intruders");
         let list: Value = serde_json::from_str(&body).ok()?;
         list.as_array()?
             .iter()
-            .find(|i| i["tid"] == tid && i["cpu"] == 1)
+            .find(|i| {
+                i["tid"] == tid
+                    && i["cpu"] == 1
+                    && i["run_ns"].as_u64().unwrap_or(0) as f64 >= ran_ns as f64 * 0.95
+            })
             .cloned()
     });
     let accounted = entry["run_ns"].as_u64().unwrap();
