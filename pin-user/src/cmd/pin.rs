@@ -13,26 +13,13 @@ use crate::{
     cli::PinArgs,
     exit,
     guests::{DiscoverOptions, Discoverer, Guest},
-    host::affinity::{self, AffinityError},
+    host::affinity,
     host::cpulist::CpuSet,
     host::procfs::Proc,
     host::topology::Topology,
-    placement::plan::{self, Entry, Plan, PlanOptions, Role},
+    placement::apply::{self, OnFailure, Status},
+    placement::plan::{self, Entry, PlanOptions, Role},
 };
-
-/// What happened to one thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Status {
-    /// Already where the plan puts it.
-    Unchanged,
-    /// Would change (dry run).
-    Planned,
-    /// Changed and verified.
-    Applied,
-    /// Exited before it could be changed.
-    Vanished,
-}
 
 #[derive(Debug, serde::Serialize)]
 struct Row {
@@ -85,18 +72,15 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
     }
 
     let statuses = if args.dry_run {
-        plan.entries
-            .iter()
-            .map(|e| {
-                if e.change {
-                    Status::Planned
-                } else {
-                    Status::Unchanged
-                }
-            })
-            .collect()
+        apply::planned(&plan)
     } else {
-        apply(&plan)?
+        let applied = apply::apply(&plan, &mut affinity::Live, OnFailure::Rollback)?;
+        for (e, s) in plan.entries.iter().zip(&applied.statuses) {
+            if *s == Status::Vanished {
+                log::info!("{} exited before it could be pinned", apply::describe(e));
+            }
+        }
+        applied.statuses
     };
 
     let report = Report {
@@ -179,92 +163,6 @@ fn read_affinities(guests: Vec<Guest>) -> anyhow::Result<(Vec<Guest>, Affinities
     Ok((out, current, vanished))
 }
 
-fn describe(e: &Entry) -> String {
-    match e.vcpu {
-        Some(i) => format!("thread {} (guest {} vCPU {i})", e.tid, e.vm),
-        None => format!("thread {} (guest {} emulator thread)", e.tid, e.vm),
-    }
-}
-
-/// Applies the plan: emulator threads first (they leave the guarded CPUs
-/// before the vCPUs arrive), then vCPUs. On a failure other than a thread
-/// exiting, restores what was changed and fails.
-fn apply(plan: &Plan) -> anyhow::Result<Vec<Status>> {
-    let mut statuses: Vec<Status> = plan
-        .entries
-        .iter()
-        .map(|e| {
-            if e.change {
-                Status::Planned
-            } else {
-                Status::Unchanged
-            }
-        })
-        .collect();
-    let mut order: Vec<usize> = (0..plan.entries.len())
-        .filter(|&i| plan.entries[i].change)
-        .collect();
-    order.sort_by_key(|&i| plan.entries[i].role == Role::Vcpu);
-    let mut applied: Vec<usize> = Vec::new();
-    for (n, &i) in order.iter().enumerate() {
-        let e = &plan.entries[i];
-        match affinity::apply_and_verify(e.tid, &e.to) {
-            Ok(()) => {
-                statuses[i] = Status::Applied;
-                applied.push(i);
-            }
-            Err(err) if err.is_gone() => {
-                log::info!("{} exited before it could be pinned", describe(e));
-                statuses[i] = Status::Vanished;
-            }
-            Err(err) => {
-                let not_attempted = order.len() - n - 1;
-                bail!(
-                    "cannot pin {} to CPU {}: {err}\n{}",
-                    describe(e),
-                    e.to,
-                    rollback(plan, &applied, not_attempted)
-                );
-            }
-        }
-    }
-    Ok(statuses)
-}
-
-/// Puts the threads changed so far back where they were; says what
-/// was and was not applied.
-fn rollback(plan: &Plan, applied: &[usize], not_attempted: usize) -> String {
-    let mut failed: Vec<String> = Vec::new();
-    for &i in applied.iter().rev() {
-        let e = &plan.entries[i];
-        match affinity::apply_and_verify(e.tid, &e.from) {
-            Ok(()) => {}
-            Err(AffinityError::Gone { .. }) => {}
-            Err(err) => failed.push(format!(
-                "  {} stays on CPU {} (was {}): {err}",
-                describe(e),
-                e.to,
-                e.from
-            )),
-        }
-    }
-    let mut msg = format!(
-        "{} thread(s) had been changed and were restored to their previous affinity; \
-         {not_attempted} more were not attempted",
-        applied.len() - failed.len()
-    );
-    if failed.is_empty() {
-        msg.push_str("; nothing is left changed");
-    } else {
-        msg.push_str(&format!(
-            "\n{} thread(s) could not be restored:\n{}",
-            failed.len(),
-            failed.join("\n")
-        ));
-    }
-    msg
-}
-
 fn render(r: &Report) -> String {
     let mut s = String::new();
     if r.entries.is_empty() {
@@ -295,6 +193,7 @@ fn render(r: &Report) -> String {
             Status::Planned => "would change",
             Status::Applied => "pinned",
             Status::Vanished => "exited",
+            Status::Failed => "failed",
         }
         .to_string();
         if e.shared {

@@ -1,8 +1,10 @@
 //! `pinguard run`: the continuous isolation daemon.
 use std::{
-    collections::VecDeque,
     process::ExitCode,
-    sync::{Arc, Mutex, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -10,12 +12,19 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    bpf::probe::{EventReader, Probe, ProbeConfig},
+    bpf::probe::{EventReader, Probe, ProbeConfig, StatsGuard},
     cli::RunArgs,
     cmd::{move_self_to, runtime},
     config::{Config, Overrides},
-    daemon::metrics::{self, Metrics},
-    daemon::{Daemon, RecentViolations},
+    daemon::{
+        collector::{KernelCollector, VcpuTable},
+        effects::{Live, SharedProbe},
+        health::Health,
+        http::{self, Endpoint},
+        metrics::Metrics,
+        state::{self, Daemon},
+        violation::Recent,
+    },
     exit,
     host::topology::Topology,
 };
@@ -25,35 +34,47 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let topo = Topology::read()?;
     let guard = topo.guard(config.guard.as_ref())?;
     move_self_to(&guard.housekeeping)?;
+    let mut probe_config = ProbeConfig::new(guard.guarded.clone());
+    probe_config.event_interval = config.event_interval;
+    probe_config.lifecycle = true;
+    let mut probe = Probe::load(&probe_config)?;
+    let events = probe.take_events()?;
+    // Kept for the daemon's lifetime: the kernel counts program run time
+    // only while someone holds the statistics fd.
+    let _stats = config.bpf_stats.then(|| {
+        StatsGuard::enable()
+            .map_err(|e| log::warn!("BPF run-time statistics unavailable: {e}"))
+            .ok()
+    })
+    .flatten();
+    let probe = SharedProbe::new(probe);
+
+    let metrics = Arc::new(Metrics::new());
+    let vcpus = VcpuTable::default();
+    let undecodable = Arc::new(AtomicU64::new(0));
+    metrics
+        .registry
+        .register(Box::new(KernelCollector::new(
+            probe.clone(),
+            vcpus.clone(),
+            undecodable.clone(),
+        )))
+        .context("registering the kernel metrics collector")?;
+    let recent = Recent::default();
+    let health = Health::new(config.verify_interval);
+    let endpoint = Endpoint {
+        metrics: metrics.clone(),
+        recent: recent.clone(),
+        probe: probe.clone(),
+        health: health.clone(),
+    };
+    http::spawn(config.listen, endpoint)
+        .with_context(|| format!("cannot listen on {} (--listen / listen =)", config.listen))?;
+
     runtime()?.block_on(async move {
-        let listener = metrics::bind(config.listen)
-            .with_context(|| format!("cannot listen on {} (--listen / listen =)", config.listen))?;
-        let mut probe_config = ProbeConfig::new(guard.guarded.clone());
-        probe_config.event_interval = config.event_interval;
-        probe_config.lifecycle = true;
-        let mut probe = Probe::load(&probe_config)?;
-        let mut events = probe.take_events()?.into_async().context("polling the event ring buffer")?;
-
-        let metrics = Arc::new(Metrics::new());
-        let recent: RecentViolations = Arc::new(Mutex::new(VecDeque::new()));
-        let healthy = Arc::new(AtomicBool::new(true));
-        let intruders: Arc<Mutex<String>> = Arc::new(Mutex::new("[]\n".into()));
-        let (recent_json, intruders_json) = (recent.clone(), intruders.clone());
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics.clone(),
-            healthy.clone(),
-            Arc::new(move |path: &str| match path {
-                "/violations" => {
-                    let list = recent_json.lock().unwrap_or_else(|e| e.into_inner());
-                    Some(serde_json::to_string(&*list).unwrap_or_else(|_| "[]".into()) + "\n")
-                }
-                "/intruders" => Some(intruders_json.lock().unwrap_or_else(|e| e.into_inner()).clone()),
-                _ => None,
-            }),
-        ));
-
-        let mut daemon = Daemon::new(config.clone(), topo, guard.clone(), probe, metrics, recent, intruders);
+        let mut events = events.into_async().context("polling the event ring buffer")?;
+        let fx = Live::new(probe, state::discover_options(&config));
+        let mut daemon = Daemon::new(config.clone(), topo, guard.clone(), fx, metrics, recent, vcpus);
         daemon.rescan();
         log::info!(
             "pinguard {} running: guarding CPUs {} (housekeeping {}), mode {:?}, metrics on http://{}/metrics",
@@ -78,19 +99,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 r = EventReader::next_batch(&mut events, |e| batch.push(e)) => {
                     r.context("reading events")?;
-                    let mut undecodable = 0;
                     for e in batch.drain(..) {
                         match e {
                             Ok(ev) => daemon.handle(&ev),
                             Err(err) => {
-                                undecodable += 1;
+                                undecodable.fetch_add(1, Ordering::Relaxed);
                                 log::warn!("undecodable event: {err}");
                             }
                         }
                     }
-                    daemon.count_lost(undecodable);
                 }
-                _ = tick.tick() => daemon.tick(),
+                _ = tick.tick() => {
+                    daemon.tick();
+                    health.ticked();
+                }
                 _ = rescan.tick() => daemon.rescan(),
                 _ = tokio::time::sleep(retry_in) => daemon.tick(),
                 _ = hup.recv() => reload(&mut daemon, &args),
@@ -99,13 +121,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
         log::info!("pinguard stopping: detaching the eBPF programs");
-        drop(daemon);
         Ok(ExitCode::from(exit::OK))
     })
 }
 
 /// SIGHUP: re-read the configuration; a bad file keeps the running one.
-fn reload(daemon: &mut Daemon, args: &RunArgs) {
+fn reload<E: crate::daemon::effects::Effects>(daemon: &mut Daemon<E>, args: &RunArgs) {
     let result = Config::load(&Overrides::from(args))
         .map_err(|e| e.to_string())
         .and_then(|c| daemon.reload(c));

@@ -173,6 +173,69 @@ pub fn apply_and_verify(tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
     Ok(())
 }
 
+/// Reading and setting thread affinities: the host's (`Live`) or, in unit
+/// tests, an in-memory table (`fake::Table`), so the decisions that move
+/// threads can be tested without moving any.
+pub trait Affinities {
+    fn get(&self, tid: u32) -> Result<CpuSet, AffinityError>;
+    /// Sets the affinity and verifies it (see [`apply_and_verify`]).
+    fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError>;
+}
+
+/// The host's affinities, through `sched_{get,set}affinity`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Live;
+
+impl Affinities for Live {
+    fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
+        get(tid)
+    }
+
+    fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
+        apply_and_verify(tid, cpus)
+    }
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! An in-memory affinity table for unit tests.
+    use std::collections::BTreeMap;
+
+    use super::{AffinityError, Affinities, CpuSet};
+
+    #[derive(Debug, Default)]
+    pub struct Table {
+        pub cpus: BTreeMap<u32, CpuSet>,
+        /// Threads whose next `set` fails with this error.
+        pub fail: BTreeMap<u32, AffinityError>,
+        /// Every successful `set`, in order.
+        pub log: Vec<(u32, CpuSet)>,
+    }
+
+    impl Affinities for Table {
+        fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
+            self.cpus
+                .get(&tid)
+                .cloned()
+                .ok_or(AffinityError::Gone { tid })
+        }
+
+        fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
+            if let Some(e) = self.fail.remove(&tid) {
+                return Err(e);
+            }
+            match self.cpus.get_mut(&tid) {
+                Some(c) => {
+                    *c = cpus.clone();
+                    self.log.push((tid, cpus.clone()));
+                    Ok(())
+                }
+                None => Err(AffinityError::Gone { tid }),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -221,6 +221,31 @@ impl Topology {
     }
 
     /// NUMA node of an online CPU (0 for unknown CPUs).
+    #[cfg(test)]
+    /// `n` online CPUs on one node, without SMT (unit tests elsewhere).
+    pub fn flat(n: u32) -> Self {
+        let online: CpuSet = (0..n).collect();
+        let cpus = (0..n)
+            .map(|cpu| {
+                let info = CpuInfo {
+                    cpu,
+                    core_id: cpu,
+                    package_id: 0,
+                    node: 0,
+                    siblings: CpuSet::single(cpu),
+                };
+                (cpu, info)
+            })
+            .collect();
+        Self {
+            isolated: CpuSet::new(),
+            nohz_full: CpuSet::new(),
+            cpus,
+            nodes: BTreeMap::from([(0, online.clone())]),
+            online,
+        }
+    }
+
     pub fn node_of(&self, cpu: u32) -> u32 {
         self.cpus.get(&cpu).map_or(0, |c| c.node)
     }

@@ -7,7 +7,6 @@ use std::{
 };
 
 use crate::{
-    host::affinity::{self, AffinityError},
     host::cpulist::CpuSet,
     host::procfs::ThreadInfo,
 };
@@ -110,11 +109,6 @@ impl Limiter {
     pub fn forget(&mut self, tid: u32) {
         self.threads.remove(&tid);
     }
-}
-
-/// Pins `tid` to exactly `cpus` and verifies it.
-pub fn repin(tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
-    affinity::apply_and_verify(tid, cpus)
 }
 
 #[cfg(test)]

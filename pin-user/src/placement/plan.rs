@@ -122,6 +122,7 @@ pub struct Plan {
 }
 
 impl Plan {
+    #[cfg(test)]
     /// Entries whose affinity must change.
     pub fn changes(&self) -> impl Iterator<Item = &Entry> {
         self.entries.iter().filter(|e| e.change)

@@ -1,0 +1,202 @@
+//! Everything the daemon's decisions touch outside themselves: the kernel
+//! maps of the probe, thread affinities, /proc and guest discovery, and the
+//! clock. [`Live`] is the host; the unit tests of `state` use a fake.
+use std::{
+    io,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use pin_common::ThreadKey;
+
+use crate::{
+    bpf::probe::{Probe, ProbeError},
+    guests::{DiscoverError, DiscoverOptions, Discoverer, Discovery},
+    host::{
+        affinity::{self, AffinityError, Affinities},
+        cpulist::CpuSet,
+        procfs::{Proc, ThreadInfo},
+    },
+};
+
+/// The loaded probe, shared by the daemon (which writes its maps) and the
+/// metrics collector and HTTP routes (which read them at scrape time).
+#[derive(Clone)]
+pub struct SharedProbe(Arc<Mutex<Probe>>);
+
+impl SharedProbe {
+    pub fn new(probe: Probe) -> Self {
+        Self(Arc::new(Mutex::new(probe)))
+    }
+
+    /// Map reads and writes are single syscalls: nothing holds the lock long,
+    /// and a panic while holding it leaves the maps as consistent as the kernel keeps them.
+    pub fn lock(&self) -> MutexGuard<'_, Probe> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the daemon does to the world, and reads from it.
+pub trait Effects: Affinities {
+    /// The kernel's ownership of CPUs (`TASKS`, `GUARDED`).
+    fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError>;
+    fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError>;
+    /// Measures the thread's waits as a vCPU's.
+    fn set_watched(&mut self, tid: u32) -> Result<(), ProbeError>;
+    fn remove_watched(&mut self, tid: u32) -> Result<(), ProbeError>;
+    /// Guest processes whose exit the kernel reports.
+    fn set_guest(&mut self, pid: u32) -> Result<(), ProbeError>;
+    fn remove_guest(&mut self, pid: u32) -> Result<(), ProbeError>;
+    /// Threads the kernel does not count as intruders (on `cpu`, or any).
+    fn set_allowed(&mut self, tid: u32, cpu: Option<u32>) -> Result<(), ProbeError>;
+    fn remove_allowed(&mut self, tid: u32) -> Result<(), ProbeError>;
+    fn allowed(&self) -> Result<Vec<u32>, ProbeError>;
+    /// Keys of the per-thread intruder accounting, with the thread's process.
+    fn thread_keys(&self) -> Result<Vec<(ThreadKey, u32)>, ProbeError>;
+    fn remove_thread(&mut self, key: ThreadKey) -> Result<(), ProbeError>;
+
+    /// A thread's facts from /proc (`None`: it is gone).
+    fn thread(&self, tgid: u32, tid: u32) -> io::Result<Option<ThreadInfo>>;
+    /// A thread's current name.
+    fn comm(&self, tgid: u32, tid: u32) -> Option<String>;
+    /// A thread's cgroup v2 path (for `[[allow]] cgroup`).
+    fn cgroup(&self, tgid: u32, tid: u32) -> Option<String>;
+    fn task_exists(&self, tgid: u32, tid: u32) -> bool;
+    fn process_exists(&self, pid: u32) -> bool;
+
+    fn scan(&mut self) -> Result<Discovery, DiscoverError>;
+    fn rediscover(&mut self, pid: u32) -> Result<Discovery, DiscoverError>;
+    /// Forgets what discovery remembers about a process that exited.
+    fn forget(&mut self, pid: u32);
+    fn set_discover_options(&mut self, opts: DiscoverOptions);
+
+    fn now(&self) -> Instant;
+}
+
+/// The host: the probe's maps, `sched_setaffinity`, /proc, QMP and libvirt.
+pub struct Live {
+    probe: SharedProbe,
+    proc: Proc,
+    discoverer: Discoverer,
+}
+
+impl Live {
+    pub fn new(probe: SharedProbe, opts: DiscoverOptions) -> Self {
+        let proc = Proc::default();
+        Self {
+            discoverer: Discoverer::new(proc.clone(), opts),
+            probe,
+            proc,
+        }
+    }
+}
+
+impl Affinities for Live {
+    fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
+        affinity::get(tid)
+    }
+
+    fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
+        affinity::apply_and_verify(tid, cpus)
+    }
+}
+
+impl Effects for Live {
+    fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError> {
+        self.probe.lock().set_owner(tid, cpu)
+    }
+
+    fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError> {
+        self.probe.lock().remove_owner(tid)
+    }
+
+    fn set_watched(&mut self, tid: u32) -> Result<(), ProbeError> {
+        self.probe.lock().set_watched(tid, pin_common::watch::VCPU)
+    }
+
+    fn remove_watched(&mut self, tid: u32) -> Result<(), ProbeError> {
+        self.probe.lock().remove_watched(tid)
+    }
+
+    fn set_guest(&mut self, pid: u32) -> Result<(), ProbeError> {
+        self.probe.lock().set_guest(pid)
+    }
+
+    fn remove_guest(&mut self, pid: u32) -> Result<(), ProbeError> {
+        self.probe.lock().remove_guest(pid)
+    }
+
+    fn set_allowed(&mut self, tid: u32, cpu: Option<u32>) -> Result<(), ProbeError> {
+        self.probe.lock().set_allowed(tid, cpu)
+    }
+
+    fn remove_allowed(&mut self, tid: u32) -> Result<(), ProbeError> {
+        self.probe.lock().remove_allowed(tid)
+    }
+
+    fn allowed(&self) -> Result<Vec<u32>, ProbeError> {
+        self.probe.lock().allowed()
+    }
+
+    fn thread_keys(&self) -> Result<Vec<(ThreadKey, u32)>, ProbeError> {
+        Ok(self
+            .probe
+            .lock()
+            .threads()?
+            .into_iter()
+            .map(|(k, t)| (k, t.tgid))
+            .collect())
+    }
+
+    fn remove_thread(&mut self, key: ThreadKey) -> Result<(), ProbeError> {
+        self.probe.lock().remove_thread(key)
+    }
+
+    fn thread(&self, tgid: u32, tid: u32) -> io::Result<Option<ThreadInfo>> {
+        self.proc.thread(tgid, tid)
+    }
+
+    fn comm(&self, tgid: u32, tid: u32) -> Option<String> {
+        self.proc.comm(tgid, tid).ok().flatten()
+    }
+
+    fn cgroup(&self, tgid: u32, tid: u32) -> Option<String> {
+        std::fs::read_to_string(self.proc.root().join(format!("{tgid}/task/{tid}/cgroup")))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            })
+    }
+
+    fn task_exists(&self, tgid: u32, tid: u32) -> bool {
+        self.proc
+            .root()
+            .join(format!("{tgid}/task/{tid}"))
+            .exists()
+    }
+
+    fn process_exists(&self, pid: u32) -> bool {
+        self.proc.root().join(pid.to_string()).exists()
+    }
+
+    fn scan(&mut self) -> Result<Discovery, DiscoverError> {
+        self.discoverer.scan()
+    }
+
+    fn rediscover(&mut self, pid: u32) -> Result<Discovery, DiscoverError> {
+        self.discoverer.rediscover(pid)
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.discoverer.forget(pid);
+    }
+
+    fn set_discover_options(&mut self, opts: DiscoverOptions) {
+        self.discoverer = Discoverer::new(self.proc.clone(), opts);
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}

@@ -1,0 +1,892 @@
+//! The daemon's decisions: guest inventory, CPU ownership, classification of
+//! kernel events into violations, enforcement with back-off, and the metrics
+//! the daemon itself owns.
+//!
+//! Events, ticks and rescans come in; everything the decisions do to the
+//! world goes through [`Effects`] (the probe's maps, affinities, /proc,
+//! discovery, the clock), so the unit tests below drive it with a fake host.
+//! Everything runs on one thread: the state needs no locks.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::{
+    bpf::{
+        class::ThreadClass,
+        events::{AffinityChange, Intrusion, KernelEvent, Migration, Thread},
+    },
+    config::{Config, Mode},
+    daemon::{
+        collector::{VcpuLabel, VcpuTable},
+        effects::Effects,
+        metrics::Metrics,
+        violation::{Recent, Violation, ViolationKind},
+    },
+    guests::{DiscoverOptions, Discovery, Guest},
+    host::{affinity::AffinityError, cpulist::CpuSet, topology::{Guard, Topology}},
+    placement::{
+        apply::{self, OnFailure, Status},
+        enforce::{self, Limiter},
+        plan::{self, PlanOptions, Role},
+    },
+};
+
+/// A vCPU thread and the guarded CPU it owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Assignment {
+    vm: String,
+    pid: u32,
+    vcpu: u32,
+    cpu: u32,
+}
+
+/// A guest process to look at again (it just exec'ed, or a thread vanished).
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    due: std::time::Instant,
+    attempt: u32,
+}
+
+/// Back-off schedule after an exec: QEMU creates its vCPU threads and QMP
+/// socket during start-up, so look again a few times.
+const RETRY_DELAYS_MS: [u64; 6] = [100, 300, 1000, 3000, 10_000, 30_000];
+
+/// How many (kind, CPU, thread) triples are remembered as already logged.
+const LOGGED_MAX: usize = 65536;
+
+pub struct Daemon<E: Effects> {
+    pub config: Config,
+    topo: Topology,
+    guard: Guard,
+    fx: E,
+    metrics: Arc<Metrics>,
+    recent: Recent,
+    /// vCPU tid -> labels, for the collector's per-vCPU series.
+    vcpu_table: VcpuTable,
+    guests: BTreeMap<u32, Guest>,
+    /// vCPU tid -> assignment.
+    assignments: BTreeMap<u32, Assignment>,
+    /// vCPU tid -> whether its affinity equalled its assignment at the last check.
+    pinned: HashMap<u32, bool>,
+    retries: BTreeMap<u32, Retry>,
+    /// Full rescans scheduled after a QEMU exec: with `-daemonize` the guest
+    /// is a forked child whose pid the exec event cannot name.
+    scan_retry: Option<Retry>,
+    limiter: Limiter,
+    /// (kind, cpu, tid) already logged: each violation is logged once.
+    logged: HashSet<(ViolationKind, u32, u32)>,
+    /// CPUs the current plan makes vCPUs share.
+    shared: CpuSet,
+    /// Emulator threads allowlisted in the kernel because the plan puts them on guarded CPUs.
+    emulators_allowed: HashSet<u32>,
+    /// Guest pids registered in the kernel's GUESTS map (exit notification).
+    guests_watched: HashSet<u32>,
+    /// Names of the guests known at the last re-plan: a name that is gone
+    /// takes its per-VM series with it, so churning guests do not grow the
+    /// label set without bound.
+    vm_names: HashSet<String>,
+    ticks: u64,
+}
+
+pub fn discover_options(config: &Config) -> DiscoverOptions {
+    DiscoverOptions {
+        qmp: config.qmp.clone(),
+        ..DiscoverOptions::default()
+    }
+}
+
+impl<E: Effects> Daemon<E> {
+    pub fn new(
+        config: Config,
+        topo: Topology,
+        guard: Guard,
+        fx: E,
+        metrics: Arc<Metrics>,
+        recent: Recent,
+        vcpu_table: VcpuTable,
+    ) -> Self {
+        let limiter = Limiter::new(config.min_interval, config.max_backoff);
+        let d = Self {
+            topo,
+            guard,
+            fx,
+            metrics,
+            recent,
+            vcpu_table,
+            guests: BTreeMap::new(),
+            assignments: BTreeMap::new(),
+            pinned: HashMap::new(),
+            retries: BTreeMap::new(),
+            scan_retry: None,
+            limiter,
+            logged: HashSet::new(),
+            shared: CpuSet::new(),
+            emulators_allowed: HashSet::new(),
+            guests_watched: HashSet::new(),
+            vm_names: HashSet::new(),
+            ticks: 0,
+            config,
+        };
+        d.metrics.publish_static(&d.guard.guarded, d.config.mode);
+        d
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Applies a reloaded configuration. The guarded set and listen address
+    /// need a restart; everything else takes effect now.
+    pub fn reload(&mut self, config: Config) -> Result<(), String> {
+        let guard = self
+            .topo
+            .guard(config.guard.as_ref().or(self.config.guard.as_ref()))
+            .map_err(|e| e.to_string())?;
+        if guard != self.guard {
+            return Err(format!(
+                "the guarded CPUs cannot change on reload (running with {}, config says {}); restart pinguard",
+                self.guard.guarded, guard.guarded
+            ));
+        }
+        // These are fixed when the daemon starts (timers, the eBPF object's
+        // globals, the statistics fd): say so instead of pretending.
+        let old = &self.config;
+        let fixed = [
+            ("verify_interval", old.verify_interval != config.verify_interval),
+            ("rescan_interval", old.rescan_interval != config.rescan_interval),
+            ("event_interval", old.event_interval != config.event_interval),
+            ("bpf_stats", old.bpf_stats != config.bpf_stats),
+            ("listen", old.listen != config.listen),
+        ];
+        for (key, changed) in fixed {
+            if changed {
+                log::warn!("reload: `{key}` changed but takes effect only after a restart");
+            }
+        }
+        // Keep the back-off state unless its parameters changed: a reload must
+        // not restart a fight with another tool at full rate.
+        if (old.min_interval, old.max_backoff) != (config.min_interval, config.max_backoff) {
+            self.limiter = Limiter::new(config.min_interval, config.max_backoff);
+        }
+        self.fx.set_discover_options(discover_options(&config));
+        // Allowances came from the old `[[allow]]` rules: drop them and let the
+        // new rules allow threads again as they show up.
+        if let Ok(allowed) = self.fx.allowed() {
+            for tid in allowed
+                .into_iter()
+                .filter(|t| !self.emulators_allowed.contains(t))
+            {
+                let _ = self.fx.remove_allowed(tid);
+            }
+        }
+        self.config = config;
+        self.metrics.publish_static(&self.guard.guarded, self.config.mode);
+        self.rescan();
+        Ok(())
+    }
+
+    fn record(&mut self, v: Violation) {
+        self.metrics
+            .violations
+            .with_label_values(&[&v.cpu.to_string(), v.kind.as_str()])
+            .inc();
+        if self.logged.len() > LOGGED_MAX {
+            self.logged.clear();
+        }
+        if self.logged.insert((v.kind, v.cpu, v.tid)) {
+            log::warn!("{v}");
+        }
+        self.recent.push(v);
+    }
+
+    /// Full rescan of /proc (start-up, SIGHUP, and a periodic safety net).
+    pub fn rescan(&mut self) {
+        self.metrics.discovery_scans.inc();
+        match self.fx.scan() {
+            Ok(d) => self.apply_discovery(d, None),
+            Err(e) => {
+                self.metrics.discovery_errors.inc();
+                log::error!("guest discovery failed: {e}");
+            }
+        }
+    }
+
+    fn rediscover(&mut self, pid: u32) {
+        match self.fx.rediscover(pid) {
+            Ok(d) => self.apply_discovery(d, Some(pid)),
+            Err(e) => {
+                self.metrics.discovery_errors.inc();
+                log::warn!("rediscovering pid {pid}: {e}");
+            }
+        }
+    }
+
+    /// Merges a discovery result (of everything, or of one pid) and re-plans.
+    fn apply_discovery(&mut self, d: Discovery, only: Option<u32>) {
+        for w in &d.warnings {
+            log::debug!("discovery: {w}");
+        }
+        for e in &d.errors {
+            self.metrics.discovery_errors.inc();
+            log::warn!("discovery: {e}");
+        }
+        match only {
+            None => {
+                self.guests = d.guests.into_iter().map(|g| (g.pid, g)).collect();
+            }
+            Some(pid) => {
+                self.guests.remove(&pid);
+                for g in d.guests {
+                    self.guests.insert(g.pid, g);
+                }
+                // Still no vCPUs: QEMU may still be starting; look again later.
+                let found = self.guests.get(&pid).is_some_and(|g| !g.vcpus.is_empty());
+                if found {
+                    self.retries.remove(&pid);
+                } else {
+                    let now = self.fx.now();
+                    if let Some(r) = self.retries.get_mut(&pid) {
+                        r.attempt += 1;
+                        match RETRY_DELAYS_MS.get(r.attempt as usize) {
+                            Some(ms) => r.due = now + Duration::from_millis(*ms),
+                            None => {
+                                self.retries.remove(&pid);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.replan();
+    }
+
+    /// Computes ownership from the guests and (in enforce mode) applies it.
+    fn replan(&mut self) {
+        let guests: Vec<Guest> = self.guests.values().cloned().collect();
+        let mut current = BTreeMap::new();
+        for g in &guests {
+            for tid in g.tids() {
+                match self.fx.get(tid) {
+                    Ok(set) => {
+                        current.insert(tid, set);
+                    }
+                    Err(e) if e.is_gone() => self.metrics.tasks_vanished.inc(),
+                    Err(e) => log::debug!("affinity of {tid}: {e}"),
+                }
+            }
+        }
+        // Configured placements apply to guests that are running now.
+        let names: HashSet<&str> = guests.iter().map(|g| g.name.as_str()).collect();
+        let mut opts = PlanOptions {
+            vm: self
+                .config
+                .vm
+                .iter()
+                .filter(|(n, _)| names.contains(n.as_str()))
+                .cloned()
+                .collect(),
+            emulator: self.config.emulator.clone(),
+            smt: self.config.smt,
+            allow_shared: self.config.allow_shared,
+        };
+        let plan = match plan::plan(&self.topo, &self.guard, &guests, &current, &opts) {
+            Ok(p) => p,
+            Err(e) => {
+                // A daemon keeps going: place what it can, sharing CPUs, and say so.
+                log::error!("placement: {e}; falling back to sharing guarded CPUs");
+                opts.allow_shared = true;
+                opts.vm.clear();
+                match plan::plan(&self.topo, &self.guard, &guests, &current, &opts) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        log::error!("placement impossible: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        for w in &plan.warnings {
+            log::info!("placement: {w}");
+        }
+        let mut next: BTreeMap<u32, Assignment> = BTreeMap::new();
+        for e in plan.entries.iter().filter(|e| e.role == Role::Vcpu) {
+            let (Some(vcpu), Some(cpu)) = (e.vcpu, e.to.first()) else {
+                continue;
+            };
+            next.insert(
+                e.tid,
+                Assignment {
+                    vm: e.vm.clone(),
+                    pid: e.pid,
+                    vcpu,
+                    cpu,
+                },
+            );
+        }
+        // Tell the kernel who owns what before moving anything: a vCPU that
+        // runs on its CPU right after the move must already count as its owner.
+        self.set_assignments(next);
+        self.allow_emulators(&plan);
+        if self.config.mode == Mode::Enforce {
+            // Never fails with `Continue`: failures are in the result.
+            if let Ok(applied) = apply::apply(&plan, &mut self.fx, OnFailure::Continue) {
+                for (e, status) in plan.entries.iter().zip(&applied.statuses) {
+                    match status {
+                        Status::Applied => {
+                            if e.role == Role::Vcpu {
+                                self.metrics.repins.with_label_values(&[&e.vm]).inc();
+                            }
+                            log::info!(
+                                "pinned {:?} {} (tid {}) to CPUs {} (was {})",
+                                e.vm,
+                                role_name(e),
+                                e.tid,
+                                e.to,
+                                e.from
+                            );
+                        }
+                        Status::Vanished => self.metrics.tasks_vanished.inc(),
+                        _ => {}
+                    }
+                }
+                for (i, err) in &applied.failures {
+                    let what = apply::describe(&plan.entries[*i]);
+                    self.enforcement_error("pin", &what, err);
+                }
+            }
+        }
+        // Two vCPUs on one CPU cannot both have it to themselves. Reported when
+        // a CPU becomes shared, not again at every re-plan.
+        let newly_shared = plan.shared_cpus.difference(&self.shared);
+        self.shared = plan.shared_cpus.clone();
+        for cpu in newly_shared.iter() {
+            let sharing: Vec<String> = self
+                .assignments
+                .iter()
+                .filter(|(_, a)| a.cpu == cpu)
+                .map(|(tid, a)| format!("{} vcpu {} (tid {tid})", a.vm, a.vcpu))
+                .collect();
+            self.record(Violation::new(
+                ViolationKind::SharedCpu,
+                cpu,
+                0,
+                0,
+                "",
+                format!("vCPUs share this CPU: {}", sharing.join(", ")),
+            ));
+        }
+        self.verify_pins();
+    }
+
+    /// Brings the kernel's maps, the collector's vCPU table and the placement
+    /// metrics in line with `next`.
+    fn set_assignments(&mut self, next: BTreeMap<u32, Assignment>) {
+        let m = self.metrics.clone();
+        for (tid, old) in &self.assignments {
+            if next.get(tid) != Some(old) {
+                let _ = m.vcpu_info.remove_label_values(&[
+                    &old.vm,
+                    &old.vcpu.to_string(),
+                    &old.cpu.to_string(),
+                ]);
+                let _ = m
+                    .vcpu_pinned
+                    .remove_label_values(&[&old.vm, &old.vcpu.to_string()]);
+                if !next.contains_key(tid) {
+                    self.pinned.remove(tid);
+                    self.limiter.forget(*tid);
+                    if let Err(e) = self.fx.remove_owner(*tid) {
+                        log::warn!("removing owner {tid}: {e}");
+                    }
+                    let _ = self.fx.remove_watched(*tid);
+                }
+            }
+        }
+        for (tid, a) in &next {
+            if self.assignments.get(tid) != Some(a) {
+                if let Err(e) = self.fx.set_owner(*tid, a.cpu) {
+                    log::error!(
+                        "registering vCPU thread {tid} as owner of CPU {}: {e}",
+                        a.cpu
+                    );
+                }
+                if let Err(e) = self.fx.set_watched(*tid) {
+                    log::warn!("measuring the waits of vCPU thread {tid}: {e}");
+                }
+            }
+            m.vcpu_info
+                .with_label_values(&[&a.vm, &a.vcpu.to_string(), &a.cpu.to_string()])
+                .set(1);
+        }
+        self.vcpu_table.replace(
+            next.iter()
+                .map(|(tid, a)| {
+                    let label = VcpuLabel {
+                        vm: a.vm.clone(),
+                        vcpu: a.vcpu,
+                    };
+                    (*tid, label)
+                })
+                .collect(),
+        );
+        let new_pids: HashSet<u32> = self.guests.keys().copied().collect();
+        for pid in self.guests_watched.difference(&new_pids) {
+            let _ = self.fx.remove_guest(*pid);
+        }
+        for pid in new_pids.difference(&self.guests_watched) {
+            if let Err(e) = self.fx.set_guest(*pid) {
+                log::warn!("watching guest {pid} for exit: {e}");
+            }
+        }
+        self.guests_watched = new_pids;
+        self.assignments = next;
+        m.vms.set(self.guests.len() as i64);
+        let names: HashSet<String> = self.guests.values().map(|g| g.name.clone()).collect();
+        for gone in self.vm_names.difference(&names) {
+            let _ = m.repins.remove_label_values(&[gone]);
+        }
+        self.vm_names = names;
+    }
+
+    /// Emulator threads the plan puts on guarded CPUs (`--emulator with-vcpu0`
+    /// or a CPU list) are there by design: allowlist them in the kernel, and
+    /// drop the allowance when the plan no longer does so.
+    fn allow_emulators(&mut self, plan: &plan::Plan) {
+        let mut now: HashSet<u32> = HashSet::new();
+        for e in plan.entries.iter().filter(|e| e.role == Role::Emulator) {
+            let on_guarded = e.to.intersection(&self.guard.guarded);
+            if on_guarded.is_empty() {
+                continue;
+            }
+            let cpu = if on_guarded.len() == 1 {
+                on_guarded.first()
+            } else {
+                None
+            };
+            if let Err(err) = self.fx.set_allowed(e.tid, cpu) {
+                log::warn!(
+                    "allowing emulator thread {} on CPUs {on_guarded}: {err}",
+                    e.tid
+                );
+            }
+            now.insert(e.tid);
+        }
+        for tid in self.emulators_allowed.difference(&now) {
+            let _ = self.fx.remove_allowed(*tid);
+        }
+        self.emulators_allowed = now;
+    }
+
+    /// Counts a failed action by errno and logs it with what it was about.
+    fn enforcement_error(&mut self, action: &str, what: &str, err: &AffinityError) {
+        if err.is_gone() {
+            // The thread exited under us: normal, counted, not an error.
+            self.metrics.tasks_vanished.inc();
+            return;
+        }
+        self.metrics
+            .enforcement_errors
+            .with_label_values(&[action, &err.errno_name()])
+            .inc();
+        log::warn!("{action} of {what} failed: {err}");
+    }
+
+    /// Checks every vCPU's affinity against its assignment (and re-pins in enforce mode).
+    fn verify_pins(&mut self) {
+        let tids: Vec<u32> = self.assignments.keys().copied().collect();
+        for tid in tids {
+            self.verify_one(tid, false);
+        }
+    }
+
+    /// `explained`: an event already reported why the vCPU moved.
+    fn verify_one(&mut self, tid: u32, explained: bool) {
+        let Some(a) = self.assignments.get(&tid).cloned() else {
+            return;
+        };
+        let want = CpuSet::single(a.cpu);
+        let have = match self.fx.get(tid) {
+            Ok(s) => s,
+            Err(e) if e.is_gone() => {
+                self.metrics.tasks_vanished.inc();
+                self.schedule_retry(a.pid, 0);
+                return;
+            }
+            Err(e) => {
+                log::warn!("reading affinity of vCPU thread {tid}: {e}");
+                return;
+            }
+        };
+        let ok = have == want;
+        let was = self.pinned.insert(tid, ok);
+        self.metrics
+            .vcpu_pinned
+            .with_label_values(&[a.vm.as_str(), &a.vcpu.to_string()])
+            .set(i64::from(ok));
+        if ok {
+            return;
+        }
+        // A drift is reported when it starts, not every second; when an event
+        // explains it (affinity change, migration), its handler has reported it.
+        if was != Some(false) && !explained {
+            let comm = self.fx.comm(a.pid, tid).unwrap_or_default();
+            let detail = format!("affinity is {have}, assigned {want}");
+            self.record(
+                Violation::new(ViolationKind::VcpuDrift, a.cpu, tid, a.pid, &comm, detail)
+                    .of_vcpu(&a.vm, a.vcpu),
+            );
+        }
+        if self.config.mode == Mode::Enforce {
+            self.repin(tid, &a);
+        }
+    }
+
+    fn repin(&mut self, tid: u32, a: &Assignment) {
+        if let Err(wait) = self.limiter.check(tid, self.fx.now()) {
+            log::debug!("not re-pinning {tid} for another {wait:?} (back-off)");
+            return;
+        }
+        match self.fx.set(tid, &CpuSet::single(a.cpu)) {
+            Ok(()) => {
+                self.metrics.repins.with_label_values(&[&a.vm]).inc();
+                self.pinned.insert(tid, true);
+                self.metrics
+                    .vcpu_pinned
+                    .with_label_values(&[a.vm.as_str(), &a.vcpu.to_string()])
+                    .set(1);
+                log::info!(
+                    "re-pinned {:?} vcpu {} (tid {tid}) to CPU {}",
+                    a.vm,
+                    a.vcpu,
+                    a.cpu
+                );
+            }
+            Err(e) => {
+                let what = format!("{:?} vcpu {} (tid {tid})", a.vm, a.vcpu);
+                self.enforcement_error("repin", &what, &e);
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self, pid: u32, attempt: u32) {
+        let ms = RETRY_DELAYS_MS[(attempt as usize).min(RETRY_DELAYS_MS.len() - 1)];
+        let due = self.fx.now() + Duration::from_millis(ms);
+        self.retries.entry(pid).or_insert(Retry { due, attempt });
+    }
+
+    /// Handles one event from the kernel.
+    pub fn handle(&mut self, ev: &KernelEvent) {
+        match ev {
+            KernelEvent::Intrusion(i) => self.on_intrusion(i),
+            KernelEvent::MigrateIn(m) => self.on_migrate_in(m),
+            KernelEvent::OwnerAway(m) => self.on_owner_away(m),
+            KernelEvent::AffinityChange(c) => self.on_affinity_change(c),
+            KernelEvent::Exec(p) => {
+                log::debug!(
+                    "exec of {:?} (pid {}): looking for a new guest",
+                    p.thread.comm,
+                    p.thread.tgid
+                );
+                self.scan_retry = Some(Retry {
+                    due: self.fx.now() + Duration::from_millis(RETRY_DELAYS_MS[0]),
+                    attempt: 0,
+                });
+            }
+            KernelEvent::Exit(p) => self.on_exit(&p.thread),
+            // Latency-probe events: the daemon watches no probe.
+            KernelEvent::Episode(_) | KernelEvent::Irq(_) | KernelEvent::Softirq(_) => {}
+        }
+    }
+
+    fn on_owner_away(&mut self, m: &Migration) {
+        let t = &m.thread;
+        // The kernel named the CPU it knew; a re-plan may already have
+        // moved the vCPU (then this is pinguard's own move).
+        if let Some(a) = self.assignments.get(&t.tid).cloned()
+            && m.from_cpu == a.cpu
+            && m.to_cpu != a.cpu
+        {
+            self.record(
+                Violation::new(
+                    ViolationKind::VcpuDrift,
+                    a.cpu,
+                    t.tid,
+                    t.tgid,
+                    &t.comm,
+                    format!("left its CPU {} for CPU {}", a.cpu, m.to_cpu),
+                )
+                .of_vcpu(&a.vm, a.vcpu),
+            );
+            self.pinned.insert(t.tid, false);
+            self.verify_one(t.tid, true);
+        }
+    }
+
+    fn on_affinity_change(&mut self, c: &AffinityChange) {
+        let target = c.target_tid;
+        let t = &c.caller;
+        if let Some(a) = self.assignments.get(&target).cloned() {
+            self.record(
+                Violation::new(
+                    ViolationKind::AffinityChanged,
+                    a.cpu,
+                    t.tid,
+                    t.tgid,
+                    &t.comm,
+                    format!(
+                        "{:?} (pid {}) set the affinity of {:?} vcpu {} (tid {target}) to {}",
+                        t.comm, t.tgid, a.vm, a.vcpu, c.mask
+                    ),
+                )
+                .of_vcpu(&a.vm, a.vcpu),
+            );
+            self.verify_one(target, true);
+        }
+    }
+
+    fn on_exit(&mut self, t: &Thread) {
+        if t.tid == t.tgid && self.guests.contains_key(&t.tgid) {
+            log::info!("guest process {} exited", t.tgid);
+            self.guests.remove(&t.tgid);
+            self.retries.remove(&t.tgid);
+            self.fx.forget(t.tgid);
+            let next = self
+                .assignments
+                .iter()
+                .filter(|(_, a)| a.pid != t.tgid)
+                .map(|(t, a)| (*t, a.clone()))
+                .collect();
+            self.set_assignments(next);
+        } else if self.assignments.contains_key(&t.tid) {
+            // A vCPU thread exited (CPU hot-unplug in the guest, or the guest is going away).
+            self.schedule_retry(t.tgid, 0);
+        }
+    }
+
+    /// The CPUs an `[[allow]]` rule allows the thread on (`Some(None)`: any).
+    fn allowlisted(&self, tid: u32, tgid: u32, comm: &str) -> Option<Option<CpuSet>> {
+        if self.config.allow.is_empty() {
+            return None;
+        }
+        // The name now, not the one in the event: a new thread's first slice
+        // still carries its creator's name until it names itself.
+        let current = self.fx.comm(tgid, tid);
+        let comm = current.as_deref().unwrap_or(comm);
+        self.config
+            .allow
+            .iter()
+            .find(|r| r.matches(comm, tgid, || self.fx.cgroup(tgid, tid)))
+            .map(|r| r.cpus.clone())
+    }
+
+    fn on_intrusion(&mut self, ev: &Intrusion) {
+        let t = &ev.thread;
+        if let Some(a) = self.assignments.get(&t.tid).cloned() {
+            if a.cpu == ev.cpu {
+                // A vCPU on its own CPU: the event raced its registration as owner.
+                return;
+            }
+            // Another guest's vCPU running here: its owner CPU lost it too.
+            let detail = format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu);
+            self.record(
+                Violation::new(ViolationKind::VcpuDrift, a.cpu, t.tid, t.tgid, &t.comm, detail)
+                    .of_vcpu(&a.vm, a.vcpu),
+            );
+            self.verify_one(t.tid, false);
+        }
+        if ev.class == ThreadClass::IntruderUser
+            && let Some(cpus) = self.allowlisted(t.tid, t.tgid, &t.comm)
+            && cpus.as_ref().is_none_or(|c| c.contains(ev.cpu))
+        {
+            // The kernel keeps one CPU or "any" per thread: a rule covering
+            // every guarded CPU is "any"; a partial list is approximated by
+            // the CPU the thread was seen on (see the note on `allow.cpus`).
+            let allowed = match &cpus {
+                None => None,
+                Some(c) if self.guard.guarded.is_subset(c) => None,
+                Some(c) if c.len() == 1 => c.first(),
+                Some(_) => Some(ev.cpu),
+            };
+            if let Err(e) = self.fx.set_allowed(t.tid, allowed) {
+                log::warn!("allowlisting {}: {e}", t.tid);
+            }
+            return;
+        }
+        self.record(Violation::new(
+            ViolationKind::Intruder,
+            ev.cpu,
+            t.tid,
+            t.tgid,
+            &t.comm,
+            format!(
+                "{} ran {} µs (total {} µs in {} slices)",
+                ev.class,
+                ev.run_ns / 1000,
+                ev.total_ns / 1000,
+                ev.slices
+            ),
+        ));
+        self.evict(ev.cpu, t);
+    }
+
+    fn on_migrate_in(&mut self, m: &Migration) {
+        let t = &m.thread;
+        if self.allowlisted(t.tid, t.tgid, &t.comm).is_some() {
+            return;
+        }
+        self.record(Violation::new(
+            ViolationKind::MigrationIn,
+            m.to_cpu,
+            t.tid,
+            t.tgid,
+            &t.comm,
+            format!(
+                "moved from CPU {} onto guarded CPU {}",
+                m.from_cpu, m.to_cpu
+            ),
+        ));
+        self.evict(m.to_cpu, t);
+    }
+
+    /// Enforce mode: moves a user intruder (`t`, seen on guarded CPU `cpu`) off the guarded CPUs.
+    fn evict(&mut self, cpu: u32, t: &Thread) {
+        if self.config.mode != Mode::Enforce || self.assignments.contains_key(&t.tid) {
+            return;
+        }
+        // A guest's threads are placed by the plan, never evicted. A vCPU of a
+        // guest not discovered yet (it just started) triggers a rescan instead.
+        if self.guests.contains_key(&t.tgid)
+            || crate::guests::parse_vcpu_thread_name(&t.comm).is_some()
+        {
+            if !self.guests.contains_key(&t.tgid) && self.scan_retry.is_none() {
+                self.scan_retry = Some(Retry {
+                    due: self.fx.now(),
+                    attempt: 0,
+                });
+            }
+            return;
+        }
+        let info = match self.fx.thread(t.tgid, t.tid) {
+            Ok(Some(info)) => info,
+            Ok(None) => {
+                self.metrics.tasks_vanished.inc();
+                return;
+            }
+            Err(e) => {
+                log::debug!("reading thread {}: {e}", t.tid);
+                return;
+            }
+        };
+        if enforce::untouchable(&info).is_some() {
+            return;
+        }
+        if let Err(wait) = self.limiter.check(t.tid, self.fx.now()) {
+            log::debug!("not evicting {} for another {wait:?} (back-off)", t.tid);
+            return;
+        }
+        let target =
+            enforce::eviction_target(&info.allowed, &self.guard.guarded, &self.guard.housekeeping);
+        match self.fx.set(t.tid, &target) {
+            Ok(()) => {
+                self.metrics
+                    .evictions
+                    .with_label_values(&[&cpu.to_string()])
+                    .inc();
+                log::info!(
+                    "evicted tid {} ({:?}, pid {}) from CPU {} to CPUs {target} (was {})",
+                    t.tid,
+                    t.comm,
+                    t.tgid,
+                    cpu,
+                    info.allowed
+                );
+            }
+            Err(e) => {
+                let what = format!("tid {} ({:?}, pid {})", t.tid, t.comm, t.tgid);
+                self.enforcement_error("evict", &what, &e);
+            }
+        }
+    }
+
+    /// Periodic work: retries, affinity verification, pruning of per-thread
+    /// entries of threads that exited.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        let now = self.fx.now();
+        let due: Vec<u32> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.due <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in due {
+            self.rediscover(pid);
+            if let Some(r) = self.retries.get(&pid)
+                && r.due <= now
+            {
+                // rediscover() did not reschedule (e.g. the process is gone).
+                self.retries.remove(&pid);
+            }
+        }
+        if let Some(r) = self.scan_retry
+            && r.due <= now
+        {
+            self.rescan();
+            self.scan_retry = RETRY_DELAYS_MS.get(r.attempt as usize + 1).map(|ms| Retry {
+                due: now + Duration::from_millis(*ms),
+                attempt: r.attempt + 1,
+            });
+        }
+        self.verify_pins();
+        if self.ticks.is_multiple_of(10) {
+            self.prune_threads();
+        }
+    }
+
+    /// Time until the earliest pending retry (the run loop wakes for it).
+    pub fn next_retry_in(&self) -> Option<Duration> {
+        let now = self.fx.now();
+        self.retries
+            .values()
+            .chain(self.scan_retry.as_ref())
+            .map(|r| r.due.saturating_duration_since(now))
+            .min()
+    }
+
+    fn prune_threads(&mut self) {
+        let Ok(threads) = self.fx.thread_keys() else {
+            return;
+        };
+        let mut alive: HashMap<u32, bool> = HashMap::new();
+        for (key, tgid) in threads {
+            let fx = &self.fx;
+            if !*alive
+                .entry(key.tid)
+                .or_insert_with(|| fx.task_exists(tgid, key.tid))
+            {
+                let _ = self.fx.remove_thread(key);
+            }
+        }
+        // Allowlisted threads that exited: their ids may be reused by anyone.
+        if let Ok(allowed) = self.fx.allowed() {
+            for tid in allowed {
+                if !self.fx.process_exists(tid) {
+                    let _ = self.fx.remove_allowed(tid);
+                    self.emulators_allowed.remove(&tid);
+                }
+            }
+        }
+    }
+}
+
+fn role_name(e: &plan::Entry) -> String {
+    match (e.role, e.vcpu) {
+        (Role::Vcpu, Some(i)) => format!("vcpu {i}"),
+        _ => "emulator thread".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
