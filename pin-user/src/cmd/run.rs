@@ -41,12 +41,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let events = probe.take_events()?;
     // Kept for the daemon's lifetime: the kernel counts program run time
     // only while someone holds the statistics fd.
-    let _stats = config.bpf_stats.then(|| {
-        StatsGuard::enable()
-            .map_err(|e| log::warn!("BPF run-time statistics unavailable: {e}"))
-            .ok()
-    })
-    .flatten();
+    let _stats = config
+        .bpf_stats
+        .then(|| {
+            StatsGuard::enable()
+                .map_err(|e| log::warn!("BPF run-time statistics unavailable: {e}"))
+                .ok()
+        })
+        .flatten();
     let probe = SharedProbe::new(probe);
 
     let metrics = Arc::new(Metrics::new());

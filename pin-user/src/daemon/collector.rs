@@ -45,7 +45,7 @@ impl VcpuTable {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = table;
     }
 
-    fn snapshot(&self) -> BTreeMap<u32, VcpuLabel> {
+    pub fn snapshot(&self) -> BTreeMap<u32, VcpuLabel> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -389,8 +389,8 @@ pub fn families(
         wait_hist.histogram(&[&label.vm, &vcpu], h);
     }
     [
-        run, intr, slices, irq_s, irqs, sirq_s, sirqs, nmis, lost, full, bpf_s, bpf_n,
-        wait_total, wait_hist,
+        run, intr, slices, irq_s, irqs, sirq_s, sirqs, nmis, lost, full, bpf_s, bpf_n, wait_total,
+        wait_hist,
     ]
     .into_iter()
     .map(|f| f.mf)
@@ -471,7 +471,10 @@ mod tests {
             },
         )]);
         let t = text(&r, &vcpus);
-        assert!(t.contains("# TYPE pinguard_vcpu_wait_seconds histogram"), "{t}");
+        assert!(
+            t.contains("# TYPE pinguard_vcpu_wait_seconds histogram"),
+            "{t}"
+        );
         assert!(
             t.contains(
                 "pinguard_vcpu_wait_seconds_bucket{vcpu=\"0\",vm=\"we\\\"b\",le=\"0.000001024\"} 2"
@@ -480,7 +483,10 @@ mod tests {
         );
         assert!(t.contains("le=\"0.000008192\"} 7"), "{t}");
         assert!(t.contains("le=\"+Inf\"} 8"), "{t}");
-        assert!(t.contains("pinguard_vcpu_wait_seconds_count{vcpu=\"0\",vm=\"we\\\"b\"} 8"), "{t}");
+        assert!(
+            t.contains("pinguard_vcpu_wait_seconds_count{vcpu=\"0\",vm=\"we\\\"b\"} 8"),
+            "{t}"
+        );
         assert!(
             t.contains("pinguard_vcpu_wait_seconds_total{vcpu=\"0\",vm=\"we\\\"b\"} 0.002"),
             "{t}"

@@ -13,7 +13,7 @@ use crate::{
     bpf::probe::{Probe, ProbeError},
     guests::{DiscoverError, DiscoverOptions, Discoverer, Discovery},
     host::{
-        affinity::{self, AffinityError, Affinities},
+        affinity::{self, Affinities, AffinityError},
         cpulist::CpuSet,
         procfs::{Proc, ThreadInfo},
     },
@@ -170,10 +170,7 @@ impl Effects for Live {
     }
 
     fn task_exists(&self, tgid: u32, tid: u32) -> bool {
-        self.proc
-            .root()
-            .join(format!("{tgid}/task/{tid}"))
-            .exists()
+        self.proc.root().join(format!("{tgid}/task/{tid}")).exists()
     }
 
     fn process_exists(&self, pid: u32) -> bool {

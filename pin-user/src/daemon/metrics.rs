@@ -190,6 +190,9 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(text.contains("pinguard_mode{mode=\"enforce\"} 1"), "{text}");
-        assert!(text.contains("pinguard_repins_total{vm=\"web\"} 1"), "{text}");
+        assert!(
+            text.contains("pinguard_repins_total{vm=\"web\"} 1"),
+            "{text}"
+        );
     }
 }

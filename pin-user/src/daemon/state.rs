@@ -25,7 +25,11 @@ use crate::{
         violation::{Recent, Violation, ViolationKind},
     },
     guests::{DiscoverOptions, Discovery, Guest},
-    host::{affinity::AffinityError, cpulist::CpuSet, topology::{Guard, Topology}},
+    host::{
+        affinity::AffinityError,
+        cpulist::CpuSet,
+        topology::{Guard, Topology},
+    },
     placement::{
         apply::{self, OnFailure, Status},
         enforce::{self, Limiter},
@@ -154,9 +158,18 @@ impl<E: Effects> Daemon<E> {
         // globals, the statistics fd): say so instead of pretending.
         let old = &self.config;
         let fixed = [
-            ("verify_interval", old.verify_interval != config.verify_interval),
-            ("rescan_interval", old.rescan_interval != config.rescan_interval),
-            ("event_interval", old.event_interval != config.event_interval),
+            (
+                "verify_interval",
+                old.verify_interval != config.verify_interval,
+            ),
+            (
+                "rescan_interval",
+                old.rescan_interval != config.rescan_interval,
+            ),
+            (
+                "event_interval",
+                old.event_interval != config.event_interval,
+            ),
             ("bpf_stats", old.bpf_stats != config.bpf_stats),
             ("listen", old.listen != config.listen),
         ];
@@ -182,7 +195,8 @@ impl<E: Effects> Daemon<E> {
             }
         }
         self.config = config;
-        self.metrics.publish_static(&self.guard.guarded, self.config.mode);
+        self.metrics
+            .publish_static(&self.guard.guarded, self.config.mode);
         self.rescan();
         Ok(())
     }
@@ -691,8 +705,15 @@ impl<E: Effects> Daemon<E> {
             // Another guest's vCPU running here: its owner CPU lost it too.
             let detail = format!("ran on CPU {} instead of its CPU {}", ev.cpu, a.cpu);
             self.record(
-                Violation::new(ViolationKind::VcpuDrift, a.cpu, t.tid, t.tgid, &t.comm, detail)
-                    .of_vcpu(&a.vm, a.vcpu),
+                Violation::new(
+                    ViolationKind::VcpuDrift,
+                    a.cpu,
+                    t.tid,
+                    t.tgid,
+                    &t.comm,
+                    detail,
+                )
+                .of_vcpu(&a.vm, a.vcpu),
             );
             self.verify_one(t.tid, false);
         }

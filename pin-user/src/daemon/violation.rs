@@ -157,7 +157,14 @@ mod tests {
     fn recent_list_is_bounded() {
         let r = Recent::default();
         for tid in 0..(RECENT_VIOLATIONS as u32 + 10) {
-            r.push(Violation::new(ViolationKind::Intruder, 1, tid, tid, "x", String::new()));
+            r.push(Violation::new(
+                ViolationKind::Intruder,
+                1,
+                tid,
+                tid,
+                "x",
+                String::new(),
+            ));
         }
         let v = r.to_vec();
         assert_eq!(v.len(), RECENT_VIOLATIONS);
@@ -180,6 +187,9 @@ mod tests {
             "violation vcpu_drift on CPU 1: tid 7 pid 5 \"evil\\nname\" (vm \"web\" vcpu 0): affinity is 0-1, assigned 1"
         );
         let shared = Violation::new(ViolationKind::SharedCpu, 1, 0, 0, "", "vCPUs share".into());
-        assert_eq!(shared.to_string(), "violation shared_cpu on CPU 1: vCPUs share");
+        assert_eq!(
+            shared.to_string(),
+            "violation shared_cpu on CPU 1: vCPUs share"
+        );
     }
 }

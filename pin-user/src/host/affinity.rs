@@ -201,7 +201,7 @@ pub mod fake {
     //! An in-memory affinity table for unit tests.
     use std::collections::BTreeMap;
 
-    use super::{AffinityError, Affinities, CpuSet};
+    use super::{Affinities, AffinityError, CpuSet};
 
     #[derive(Debug, Default)]
     pub struct Table {

@@ -10,7 +10,7 @@
 use thiserror::Error;
 
 use crate::{
-    host::affinity::{AffinityError, Affinities},
+    host::affinity::{Affinities, AffinityError},
     placement::plan::{Entry, Plan, Role},
 };
 
@@ -236,7 +236,11 @@ mod tests {
         let err = apply(&plan, &mut t, OnFailure::Rollback).unwrap_err();
         assert_eq!(err.entry.tid, 101);
         assert_eq!(err.restored, 1);
-        assert_eq!(t.cpus[&200], CpuSet::parse("0-1").unwrap(), "emulator restored");
+        assert_eq!(
+            t.cpus[&200],
+            CpuSet::parse("0-1").unwrap(),
+            "emulator restored"
+        );
         let msg = err.to_string();
         assert!(msg.contains("guest g1 vCPU 0"), "{msg}");
         assert!(msg.contains("nothing is left changed"), "{msg}");

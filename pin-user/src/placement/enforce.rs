@@ -6,10 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    host::cpulist::CpuSet,
-    host::procfs::ThreadInfo,
-};
+use crate::{host::cpulist::CpuSet, host::procfs::ThreadInfo};
 
 /// Why a thread is left alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

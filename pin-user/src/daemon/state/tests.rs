@@ -1,1 +1,505 @@
+//! The daemon's decisions, driven with a fake host: two CPUs, CPU 1 guarded.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    time::{Duration, Instant},
+};
 
+use pin_common::ThreadKey;
+
+use super::*;
+use crate::{
+    bpf::{
+        events::{AffinityChange, Intrusion, Migration, Process, Thread},
+        probe::ProbeError,
+    },
+    daemon::effects::Effects,
+    guests::{DiscoverError, Source, Vcpu},
+    host::{
+        affinity::{Affinities, fake::Table},
+        procfs::ThreadInfo,
+    },
+};
+
+const GUEST: u32 = 100;
+const VCPU: u32 = 101;
+const EMU: u32 = 102;
+const STRANGER: u32 = 500;
+
+#[derive(Default)]
+struct Fake {
+    aff: Table,
+    guests: Vec<Guest>,
+    /// /proc: (tgid, tid) -> facts.
+    threads: BTreeMap<(u32, u32), ThreadInfo>,
+    owners: BTreeMap<u32, u32>,
+    watched: BTreeSet<u32>,
+    exit_watched: BTreeSet<u32>,
+    allowed: BTreeMap<u32, Option<u32>>,
+    scans: u32,
+    clock: Duration,
+    start: Option<Instant>,
+}
+
+impl Affinities for Fake {
+    fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
+        self.aff.get(tid)
+    }
+
+    fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
+        self.aff.set(tid, cpus)
+    }
+}
+
+impl Effects for Fake {
+    fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError> {
+        self.owners.insert(tid, cpu);
+        Ok(())
+    }
+    fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError> {
+        self.owners.remove(&tid);
+        Ok(())
+    }
+    fn set_watched(&mut self, tid: u32) -> Result<(), ProbeError> {
+        self.watched.insert(tid);
+        Ok(())
+    }
+    fn remove_watched(&mut self, tid: u32) -> Result<(), ProbeError> {
+        self.watched.remove(&tid);
+        Ok(())
+    }
+    fn set_guest(&mut self, pid: u32) -> Result<(), ProbeError> {
+        self.exit_watched.insert(pid);
+        Ok(())
+    }
+    fn remove_guest(&mut self, pid: u32) -> Result<(), ProbeError> {
+        self.exit_watched.remove(&pid);
+        Ok(())
+    }
+    fn set_allowed(&mut self, tid: u32, cpu: Option<u32>) -> Result<(), ProbeError> {
+        self.allowed.insert(tid, cpu);
+        Ok(())
+    }
+    fn remove_allowed(&mut self, tid: u32) -> Result<(), ProbeError> {
+        self.allowed.remove(&tid);
+        Ok(())
+    }
+    fn allowed(&self) -> Result<Vec<u32>, ProbeError> {
+        Ok(self.allowed.keys().copied().collect())
+    }
+    fn thread_keys(&self) -> Result<Vec<(ThreadKey, u32)>, ProbeError> {
+        Ok(Vec::new())
+    }
+    fn remove_thread(&mut self, _key: ThreadKey) -> Result<(), ProbeError> {
+        Ok(())
+    }
+    fn thread(&self, tgid: u32, tid: u32) -> io::Result<Option<ThreadInfo>> {
+        Ok(self.threads.get(&(tgid, tid)).cloned())
+    }
+    fn comm(&self, tgid: u32, tid: u32) -> Option<String> {
+        self.threads.get(&(tgid, tid)).map(|t| t.comm.clone())
+    }
+    fn cgroup(&self, _tgid: u32, _tid: u32) -> Option<String> {
+        None
+    }
+    fn task_exists(&self, tgid: u32, tid: u32) -> bool {
+        self.threads.contains_key(&(tgid, tid))
+    }
+    fn process_exists(&self, pid: u32) -> bool {
+        self.threads.keys().any(|(tgid, _)| *tgid == pid)
+    }
+    fn scan(&mut self) -> Result<Discovery, DiscoverError> {
+        self.scans += 1;
+        Ok(Discovery {
+            guests: self.guests.clone(),
+            ..Discovery::default()
+        })
+    }
+    fn rediscover(&mut self, pid: u32) -> Result<Discovery, DiscoverError> {
+        Ok(Discovery {
+            guests: self
+                .guests
+                .iter()
+                .filter(|g| g.pid == pid)
+                .cloned()
+                .collect(),
+            ..Discovery::default()
+        })
+    }
+    fn forget(&mut self, _pid: u32) {}
+    fn set_discover_options(&mut self, _opts: DiscoverOptions) {}
+    fn now(&self) -> Instant {
+        *self.start.as_ref().expect("clock started") + self.clock
+    }
+}
+
+fn cpus(s: &str) -> CpuSet {
+    CpuSet::parse(s).unwrap()
+}
+
+fn thread(tgid: u32, tid: u32, comm: &str, flags: u32) -> ThreadInfo {
+    ThreadInfo {
+        tgid,
+        tid,
+        comm: comm.into(),
+        state: 'R',
+        flags,
+        last_cpu: 1,
+        allowed: cpus("0-1"),
+    }
+}
+
+/// A host with one guest (one vCPU, one emulator thread), everything on
+/// both CPUs, and a stranger thread.
+fn host() -> Fake {
+    let mut fx = Fake {
+        start: Some(Instant::now()),
+        ..Fake::default()
+    };
+    fx.guests.push(Guest {
+        name: "g1".into(),
+        pid: GUEST,
+        vcpus: vec![Vcpu {
+            index: 0,
+            tid: VCPU,
+        }],
+        emulator_tids: vec![EMU],
+        source: Source::Qmp,
+    });
+    for (tgid, tid, comm) in [
+        (GUEST, VCPU, "CPU 0/KVM"),
+        (GUEST, EMU, "qemu-system-x86"),
+        (STRANGER, STRANGER, "stress"),
+    ] {
+        fx.threads.insert((tgid, tid), thread(tgid, tid, comm, 0));
+        fx.aff.cpus.insert(tid, cpus("0-1"));
+    }
+    fx
+}
+
+fn daemon(fx: Fake, config: &str) -> Daemon<Fake> {
+    let config = Config::parse(config, std::path::Path::new("test.toml")).unwrap();
+    let topo = Topology::flat(2);
+    let guard = topo.guard(Some(&CpuSet::single(1))).unwrap();
+    let mut d = Daemon::new(
+        config,
+        topo,
+        guard,
+        fx,
+        Arc::new(Metrics::new()),
+        Recent::default(),
+        VcpuTable::default(),
+    );
+    d.rescan();
+    d
+}
+
+const ENFORCE: &str = "mode = \"enforce\"\n";
+
+fn ev_thread(tid: u32, tgid: u32, comm: &str) -> Thread {
+    Thread {
+        tid,
+        tgid,
+        comm: comm.into(),
+    }
+}
+
+fn intrusion(tid: u32, tgid: u32, comm: &str, class: ThreadClass) -> KernelEvent {
+    KernelEvent::Intrusion(Intrusion {
+        cpu: 1,
+        thread: ev_thread(tid, tgid, comm),
+        cgroup_id: 0,
+        start_ns: 0,
+        run_ns: 200_000,
+        total_ns: 200_000,
+        slices: 1,
+        class,
+    })
+}
+
+fn kinds(d: &Daemon<Fake>) -> Vec<ViolationKind> {
+    d.recent.to_vec().iter().map(|v| v.kind).collect()
+}
+
+fn counter(d: &Daemon<Fake>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    for f in d.metrics.registry.gather() {
+        if f.name() != name {
+            continue;
+        }
+        for m in f.get_metric() {
+            let have: BTreeMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.iter().all(|(k, v)| have.get(k) == Some(v)) {
+                return match f.get_field_type() {
+                    prometheus::proto::MetricType::GAUGE => m.get_gauge().get_value(),
+                    _ => m.get_counter().get_value(),
+                };
+            }
+        }
+    }
+    0.0
+}
+
+#[test]
+fn observe_mode_registers_owners_and_reports_drift_without_moving_anything() {
+    let d = daemon(host(), "");
+    assert_eq!(d.fx.owners, BTreeMap::from([(VCPU, 1)]));
+    assert!(d.fx.watched.contains(&VCPU));
+    assert!(d.fx.exit_watched.contains(&GUEST));
+    assert!(
+        d.fx.aff.log.is_empty(),
+        "observe mode moved {:?}",
+        d.fx.aff.log
+    );
+    assert_eq!(kinds(&d), [ViolationKind::VcpuDrift]);
+    assert_eq!(counter(&d, "pinguard_vcpu_pinned", &[("vm", "g1")]), 0.0);
+    assert_eq!(counter(&d, "pinguard_vms", &[]), 1.0);
+}
+
+#[test]
+fn a_drift_is_reported_once_not_at_every_tick() {
+    let mut d = daemon(host(), "");
+    d.tick();
+    d.tick();
+    assert_eq!(kinds(&d), [ViolationKind::VcpuDrift]);
+}
+
+#[test]
+fn enforce_mode_applies_the_plan_emulators_first() {
+    let d = daemon(host(), ENFORCE);
+    let moved: Vec<u32> = d.fx.aff.log.iter().map(|(tid, _)| *tid).collect();
+    assert_eq!(moved, [EMU, VCPU]);
+    assert_eq!(d.fx.aff.cpus[&VCPU], cpus("1"));
+    assert_eq!(d.fx.aff.cpus[&EMU], cpus("0"));
+    assert_eq!(counter(&d, "pinguard_vcpu_pinned", &[("vm", "g1")]), 1.0);
+    assert_eq!(counter(&d, "pinguard_repins_total", &[("vm", "g1")]), 1.0);
+    assert!(kinds(&d).is_empty(), "{:?}", d.recent.to_vec());
+}
+
+#[test]
+fn another_tool_widening_a_vcpu_is_reported_and_undone() {
+    let mut d = daemon(host(), ENFORCE);
+    d.fx.aff.cpus.insert(VCPU, cpus("0-1"));
+    d.handle(&KernelEvent::AffinityChange(AffinityChange {
+        cpu: 0,
+        caller: ev_thread(STRANGER, STRANGER, "taskset"),
+        target_tid: VCPU,
+        mask: cpus("0-1"),
+        at_ns: 0,
+    }));
+    assert_eq!(kinds(&d), [ViolationKind::AffinityChanged]);
+    let v = &d.recent.to_vec()[0];
+    assert_eq!((v.vm.as_deref(), v.vcpu), (Some("g1"), Some(0)));
+    assert_eq!(d.fx.aff.cpus[&VCPU], cpus("1"), "not re-pinned");
+}
+
+#[test]
+fn intruders_are_evicted_in_enforce_mode_only() {
+    let mut d = daemon(host(), "");
+    d.handle(&intrusion(
+        STRANGER,
+        STRANGER,
+        "stress",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(
+        d.fx.aff.cpus[&STRANGER],
+        cpus("0-1"),
+        "observe mode evicted"
+    );
+    assert!(kinds(&d).contains(&ViolationKind::Intruder));
+
+    let mut d = daemon(host(), ENFORCE);
+    d.handle(&intrusion(
+        STRANGER,
+        STRANGER,
+        "stress",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(d.fx.aff.cpus[&STRANGER], cpus("0"));
+    assert_eq!(
+        counter(&d, "pinguard_evictions_total", &[("cpu", "1")]),
+        1.0
+    );
+}
+
+#[test]
+fn kernel_threads_and_guest_threads_are_never_evicted() {
+    let mut fx = host();
+    fx.threads.insert(
+        (77, 77),
+        thread(77, 77, "kworker/u4:1", pin_common::PF_KTHREAD),
+    );
+    fx.aff.cpus.insert(77, cpus("0-1"));
+    let mut d = daemon(fx, ENFORCE);
+    let before = d.fx.aff.log.len();
+    d.handle(&intrusion(
+        77,
+        77,
+        "kworker/u4:1",
+        ThreadClass::IntruderKthread,
+    ));
+    // The guest's emulator thread back on the guarded CPU: the plan places it, not eviction.
+    d.handle(&intrusion(
+        EMU,
+        GUEST,
+        "qemu-system-x86",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(
+        d.fx.aff.log.len(),
+        before,
+        "moved {:?}",
+        &d.fx.aff.log[before..]
+    );
+    assert_eq!(
+        counter(&d, "pinguard_evictions_total", &[("cpu", "1")]),
+        0.0
+    );
+}
+
+#[test]
+fn a_thread_that_keeps_coming_back_is_evicted_with_back_off() {
+    let mut d = daemon(host(), ENFORCE);
+    let evict_again = |d: &mut Daemon<Fake>| {
+        d.fx.aff.cpus.insert(STRANGER, cpus("0-1"));
+        d.handle(&intrusion(
+            STRANGER,
+            STRANGER,
+            "stress",
+            ThreadClass::IntruderUser,
+        ));
+        counter(d, "pinguard_evictions_total", &[("cpu", "1")])
+    };
+    assert_eq!(evict_again(&mut d), 1.0);
+    // Back within the minimum interval (100 ms): left alone for now.
+    d.fx.clock += Duration::from_millis(50);
+    assert_eq!(evict_again(&mut d), 1.0);
+    d.fx.clock += Duration::from_millis(100);
+    assert_eq!(evict_again(&mut d), 2.0);
+    // The second strike doubles the wait: 150 ms is not enough.
+    d.fx.clock += Duration::from_millis(150);
+    assert_eq!(evict_again(&mut d), 2.0);
+    d.fx.clock += Duration::from_millis(100);
+    assert_eq!(evict_again(&mut d), 3.0);
+}
+
+#[test]
+fn a_failing_repin_is_counted_by_errno_and_backs_off() {
+    let mut d = daemon(host(), ENFORCE);
+    for _ in 0..5 {
+        d.fx.aff.cpus.insert(VCPU, cpus("0-1"));
+        d.fx.aff.fail.insert(
+            VCPU,
+            AffinityError::Invalid {
+                tid: VCPU,
+                cpus: cpus("1"),
+            },
+        );
+        d.tick();
+    }
+    let errors = counter(
+        &d,
+        "pinguard_enforcement_errors_total",
+        &[("action", "repin"), ("errno", "EINVAL")],
+    );
+    // No clock advance: the first attempt only; the rest wait out the back-off.
+    assert_eq!(errors, 1.0);
+    assert_eq!(kinds(&d), [ViolationKind::VcpuDrift], "reported once");
+}
+
+#[test]
+fn allowlisted_threads_are_allowed_in_the_kernel_not_reported() {
+    let mut d = daemon(host(), &format!("{ENFORCE}[[allow]]\ncomm = \"str*\"\n"));
+    d.handle(&intrusion(
+        STRANGER,
+        STRANGER,
+        "stress",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(
+        d.fx.allowed.get(&STRANGER),
+        Some(&None),
+        "allowed on any guarded CPU"
+    );
+    assert_eq!(
+        d.fx.aff.cpus[&STRANGER],
+        cpus("0-1"),
+        "an allowed thread was evicted"
+    );
+    assert!(kinds(&d).is_empty());
+    d.handle(&KernelEvent::MigrateIn(Migration {
+        thread: ev_thread(STRANGER, STRANGER, "stress"),
+        from_cpu: 0,
+        to_cpu: 1,
+        at_ns: 0,
+    }));
+    assert!(kinds(&d).is_empty());
+}
+
+#[test]
+fn emulators_placed_with_vcpu0_are_allowed_not_evicted() {
+    let d = daemon(
+        host(),
+        &format!("{ENFORCE}[placement]\nemulator = \"with-vcpu0\"\n"),
+    );
+    assert_eq!(d.fx.aff.cpus[&EMU], cpus("1"));
+    assert_eq!(d.fx.allowed.get(&EMU), Some(&Some(1)));
+}
+
+#[test]
+fn a_guest_that_exits_takes_its_ownership_and_series_with_it() {
+    let mut d = daemon(host(), ENFORCE);
+    assert_eq!(counter(&d, "pinguard_vcpu_info", &[("vm", "g1")]), 1.0);
+    d.fx.guests.clear();
+    d.handle(&KernelEvent::Exit(Process {
+        thread: ev_thread(GUEST, GUEST, "qemu-system-x86"),
+        at_ns: 0,
+    }));
+    assert!(d.fx.owners.is_empty());
+    assert!(d.fx.watched.is_empty());
+    assert!(d.fx.exit_watched.is_empty());
+    assert_eq!(counter(&d, "pinguard_vms", &[]), 0.0);
+    assert_eq!(counter(&d, "pinguard_vcpu_info", &[("vm", "g1")]), 0.0);
+    assert!(d.vcpu_table.snapshot().is_empty());
+}
+
+#[test]
+fn an_exec_schedules_rescans_that_find_the_new_guest() {
+    let mut fx = host();
+    let g = fx.guests.pop().unwrap();
+    let mut d = daemon(fx, ENFORCE);
+    assert_eq!(counter(&d, "pinguard_vms", &[]), 0.0);
+    d.fx.guests.push(g);
+    d.handle(&KernelEvent::Exec(Process {
+        thread: ev_thread(GUEST, GUEST, "qemu-system-x86"),
+        at_ns: 0,
+    }));
+    let due = d.next_retry_in().expect("a rescan is scheduled");
+    d.fx.clock += due;
+    d.tick();
+    assert_eq!(counter(&d, "pinguard_vms", &[]), 1.0);
+    assert_eq!(d.fx.owners, BTreeMap::from([(VCPU, 1)]));
+}
+
+#[test]
+fn a_vcpu_that_leaves_its_cpu_is_reported_once_with_its_vm() {
+    let mut d = daemon(host(), "");
+    d.fx.aff.cpus.insert(VCPU, cpus("1"));
+    d.tick();
+    let before = kinds(&d).len();
+    d.handle(&KernelEvent::OwnerAway(Migration {
+        thread: ev_thread(VCPU, GUEST, "CPU 0/KVM"),
+        from_cpu: 1,
+        to_cpu: 0,
+        at_ns: 0,
+    }));
+    let v = d.recent.to_vec();
+    assert_eq!(v.len(), before + 1);
+    let last = v.last().unwrap();
+    assert_eq!(last.kind, ViolationKind::VcpuDrift);
+    assert_eq!(last.vm.as_deref(), Some("g1"));
+}
