@@ -289,6 +289,7 @@ fn survives_guest_kill_bad_reload_and_repeated_scrapes() {
     }
     let (status, _) = daemon.get("/nope");
     assert_eq!(status, 404);
+    http_is_keep_alive_and_head_has_the_length_of_get(daemon.addr);
     assert!(daemon.metric("pinguard_vms", &[]).unwrap_or(0.0) >= 1.0);
     drop(second);
     let err = daemon.stop();
@@ -524,4 +525,51 @@ fn allowlisted_threads_are_neither_violations_nor_evicted() {
         about.is_empty(),
         "the allowlisted thread was reported or acted on: {about:?}"
     );
+}
+
+/// Two requests on one connection (keep-alive), the second a HEAD whose
+/// Content-Length is the size GET would send, and no body.
+fn http_is_keep_alive_and_head_has_the_length_of_get(addr: std::net::SocketAddr) {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    // Reads one response head: the status line and the Content-Length.
+    let head = |r: &mut BufReader<std::net::TcpStream>| -> (String, usize) {
+        let mut status = String::new();
+        r.read_line(&mut status).unwrap();
+        let mut len = None;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = Some(v.trim().parse().unwrap());
+            }
+        }
+        (status, len.expect("a Content-Length header"))
+    };
+    w.write_all(b"GET /healthz HTTP/1.1\r\nHost: pinguard\r\n\r\n")
+        .unwrap();
+    let (status, len) = head(&mut r);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).unwrap();
+    assert_eq!(body, b"ok\n");
+    // Same connection: it was kept open.
+    w.write_all(b"HEAD /healthz HTTP/1.1\r\nHost: pinguard\r\n\r\n")
+        .unwrap();
+    let (status, len) = head(&mut r);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(len, 3, "HEAD announces the length of the GET body");
+    // No body follows a HEAD: the next thing on the wire is the next answer.
+    w.write_all(b"GET /nope HTTP/1.1\r\nHost: pinguard\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (status, _) = head(&mut r);
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
 }

@@ -7,7 +7,9 @@ use pin_common::class;
 /// The class of a thread's run slice on a guarded CPU. Its string form
 /// (`as_str`, serde) is what the output has always printed: per-CPU class
 /// totals, intruder lists, events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ThreadClass {
     /// The idle task.
@@ -68,6 +70,45 @@ impl ThreadClass {
     }
 }
 
+/// Serde for `Option<ThreadClass>` as reports write it: the class, or
+/// "unknown" for a thread gone before it was looked at.
+pub mod or_unknown {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    use super::ThreadClass;
+
+    const UNKNOWN: &str = "unknown";
+
+    pub fn serialize<S: Serializer>(c: &Option<ThreadClass>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(c.map_or(UNKNOWN, ThreadClass::as_str))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ThreadClass>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == UNKNOWN {
+            return Ok(None);
+        }
+        ThreadClass::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .map(Some)
+            .ok_or_else(|| {
+                serde::de::Error::unknown_variant(
+                    &s,
+                    &[
+                        "idle",
+                        "vcpu",
+                        "kernel",
+                        "allowed",
+                        "intruder_user",
+                        "intruder_kthread",
+                        UNKNOWN,
+                    ],
+                )
+            })
+    }
+}
+
 impl fmt::Display for ThreadClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -104,5 +145,27 @@ mod tests {
         for c in ThreadClass::ALL {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
         }
+    }
+
+    #[test]
+    fn reports_write_a_gone_thread_as_unknown_and_read_it_back() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Row {
+            #[serde(with = "or_unknown")]
+            class: Option<ThreadClass>,
+        }
+        for (class, text) in [
+            (None, r#"{"class":"unknown"}"#),
+            (
+                Some(ThreadClass::IntruderKthread),
+                r#"{"class":"intruder_kthread"}"#,
+            ),
+        ] {
+            let row = Row { class };
+            assert_eq!(serde_json::to_string(&row).unwrap(), text);
+            assert_eq!(serde_json::from_str::<Row>(text).unwrap(), row);
+        }
+        let err = serde_json::from_str::<Row>(r#"{"class":"nope"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown variant `nope`"), "{err}");
     }
 }

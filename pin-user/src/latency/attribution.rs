@@ -32,8 +32,9 @@ pub enum Cause {
     Thread {
         tid: u32,
         comm: String,
-        /// pinguard's class: intruder_user, intruder_kthread, kernel, allowed.
-        class: String,
+        /// pinguard's class (None: gone before it was looked at).
+        #[serde(with = "crate::bpf::class::or_unknown")]
+        class: Option<ThreadClass>,
         ns: u64,
     },
     /// Nothing measurable but NMIs (their time is not known per wait).
@@ -46,16 +47,23 @@ pub enum Cause {
 
 impl Cause {
     /// A coarse class for colors and tallies.
-    pub fn category(&self) -> &'static str {
+    pub fn category(&self) -> Category {
+        use ThreadClass::{IntruderKthread, IntruderUser, Kernel};
         match self {
-            Cause::Irq { .. } => "irq",
-            Cause::Softirq { .. } => "softirq",
-            Cause::Thread { class, .. } if class.starts_with("intruder") => "intruder",
-            Cause::Thread { class, .. } if class == "kernel" => "kernel_thread",
-            Cause::Thread { .. } => "thread",
-            Cause::Nmi { .. } => "nmi",
-            Cause::IdleExit => "idle_exit",
-            Cause::WakeupPath => "wakeup_path",
+            Cause::Irq { .. } => Category::Irq,
+            Cause::Softirq { .. } => Category::Softirq,
+            Cause::Thread {
+                class: Some(IntruderUser | IntruderKthread),
+                ..
+            } => Category::Intruder,
+            Cause::Thread {
+                class: Some(Kernel),
+                ..
+            } => Category::KernelThread,
+            Cause::Thread { .. } => Category::Thread,
+            Cause::Nmi { .. } => Category::Nmi,
+            Cause::IdleExit => Category::IdleExit,
+            Cause::WakeupPath => Category::WakeupPath,
         }
     }
 
@@ -67,10 +75,10 @@ impl Cause {
             Cause::Thread {
                 tid, comm, class, ..
             } => {
-                let what = match class.as_str() {
-                    "intruder_user" => "intruder",
-                    "intruder_kthread" => "unbound kernel thread",
-                    "kernel" => "kernel thread",
+                let what = match class {
+                    Some(ThreadClass::IntruderUser) => "intruder",
+                    Some(ThreadClass::IntruderKthread) => "unbound kernel thread",
+                    Some(ThreadClass::Kernel) => "kernel thread",
                     _ => "thread",
                 };
                 format!("{what} {comm} (tid {tid})")
@@ -82,12 +90,50 @@ impl Cause {
     }
 }
 
+/// A coarse class of causes, for colors and tallies.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    Irq,
+    Softirq,
+    Intruder,
+    KernelThread,
+    Thread,
+    Nmi,
+    IdleExit,
+    WakeupPath,
+}
+
+impl Category {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Irq => "irq",
+            Self::Softirq => "softirq",
+            Self::Intruder => "intruder",
+            Self::KernelThread => "kernel_thread",
+            Self::Thread => "thread",
+            Self::Nmi => "nmi",
+            Self::IdleExit => "idle_exit",
+            Self::WakeupPath => "wakeup_path",
+        }
+    }
+}
+
+impl std::fmt::Display for Category {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A foreign thread's time on the CPU inside one wait.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Overlap {
     pub tid: u32,
     pub comm: String,
-    pub class: String,
+    #[serde(with = "crate::bpf::class::or_unknown")]
+    pub class: Option<ThreadClass>,
     /// Time it ran inside the wait.
     pub overlap_ns: u64,
     /// Its slices that overlapped, in full.
@@ -109,7 +155,8 @@ pub struct NoiseOverlap {
 pub struct PrevThread {
     pub tid: u32,
     pub comm: String,
-    pub class: String,
+    #[serde(with = "crate::bpf::class::or_unknown")]
+    pub class: Option<ThreadClass>,
     /// Its last slice.
     pub run_ns: u64,
 }
@@ -148,7 +195,7 @@ pub struct Point {
     pub offset_ns: u64,
     pub wait_ns: u64,
     /// [`Cause::category`] of that wait.
-    pub cause: String,
+    pub cause: Category,
 }
 
 /// An intruder's run slice on the measured CPU.
@@ -158,7 +205,7 @@ pub struct Span {
     pub run_ns: u64,
     pub tid: u32,
     pub comm: String,
-    pub class: String,
+    pub class: ThreadClass,
 }
 
 /// What the run looked like over time, bounded in size.
@@ -177,7 +224,7 @@ pub struct Timeline {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CauseTally {
     pub cause: String,
-    pub category: String,
+    pub category: Category,
     pub episodes: u64,
     pub total_wait_ns: u64,
     pub max_wait_ns: u64,
@@ -237,11 +284,6 @@ impl Slice {
 /// Classifies a thread that is not an intruder (ran right before the probe):
 /// a kernel thread or an allowed user thread; None when it is gone.
 pub type Resolver = Box<dyn FnMut(u32) -> Option<ThreadClass>>;
-
-/// A class as the report names it ("unknown": a thread gone before it was looked at).
-fn class_label(class: Option<ThreadClass>) -> &'static str {
-    class.map_or("unknown", ThreadClass::as_str)
-}
 
 /// Streams probe events of one run into a [`Recorded`].
 pub struct Recorder {
@@ -355,7 +397,7 @@ impl Recorder {
                 run_ns: slice.run_ns,
                 tid: slice.tid,
                 comm: slice.comm.clone(),
-                class: class.to_string(),
+                class,
             });
         }
         self.slices.push_back(slice);
@@ -488,14 +530,14 @@ impl Recorder {
             let o = per_tid.entry(s.tid).or_insert_with(|| Overlap {
                 tid: s.tid,
                 comm: s.comm.clone(),
-                class: s.class.to_string(),
+                class: Some(s.class),
                 overlap_ns: 0,
                 run_ns: 0,
             });
             o.overlap_ns += overlap;
             o.run_ns += s.run_ns;
         }
-        let prev_class = class_label(self.class_of(ep.prev_tid));
+        let prev_class = self.class_of(ep.prev_tid);
         let is_probe = ep.prev_tid == tid || self.probe_tids.contains(&ep.prev_tid);
         if ep.prev_tid != 0 && !is_probe && !per_tid.contains_key(&ep.prev_tid) {
             // A kernel or allowed thread: no slice events, but its last slice
@@ -505,7 +547,7 @@ impl Recorder {
                 Overlap {
                     tid: ep.prev_tid,
                     comm: ep.prev_comm.clone(),
-                    class: prev_class.to_string(),
+                    class: prev_class,
                     overlap_ns: ep.prev_run_ns.min(ep.wait_ns),
                     run_ns: ep.prev_run_ns,
                 },
@@ -528,7 +570,7 @@ impl Recorder {
             .entry(cause.who())
             .or_insert_with(|| CauseTally {
                 cause: cause.who(),
-                category: cause.category().to_string(),
+                category: cause.category(),
                 episodes: 0,
                 total_wait_ns: 0,
                 max_wait_ns: 0,
@@ -545,7 +587,7 @@ impl Recorder {
             self.slots[slot] = Some(Point {
                 offset_ns,
                 wait_ns: ep.wait_ns,
-                cause: cause.category().to_string(),
+                cause: cause.category(),
             });
         }
 
@@ -569,7 +611,7 @@ impl Recorder {
             prev: PrevThread {
                 tid: ep.prev_tid,
                 comm: ep.prev_comm.clone(),
-                class: prev_class.to_string(),
+                class: prev_class,
                 run_ns: ep.prev_run_ns,
             },
             threads,
@@ -634,7 +676,7 @@ pub fn dominant(
         best = Cause::Thread {
             tid: t.tid,
             comm: t.comm.clone(),
-            class: t.class.clone(),
+            class: t.class,
             ns: t.overlap_ns,
         };
         best_ns = t.overlap_ns;
@@ -776,20 +818,20 @@ mod tests {
             Cause::Thread {
                 tid: 4242,
                 comm: "pg-spiker".into(),
-                class: "intruder_user".into(),
+                class: Some(ThreadClass::IntruderUser),
                 ns: 1_500_000
             }
         );
         assert_eq!(w.threads.len(), 1, "{:?}", w.threads);
-        assert_eq!(w.prev.class, "intruder_user");
+        assert_eq!(w.prev.class, Some(ThreadClass::IntruderUser));
         assert_eq!(rec.worst[1].cause, Cause::Softirq { ns: 30_000 });
         assert_eq!(rec.worst[2].cause, Cause::IdleExit);
         assert_eq!(rec.by_cause[0].cause, "intruder pg-spiker (tid 4242)");
-        assert_eq!(rec.by_cause[0].category, "intruder");
+        assert_eq!(rec.by_cause[0].category, Category::Intruder);
         let idle = rec
             .by_cause
             .iter()
-            .find(|c| c.category == "idle_exit")
+            .find(|c| c.category == Category::IdleExit)
             .unwrap();
         assert_eq!(idle.episodes, 10);
         assert_eq!(
@@ -811,7 +853,7 @@ mod tests {
         r.on_event(&episode(T0 + 850_000, 40_000, (4242, "dd", 850_000)));
         let rec = r.finish();
         assert_eq!(rec.worst[0].threads[0].overlap_ns, 40_000);
-        assert_eq!(rec.worst[0].cause.category(), "intruder");
+        assert_eq!(rec.worst[0].cause.category(), Category::Intruder);
     }
 
     #[test]
@@ -845,11 +887,11 @@ mod tests {
             Cause::Thread {
                 tid: 77,
                 comm: "ksoftirqd/1".into(),
-                class: "kernel".into(),
+                class: Some(ThreadClass::Kernel),
                 ns: 70_000
             }
         );
-        assert_eq!(rec.worst[0].cause.category(), "kernel_thread");
+        assert_eq!(rec.worst[0].cause.category(), Category::KernelThread);
         assert_eq!(
             rec.worst[0].cause.who(),
             "kernel thread ksoftirqd/1 (tid 77)"

@@ -20,7 +20,10 @@ use plotters::{
 };
 use thiserror::Error;
 
-use super::report::{Report, fmt_ns};
+use super::{
+    attribution::Category,
+    report::{Report, fmt_ns},
+};
 
 #[derive(Debug, Error, Clone)]
 pub enum PlotError {
@@ -62,28 +65,29 @@ pub const SPAN: RGBColor = RGBColor(0x94, 0x67, 0xBD);
 const BACKGROUND: RGBColor = WHITE;
 
 /// Color of a cause category (see `Cause::category`).
-pub fn cause_color(category: &str) -> RGBColor {
+pub fn cause_color(category: Category) -> RGBColor {
     match category {
-        "irq" => RGBColor(0xD6, 0x27, 0x28),
-        "softirq" => RGBColor(0xFF, 0x7F, 0x0E),
-        "intruder" => RGBColor(0x6A, 0x3D, 0x9A),
-        "kernel_thread" => RGBColor(0x8C, 0x56, 0x4B),
-        "thread" => RGBColor(0x17, 0xBE, 0xCF),
-        "nmi" => RGBColor(0xE3, 0x77, 0xC2),
-        "idle_exit" => RGBColor(0x2C, 0xA0, 0x2C),
-        _ => RGBColor(0x7F, 0x7F, 0x7F),
+        Category::Irq => RGBColor(0xD6, 0x27, 0x28),
+        Category::Softirq => RGBColor(0xFF, 0x7F, 0x0E),
+        Category::Intruder => RGBColor(0x6A, 0x3D, 0x9A),
+        Category::KernelThread => RGBColor(0x8C, 0x56, 0x4B),
+        Category::Thread => RGBColor(0x17, 0xBE, 0xCF),
+        Category::Nmi => RGBColor(0xE3, 0x77, 0xC2),
+        Category::IdleExit => RGBColor(0x2C, 0xA0, 0x2C),
+        Category::WakeupPath => RGBColor(0x7F, 0x7F, 0x7F),
     }
 }
 
-const CATEGORIES: &[(&str, &str)] = &[
-    ("intruder", "intruder thread"),
-    ("kernel_thread", "kernel thread"),
-    ("thread", "other thread"),
-    ("irq", "hard IRQ"),
-    ("softirq", "softirq"),
-    ("nmi", "NMI"),
-    ("idle_exit", "exit from idle"),
-    ("wakeup_path", "wake-up path"),
+/// Every category, in legend order, with its legend label.
+const CATEGORIES: &[(Category, &str)] = &[
+    (Category::Intruder, "intruder thread"),
+    (Category::KernelThread, "kernel thread"),
+    (Category::Thread, "other thread"),
+    (Category::Irq, "hard IRQ"),
+    (Category::Softirq, "softirq"),
+    (Category::Nmi, "NMI"),
+    (Category::IdleExit, "exit from idle"),
+    (Category::WakeupPath, "wake-up path"),
 ];
 
 /// Finds and registers the labels' font once per process; call it before a
@@ -347,16 +351,6 @@ pub fn draw_timeline<DB: DrawingBackend>(
             .label(format!("{label} ({})", points.len()))
             .legend(move |(x, y)| Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], color.filled()));
     }
-    // Points whose cause is not a known category still get drawn.
-    let known: Vec<&str> = CATEGORIES.iter().map(|c| c.0).collect();
-    chart
-        .draw_series(
-            t.points
-                .iter()
-                .filter(|p| !known.contains(&p.cause.as_str()))
-                .map(|p| Circle::new((p.offset_ns as f64 / 1e9, us(p.wait_ns)), 3, BLACK.filled())),
-        )
-        .map_err(draw_err(W))?;
     chart
         .draw_series(r.worst.iter().take(3).map(|w| {
             let x = w.offset_ns as f64 / 1e9;
@@ -533,8 +527,14 @@ mod tests {
         let r = sample_report("6.18.44", "PREEMPT_DYNAMIC", 2100);
         let svg = timeline_svg(&r).unwrap();
         assert_eq!(svg.matches("<circle ").count(), r.timeline.points.len());
-        assert_eq!(fill_count(&svg, cause_color("intruder"), "circle"), 1);
-        assert_eq!(fill_count(&svg, cause_color("idle_exit"), "circle"), 1);
+        assert_eq!(
+            fill_count(&svg, cause_color(Category::Intruder), "circle"),
+            1
+        );
+        assert_eq!(
+            fill_count(&svg, cause_color(Category::IdleExit), "circle"),
+            1
+        );
         // One span in the plot and one in the legend.
         assert_eq!(fill_count(&svg, SPAN, "rect"), 2);
         for needle in [

@@ -213,7 +213,7 @@ pub struct IntruderTotal {
     pub tid: u32,
     pub tgid: u32,
     pub comm: String,
-    pub class: String,
+    pub class: ThreadClass,
     pub slices: u64,
     pub run_ns: u64,
     pub max_slice_ns: u64,
@@ -238,7 +238,7 @@ pub struct NoiseTotals {
     /// Longest total first, at most [`MAX_INTRUDERS`].
     pub intruders: Vec<IntruderTotal>,
     /// Time by pinguard class (idle, kernel, allowed: cyclictest itself, intruder_*).
-    pub time_by_class_ns: BTreeMap<String, u64>,
+    pub time_by_class_ns: BTreeMap<ThreadClass, u64>,
     /// Time the hypervisor took this CPU away (/proc/stat steal), when known.
     pub steal_ns: Option<u64>,
     pub top_source: Option<Source>,
@@ -305,7 +305,7 @@ impl NoiseTotals {
                     tid: k.tid,
                     tgid: t.tgid,
                     comm: comm_str(&t.comm),
-                    class: ThreadClass::from_raw(t.class)?.to_string(),
+                    class: ThreadClass::from_raw(t.class)?,
                     slices: t.slices,
                     run_ns: t.run_ns,
                     max_slice_ns: t.max_slice_ns,
@@ -314,13 +314,13 @@ impl NoiseTotals {
             .collect();
         intruders.sort_by_key(|i| (std::cmp::Reverse(i.run_ns), i.tid));
         intruders.truncate(MAX_INTRUDERS);
-        let time_by_class_ns: BTreeMap<String, u64> = maps
+        let time_by_class_ns: BTreeMap<ThreadClass, u64> = maps
             .cpu_stats
             .get(&cpu)
             .map(|s| {
                 ThreadClass::ALL
                     .iter()
-                    .map(|c| (c.to_string(), s.run_ns[c.index()]))
+                    .map(|c| (*c, s.run_ns[c.index()]))
                     .collect()
             })
             .unwrap_or_default();
@@ -341,7 +341,7 @@ impl NoiseTotals {
             label: format!("intruder {} (tid {})", i.comm, i.tid),
             ns: i.run_ns,
         }));
-        if let Some(k) = time_by_class_ns.get(ThreadClass::Kernel.as_str()) {
+        if let Some(k) = time_by_class_ns.get(&ThreadClass::Kernel) {
             candidates.push(Source {
                 kind: "kernel_threads".into(),
                 label: "per-CPU kernel threads".into(),
@@ -809,13 +809,13 @@ pub fn render_text(r: &Report) -> String {
             t.class
         );
     }
-    let class_ns = |c: &str| n.time_by_class_ns.get(c).copied().unwrap_or_default();
+    let class_ns = |c: ThreadClass| n.time_by_class_ns.get(&c).copied().unwrap_or_default();
     let _ = writeln!(
         o,
         "  per-CPU kernel threads {}, idle {}, cyclictest {}{}",
-        fmt_ns(class_ns("kernel")),
-        fmt_ns(class_ns("idle")),
-        fmt_ns(class_ns("allowed")),
+        fmt_ns(class_ns(ThreadClass::Kernel)),
+        fmt_ns(class_ns(ThreadClass::Idle)),
+        fmt_ns(class_ns(ThreadClass::Allowed)),
         n.steal_ns
             .map(|s| format!(", hypervisor steal {}", fmt_ns(s)))
             .unwrap_or_default()
@@ -970,7 +970,7 @@ pub fn compare_table(runs: &[(String, Report)]) -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::latency::{
-        attribution::{Overlap, Point, PrevThread, Span},
+        attribution::{Category, Overlap, Point, PrevThread, Span},
         host::{Isolation, Preemption},
     };
 
@@ -1000,20 +1000,20 @@ pub(crate) mod tests {
             prev: PrevThread {
                 tid: 4242,
                 comm: "pg-spiker".into(),
-                class: "intruder_user".into(),
+                class: Some(ThreadClass::IntruderUser),
                 run_ns: 2_000_000,
             },
             threads: vec![Overlap {
                 tid: 4242,
                 comm: "pg-spiker".into(),
-                class: "intruder_user".into(),
+                class: Some(ThreadClass::IntruderUser),
                 overlap_ns: 1_970_000,
                 run_ns: 2_000_000,
             }],
             cause: Cause::Thread {
                 tid: 4242,
                 comm: "pg-spiker".into(),
-                class: "intruder_user".into(),
+                class: Some(ThreadClass::IntruderUser),
                 ns: 1_970_000,
             },
             irqs: Vec::new(),
@@ -1148,12 +1148,12 @@ pub(crate) mod tests {
                         Point {
                             offset_ns: 1_000_000,
                             wait_ns: 5_000,
-                            cause: "idle_exit".into(),
+                            cause: Category::IdleExit,
                         },
                         Point {
                             offset_ns: 1_500_000_000,
                             wait_ns: 1_980_000,
-                            cause: "intruder".into(),
+                            cause: Category::Intruder,
                         },
                     ],
                     spans: vec![Span {
@@ -1161,7 +1161,7 @@ pub(crate) mod tests {
                         run_ns: 2_000_000,
                         tid: 4242,
                         comm: "pg-spiker".into(),
-                        class: "intruder_user".into(),
+                        class: ThreadClass::IntruderUser,
                     }],
                     spans_dropped: 0,
                 },
@@ -1205,7 +1205,7 @@ pub(crate) mod tests {
         let top = n.top_source.as_ref().unwrap();
         assert_eq!((top.kind.as_str(), top.ns), ("intruder", 120_000_000));
         assert!(top.label.contains("pg-spiker"));
-        assert_eq!(n.time_by_class_ns["kernel"], 500_000);
+        assert_eq!(n.time_by_class_ns[&ThreadClass::Kernel], 500_000);
     }
 
     #[test]
