@@ -63,6 +63,8 @@ pub trait Effects: Affinities {
     fn cgroup(&self, tgid: u32, tid: u32) -> Option<String>;
     fn task_exists(&self, tgid: u32, tid: u32) -> bool;
     fn process_exists(&self, pid: u32) -> bool;
+    /// Whether the process holds KVM vCPUs (see [`crate::guests::is_kvm_guest`]).
+    fn is_kvm_guest(&self, pid: u32) -> bool;
 
     fn scan(&mut self) -> Result<Discovery, DiscoverError>;
     fn rediscover(&mut self, pid: u32) -> Result<Discovery, DiscoverError>;
@@ -175,6 +177,10 @@ impl Effects for Live {
 
     fn process_exists(&self, pid: u32) -> bool {
         self.proc.root().join(pid.to_string()).exists()
+    }
+
+    fn is_kvm_guest(&self, pid: u32) -> bool {
+        crate::guests::is_kvm_guest(&self.proc, pid)
     }
 
     fn scan(&mut self) -> Result<Discovery, DiscoverError> {

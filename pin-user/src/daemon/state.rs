@@ -776,12 +776,16 @@ impl<E: Effects> Daemon<E> {
         if self.config.mode != Mode::Enforce || self.assignments.contains_key(&t.tid) {
             return;
         }
-        // A guest's threads are placed by the plan, never evicted. A vCPU of a
-        // guest not discovered yet (it just started) triggers a rescan instead.
-        if self.guests.contains_key(&t.tgid)
-            || crate::guests::parse_vcpu_thread_name(&t.comm).is_some()
+        // A guest's threads are placed by the plan, never evicted.
+        if self.guests.contains_key(&t.tgid) {
+            return;
+        }
+        // A vCPU of a guest not discovered yet (it just started) triggers a
+        // rescan instead. The name alone proves nothing (any thread can call
+        // itself "CPU 0/KVM"): the process must hold KVM vCPUs.
+        if crate::guests::parse_vcpu_thread_name(&t.comm).is_some() && self.fx.is_kvm_guest(t.tgid)
         {
-            if !self.guests.contains_key(&t.tgid) && self.scan_retry.is_none() {
+            if self.scan_retry.is_none() {
                 self.scan_retry = Some(Retry {
                     due: self.fx.now(),
                     attempt: 0,

@@ -18,7 +18,7 @@
 //! [`qmp`] is the QMP client, [`qemu`] reads QEMU's command line and thread
 //! names, [`libvirt`] its status files; this module puts them together.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs, io,
     path::{Path, PathBuf},
 };
@@ -33,6 +33,23 @@ mod qmp;
 
 use libvirt::{DEFAULT_LIBVIRT_DIR, LibvirtStatus};
 pub use qemu::parse_vcpu_thread_name;
+
+/// The vCPU indexes a process holds KVM vCPU file descriptors for
+/// (`anon_inode:kvm-vcpu:N`). Only a process that created vCPUs through
+/// /dev/kvm has them: this, not a process or thread name anyone can choose,
+/// is what makes a process a KVM guest.
+pub fn kvm_vcpus(proc: &Proc, pid: u32) -> BTreeSet<u32> {
+    proc.fd_targets(pid)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|t| t.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok())
+        .collect()
+}
+
+/// Whether `pid` is a KVM guest (holds at least one vCPU).
+pub fn is_kvm_guest(proc: &Proc, pid: u32) -> bool {
+    !kvm_vcpus(proc, pid).is_empty()
+}
 use qemu::{is_qemu_argv, parse_qemu_cmdline, parse_vhost_name};
 use qmp::{QMP_TIMEOUT, QmpError, query_cpus_fast};
 
@@ -398,9 +415,20 @@ impl Discoverer {
             .map(|l| l.name.clone())
             .or_else(|| cmd.name.clone())
             .unwrap_or_else(|| format!("pid-{pid}"));
+        let kvm = kvm_vcpus(&self.proc, pid);
+        if kvm.is_empty() {
+            // A name is not an identity: any program can call itself
+            // qemu-system-x86_64 and name a thread "CPU 0/KVM".
+            warnings.push(format!(
+                "pid {pid} ({name:?}) looks like QEMU but holds no KVM vCPU: not a KVM guest \
+                 (or /proc/{pid}/fd is not readable); ignored"
+            ));
+            return None;
+        }
         let named: Vec<Vcpu> = threads
             .iter()
             .filter_map(|t| parse_vcpu_thread_name(&t.comm).map(|index| Vcpu { index, tid: t.tid }))
+            .filter(|v| kvm.contains(&v.index))
             .collect();
 
         let mut found: Option<(Vec<Vcpu>, Source)> = None;
@@ -558,10 +586,32 @@ mod tests {
                 format!("Name:\t{comm}\nTgid:\t{pid}\nPid:\t{tid}\nCpus_allowed_list:\t0-3\n");
             fs::write(d.join("status"), &status).unwrap();
             fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
+            // QEMU holds a KVM vCPU fd for each vCPU thread.
+            if let Some(index) = parse_vcpu_thread_name(comm) {
+                self.kvm_fd(pid, index);
+            }
             // /proc/<tid>/status resolves any thread id, as the kernel does.
             let alias = root.join(tid.to_string());
             fs::create_dir_all(&alias).unwrap();
             fs::write(alias.join("status"), status).unwrap();
+        }
+
+        /// A KVM vCPU fd of `pid` (what QEMU holds for each vCPU).
+        fn kvm_fd(&self, pid: u32, index: u32) {
+            let fd = self.dir.path().join("proc").join(pid.to_string()).join("fd");
+            fs::create_dir_all(&fd).unwrap();
+            std::os::unix::fs::symlink(
+                format!("anon_inode:kvm-vcpu:{index}"),
+                fd.join((100 + index).to_string()),
+            )
+            .unwrap();
+        }
+
+        /// A thread that only looks like a vCPU (no KVM fd behind it).
+        fn impostor_thread(&self, pid: u32, tid: u32, comm: &str) {
+            let fd = self.dir.path().join("proc").join(pid.to_string()).join("fd");
+            self.thread(pid, tid, comm, 0);
+            let _ = fs::remove_dir_all(fd);
         }
 
         fn libvirt_dir(&self) -> PathBuf {
@@ -602,6 +652,12 @@ mod tests {
         fake.process(300, "qemu-system-x86_64 -name anon");
         fake.thread(300, 300, "qemu-system-x86", 0);
         fake.thread(300, 301, "qemu-system-x86", 0);
+        fake.kvm_fd(300, 0);
+        // A program that only calls itself QEMU and names a thread like a
+        // vCPU: no KVM vCPU behind it, so not a guest.
+        fake.process(700, "qemu-system-x86_64 -name g1,debug-threads=on");
+        fake.thread(700, 700, "qemu-system-x86", 0);
+        fake.impostor_thread(700, 701, "CPU 0/KVM");
         // A QEMU that exited between listing and reading.
         fake.process(400, "qemu-system-x86_64 -name gone,debug-threads=on");
 
@@ -621,10 +677,17 @@ mod tests {
         assert_eq!(g.vcpu_tid(1), Some(103));
         assert_eq!(g.vcpu_of(102), Some(0));
         assert_eq!(g.tids().count(), 6);
-        assert_eq!(found.warnings.len(), 1, "{:?}", found.warnings);
+        assert_eq!(found.warnings.len(), 2, "{:?}", found.warnings);
         assert!(
             found.warnings[0].contains("anon") && found.warnings[0].contains("debug-threads=on")
         );
+        assert!(
+            found.warnings[1].contains("pid 700") && found.warnings[1].contains("no KVM vCPU"),
+            "{:?}",
+            found.warnings
+        );
+        assert!(!is_kvm_guest(&fake.proc(), 700));
+        assert!(is_kvm_guest(&fake.proc(), 100));
 
         // One pid at a time, and nothing for a non-guest.
         let again = d.rediscover(100).unwrap();
@@ -693,6 +756,7 @@ mod tests {
         fake.thread(600, 600, "qemu-system-x86", 0);
         fake.thread(600, 601, "qemu-system-x86", 0);
         fake.thread(600, 602, "qemu-system-x86", 0);
+        fake.kvm_fd(600, 0);
         let server = fake_qmp(&sock, vec![(0, 602)], GREETING);
         let mut d = Discoverer::new(fake.proc(), opts(&fake));
         let found = d.scan().unwrap();

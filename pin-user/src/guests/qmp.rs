@@ -2,7 +2,7 @@
 //! `qmp_capabilities`, one command, close), every step bounded by a timeout
 //! because QEMU serves one QMP client at a time and a busy monitor never answers.
 use std::{
-    io::{self, BufRead, BufReader, Read, Write},
+    io::{self, Read, Write},
     os::{fd::AsRawFd, unix::net::UnixStream},
     path::Path,
     time::{Duration, Instant},
@@ -20,7 +20,10 @@ use super::Vcpu;
 /// Bound on one whole QMP exchange (connect, greeting, two commands).
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 /// A QMP reply larger than this is not something pinguard asked for.
-const MAX_QMP_LINE: u64 = 1 << 20;
+const MAX_QMP_LINE: usize = 1 << 20;
+/// All a peer may send in one session (events included): a socket that
+/// streams without end is dropped, not read until the deadline.
+const MAX_QMP_BYTES: usize = 4 << 20;
 /// The longest socket path a `sockaddr_un` holds on Linux (108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -103,9 +106,15 @@ fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream, QmpError> 
     }
 }
 
-/// One short QMP session.
+/// One short QMP session. Every read is bounded by what is left of the
+/// whole session's deadline, not by a per-`recv` timeout: a peer that
+/// trickles a byte now and then cannot stretch the exchange.
 struct QmpSession {
-    reader: BufReader<UnixStream>,
+    stream: UnixStream,
+    /// Bytes received and not yet returned as a line.
+    pending: Vec<u8>,
+    /// Bytes received in this session.
+    received: usize,
     deadline: Instant,
     timeout: Duration,
 }
@@ -115,7 +124,9 @@ impl QmpSession {
         let deadline = Instant::now() + timeout;
         let stream = connect_unix(path, timeout)?;
         let mut s = Self {
-            reader: BufReader::new(stream),
+            stream,
+            pending: Vec::new(),
+            received: 0,
             deadline,
             timeout,
         };
@@ -133,37 +144,44 @@ impl QmpSession {
 
     fn read_line(&mut self) -> Result<String, QmpError> {
         loop {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(QmpError::Timeout(self.timeout));
+            while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let raw: Vec<u8> = self.pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&raw);
+                let line = line.trim();
+                if !line.is_empty() {
+                    return Ok(line.to_string());
+                }
             }
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(left))
-                .map_err(|e| QmpError::Io(io_reason(&e)))?;
-            let mut line = String::new();
-            let n = (&mut self.reader)
-                .take(MAX_QMP_LINE)
-                .read_line(&mut line)
-                .map_err(|e| {
-                    if is_timeout(&e) {
-                        QmpError::Timeout(self.timeout)
-                    } else {
-                        QmpError::Io(io_reason(&e))
-                    }
-                })?;
-            if n == 0 {
-                return Err(QmpError::Closed);
-            }
-            if n as u64 == MAX_QMP_LINE && !line.ends_with('\n') {
+            if self.pending.len() > MAX_QMP_LINE {
                 return Err(QmpError::BadReply(format!(
                     "a message longer than {MAX_QMP_LINE} bytes"
                 )));
             }
-            let line = line.trim();
-            if !line.is_empty() {
-                return Ok(line.to_string());
+            if self.received > MAX_QMP_BYTES {
+                return Err(QmpError::BadReply(format!(
+                    "more than {MAX_QMP_BYTES} bytes in one session"
+                )));
             }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QmpError::Timeout(self.timeout));
+            }
+            self.stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| QmpError::Io(io_reason(&e)))?;
+            let mut chunk = [0u8; 8192];
+            let n = self.stream.read(&mut chunk).map_err(|e| {
+                if is_timeout(&e) {
+                    QmpError::Timeout(self.timeout)
+                } else {
+                    QmpError::Io(io_reason(&e))
+                }
+            })?;
+            if n == 0 {
+                return Err(QmpError::Closed);
+            }
+            self.received += n;
+            self.pending.extend_from_slice(&chunk[..n]);
         }
     }
 
@@ -184,8 +202,14 @@ impl QmpSession {
         let msg = serde_json::json!({ "execute": command, "id": id });
         let mut line = msg.to_string();
         line.push('\n');
-        self.reader
-            .get_mut()
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(QmpError::Timeout(self.timeout));
+        }
+        self.stream
+            .set_write_timeout(Some(left))
+            .map_err(|e| QmpError::Io(io_reason(&e)))?;
+        self.stream
             .write_all(line.as_bytes())
             .map_err(|e| {
                 if is_timeout(&e) {
@@ -428,5 +452,53 @@ mod tests {
         let err = query_cpus_fast(&path, Duration::from_millis(200)).unwrap_err();
         assert_eq!(err, QmpError::Timeout(Duration::from_millis(200)));
         assert!(start.elapsed() < QMP_TIMEOUT, "took {:?}", start.elapsed());
+    }
+
+    /// A peer that sends a byte now and then never ends a line: the whole
+    /// session still ends at its deadline (it used to restart at every byte).
+    #[test]
+    fn a_trickling_peer_cannot_stretch_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trickle.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            for _ in 0..40 {
+                if s.write_all(b"{").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let start = Instant::now();
+        let timeout = Duration::from_millis(300);
+        let err = query_cpus_fast(&path, timeout).unwrap_err();
+        assert_eq!(err, QmpError::Timeout(timeout));
+        assert!(
+            start.elapsed() < Duration::from_millis(1000),
+            "took {:?}",
+            start.elapsed()
+        );
+        server.join().unwrap();
+    }
+
+    /// A peer that streams without end is dropped once it sent the session's budget.
+    #[test]
+    fn a_streaming_peer_is_cut_off_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flood.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.write_all(GREETING.as_bytes());
+            let event = b"{\"event\": \"X\"}\n".repeat(4096);
+            while s.write_all(&event).is_ok() {}
+        });
+        let err = query_cpus_fast(&path, Duration::from_secs(20)).unwrap_err();
+        assert!(
+            matches!(&err, QmpError::BadReply(m) if m.contains("bytes in one session")),
+            "{err:?}"
+        );
+        server.join().unwrap();
     }
 }

@@ -200,6 +200,21 @@ impl Proc {
         Ok(read_gone_ok(&self.task_dir(pid, tid).join("comm"))?.map(|s| s.trim_end().to_string()))
     }
 
+    /// What a process's open file descriptors point to (`/proc/PID/fd/*`
+    /// link targets, e.g. "anon_inode:kvm-vcpu:0"); empty if it exited.
+    pub fn fd_targets(&self, pid: u32) -> io::Result<Vec<String>> {
+        let rd = match fs::read_dir(self.root.join(pid.to_string()).join("fd")) {
+            Ok(rd) => rd,
+            Err(e) if is_gone(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(rd
+            .flatten()
+            .filter_map(|e| fs::read_link(e.path()).ok())
+            .map(|t| t.to_string_lossy().into_owned())
+            .collect())
+    }
+
     /// The thread group a thread id belongs to (`Tgid:` of /proc/<tid>/status).
     pub fn tgid_of(&self, tid: u32) -> io::Result<Option<u32>> {
         let Some(status) = read_gone_ok(&self.root.join(tid.to_string()).join("status"))? else {

@@ -37,6 +37,8 @@ struct Fake {
     exit_watched: BTreeSet<u32>,
     allowed: BTreeMap<u32, Option<u32>>,
     scans: u32,
+    /// Processes holding KVM vCPUs.
+    kvm: BTreeSet<u32>,
     clock: Duration,
     start: Option<Instant>,
 }
@@ -107,6 +109,9 @@ impl Effects for Fake {
     }
     fn process_exists(&self, pid: u32) -> bool {
         self.threads.keys().any(|(tgid, _)| *tgid == pid)
+    }
+    fn is_kvm_guest(&self, pid: u32) -> bool {
+        self.kvm.contains(&pid)
     }
     fn scan(&mut self) -> Result<Discovery, DiscoverError> {
         self.scans += 1;
@@ -502,4 +507,25 @@ fn a_vcpu_that_leaves_its_cpu_is_reported_once_with_its_vm() {
     let last = v.last().unwrap();
     assert_eq!(last.kind, ViolationKind::VcpuDrift);
     assert_eq!(last.vm.as_deref(), Some("g1"));
+}
+
+#[test]
+fn a_thread_named_like_a_vcpu_is_evicted_unless_its_process_holds_kvm_vcpus() {
+    let mut fx = host();
+    // A stranger's thread that named itself like a vCPU, and a guest not
+    // discovered yet (just started) whose vCPU already ran on CPU 1.
+    fx.threads
+        .insert((STRANGER, 501), thread(STRANGER, 501, "CPU 0/KVM", 0));
+    fx.aff.cpus.insert(501, cpus("0-1"));
+    fx.threads.insert((900, 901), thread(900, 901, "CPU 0/KVM", 0));
+    fx.aff.cpus.insert(901, cpus("0-1"));
+    fx.kvm.insert(900);
+    let mut d = daemon(fx, ENFORCE);
+    let scans = d.fx.scans;
+    d.handle(&intrusion(501, STRANGER, "CPU 0/KVM", ThreadClass::IntruderUser));
+    assert_eq!(d.fx.aff.cpus[&501], cpus("0"), "the impostor was not evicted");
+    d.handle(&intrusion(901, 900, "CPU 0/KVM", ThreadClass::IntruderUser));
+    assert_eq!(d.fx.aff.cpus[&901], cpus("0-1"), "a new guest's vCPU was evicted");
+    d.tick();
+    assert_eq!(d.fx.scans, scans + 1, "the new guest's vCPU did not trigger a rescan");
 }
