@@ -15,6 +15,9 @@ use crate::{
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+pub const MIN_EVENT_INTERVAL: Duration = Duration::from_millis(10);
+pub const MIN_VERIFY_INTERVAL: Duration = Duration::from_millis(50);
+pub const MIN_RESCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -194,6 +197,9 @@ fn one_line(text: &str, e: &toml::de::Error) -> String {
 pub struct Config {
     pub guard: Option<CpuSet>,
     pub mode: Mode,
+    /// The file or the command line set `mode` (a reload may change the mode
+    /// only then: an empty or truncated file must not switch enforcement off).
+    pub mode_explicit: bool,
     pub listen: SocketAddr,
     pub qmp: Vec<PathBuf>,
     pub event_interval: Duration,
@@ -219,6 +225,7 @@ impl Default for Config {
         Self {
             guard: None,
             mode: Mode::Observe,
+            mode_explicit: false,
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             qmp: Vec::new(),
             event_interval: Duration::from_secs(1),
@@ -254,6 +261,7 @@ impl Config {
         }
         if let Some(m) = args.mode {
             config.mode = m;
+            config.mode_explicit = true;
         }
         if let Some(l) = args.listen {
             config.listen = l;
@@ -280,9 +288,14 @@ impl Config {
                 }
             };
         let d = Self::default();
-        let positive = |key: &str, v: Duration| {
-            if v.is_zero() {
-                Err(invalid(key, "must be greater than zero".into()))
+        // Floors: shorter intervals would spin the daemon (a 1 ns verify
+        // interval is most of a core) or flood the ring buffer.
+        let at_least = |key: &str, v: Duration, min: Duration| {
+            if v < min {
+                Err(invalid(
+                    key,
+                    format!("must be at least {}", humantime::format_duration(min)),
+                ))
             } else {
                 Ok(v)
             }
@@ -326,16 +339,23 @@ impl Config {
         Ok(Self {
             guard: file.guard,
             mode: file.mode.unwrap_or(d.mode),
+            mode_explicit: file.mode.is_some(),
             listen: file.listen.unwrap_or(d.listen),
             qmp: file.qmp,
-            event_interval: duration("event_interval", &file.event_interval, d.event_interval)?,
-            verify_interval: positive(
+            event_interval: at_least(
+                "event_interval",
+                duration("event_interval", &file.event_interval, d.event_interval)?,
+                MIN_EVENT_INTERVAL,
+            )?,
+            verify_interval: at_least(
                 "verify_interval",
                 duration("verify_interval", &file.verify_interval, d.verify_interval)?,
+                MIN_VERIFY_INTERVAL,
             )?,
-            rescan_interval: positive(
+            rescan_interval: at_least(
                 "rescan_interval",
                 duration("rescan_interval", &file.rescan_interval, d.rescan_interval)?,
+                MIN_RESCAN_INTERVAL,
             )?,
             bpf_stats: file.bpf_stats.unwrap_or(d.bpf_stats),
             emulator,
@@ -343,18 +363,23 @@ impl Config {
             allow_shared: file.placement.allow_shared.unwrap_or(d.allow_shared),
             vm,
             allow: file.allow,
-            min_interval: duration(
+            min_interval: at_least(
                 "enforce.min_interval",
-                &file.enforce.min_interval,
-                d.min_interval,
+                duration(
+                    "enforce.min_interval",
+                    &file.enforce.min_interval,
+                    d.min_interval,
+                )?,
+                Duration::from_millis(1),
             )?,
-            max_backoff: positive(
+            max_backoff: at_least(
                 "enforce.max_backoff",
                 duration(
                     "enforce.max_backoff",
                     &file.enforce.max_backoff,
                     d.max_backoff,
                 )?,
+                Duration::from_millis(1),
             )?,
         })
     }
@@ -374,7 +399,11 @@ mod tests {
     fn shipped_sample_config_is_valid_and_safe() {
         let c = parse(include_str!("../../packaging/pinguard.toml")).unwrap();
         assert_eq!(c.mode, Mode::Observe, "the sample must default to observe");
-        assert_eq!(c, Config::default(), "the sample documents the defaults");
+        let defaults = Config {
+            mode_explicit: true,
+            ..Config::default()
+        };
+        assert_eq!(c, defaults, "the sample documents the defaults");
     }
 
     #[test]
@@ -435,9 +464,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("enforce.max_backoff") && e.contains("greater than zero"),
+            e.contains("enforce.max_backoff") && e.contains("at least 1ms"),
             "{e}"
         );
+        for (key, text) in [
+            ("verify_interval", "verify_interval = \"1ns\""),
+            ("rescan_interval", "rescan_interval = \"10ms\""),
+            ("event_interval", "event_interval = \"0s\""),
+            ("enforce.min_interval", "[enforce]\nmin_interval = \"0s\""),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(&format!("key `{key}`: must be at least")), "{e}");
+        }
+        assert!(parse("verify_interval = \"50ms\"").is_ok());
         let e = parse("[[allow]]\ncpus = \"1\"").unwrap_err().to_string();
         assert!(e.contains("allow[0]"), "{e}");
         let e = parse("[placement]\nemulator = \"moon\"")

@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 use serde_json::Value;
 use testkit::{
     daemon::Daemon,
-    env::missing_kvm,
+    env::{missing_bpf, missing_kvm},
     guest::{Guest, GuestOptions},
     require,
     threads::{AffinitySnapshot, Worker, cpus_allowed, schedstat_run_ns, set_affinity, spin},
@@ -524,6 +524,33 @@ fn allowlisted_threads_are_neither_violations_nor_evicted() {
     assert!(
         about.is_empty(),
         "the allowlisted thread was reported or acted on: {about:?}"
+    );
+}
+
+#[test]
+fn a_thread_calling_itself_a_vcpu_is_still_evicted() {
+    require!(missing_bpf());
+    // Any thread can name itself "CPU 0/KVM" (prctl); this process holds no
+    // KVM vCPU, so it is no guest and its thread is an intruder like any other.
+    let impostor = Worker::spawn_on("CPU 0/KVM", &[1]);
+    let daemon = Daemon::start("mode = \"enforce\"\n", &[]);
+    let (me, tid) = (std::process::id(), impostor.tid());
+    impostor.run(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        while cpus_allowed(me, tid) == "1" && std::time::Instant::now() < deadline {
+            spin(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    assert_eq!(
+        cpus_allowed(me, tid),
+        "0",
+        "a thread named like a vCPU was left on the guarded CPU"
+    );
+    assert_eq!(
+        daemon.metric("pinguard_vms", &[]),
+        Some(0.0),
+        "adopted as a guest"
     );
 }
 

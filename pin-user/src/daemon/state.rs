@@ -144,6 +144,17 @@ impl<E: Effects> Daemon<E> {
     /// Applies a reloaded configuration. The guarded set and listen address
     /// need a restart; everything else takes effect now.
     pub fn reload(&mut self, config: Config) -> Result<(), String> {
+        if config.mode != self.config.mode && !config.mode_explicit {
+            // An empty or truncated file is all defaults: it must not switch
+            // enforcement off (or on) by saying nothing.
+            return Err(format!(
+                "the new configuration does not set `mode` and would switch the daemon from {} to {} \
+                 (an empty or truncated file?); write `mode = \"{}\"` to change it",
+                self.config.mode.as_str(),
+                config.mode.as_str(),
+                config.mode.as_str()
+            ));
+        }
         let guard = self
             .topo
             .guard(config.guard.as_ref().or(self.config.guard.as_ref()))

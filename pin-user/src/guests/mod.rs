@@ -598,7 +598,12 @@ mod tests {
 
         /// A KVM vCPU fd of `pid` (what QEMU holds for each vCPU).
         fn kvm_fd(&self, pid: u32, index: u32) {
-            let fd = self.dir.path().join("proc").join(pid.to_string()).join("fd");
+            let fd = self
+                .dir
+                .path()
+                .join("proc")
+                .join(pid.to_string())
+                .join("fd");
             fs::create_dir_all(&fd).unwrap();
             std::os::unix::fs::symlink(
                 format!("anon_inode:kvm-vcpu:{index}"),
@@ -609,7 +614,12 @@ mod tests {
 
         /// A thread that only looks like a vCPU (no KVM fd behind it).
         fn impostor_thread(&self, pid: u32, tid: u32, comm: &str) {
-            let fd = self.dir.path().join("proc").join(pid.to_string()).join("fd");
+            let fd = self
+                .dir
+                .path()
+                .join("proc")
+                .join(pid.to_string())
+                .join("fd");
             self.thread(pid, tid, comm, 0);
             let _ = fs::remove_dir_all(fd);
         }

@@ -209,15 +209,13 @@ impl QmpSession {
         self.stream
             .set_write_timeout(Some(left))
             .map_err(|e| QmpError::Io(io_reason(&e)))?;
-        self.stream
-            .write_all(line.as_bytes())
-            .map_err(|e| {
-                if is_timeout(&e) {
-                    QmpError::Timeout(self.timeout)
-                } else {
-                    QmpError::Io(io_reason(&e))
-                }
-            })?;
+        self.stream.write_all(line.as_bytes()).map_err(|e| {
+            if is_timeout(&e) {
+                QmpError::Timeout(self.timeout)
+            } else {
+                QmpError::Io(io_reason(&e))
+            }
+        })?;
         loop {
             let v = self.read_message()?;
             match v.get("id") {

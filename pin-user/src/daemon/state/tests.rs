@@ -517,15 +517,49 @@ fn a_thread_named_like_a_vcpu_is_evicted_unless_its_process_holds_kvm_vcpus() {
     fx.threads
         .insert((STRANGER, 501), thread(STRANGER, 501, "CPU 0/KVM", 0));
     fx.aff.cpus.insert(501, cpus("0-1"));
-    fx.threads.insert((900, 901), thread(900, 901, "CPU 0/KVM", 0));
+    fx.threads
+        .insert((900, 901), thread(900, 901, "CPU 0/KVM", 0));
     fx.aff.cpus.insert(901, cpus("0-1"));
     fx.kvm.insert(900);
     let mut d = daemon(fx, ENFORCE);
     let scans = d.fx.scans;
-    d.handle(&intrusion(501, STRANGER, "CPU 0/KVM", ThreadClass::IntruderUser));
-    assert_eq!(d.fx.aff.cpus[&501], cpus("0"), "the impostor was not evicted");
+    d.handle(&intrusion(
+        501,
+        STRANGER,
+        "CPU 0/KVM",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(
+        d.fx.aff.cpus[&501],
+        cpus("0"),
+        "the impostor was not evicted"
+    );
     d.handle(&intrusion(901, 900, "CPU 0/KVM", ThreadClass::IntruderUser));
-    assert_eq!(d.fx.aff.cpus[&901], cpus("0-1"), "a new guest's vCPU was evicted");
+    assert_eq!(
+        d.fx.aff.cpus[&901],
+        cpus("0-1"),
+        "a new guest's vCPU was evicted"
+    );
     d.tick();
-    assert_eq!(d.fx.scans, scans + 1, "the new guest's vCPU did not trigger a rescan");
+    assert_eq!(
+        d.fx.scans,
+        scans + 1,
+        "the new guest's vCPU did not trigger a rescan"
+    );
+}
+
+#[test]
+fn a_reload_without_mode_cannot_switch_enforcement_off() {
+    let mut d = daemon(host(), ENFORCE);
+    let empty = Config::parse("guard = \"1\"\n", std::path::Path::new("t.toml")).unwrap();
+    let err = d.reload(empty).unwrap_err();
+    assert!(err.contains("does not set `mode`"), "{err}");
+    assert_eq!(d.config.mode, Mode::Enforce);
+    let text = "guard = \"1\"\nmode = \"observe\"\n";
+    let observe = Config::parse(text, std::path::Path::new("t.toml")).unwrap();
+    d.reload(observe).unwrap();
+    assert_eq!(d.config.mode, Mode::Observe);
+    // Saying nothing about the mode is fine when it does not change it.
+    let same = Config::parse("guard = \"1\"\n", std::path::Path::new("t.toml")).unwrap();
+    d.reload(same).unwrap();
 }
