@@ -1,8 +1,20 @@
 //! libvirt's live status files (`/run/libvirt/qemu/<domain>.xml`): the
 //! vCPU threads of guests whose QMP monitor libvirtd itself holds.
-use std::{collections::HashMap, fs, io, path::Path};
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Read as _},
+    os::unix::fs::OpenOptionsExt as _,
+    path::Path,
+};
 
 use super::Vcpu;
+
+/// libvirt's status files are tens of KiB; anything far larger is not one.
+const MAX_STATUS_BYTES: u64 = 4 << 20;
+/// Elements nest about ten deep in a status file. A deeper document is
+/// refused before parsing: 20 000 levels overflowed the parser's stack.
+const MAX_DEPTH: usize = 256;
 
 /// Where libvirt keeps the live status of running QEMU domains.
 pub const DEFAULT_LIBVIRT_DIR: &str = "/run/libvirt/qemu";
@@ -19,6 +31,12 @@ pub struct LibvirtStatus {
 /// `<vcpus><vcpu id=.. pid=../></vcpus>`). `fallback_name` (the file
 /// name) is used when the embedded `<domain>` has no `<name>`.
 pub fn parse_libvirt_status(xml: &str, fallback_name: &str) -> Result<LibvirtStatus, String> {
+    let depth = max_depth(xml);
+    if depth > MAX_DEPTH {
+        return Err(format!(
+            "elements nest {depth} deep (more than {MAX_DEPTH}): not a libvirt status file"
+        ));
+    }
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("invalid XML: {e}"))?;
     let root = doc.root_element();
     if root.tag_name().name() != "domstatus" {
@@ -66,6 +84,82 @@ pub fn parse_libvirt_status(xml: &str, fallback_name: &str) -> Result<LibvirtSta
     Ok(LibvirtStatus { name, pid, vcpus })
 }
 
+/// How deep elements nest, from the markup alone (comments, CDATA,
+/// processing instructions and quoted attribute values skipped), without
+/// building a tree. An upper bound is enough: it only decides refusal.
+fn max_depth(xml: &str) -> usize {
+    let b = xml.as_bytes();
+    let (mut i, mut depth, mut max) = (0, 0usize, 0usize);
+    let skip_to = |from: usize, end: &[u8]| {
+        b[from..]
+            .windows(end.len())
+            .position(|w| w == end)
+            .map_or(b.len(), |p| from + p + end.len())
+    };
+    while i < b.len() {
+        if b[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        let rest = &b[i..];
+        if rest.starts_with(b"<!--") {
+            i = skip_to(i + 4, b"-->");
+        } else if rest.starts_with(b"<![CDATA[") {
+            i = skip_to(i + 9, b"]]>");
+        } else if rest.starts_with(b"<?") {
+            i = skip_to(i + 2, b"?>");
+        } else if rest.starts_with(b"<!") {
+            i = skip_to(i + 2, b">");
+        } else if rest.starts_with(b"</") {
+            depth = depth.saturating_sub(1);
+            i = skip_to(i + 2, b">");
+        } else {
+            // An opening tag: find its end outside quoted values.
+            let mut j = i + 1;
+            let mut quote = None;
+            while j < b.len() {
+                match (quote, b[j]) {
+                    (None, q @ (b'"' | b'\'')) => quote = Some(q),
+                    (Some(q), c) if c == q => quote = None,
+                    (None, b'>') => break,
+                    _ => {}
+                }
+                j += 1;
+            }
+            if j >= b.len() || b[j - 1] != b'/' {
+                depth += 1;
+                max = max.max(depth);
+            }
+            i = j + 1;
+        }
+    }
+    max
+}
+
+/// Reads a status file: a regular file (a FIFO named `*.xml` would block the
+/// reader forever; opened non-blocking, it is refused) of a bounded size.
+fn read_status_file(path: &Path) -> io::Result<String> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_STATUS_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_STATUS_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {MAX_STATUS_BYTES} bytes: not a libvirt status file"),
+        ));
+    }
+    Ok(text)
+}
+
 /// The status files in `dir` by QEMU pid (`only`: just that pid's). A
 /// missing directory means no libvirt; what cannot be read or parsed is a warning.
 pub(super) fn read_status_dir(
@@ -95,7 +189,7 @@ pub(super) fn read_status_dir(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let text = match fs::read_to_string(&path) {
+        let text = match read_status_file(&path) {
             Ok(t) => t,
             // libvirt removes the file when the domain stops.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -193,6 +287,46 @@ OVERWRITTEN AND LOST.
             parse_libvirt_status("not xml", "x")
                 .unwrap_err()
                 .contains("invalid XML")
+        );
+    }
+
+    #[test]
+    fn hostile_files_in_the_status_directory_are_warnings_not_hangs_or_crashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = "<a>".repeat(20_000) + &"</a>".repeat(20_000);
+        fs::write(dir.path().join("deep.xml"), deep).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("fifo.xml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let big = "<domstatus pid='1'>".to_string() + &" ".repeat(5 << 20) + "</domstatus>";
+        fs::write(dir.path().join("big.xml"), big).unwrap();
+        fs::write(
+            dir.path().join("ok.xml"),
+            "<domstatus pid='7'><!-- <a><b> --><vcpus><vcpu id='0' pid='8'/></vcpus>\
+             <domain><name a='>'>ok</name></domain></domstatus>",
+        )
+        .unwrap();
+        let mut warnings = Vec::new();
+        let found = read_status_dir(dir.path(), None, &mut warnings);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[&7].name, "ok");
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        for (file, why) in [
+            ("big.xml", "larger than"),
+            ("deep.xml", "nest 20000 deep"),
+            ("fifo.xml", "not a regular file"),
+        ] {
+            assert!(
+                warnings.iter().any(|w| w.contains(file) && w.contains(why)),
+                "{file}: {warnings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn depth_counts_elements_not_markup() {
+        assert_eq!(max_depth("<a><b/><c x='<d>'><![CDATA[<e>]]></c></a>"), 2);
+        assert_eq!(
+            max_depth("<?xml version='1.0'?><!DOCTYPE x><a><!-- <b><c> --></a>"),
+            1
         );
     }
 }
