@@ -593,6 +593,7 @@ mod tests {
             flags: 0,
             last_cpu,
             allowed: set(allowed),
+            start_time: 0,
         }
     }
 

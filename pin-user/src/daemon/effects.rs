@@ -57,6 +57,9 @@ pub trait Effects: Affinities {
 
     /// A thread's facts from /proc (`None`: it is gone).
     fn thread(&self, tgid: u32, tid: u32) -> io::Result<Option<ThreadInfo>>;
+    /// When the thread `tid` of process `tgid` started (`None`: no such
+    /// thread in that process now). See [`ThreadInfo::start_time`].
+    fn start_time(&self, tgid: u32, tid: u32) -> Option<u64>;
     /// A thread's current name.
     fn comm(&self, tgid: u32, tid: u32) -> Option<String>;
     /// A thread's cgroup v2 path (for `[[allow]] cgroup`).
@@ -156,6 +159,14 @@ impl Effects for Live {
 
     fn thread(&self, tgid: u32, tid: u32) -> io::Result<Option<ThreadInfo>> {
         self.proc.thread(tgid, tid)
+    }
+
+    fn start_time(&self, tgid: u32, tid: u32) -> Option<u64> {
+        self.proc
+            .thread(tgid, tid)
+            .ok()
+            .flatten()
+            .map(|t| t.start_time)
     }
 
     fn comm(&self, tgid: u32, tid: u32) -> Option<String> {

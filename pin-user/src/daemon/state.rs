@@ -74,6 +74,9 @@ pub struct Daemon<E: Effects> {
     assignments: BTreeMap<u32, Assignment>,
     /// vCPU tid -> whether its affinity equalled its assignment at the last check.
     pinned: HashMap<u32, bool>,
+    /// vCPU tid -> its start time when it was assigned: a tid reused by
+    /// another thread (the exit event lost) is never acted on.
+    started: HashMap<u32, u64>,
     retries: BTreeMap<u32, Retry>,
     /// Full rescans scheduled after a QEMU exec: with `-daemonize` the guest
     /// is a forked child whose pid the exec event cannot name.
@@ -122,6 +125,7 @@ impl<E: Effects> Daemon<E> {
             guests: BTreeMap::new(),
             assignments: BTreeMap::new(),
             pinned: HashMap::new(),
+            started: HashMap::new(),
             retries: BTreeMap::new(),
             scan_retry: None,
             limiter,
@@ -421,6 +425,7 @@ impl<E: Effects> Daemon<E> {
                     .remove_label_values(&[&old.vm, &old.vcpu.to_string()]);
                 if !next.contains_key(tid) {
                     self.pinned.remove(tid);
+                    self.started.remove(tid);
                     self.limiter.forget(*tid);
                     if let Err(e) = self.fx.remove_owner(*tid) {
                         log::warn!("removing owner {tid}: {e}");
@@ -431,6 +436,14 @@ impl<E: Effects> Daemon<E> {
         }
         for (tid, a) in &next {
             if self.assignments.get(tid) != Some(a) {
+                match self.fx.start_time(a.pid, *tid) {
+                    Some(t) => {
+                        self.started.insert(*tid, t);
+                    }
+                    None => {
+                        self.started.remove(tid);
+                    }
+                }
                 if let Err(e) = self.fx.set_owner(*tid, a.cpu) {
                     log::error!(
                         "registering vCPU thread {tid} as owner of CPU {}: {e}",
@@ -531,6 +544,12 @@ impl<E: Effects> Daemon<E> {
         let Some(a) = self.assignments.get(&tid).cloned() else {
             return;
         };
+        if !self.same_thread(tid, &a) {
+            // Exited, or its id now names another thread: never act on it.
+            self.metrics.tasks_vanished.inc();
+            self.schedule_retry(a.pid, 0);
+            return;
+        }
         let want = CpuSet::single(a.cpu);
         let have = match self.fx.get(tid) {
             Ok(s) => s,
@@ -566,6 +585,15 @@ impl<E: Effects> Daemon<E> {
         if self.config.mode == Mode::Enforce {
             self.repin(tid, &a);
         }
+    }
+
+    /// Whether `tid` is still the vCPU thread that was assigned: in the same
+    /// process, with the same start time.
+    fn same_thread(&mut self, tid: u32, a: &Assignment) -> bool {
+        let Some(now) = self.fx.start_time(a.pid, tid) else {
+            return false;
+        };
+        *self.started.entry(tid).or_insert(now) == now
     }
 
     fn repin(&mut self, tid: u32, a: &Assignment) {

@@ -37,6 +37,10 @@ pub struct ThreadInfo {
     pub last_cpu: u32,
     /// The thread's affinity.
     pub allowed: CpuSet,
+    /// When it started (clock ticks since boot, `stat` field 22): with the
+    /// tid, its identity (a tid is reused; a tid and a start time are not).
+    #[serde(skip)]
+    pub start_time: u64,
 }
 
 impl ThreadInfo {
@@ -131,6 +135,7 @@ impl Proc {
             flags: parsed.flags,
             last_cpu: parsed.processor,
             allowed,
+            start_time: parsed.start_time,
         }))
     }
 
@@ -232,6 +237,7 @@ struct Stat {
     state: char,
     flags: u32,
     processor: u32,
+    start_time: u64,
 }
 
 /// Parses `/proc/<pid>/stat`. The comm field is in parentheses and may itself
@@ -248,6 +254,7 @@ fn parse_stat(s: &str) -> Option<Stat> {
         state: field(3)?.chars().next()?,
         flags: field(9)?.parse().ok()?,
         processor: field(39)?.parse().ok()?,
+        start_time: field(22)?.parse().ok()?,
     })
 }
 
@@ -264,6 +271,7 @@ mod tests {
         assert_eq!(st.state, 'S');
         assert_eq!(st.flags, 4194624);
         assert_eq!(st.processor, 1);
+        assert_eq!(st.start_time, 123);
         let odd = "7 (a) b) R 1 7 7 0 -1 2097216 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0";
         let st = parse_stat(odd).unwrap();
         assert_eq!(st.comm, "a) b");

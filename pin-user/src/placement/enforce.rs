@@ -162,6 +162,7 @@ mod tests {
             flags: pin_common::PF_KTHREAD,
             last_cpu: 1,
             allowed: CpuSet::single(1),
+            start_time: 0,
         };
         assert_eq!(untouchable(&t), Some(Untouchable::KernelThread));
         t.flags = pin_common::PF_NO_SETAFFINITY;

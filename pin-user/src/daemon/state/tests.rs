@@ -98,6 +98,9 @@ impl Effects for Fake {
     fn thread(&self, tgid: u32, tid: u32) -> io::Result<Option<ThreadInfo>> {
         Ok(self.threads.get(&(tgid, tid)).cloned())
     }
+    fn start_time(&self, tgid: u32, tid: u32) -> Option<u64> {
+        self.threads.get(&(tgid, tid)).map(|t| t.start_time)
+    }
     fn comm(&self, tgid: u32, tid: u32) -> Option<String> {
         self.threads.get(&(tgid, tid)).map(|t| t.comm.clone())
     }
@@ -151,6 +154,7 @@ fn thread(tgid: u32, tid: u32, comm: &str, flags: u32) -> ThreadInfo {
         flags,
         last_cpu: 1,
         allowed: cpus("0-1"),
+        start_time: 1,
     }
 }
 
@@ -562,4 +566,31 @@ fn a_reload_without_mode_cannot_switch_enforcement_off() {
     // Saying nothing about the mode is fine when it does not change it.
     let same = Config::parse("guard = \"1\"\n", std::path::Path::new("t.toml")).unwrap();
     d.reload(same).unwrap();
+}
+
+#[test]
+fn a_vcpu_id_reused_by_another_thread_is_never_repinned() {
+    let mut d = daemon(host(), ENFORCE);
+    assert_eq!(d.fx.aff.cpus[&VCPU], cpus("1"));
+    // The guest died without an exit event; a new thread of the same process
+    // id got the vCPU's id (another start time) and runs anywhere.
+    let mut newcomer = thread(GUEST, VCPU, "worker", 0);
+    newcomer.start_time = 99;
+    d.fx.threads.insert((GUEST, VCPU), newcomer);
+    d.fx.aff.cpus.insert(VCPU, cpus("0-1"));
+    let moves = d.fx.aff.log.len();
+    d.tick();
+    // The id in another process altogether.
+    d.fx.threads.remove(&(GUEST, VCPU));
+    d.fx.threads
+        .insert((777, VCPU), thread(777, VCPU, "worker", 0));
+    d.tick();
+    assert_eq!(
+        d.fx.aff.log.len(),
+        moves,
+        "acted on {:?}",
+        &d.fx.aff.log[moves..]
+    );
+    assert_eq!(d.fx.aff.cpus[&VCPU], cpus("0-1"));
+    assert!(counter(&d, "pinguard_tasks_vanished_total", &[]) >= 2.0);
 }
