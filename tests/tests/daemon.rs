@@ -554,6 +554,26 @@ fn a_thread_calling_itself_a_vcpu_is_still_evicted() {
     );
 }
 
+#[test]
+fn a_second_daemon_is_refused_and_names_the_running_one() {
+    require!(missing_bpf());
+    let daemon = Daemon::start("mode = \"observe\"\n", &[]);
+    let port = testkit::http::free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let second = testkit::process::Process::pinguard(&["run", "--guard", "1", "--listen", &listen]);
+    let out = second.try_finish(WAIT).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", out.stderr);
+    let err = out.stderr.join("\n");
+    assert!(
+        err.contains("another `pinguard run` is running")
+            && err.contains(&format!("pid {}", daemon.pid())),
+        "{err}"
+    );
+    // The first one is unharmed.
+    let (status, _) = daemon.get("/healthz");
+    assert_eq!(status, 200);
+}
+
 /// Two requests on one connection (keep-alive), the second a HEAD whose
 /// Content-Length is the size GET would send, and no body.
 fn http_is_keep_alive_and_head_has_the_length_of_get(addr: std::net::SocketAddr) {

@@ -1,5 +1,6 @@
 //! `pinguard run`: the continuous isolation daemon.
 use std::{
+    path::Path,
     process::ExitCode,
     sync::{
         Arc,
@@ -22,6 +23,7 @@ use crate::{
         health::Health,
         http::{self, Endpoint},
         metrics::Metrics,
+        runlock::{RUN_LOCK, RunLock},
         state::{self, Daemon},
         violation::Recent,
     },
@@ -33,6 +35,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&Overrides::from(&args))?;
     let topo = Topology::read()?;
     let guard = topo.guard(config.guard.as_ref())?;
+    let _lock = RunLock::acquire(Path::new(RUN_LOCK))?;
     move_self_to(&guard.housekeeping)?;
     let mut probe_config = ProbeConfig::new(guard.guarded.clone());
     probe_config.event_interval = config.event_interval;

@@ -493,4 +493,22 @@ mod tests {
         );
         assert_eq!(t.matches("pinguard_vcpu_wait_seconds_count").count(), 1);
     }
+
+    /// A VM name is whatever the guest's owner chose: it must not break the
+    /// exposition or forge a series.
+    #[test]
+    fn a_hostile_vm_name_is_escaped_not_injected() {
+        let mut r = Readings::default();
+        r.waits.insert(42, WaitHist::default());
+        let vcpus = BTreeMap::from([(
+            42,
+            VcpuLabel {
+                vm: "evil\nINJECTED_metric 1".into(),
+                vcpu: 0,
+            },
+        )]);
+        let t = text(&r, &vcpus);
+        assert!(!t.lines().any(|l| l.starts_with("INJECTED")), "{t}");
+        assert!(t.contains("vm=\"evil\\nINJECTED_metric 1\""), "{t}");
+    }
 }

@@ -5,11 +5,13 @@
 //! - `effects`: the probe's maps, affinities, /proc, discovery, the clock;
 //! - `violation`: the kinds and records of what it reports;
 //! - `metrics`: the series it owns; `collector`: the kernel's, read at scrape;
-//! - `http` and `health`: the endpoint, on its own thread.
+//! - `http` and `health`: the endpoint, on its own thread;
+//! - `runlock`: one daemon per host.
 pub mod collector;
 pub mod effects;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod runlock;
 pub mod state;
 pub mod violation;
