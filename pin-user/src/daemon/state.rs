@@ -57,6 +57,11 @@ struct Retry {
 /// socket during start-up, so look again a few times.
 const RETRY_DELAYS_MS: [u64; 6] = [100, 300, 1000, 3000, 10_000, 30_000];
 
+/// How long the threads of a guest whose main thread exited are left alone:
+/// its other threads tear down (and may still run on its CPU) after the
+/// leader's exit event, when /proc no longer shows the process's KVM fds.
+const EXITED_GRACE: Duration = Duration::from_secs(10);
+
 /// How many (kind, CPU, thread) triples are remembered as already logged.
 const LOGGED_MAX: usize = 65536;
 
@@ -88,6 +93,8 @@ pub struct Daemon<E: Effects> {
     shared: CpuSet,
     /// Emulator threads allowlisted in the kernel because the plan puts them on guarded CPUs.
     emulators_allowed: HashSet<u32>,
+    /// Guests whose main thread exited, and when.
+    exited: HashMap<u32, std::time::Instant>,
     /// Guest pids registered in the kernel's GUESTS map (exit notification).
     guests_watched: HashSet<u32>,
     /// Names of the guests known at the last re-plan: a name that is gone
@@ -132,6 +139,7 @@ impl<E: Effects> Daemon<E> {
             logged: HashSet::new(),
             shared: CpuSet::new(),
             emulators_allowed: HashSet::new(),
+            exited: HashMap::new(),
             guests_watched: HashSet::new(),
             vm_names: HashSet::new(),
             ticks: 0,
@@ -703,6 +711,10 @@ impl<E: Effects> Daemon<E> {
         if t.tid == t.tgid && self.guests.contains_key(&t.tgid) {
             log::info!("guest process {} exited", t.tgid);
             self.guests.remove(&t.tgid);
+            let now = self.fx.now();
+            self.exited
+                .retain(|_, at| now.saturating_duration_since(*at) < EXITED_GRACE);
+            self.exited.insert(t.tgid, now);
             self.retries.remove(&t.tgid);
             self.fx.forget(t.tgid);
             let next = self
@@ -815,8 +827,14 @@ impl<E: Effects> Daemon<E> {
         if self.config.mode != Mode::Enforce || self.assignments.contains_key(&t.tid) {
             return;
         }
-        // A guest's threads are placed by the plan, never evicted.
-        if self.guests.contains_key(&t.tgid) {
+        // A guest's threads are placed by the plan, never evicted; nor those
+        // of a guest that is going away.
+        if self.guests.contains_key(&t.tgid)
+            || self
+                .exited
+                .get(&t.tgid)
+                .is_some_and(|at| self.fx.now().saturating_duration_since(*at) < EXITED_GRACE)
+        {
             return;
         }
         // A vCPU of a guest not discovered yet (it just started) triggers a

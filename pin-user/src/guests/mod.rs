@@ -46,9 +46,13 @@ pub fn kvm_vcpus(proc: &Proc, pid: u32) -> BTreeSet<u32> {
         .collect()
 }
 
-/// Whether `pid` is a KVM guest (holds at least one vCPU).
+/// Whether `pid` is a KVM guest: it holds a KVM VM (`anon_inode:kvm-vm`,
+/// created before any vCPU thread starts) or vCPUs.
 pub fn is_kvm_guest(proc: &Proc, pid: u32) -> bool {
-    !kvm_vcpus(proc, pid).is_empty()
+    proc.fd_targets(pid)
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t == "anon_inode:kvm-vm" || t.starts_with("anon_inode:kvm-vcpu:"))
 }
 use qemu::{is_qemu_argv, parse_qemu_cmdline, parse_vhost_name};
 use qmp::{QMP_TIMEOUT, QmpError, query_cpus_fast};

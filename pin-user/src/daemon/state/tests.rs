@@ -594,3 +594,35 @@ fn a_vcpu_id_reused_by_another_thread_is_never_repinned() {
     assert_eq!(d.fx.aff.cpus[&VCPU], cpus("0-1"));
     assert!(counter(&d, "pinguard_tasks_vanished_total", &[]) >= 2.0);
 }
+
+#[test]
+fn the_threads_of_a_guest_going_away_are_not_evicted() {
+    let mut d = daemon(host(), ENFORCE);
+    d.fx.guests.clear();
+    d.handle(&KernelEvent::Exit(Process {
+        thread: ev_thread(GUEST, GUEST, "qemu-system-x86"),
+        at_ns: 0,
+    }));
+    // Its vCPU thread still tears down on CPU 1, its KVM fds already gone.
+    let moves = d.fx.aff.log.len();
+    d.handle(&intrusion(
+        VCPU,
+        GUEST,
+        "CPU 0/KVM",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(
+        d.fx.aff.log.len(),
+        moves,
+        "a dying guest's vCPU was evicted"
+    );
+    // Long after, the id is someone else's business again.
+    d.fx.clock += EXITED_GRACE;
+    d.handle(&intrusion(
+        VCPU,
+        GUEST,
+        "CPU 0/KVM",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(d.fx.aff.log.len(), moves + 1);
+}
