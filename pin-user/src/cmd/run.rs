@@ -73,6 +73,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         probe: probe.clone(),
         health: health.clone(),
     };
+    if !config.listen.ip().is_loopback() {
+        log::warn!(
+            "the metrics endpoint listens on {}, not loopback: /violations and /intruders show \
+             process names and ids to anyone who can reach it; keep it behind a firewall or a proxy",
+            config.listen
+        );
+    }
     http::spawn(config.listen, endpoint)
         .with_context(|| format!("cannot listen on {} (--listen / listen =)", config.listen))?;
 

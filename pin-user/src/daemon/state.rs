@@ -62,6 +62,38 @@ const RETRY_DELAYS_MS: [u64; 6] = [100, 300, 1000, 3000, 10_000, 30_000];
 /// leader's exit event, when /proc no longer shows the process's KVM fds.
 const EXITED_GRACE: Duration = Duration::from_secs(10);
 
+/// Log lines about single threads (violations, evictions) per second at
+/// most: under thread churn every new id is one, and the journal must not
+/// grow by a hundred megabytes an hour. The counters and /violations keep all.
+const LOG_LINES_PER_SEC: u32 = 20;
+
+/// The per-second budget of [`LOG_LINES_PER_SEC`].
+#[derive(Debug, Default)]
+struct LogBudget {
+    window: Option<std::time::Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    fn allow(&mut self, now: std::time::Instant) -> bool {
+        if self
+            .window
+            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used < LOG_LINES_PER_SEC {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
 /// How many (kind, CPU, thread) triples are remembered as already logged.
 const LOGGED_MAX: usize = 65536;
 
@@ -89,6 +121,7 @@ pub struct Daemon<E: Effects> {
     limiter: Limiter,
     /// (kind, cpu, tid) already logged: each violation is logged once.
     logged: HashSet<(ViolationKind, u32, u32)>,
+    log_budget: LogBudget,
     /// CPUs the current plan makes vCPUs share.
     shared: CpuSet,
     /// Emulator threads allowlisted in the kernel because the plan puts them on guarded CPUs.
@@ -137,6 +170,7 @@ impl<E: Effects> Daemon<E> {
             scan_retry: None,
             limiter,
             logged: HashSet::new(),
+            log_budget: LogBudget::default(),
             shared: CpuSet::new(),
             emulators_allowed: HashSet::new(),
             exited: HashMap::new(),
@@ -232,7 +266,7 @@ impl<E: Effects> Daemon<E> {
         if self.logged.len() > LOGGED_MAX {
             self.logged.clear();
         }
-        if self.logged.insert((v.kind, v.cpu, v.tid)) {
+        if self.logged.insert((v.kind, v.cpu, v.tid)) && self.log_budget.allow(self.fx.now()) {
             log::warn!("{v}");
         }
         self.recent.push(v);
@@ -876,14 +910,16 @@ impl<E: Effects> Daemon<E> {
                     .evictions
                     .with_label_values(&[&cpu.to_string()])
                     .inc();
-                log::info!(
-                    "evicted tid {} ({:?}, pid {}) from CPU {} to CPUs {target} (was {})",
-                    t.tid,
-                    t.comm,
-                    t.tgid,
-                    cpu,
-                    info.allowed
-                );
+                if self.log_budget.allow(self.fx.now()) {
+                    log::info!(
+                        "evicted tid {} ({:?}, pid {}) from CPU {} to CPUs {target} (was {})",
+                        t.tid,
+                        t.comm,
+                        t.tgid,
+                        cpu,
+                        info.allowed
+                    );
+                }
             }
             Err(e) => {
                 let what = format!("tid {} ({:?}, pid {})", t.tid, t.comm, t.tgid);
@@ -896,6 +932,14 @@ impl<E: Effects> Daemon<E> {
     /// entries of threads that exited.
     pub fn tick(&mut self) {
         self.ticks += 1;
+        let suppressed = std::mem::take(&mut self.log_budget.suppressed);
+        if suppressed > 0 {
+            log::warn!(
+                "{suppressed} log lines about single threads suppressed (more than \
+                 {LOG_LINES_PER_SEC}/s); /violations and the pinguard_violations_total and \
+                 pinguard_evictions_total counters have them all"
+            );
+        }
         let now = self.fx.now();
         let due: Vec<u32> = self
             .retries

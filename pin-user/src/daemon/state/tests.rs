@@ -626,3 +626,35 @@ fn the_threads_of_a_guest_going_away_are_not_evicted() {
     ));
     assert_eq!(d.fx.aff.log.len(), moves + 1);
 }
+
+#[test]
+fn thread_churn_cannot_flood_the_log() {
+    let mut fx = host();
+    for tid in 1000..1100 {
+        fx.threads.insert((tid, tid), thread(tid, tid, "churn", 0));
+        fx.aff.cpus.insert(tid, cpus("0-1"));
+    }
+    let mut d = daemon(fx, ENFORCE);
+    for tid in 1000..1100 {
+        d.handle(&intrusion(tid, tid, "churn", ThreadClass::IntruderUser));
+    }
+    // 100 violations and 100 evictions in one instant: all counted and
+    // listed, at most LOG_LINES_PER_SEC logged.
+    assert_eq!(
+        counter(&d, "pinguard_evictions_total", &[("cpu", "1")]),
+        100.0
+    );
+    let logged = 200 - d.log_budget.suppressed;
+    assert!(
+        logged <= u64::from(LOG_LINES_PER_SEC) + 1,
+        "{logged} lines logged"
+    );
+    d.tick();
+    assert_eq!(
+        d.log_budget.suppressed, 0,
+        "the tick reports and resets the count"
+    );
+    // A second later the budget is back.
+    d.fx.clock += Duration::from_secs(1);
+    assert!(d.log_budget.allow(d.fx.now()));
+}
