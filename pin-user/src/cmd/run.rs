@@ -85,7 +85,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     runtime()?.block_on(async move {
         let mut events = events.into_async().context("polling the event ring buffer")?;
-        let fx = Live::new(probe, state::discover_options(&config));
+        let (fx, mut discovered) = Live::new(probe, state::discover_options(&config))
+            .context("starting the discovery thread")?;
         let mut daemon = Daemon::new(config.clone(), topo, guard.clone(), fx, metrics, recent, vcpus);
         daemon.rescan();
         log::info!(
@@ -121,6 +122,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                         }
                     }
                 }
+                Some(d) = discovered.recv() => daemon.discovered(d),
                 _ = tick.tick() => {
                     daemon.tick();
                     health.ticked();

@@ -69,8 +69,12 @@ pub trait Effects: Affinities {
     /// Whether the process holds KVM vCPUs (see [`crate::guests::is_kvm_guest`]).
     fn is_kvm_guest(&self, pid: u32) -> bool;
 
-    fn scan(&mut self) -> Result<Discovery, DiscoverError>;
-    fn rediscover(&mut self, pid: u32) -> Result<Discovery, DiscoverError>;
+    /// Asks for a full discovery; the answer comes back as
+    /// [`Discovered::Scan`] (never on the caller's stack: discovery talks to
+    /// QMP sockets and reads files that untrusted peers control).
+    fn request_scan(&mut self);
+    /// Asks to look at one process again ([`Discovered::Pid`]).
+    fn request_rediscover(&mut self, pid: u32);
     /// Forgets what discovery remembers about a process that exited.
     fn forget(&mut self, pid: u32);
     fn set_discover_options(&mut self, opts: DiscoverOptions);
@@ -78,21 +82,74 @@ pub trait Effects: Affinities {
     fn now(&self) -> Instant;
 }
 
-/// The host: the probe's maps, `sched_setaffinity`, /proc, QMP and libvirt.
+/// A discovery result, delivered to the daemon's loop.
+#[derive(Debug)]
+pub enum Discovered {
+    Scan(Result<Discovery, DiscoverError>),
+    Pid(u32, Result<Discovery, DiscoverError>),
+}
+
+enum Request {
+    Scan,
+    Rediscover(u32),
+    Forget(u32),
+    Options(DiscoverOptions),
+}
+
+/// The host: the probe's maps, `sched_setaffinity`, /proc, and discovery
+/// (QMP, libvirt) on a thread of its own.
 pub struct Live {
     probe: SharedProbe,
     proc: Proc,
-    discoverer: Discoverer,
+    discovery: std::sync::mpsc::Sender<Request>,
 }
 
 impl Live {
-    pub fn new(probe: SharedProbe, opts: DiscoverOptions) -> Self {
+    /// Also starts the discovery thread; its results arrive on the receiver.
+    pub fn new(
+        probe: SharedProbe,
+        opts: DiscoverOptions,
+    ) -> io::Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Discovered>)> {
         let proc = Proc::default();
-        Self {
-            discoverer: Discoverer::new(proc.clone(), opts),
-            probe,
-            proc,
-        }
+        let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
+        let (res_tx, res_rx) = tokio::sync::mpsc::unbounded_channel();
+        let worker_proc = proc.clone();
+        std::thread::Builder::new()
+            .name("pinguard-discover".into())
+            .spawn(move || {
+                let mut d = Discoverer::new(worker_proc.clone(), opts);
+                // Ends when the daemon drops its sender or stops listening.
+                while let Ok(req) = req_rx.recv() {
+                    let answer = match req {
+                        Request::Scan => Discovered::Scan(d.scan()),
+                        Request::Rediscover(pid) => Discovered::Pid(pid, d.rediscover(pid)),
+                        Request::Forget(pid) => {
+                            d.forget(pid);
+                            continue;
+                        }
+                        Request::Options(o) => {
+                            d = Discoverer::new(worker_proc.clone(), o);
+                            continue;
+                        }
+                    };
+                    if res_tx.send(answer).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok((
+            Self {
+                probe,
+                proc,
+                discovery: req_tx,
+            },
+            res_rx,
+        ))
+    }
+
+    fn ask(&self, req: Request) {
+        // The thread only ends with the daemon.
+        let _ = self.discovery.send(req);
     }
 }
 
@@ -194,20 +251,20 @@ impl Effects for Live {
         crate::guests::is_kvm_guest(&self.proc, pid)
     }
 
-    fn scan(&mut self) -> Result<Discovery, DiscoverError> {
-        self.discoverer.scan()
+    fn request_scan(&mut self) {
+        self.ask(Request::Scan);
     }
 
-    fn rediscover(&mut self, pid: u32) -> Result<Discovery, DiscoverError> {
-        self.discoverer.rediscover(pid)
+    fn request_rediscover(&mut self, pid: u32) {
+        self.ask(Request::Rediscover(pid));
     }
 
     fn forget(&mut self, pid: u32) {
-        self.discoverer.forget(pid);
+        self.ask(Request::Forget(pid));
     }
 
     fn set_discover_options(&mut self, opts: DiscoverOptions) {
-        self.discoverer = Discoverer::new(self.proc.clone(), opts);
+        self.ask(Request::Options(opts));
     }
 
     fn now(&self) -> Instant {

@@ -20,7 +20,7 @@ use crate::{
     config::{Config, Mode},
     daemon::{
         collector::{VcpuLabel, VcpuTable},
-        effects::Effects,
+        effects::{Discovered, Effects},
         metrics::Metrics,
         violation::{Recent, Violation, ViolationKind},
     },
@@ -62,30 +62,40 @@ const RETRY_DELAYS_MS: [u64; 6] = [100, 300, 1000, 3000, 10_000, 30_000];
 /// leader's exit event, when /proc no longer shows the process's KVM fds.
 const EXITED_GRACE: Duration = Duration::from_secs(10);
 
-/// Log lines about single threads (violations, evictions) per second at
-/// most: under thread churn every new id is one, and the journal must not
-/// grow by a hundred megabytes an hour. The counters and /violations keep all.
-const LOG_LINES_PER_SEC: u32 = 20;
+/// Log lines about single threads (violations, evictions): a burst of
+/// [`LOG_BURST`] (a daemon starting on a busy host), then [`LOG_LINES_PER_SEC`].
+/// Under thread churn every new id is one, and the journal must not grow by
+/// a hundred megabytes an hour. The counters and /violations keep them all.
+const LOG_BURST: f64 = 200.0;
+const LOG_LINES_PER_SEC: f64 = 5.0;
 
-/// The per-second budget of [`LOG_LINES_PER_SEC`].
-#[derive(Debug, Default)]
+/// A token bucket for those lines.
+#[derive(Debug)]
 struct LogBudget {
-    window: Option<std::time::Instant>,
-    used: u32,
+    tokens: f64,
+    last: Option<std::time::Instant>,
     suppressed: u64,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self {
+            tokens: LOG_BURST,
+            last: None,
+            suppressed: 0,
+        }
+    }
 }
 
 impl LogBudget {
     fn allow(&mut self, now: std::time::Instant) -> bool {
-        if self
-            .window
-            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.used = 0;
+        if let Some(last) = self.last {
+            let refill = now.saturating_duration_since(last).as_secs_f64() * LOG_LINES_PER_SEC;
+            self.tokens = (self.tokens + refill).min(LOG_BURST);
         }
-        if self.used < LOG_LINES_PER_SEC {
-            self.used += 1;
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
             true
         } else {
             self.suppressed += 1;
@@ -93,6 +103,10 @@ impl LogBudget {
         }
     }
 }
+
+/// A retry whose rediscovery is running is due again only if no answer came
+/// (the discovery thread is stuck on something the deadlines did not catch).
+const IN_FLIGHT: Duration = Duration::from_secs(60);
 
 /// How many (kind, CPU, thread) triples are remembered as already logged.
 const LOGGED_MAX: usize = 65536;
@@ -118,6 +132,12 @@ pub struct Daemon<E: Effects> {
     /// Full rescans scheduled after a QEMU exec: with `-daemonize` the guest
     /// is a forked child whose pid the exec event cannot name.
     scan_retry: Option<Retry>,
+    /// A full scan is running (on the discovery thread).
+    scanning: bool,
+    /// Another full scan was asked for while one ran: what it saw may be stale.
+    scan_again: bool,
+    /// Processes being looked at again.
+    rediscovering: HashSet<u32>,
     limiter: Limiter,
     /// (kind, cpu, tid) already logged: each violation is logged once.
     logged: HashSet<(ViolationKind, u32, u32)>,
@@ -168,6 +188,9 @@ impl<E: Effects> Daemon<E> {
             started: HashMap::new(),
             retries: BTreeMap::new(),
             scan_retry: None,
+            scanning: false,
+            scan_again: false,
+            rediscovering: HashSet::new(),
             limiter,
             logged: HashSet::new(),
             log_budget: LogBudget::default(),
@@ -272,24 +295,45 @@ impl<E: Effects> Daemon<E> {
         self.recent.push(v);
     }
 
-    /// Full rescan of /proc (start-up, SIGHUP, and a periodic safety net).
+    /// Asks for a full rescan of /proc (start-up, SIGHUP, a periodic safety
+    /// net, after an exec). One runs at a time; one asked for meanwhile runs
+    /// after it.
     pub fn rescan(&mut self) {
-        self.metrics.discovery_scans.inc();
-        match self.fx.scan() {
-            Ok(d) => self.apply_discovery(d, None),
-            Err(e) => {
-                self.metrics.discovery_errors.inc();
-                log::error!("guest discovery failed: {e}");
-            }
+        if self.scanning {
+            self.scan_again = true;
+            return;
         }
+        self.scanning = true;
+        self.metrics.discovery_scans.inc();
+        self.fx.request_scan();
     }
 
-    fn rediscover(&mut self, pid: u32) {
-        match self.fx.rediscover(pid) {
-            Ok(d) => self.apply_discovery(d, Some(pid)),
-            Err(e) => {
-                self.metrics.discovery_errors.inc();
-                log::warn!("rediscovering pid {pid}: {e}");
+    /// A discovery result from the discovery thread.
+    pub fn discovered(&mut self, result: Discovered) {
+        match result {
+            Discovered::Scan(r) => {
+                self.scanning = false;
+                match r {
+                    Ok(d) => self.apply_discovery(d, None),
+                    Err(e) => {
+                        self.metrics.discovery_errors.inc();
+                        log::error!("guest discovery failed: {e}");
+                    }
+                }
+                if std::mem::take(&mut self.scan_again) {
+                    self.rescan();
+                }
+            }
+            Discovered::Pid(pid, r) => {
+                self.rediscovering.remove(&pid);
+                match r {
+                    Ok(d) => self.apply_discovery(d, Some(pid)),
+                    Err(e) => {
+                        self.retries.remove(&pid);
+                        self.metrics.discovery_errors.inc();
+                        log::warn!("rediscovering pid {pid}: {e}");
+                    }
+                }
             }
         }
     }
@@ -936,8 +980,8 @@ impl<E: Effects> Daemon<E> {
         if suppressed > 0 {
             log::warn!(
                 "{suppressed} log lines about single threads suppressed (more than \
-                 {LOG_LINES_PER_SEC}/s); /violations and the pinguard_violations_total and \
-                 pinguard_evictions_total counters have them all"
+                 {LOG_LINES_PER_SEC}/s after a burst of {LOG_BURST}); /violations and the \
+                 pinguard_violations_total and pinguard_evictions_total counters have them all"
             );
         }
         let now = self.fx.now();
@@ -948,12 +992,12 @@ impl<E: Effects> Daemon<E> {
             .map(|(p, _)| *p)
             .collect();
         for pid in due {
-            self.rediscover(pid);
-            if let Some(r) = self.retries.get(&pid)
-                && r.due <= now
-            {
-                // rediscover() did not reschedule (e.g. the process is gone).
-                self.retries.remove(&pid);
+            if self.rediscovering.insert(pid) {
+                self.fx.request_rediscover(pid);
+            }
+            // In flight: its answer reschedules or ends the retries.
+            if let Some(r) = self.retries.get_mut(&pid) {
+                r.due = now + IN_FLIGHT;
             }
         }
         if let Some(r) = self.scan_retry

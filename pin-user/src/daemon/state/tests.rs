@@ -13,7 +13,7 @@ use crate::{
         events::{AffinityChange, Intrusion, Migration, Process, Thread},
         probe::ProbeError,
     },
-    daemon::effects::Effects,
+    daemon::effects::{Discovered, Effects},
     guests::{DiscoverError, Source, Vcpu},
     host::{
         affinity::{Affinities, fake::Table},
@@ -37,6 +37,8 @@ struct Fake {
     exit_watched: BTreeSet<u32>,
     allowed: BTreeMap<u32, Option<u32>>,
     scans: u32,
+    /// Discovery requests not answered yet (None: a full scan).
+    requests: std::collections::VecDeque<Option<u32>>,
     /// Processes holding KVM vCPUs.
     kvm: BTreeSet<u32>,
     clock: Duration,
@@ -116,23 +118,12 @@ impl Effects for Fake {
     fn is_kvm_guest(&self, pid: u32) -> bool {
         self.kvm.contains(&pid)
     }
-    fn scan(&mut self) -> Result<Discovery, DiscoverError> {
+    fn request_scan(&mut self) {
         self.scans += 1;
-        Ok(Discovery {
-            guests: self.guests.clone(),
-            ..Discovery::default()
-        })
+        self.requests.push_back(None);
     }
-    fn rediscover(&mut self, pid: u32) -> Result<Discovery, DiscoverError> {
-        Ok(Discovery {
-            guests: self
-                .guests
-                .iter()
-                .filter(|g| g.pid == pid)
-                .cloned()
-                .collect(),
-            ..Discovery::default()
-        })
+    fn request_rediscover(&mut self, pid: u32) {
+        self.requests.push_back(Some(pid));
     }
     fn forget(&mut self, _pid: u32) {}
     fn set_discover_options(&mut self, _opts: DiscoverOptions) {}
@@ -200,7 +191,31 @@ fn daemon(fx: Fake, config: &str) -> Daemon<Fake> {
         VcpuTable::default(),
     );
     d.rescan();
+    pump(&mut d);
     d
+}
+
+/// Answers the discovery requests, as the discovery thread would.
+fn pump(d: &mut Daemon<Fake>) {
+    while let Some(req) = d.fx.requests.pop_front() {
+        let found = |pid: Option<u32>| -> Result<Discovery, DiscoverError> {
+            Ok(Discovery {
+                guests: d
+                    .fx
+                    .guests
+                    .iter()
+                    .filter(|g| pid.is_none_or(|p| p == g.pid))
+                    .cloned()
+                    .collect(),
+                ..Discovery::default()
+            })
+        };
+        let answer = match req {
+            None => Discovered::Scan(found(None)),
+            Some(pid) => Discovered::Pid(pid, found(Some(pid))),
+        };
+        d.discovered(answer);
+    }
 }
 
 const ENFORCE: &str = "mode = \"enforce\"\n";
@@ -490,6 +505,7 @@ fn an_exec_schedules_rescans_that_find_the_new_guest() {
     let due = d.next_retry_in().expect("a rescan is scheduled");
     d.fx.clock += due;
     d.tick();
+    pump(&mut d);
     assert_eq!(counter(&d, "pinguard_vms", &[]), 1.0);
     assert_eq!(d.fx.owners, BTreeMap::from([(VCPU, 1)]));
 }
@@ -562,6 +578,7 @@ fn a_reload_without_mode_cannot_switch_enforcement_off() {
     let text = "guard = \"1\"\nmode = \"observe\"\n";
     let observe = Config::parse(text, std::path::Path::new("t.toml")).unwrap();
     d.reload(observe).unwrap();
+    pump(&mut d);
     assert_eq!(d.config.mode, Mode::Observe);
     // Saying nothing about the mode is fine when it does not change it.
     let same = Config::parse("guard = \"1\"\n", std::path::Path::new("t.toml")).unwrap();
@@ -630,31 +647,71 @@ fn the_threads_of_a_guest_going_away_are_not_evicted() {
 #[test]
 fn thread_churn_cannot_flood_the_log() {
     let mut fx = host();
-    for tid in 1000..1100 {
+    for tid in 1000..1200 {
         fx.threads.insert((tid, tid), thread(tid, tid, "churn", 0));
         fx.aff.cpus.insert(tid, cpus("0-1"));
     }
     let mut d = daemon(fx, ENFORCE);
-    for tid in 1000..1100 {
+    for tid in 1000..1200 {
         d.handle(&intrusion(tid, tid, "churn", ThreadClass::IntruderUser));
     }
-    // 100 violations and 100 evictions in one instant: all counted and
-    // listed, at most LOG_LINES_PER_SEC logged.
+    // 200 violations and 200 evictions in one instant: all counted and
+    // listed, a burst of LOG_BURST logged.
     assert_eq!(
         counter(&d, "pinguard_evictions_total", &[("cpu", "1")]),
-        100.0
+        200.0
     );
-    let logged = 200 - d.log_budget.suppressed;
-    assert!(
-        logged <= u64::from(LOG_LINES_PER_SEC) + 1,
-        "{logged} lines logged"
-    );
+    assert_eq!(d.log_budget.suppressed, 400 - LOG_BURST as u64);
     d.tick();
     assert_eq!(
         d.log_budget.suppressed, 0,
         "the tick reports and resets the count"
     );
-    // A second later the budget is back.
-    d.fx.clock += Duration::from_secs(1);
+    // Then LOG_LINES_PER_SEC: one line 200 ms later, not two.
+    d.fx.clock += Duration::from_millis(200);
     assert!(d.log_budget.allow(d.fx.now()));
+    assert!(!d.log_budget.allow(d.fx.now()));
+}
+
+#[test]
+fn discovery_runs_one_scan_at_a_time_and_repeats_one_asked_for_meanwhile() {
+    let mut d = daemon(host(), "");
+    let scans = d.fx.scans;
+    d.rescan();
+    d.rescan();
+    d.rescan();
+    assert_eq!(
+        d.fx.scans,
+        scans + 1,
+        "scans queued up behind a running one"
+    );
+    pump(&mut d);
+    assert_eq!(
+        d.fx.scans,
+        scans + 2,
+        "the scan asked for meanwhile did not run after"
+    );
+    assert_eq!(counter(&d, "pinguard_vms", &[]), 1.0);
+}
+
+#[test]
+fn a_vanished_vcpu_is_looked_at_again_off_the_loop_and_the_guest_dropped() {
+    let mut d = daemon(host(), "");
+    // The guest is gone without an exit event: its vCPU no longer exists.
+    d.fx.threads.retain(|(tgid, _), _| *tgid != GUEST);
+    d.fx.guests.clear();
+    d.tick();
+    assert!(
+        d.fx.requests.is_empty(),
+        "rediscovery before its retry was due"
+    );
+    d.fx.clock += d.next_retry_in().expect("a retry is scheduled");
+    d.tick();
+    assert_eq!(d.fx.requests, [Some(GUEST)]);
+    // Asked once, however many ticks pass before the answer.
+    d.tick();
+    assert_eq!(d.fx.requests.len(), 1);
+    pump(&mut d);
+    assert_eq!(counter(&d, "pinguard_vms", &[]), 0.0);
+    assert!(d.fx.owners.is_empty());
 }
