@@ -21,6 +21,8 @@ mod guests;
 mod host;
 mod latency;
 mod placement;
+#[cfg(test)]
+mod robustness;
 mod units;
 
 use cli::{Cli, Command};

@@ -1,4 +1,4 @@
-//! Project orchestration: `cargo xtask setup|build|test|run|bench`.
+//! Project orchestration: `cargo xtask setup|build|test|run|bench|fuzz`.
 //!
 //! Everything the project needs on a fresh Debian 12 machine with stable and
 //! nightly Rust is installed by `setup`; every other subcommand runs it first,
@@ -45,6 +45,21 @@ enum Cmd {
     },
     /// Measure the eBPF observer's overhead per scenario and the daemon's re-pin latency and cost.
     Bench(bench::BenchArgs),
+    /// A long run of the parsers' property tests (`pin-user/src/robustness.rs`
+    /// and the stat-line property): `cargo xtask test` runs 256 cases each.
+    Fuzz {
+        /// Cases per property.
+        #[arg(long, default_value_t = 50_000)]
+        cases: u64,
+    },
+}
+
+/// The property tests with `cases` cases each.
+fn fuzz(cases: u64) -> anyhow::Result<()> {
+    let mut cmd = util::cargo();
+    cmd.args(["test", "-p", "pin-user", "--", "robustness", "never_panic"])
+        .env("PROPTEST_CASES", cases.to_string());
+    util::run("fuzz", &mut cmd)
 }
 
 fn main() -> ExitCode {
@@ -56,6 +71,7 @@ fn main() -> ExitCode {
         Cmd::Test => test::run(),
         Cmd::Run { args } => run::run(&args),
         Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Cmd::Fuzz { cases } => fuzz(cases).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -33,6 +33,8 @@ mod qmp;
 
 use libvirt::{DEFAULT_LIBVIRT_DIR, LibvirtStatus};
 pub use qemu::parse_vcpu_thread_name;
+#[cfg(test)]
+pub use {libvirt::parse_libvirt_status, qmp::parse_cpus_fast};
 
 /// The vCPU indexes a process holds KVM vCPU file descriptors for
 /// (`anon_inode:kvm-vcpu:N`). Only a process that created vCPUs through

@@ -279,6 +279,18 @@ mod tests {
         assert!(parse_stat("garbage").is_none());
     }
 
+    proptest::proptest! {
+        /// Any bytes: no panic. A well-formed line with any comm (spaces,
+        /// parentheses, what a thread may name itself): the comm comes back.
+        #[test]
+        fn stat_lines_never_panic_and_keep_any_comm(junk in ".{0,80}", comm in "[^\\n]{0,15}") {
+            let _ = parse_stat(&junk);
+            let line = format!("7 ({comm}) R 1 7 7 0 -1 2097216 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0");
+            let st = parse_stat(&line).unwrap();
+            proptest::prop_assert_eq!(st.comm, comm);
+        }
+    }
+
     #[test]
     fn reads_live_self() {
         let proc = Proc::default();
