@@ -574,6 +574,26 @@ fn a_second_daemon_is_refused_and_names_the_running_one() {
     assert_eq!(status, 200);
 }
 
+#[test]
+fn idle_connections_do_not_lock_scrapers_out() {
+    require!(missing_bpf());
+    let daemon = Daemon::start("mode = \"observe\"\n", &[]);
+    // More idle connections than the old server's 64 slots, which held a
+    // scraper off for 30 s.
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(daemon.addr).unwrap())
+        .collect();
+    let start = std::time::Instant::now();
+    let (status, body) = daemon.get("/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "a scrape waited {:?} behind idle connections",
+        start.elapsed()
+    );
+    drop(idle);
+}
+
 /// Two requests on one connection (keep-alive), the second a HEAD whose
 /// Content-Length is the size GET would send, and no body.
 fn http_is_keep_alive_and_head_has_the_length_of_get(addr: std::net::SocketAddr) {

@@ -31,12 +31,14 @@ use crate::{
 };
 
 /// Concurrent connections served at most: a flood of clients must not eat
-/// the daemon's file descriptors (discovery and enforcement need them).
-const MAX_CONNECTIONS: usize = 64;
+/// the daemon's file descriptors (discovery and enforcement need them; the
+/// usual soft limit is 1 024).
+const MAX_CONNECTIONS: usize = 256;
 
-/// A connection with no progress for this long is closed (slow or idle
-/// clients would otherwise hold a slot forever; keep-alive scrapers reconnect).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no progress for this long is closed: idle or slow
+/// clients must not hold the slots and lock scrapers out. A keep-alive
+/// scraper (Prometheus, every 15 s or more) just reconnects.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many intruders `/intruders` lists.
 pub const TOP_INTRUDERS: usize = 100;
