@@ -34,6 +34,8 @@ pub struct DaemonOptions {
     pub env: Vec<(String, String)>,
     /// In a process group of its own (see [`Process::try_spawn_group`]).
     pub own_group: bool,
+    /// A command that execs the binary (e.g. `setpriv ...`), if any.
+    pub wrapper: Vec<String>,
 }
 
 impl DaemonOptions {
@@ -46,6 +48,7 @@ impl DaemonOptions {
             args: Vec::new(),
             env: Vec::new(),
             own_group: false,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -80,7 +83,14 @@ impl Daemon {
         std::fs::write(&config, &opts.config)
             .map_err(|e| Error::io(format!("writing {}", config.display()), e))?;
         let addr: SocketAddr = ([127, 0, 0, 1], http::free_port()).into();
-        let mut cmd = Command::new(&opts.bin);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(&opts.bin);
+                c
+            }
+            None => Command::new(&opts.bin),
+        };
         cmd.arg("run")
             .arg("--guard")
             .arg(opts.guard.to_string())

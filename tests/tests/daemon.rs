@@ -594,6 +594,79 @@ fn idle_connections_do_not_lock_scrapers_out() {
     drop(idle);
 }
 
+/// The capabilities the systemd unit grants (`CapabilityBoundingSet=`), as
+/// setpriv names them ("bpf", "sys_nice", ...).
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/pinguard.service"
+    ))
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet");
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+#[test]
+fn runs_and_enforces_with_only_the_units_capabilities() {
+    require!(missing_kvm());
+    let caps = unit_capabilities();
+    let set = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut opts = testkit::daemon::DaemonOptions::new("mode = \"enforce\"\n");
+    // Root, as the unit runs it, but bounded to exactly the unit's capabilities.
+    opts.wrapper = ["setpriv", "--bounding-set", &set, "--no-new-privs", "--"]
+        .map(String::from)
+        .to_vec();
+    let daemon = Daemon::start_with(&opts);
+    let caps_of = |pid: &str, field: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap()
+    };
+    let eff = caps_of(&daemon.pid().to_string(), "CapEff:");
+    // What this lab can grant at all (a container may lack some, e.g.
+    // CAP_SYS_RESOURCE, which kernels since 5.11 do not need).
+    let lab = caps_of("self", "CapBnd:");
+    // CAP_SYS_PTRACE 19, CAP_SYS_NICE 23, CAP_SYS_RESOURCE 24, CAP_PERFMON 38, CAP_BPF 39.
+    let bit = |name: &str| match name {
+        "sys_ptrace" => 19,
+        "sys_nice" => 23,
+        "sys_resource" => 24,
+        "perfmon" => 38,
+        "bpf" => 39,
+        other => panic!("unexpected capability {other} in the unit"),
+    };
+    let want: u64 = caps.iter().map(|c| 1u64 << bit(c)).sum::<u64>() & lab;
+    assert_eq!(
+        eff, want,
+        "the daemon runs with other capabilities than the unit's"
+    );
+    // Everything a guest needs: discovery (its KVM fds), ownership, pinning.
+    let guest = Guest::start(GuestOptions::new("pg-caps"));
+    daemon.wait_metric(
+        "the vCPU to be pinned with the unit's capabilities",
+        "pinguard_vcpu_pinned",
+        &[("vm", "pg-caps")],
+        |v| v == 1.0,
+    );
+    assert_eq!(cpus_allowed(guest.pid(), guest.vcpu_tids()[0]), "1");
+    let (status, body) = daemon.get("/healthz");
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Two requests on one connection (keep-alive), the second a HEAD whose
 /// Content-Length is the size GET would send, and no body.
 fn http_is_keep_alive_and_head_has_the_length_of_get(addr: std::net::SocketAddr) {

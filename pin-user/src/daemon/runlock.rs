@@ -5,7 +5,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, Read as _, Seek as _, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -15,7 +15,9 @@ use nix::{
 };
 use thiserror::Error;
 
-pub const RUN_LOCK: &str = "/run/pinguard.lock";
+/// In a directory of its own, which systemd creates (`RuntimeDirectory=`)
+/// where `ProtectSystem=strict` makes the rest of /run read-only.
+pub const RUN_LOCK: &str = "/run/pinguard/pinguard.lock";
 
 #[derive(Debug, Error)]
 pub enum RunLockError {
@@ -38,6 +40,13 @@ impl RunLock {
             path: path.to_owned(),
             source,
         };
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err)?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -77,7 +86,7 @@ mod tests {
     #[test]
     fn a_second_holder_is_refused_and_told_who_holds_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("run.lock");
+        let path = dir.path().join("run/pinguard.lock");
         let first = RunLock::acquire(&path).unwrap();
         let err = RunLock::acquire(&path).unwrap_err().to_string();
         assert!(

@@ -36,25 +36,46 @@ pub use qemu::parse_vcpu_thread_name;
 #[cfg(test)]
 pub use {libvirt::parse_libvirt_status, qmp::parse_cpus_fast};
 
-/// The vCPU indexes a process holds KVM vCPU file descriptors for
-/// (`anon_inode:kvm-vcpu:N`). Only a process that created vCPUs through
-/// /dev/kvm has them: this, not a process or thread name anyone can choose,
-/// is what makes a process a KVM guest.
-pub fn kvm_vcpus(proc: &Proc, pid: u32) -> BTreeSet<u32> {
-    proc.fd_targets(pid)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|t| t.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok())
-        .collect()
+/// What the kernel says a process is, from its file descriptors: only a
+/// process that created a VM and vCPUs through /dev/kvm holds
+/// `anon_inode:kvm-vm` and `anon_inode:kvm-vcpu:N`. This, not a process or
+/// thread name anyone can choose, is what makes it a KVM guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmIdentity {
+    /// Holds a KVM VM and these vCPUs (possibly none yet: QEMU names its
+    /// vCPU threads before it creates their fds).
+    Guest { vcpus: BTreeSet<u32> },
+    /// Holds neither.
+    NotKvm,
+    /// Its fds cannot be read (pinguard lacks CAP_SYS_PTRACE): unknown.
+    Unreadable,
 }
 
-/// Whether `pid` is a KVM guest: it holds a KVM VM (`anon_inode:kvm-vm`,
-/// created before any vCPU thread starts) or vCPUs.
-pub fn is_kvm_guest(proc: &Proc, pid: u32) -> bool {
-    proc.fd_targets(pid)
-        .unwrap_or_default()
+pub fn kvm_identity(proc: &Proc, pid: u32) -> KvmIdentity {
+    let targets = match proc.fd_targets(pid) {
+        Ok(t) => t,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                || e.raw_os_error() == Some(libc::EPERM) =>
+        {
+            return KvmIdentity::Unreadable;
+        }
+        Err(_) => return KvmIdentity::NotKvm,
+    };
+    let vcpus: BTreeSet<u32> = targets
         .iter()
-        .any(|t| t == "anon_inode:kvm-vm" || t.starts_with("anon_inode:kvm-vcpu:"))
+        .filter_map(|t| t.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok())
+        .collect();
+    if vcpus.is_empty() && !targets.iter().any(|t| t == "anon_inode:kvm-vm") {
+        KvmIdentity::NotKvm
+    } else {
+        KvmIdentity::Guest { vcpus }
+    }
+}
+
+/// Whether `pid` is (or may be, when its fds cannot be read) a KVM guest.
+pub fn is_kvm_guest(proc: &Proc, pid: u32) -> bool {
+    kvm_identity(proc, pid) != KvmIdentity::NotKvm
 }
 use qemu::{is_qemu_argv, parse_qemu_cmdline, parse_vhost_name};
 use qmp::{QMP_TIMEOUT, QmpError, query_cpus_fast};
@@ -421,20 +442,29 @@ impl Discoverer {
             .map(|l| l.name.clone())
             .or_else(|| cmd.name.clone())
             .unwrap_or_else(|| format!("pid-{pid}"));
-        let kvm = kvm_vcpus(&self.proc, pid);
-        if kvm.is_empty() {
-            // A name is not an identity: any program can call itself
-            // qemu-system-x86_64 and name a thread "CPU 0/KVM".
-            warnings.push(format!(
-                "pid {pid} ({name:?}) looks like QEMU but holds no KVM vCPU: not a KVM guest \
-                 (or /proc/{pid}/fd is not readable); ignored"
-            ));
-            return None;
-        }
+        // A name is not an identity: any program can call itself
+        // qemu-system-x86_64 and name a thread "CPU 0/KVM".
+        let kvm: Option<BTreeSet<u32>> = match kvm_identity(&self.proc, pid) {
+            KvmIdentity::Guest { vcpus } if !vcpus.is_empty() => Some(vcpus),
+            KvmIdentity::Guest { .. } | KvmIdentity::NotKvm => {
+                warnings.push(format!(
+                    "pid {pid} ({name:?}) looks like QEMU but holds no KVM vCPU (not a KVM \
+                     guest, or still starting); ignored"
+                ));
+                return None;
+            }
+            KvmIdentity::Unreadable => {
+                warnings.push(format!(
+                    "pid {pid} ({name:?}): cannot read /proc/{pid}/fd (pinguard needs \
+                     CAP_SYS_PTRACE for that): its vCPUs are taken from names, unverified"
+                ));
+                None
+            }
+        };
         let named: Vec<Vcpu> = threads
             .iter()
             .filter_map(|t| parse_vcpu_thread_name(&t.comm).map(|index| Vcpu { index, tid: t.tid }))
-            .filter(|v| kvm.contains(&v.index))
+            .filter(|v| kvm.as_ref().is_none_or(|k| k.contains(&v.index)))
             .collect();
 
         let mut found: Option<(Vec<Vcpu>, Source)> = None;

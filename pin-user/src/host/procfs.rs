@@ -207,17 +207,25 @@ impl Proc {
 
     /// What a process's open file descriptors point to (`/proc/PID/fd/*`
     /// link targets, e.g. "anon_inode:kvm-vcpu:0"); empty if it exited.
+    /// Reading another process's links is a ptrace-read access: without
+    /// CAP_SYS_PTRACE it fails (PermissionDenied) for processes with more
+    /// capabilities or another uid, i.e. for every QEMU a restricted daemon sees.
     pub fn fd_targets(&self, pid: u32) -> io::Result<Vec<String>> {
         let rd = match fs::read_dir(self.root.join(pid.to_string()).join("fd")) {
             Ok(rd) => rd,
             Err(e) if is_gone(&e) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        Ok(rd
-            .flatten()
-            .filter_map(|e| fs::read_link(e.path()).ok())
-            .map(|t| t.to_string_lossy().into_owned())
-            .collect())
+        let mut out = Vec::new();
+        for entry in rd.flatten() {
+            match fs::read_link(entry.path()) {
+                Ok(t) => out.push(t.to_string_lossy().into_owned()),
+                // Closed meanwhile.
+                Err(e) if is_gone(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// The thread group a thread id belongs to (`Tgid:` of /proc/<tid>/status).

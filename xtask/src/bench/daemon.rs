@@ -325,6 +325,7 @@ fn start_daemon(bin: &Path, mode: &str, config: &str) -> Result<Daemon> {
         args: vec!["--mode".into(), mode.into()],
         env: vec![("RUST_LOG".into(), "info".into())],
         own_group: true,
+        wrapper: Vec::new(),
     };
     Daemon::try_start(&opts).with_context(|| format!("starting pinguard run --mode {mode}"))
 }
