@@ -191,7 +191,7 @@ impl Probe {
         if OBJECT.is_empty() {
             return Err(ProbeError::EmptyObject);
         }
-        if !nix::unistd::geteuid().is_root() && !has_cap_bpf() {
+        if !nix::unistd::geteuid().is_root() && !crate::host::has_capability(crate::host::CAP_BPF) {
             return Err(ProbeError::Permission);
         }
         let needs_tracefs = config.affinity
@@ -719,18 +719,6 @@ fn tracepoint_exists(category: &str, name: &str) -> bool {
         || std::fs::read_to_string("/proc/kallsyms")
             .map(|s| s.contains(&format!(" __tracepoint_{name}\n")))
             .unwrap_or(false)
-}
-
-fn has_cap_bpf() -> bool {
-    // CapEff bit 39 is CAP_BPF.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << 39) != 0)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg.

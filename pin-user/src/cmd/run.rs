@@ -73,7 +73,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         probe: probe.clone(),
         health: health.clone(),
     };
-    if !has_sys_ptrace() {
+    if !crate::host::has_capability(crate::host::CAP_SYS_PTRACE) {
         log::warn!(
             "no CAP_SYS_PTRACE: pinguard cannot read QEMU's /proc/PID/fd, so it recognises guests \
              by their thread names, which any program can take (grant CAP_SYS_PTRACE, as the \
@@ -144,18 +144,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         log::info!("pinguard stopping: detaching the eBPF programs");
         Ok(ExitCode::from(exit::OK))
     })
-}
-
-/// Whether this process holds CAP_SYS_PTRACE (bit 19 of `CapEff`).
-fn has_sys_ptrace() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << 19) != 0)
 }
 
 /// SIGHUP: re-read the configuration; a bad file keeps the running one.

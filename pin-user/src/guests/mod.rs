@@ -632,14 +632,17 @@ mod tests {
             fs::write(alias.join("status"), status).unwrap();
         }
 
-        /// A KVM vCPU fd of `pid` (what QEMU holds for each vCPU).
-        fn kvm_fd(&self, pid: u32, index: u32) {
-            let fd = self
-                .dir
+        fn fd_dir(&self, pid: u32) -> PathBuf {
+            self.dir
                 .path()
                 .join("proc")
                 .join(pid.to_string())
-                .join("fd");
+                .join("fd")
+        }
+
+        /// A KVM vCPU fd of `pid` (what QEMU holds for each vCPU).
+        fn kvm_fd(&self, pid: u32, index: u32) {
+            let fd = self.fd_dir(pid);
             fs::create_dir_all(&fd).unwrap();
             std::os::unix::fs::symlink(
                 format!("anon_inode:kvm-vcpu:{index}"),
@@ -650,12 +653,7 @@ mod tests {
 
         /// A thread that only looks like a vCPU (no KVM fd behind it).
         fn impostor_thread(&self, pid: u32, tid: u32, comm: &str) {
-            let fd = self
-                .dir
-                .path()
-                .join("proc")
-                .join(pid.to_string())
-                .join("fd");
+            let fd = self.fd_dir(pid);
             self.thread(pid, tid, comm, 0);
             let _ = fs::remove_dir_all(fd);
         }

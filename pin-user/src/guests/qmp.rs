@@ -162,26 +162,38 @@ impl QmpSession {
                     "more than {MAX_QMP_BYTES} bytes in one session"
                 )));
             }
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(QmpError::Timeout(self.timeout));
-            }
+            let left = self.left()?;
             self.stream
                 .set_read_timeout(Some(left))
                 .map_err(|e| QmpError::Io(io_reason(&e)))?;
             let mut chunk = [0u8; 8192];
-            let n = self.stream.read(&mut chunk).map_err(|e| {
-                if is_timeout(&e) {
-                    QmpError::Timeout(self.timeout)
-                } else {
-                    QmpError::Io(io_reason(&e))
-                }
-            })?;
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .map_err(|e| self.io_error(&e))?;
             if n == 0 {
                 return Err(QmpError::Closed);
             }
             self.received += n;
             self.pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// What is left of the session's deadline, or a timeout.
+    fn left(&self) -> Result<Duration, QmpError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(QmpError::Timeout(self.timeout))
+        } else {
+            Ok(left)
+        }
+    }
+
+    fn io_error(&self, e: &io::Error) -> QmpError {
+        if is_timeout(e) {
+            QmpError::Timeout(self.timeout)
+        } else {
+            QmpError::Io(io_reason(e))
         }
     }
 
@@ -202,20 +214,13 @@ impl QmpSession {
         let msg = serde_json::json!({ "execute": command, "id": id });
         let mut line = msg.to_string();
         line.push('\n');
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(QmpError::Timeout(self.timeout));
-        }
+        let left = self.left()?;
         self.stream
             .set_write_timeout(Some(left))
             .map_err(|e| QmpError::Io(io_reason(&e)))?;
-        self.stream.write_all(line.as_bytes()).map_err(|e| {
-            if is_timeout(&e) {
-                QmpError::Timeout(self.timeout)
-            } else {
-                QmpError::Io(io_reason(&e))
-            }
-        })?;
+        self.stream
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io_error(&e))?;
         loop {
             let v = self.read_message()?;
             match v.get("id") {

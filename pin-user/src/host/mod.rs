@@ -11,6 +11,22 @@ pub mod irq;
 pub mod procfs;
 pub mod topology;
 
+/// Capability numbers pinguard asks about.
+pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_BPF: u32 = 39;
+
+/// Whether this process holds capability `cap` (its bit in `CapEff`).
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << cap) != 0)
+}
+
 /// Where the host's pseudo-filesystems and configuration are mounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
