@@ -553,6 +553,19 @@ impl Recorder {
                 },
             );
         }
+        if ep.prev_tid != 0 && !is_probe {
+            // The thread that ran right before the probe ran the wait's last
+            // `prev_run_ns` (the scheduler's own number): nobody else ran then,
+            // whatever a slice's start + run time says (that sum leaves out IRQ
+            // time, so a slice can seem to end later than it did).
+            let room = ep.wait_ns - ep.prev_run_ns.min(ep.wait_ns);
+            for (t, o) in per_tid.iter_mut() {
+                if *t != ep.prev_tid {
+                    o.overlap_ns = o.overlap_ns.min(room);
+                }
+            }
+            per_tid.retain(|_, o| o.overlap_ns > 0);
+        }
         let mut threads: Vec<Overlap> = per_tid.into_values().collect();
         threads.sort_by_key(|o| std::cmp::Reverse(o.overlap_ns));
         let cause = dominant(
@@ -841,6 +854,38 @@ mod tests {
         );
         assert_eq!(rec.timeline.points.len(), 12);
         assert_eq!(rec.probe_tids, vec![PROBE_TID]);
+    }
+
+    #[test]
+    fn the_thread_that_ran_right_before_the_probe_bounds_the_others() {
+        let mut r = recorder(1);
+        // pg-udp's slice seems to cover the whole wait (start + run time),
+        // but kworker (tid 77) ran the wait's last 46 µs, all of its 32 µs:
+        // the slice really ended before the wake-up, and the kworker is the cause.
+        r.on_event(&slice(4242, "pg-udp", T0, 2_000_000));
+        r.on_event(&episode(
+            T0 + 1_000_000,
+            32_000,
+            (77, "kworker/1:0H", 46_000),
+        ));
+        let rec = r.finish();
+        let w = &rec.worst[0];
+        assert_eq!(w.cause.category(), Category::KernelThread, "{w:?}");
+        assert_eq!(w.threads.len(), 1, "{:?}", w.threads);
+        assert_eq!(w.threads[0].tid, 77);
+        // A prev thread that ran only the last 10 µs leaves 22 µs to the slice.
+        let mut r = recorder(1);
+        r.on_event(&slice(4242, "pg-udp", T0, 2_000_000));
+        r.on_event(&episode(
+            T0 + 1_000_000,
+            32_000,
+            (77, "kworker/1:0H", 10_000),
+        ));
+        let rec = r.finish();
+        let w = &rec.worst[0];
+        assert_eq!(w.cause.category(), Category::Intruder, "{w:?}");
+        let udp = w.threads.iter().find(|t| t.tid == 4242).unwrap();
+        assert_eq!(udp.overlap_ns, 22_000);
     }
 
     #[test]
