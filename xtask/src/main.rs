@@ -1,4 +1,4 @@
-//! Project orchestration: `cargo xtask setup|build|test|run|bench|fuzz`.
+//! Project orchestration: `cargo xtask setup|build|test|run|bench|fuzz|soak`.
 //!
 //! Everything the project needs on a fresh Debian 12 machine with stable and
 //! nightly Rust is installed by `setup`; every other subcommand runs it first,
@@ -52,6 +52,13 @@ enum Cmd {
         #[arg(long, default_value_t = 50_000)]
         cases: u64,
     },
+    /// build, then the churn soak (guests and threads coming and going under
+    /// an enforcing daemon; RSS, fds and series must stay flat) for SECS.
+    /// `cargo xtask test` runs it for 15 s.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+    },
 }
 
 /// The property tests with `cases` cases each.
@@ -60,6 +67,26 @@ fn fuzz(cases: u64) -> anyhow::Result<()> {
     cmd.args(["test", "-p", "pin-user", "--", "robustness", "never_panic"])
         .env("PROPTEST_CASES", cases.to_string());
     util::run("fuzz", &mut cmd)
+}
+
+/// The soak test of `tests/tests/soak.rs`, `secs` long, against a fresh build.
+fn soak(secs: u64) -> anyhow::Result<()> {
+    build::run()?;
+    let bin = util::pinguard_bin()?;
+    let mut cmd = util::cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "integration-tests",
+        "--test",
+        "soak",
+        "--",
+        "--nocapture",
+    ])
+    .env("PINGUARD_BIN", &bin)
+    .env("PINGUARD_SOAK_SECS", secs.to_string())
+    .env("PINGUARD_REQUIRE_PRIVILEGED", "1");
+    util::run("soak", &mut cmd)
 }
 
 fn main() -> ExitCode {
@@ -72,6 +99,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run::run(&args),
         Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Fuzz { cases } => fuzz(cases).map(|()| ExitCode::SUCCESS),
+        Cmd::Soak { secs } => soak(secs).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
