@@ -133,6 +133,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 _ = tick.tick() => {
                     daemon.tick();
                     health.ticked();
+                    health.scanning(daemon.scanning_since());
                 }
                 _ = rescan.tick() => daemon.rescan(),
                 _ = tokio::time::sleep(retry_in) => daemon.tick(),

@@ -17,7 +17,13 @@ pub struct Health {
     last_tick_ms: Arc<AtomicU64>,
     /// The longest a tick may be late before the daemon counts as stalled.
     stale_after: Duration,
+    /// Milliseconds since `started` when the running discovery scan began (0: none).
+    scan_since_ms: Arc<AtomicU64>,
 }
+
+/// A scan longer than this is stuck on something its deadlines did not catch
+/// (each QMP session has 2 s; /proc and libvirt reads are bounded).
+pub const SCAN_STUCK: Duration = Duration::from_secs(60);
 
 impl Health {
     /// `verify_interval` is the tick period; three missed ticks (and at
@@ -27,7 +33,16 @@ impl Health {
             started: Instant::now(),
             last_tick_ms: Arc::new(AtomicU64::new(0)),
             stale_after: (verify_interval * 3).max(Duration::from_secs(5)),
+            scan_since_ms: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Called by the event loop with the running scan's start, if any.
+    pub fn scanning(&self, since: Option<Instant>) {
+        let ms = since.map_or(0, |s| {
+            s.saturating_duration_since(self.started).as_millis().max(1) as u64
+        });
+        self.scan_since_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Called by the event loop after each tick.
@@ -64,6 +79,17 @@ impl Health {
                 self.stale_after.as_secs_f64()
             ));
         }
+        let scan = self.scan_since_ms.load(Ordering::Relaxed);
+        if scan != 0 {
+            let running = since_start.saturating_sub(Duration::from_millis(scan));
+            if running > SCAN_STUCK {
+                problems.push(format!(
+                    "guest discovery stuck: a scan has run for {:.0} s (a QMP socket or /proc read \
+                     that does not answer?); guests started meanwhile are not placed",
+                    running.as_secs_f64()
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -98,6 +124,19 @@ mod tests {
             .check(1, 1, Instant::now() + Duration::from_secs(6))
             .unwrap_err();
         assert!(err.contains("no tick yet"), "{err}");
+    }
+
+    #[test]
+    fn a_stuck_discovery_scan_is_unhealthy() {
+        let h = Health::new(Duration::from_secs(1));
+        let start = Instant::now();
+        h.scanning(Some(start));
+        let later = start + SCAN_STUCK + Duration::from_secs(1);
+        // Ticks go on (discovery runs on its own thread), yet it is stuck.
+        let err = h.check(1, 1, later).unwrap_err();
+        assert!(err.contains("guest discovery stuck"), "{err}");
+        h.scanning(None);
+        assert!(!h.check(1, 1, start).is_err_and(|e| e.contains("discovery")));
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub struct Daemon<E: Effects> {
     /// is a forked child whose pid the exec event cannot name.
     scan_retry: Option<Retry>,
     /// A full scan is running (on the discovery thread).
-    scanning: bool,
+    scanning: Option<std::time::Instant>,
     /// Another full scan was asked for while one ran: what it saw may be stale.
     scan_again: bool,
     /// Processes being looked at again.
@@ -188,7 +188,7 @@ impl<E: Effects> Daemon<E> {
             started: HashMap::new(),
             retries: BTreeMap::new(),
             scan_retry: None,
-            scanning: false,
+            scanning: None,
             scan_again: false,
             rediscovering: HashSet::new(),
             limiter,
@@ -299,11 +299,11 @@ impl<E: Effects> Daemon<E> {
     /// net, after an exec). One runs at a time; one asked for meanwhile runs
     /// after it.
     pub fn rescan(&mut self) {
-        if self.scanning {
+        if self.scanning.is_some() {
             self.scan_again = true;
             return;
         }
-        self.scanning = true;
+        self.scanning = Some(self.fx.now());
         self.metrics.discovery_scans.inc();
         self.fx.request_scan();
     }
@@ -312,7 +312,7 @@ impl<E: Effects> Daemon<E> {
     pub fn discovered(&mut self, result: Discovered) {
         match result {
             Discovered::Scan(r) => {
-                self.scanning = false;
+                self.scanning = None;
                 match r {
                     Ok(d) => self.apply_discovery(d, None),
                     Err(e) => {
@@ -1013,6 +1013,11 @@ impl<E: Effects> Daemon<E> {
         if self.ticks.is_multiple_of(10) {
             self.prune_threads();
         }
+    }
+
+    /// Since when the running full scan has run, if one does.
+    pub fn scanning_since(&self) -> Option<std::time::Instant> {
+        self.scanning
     }
 
     /// Time until the earliest pending retry (the run loop wakes for it).
