@@ -667,6 +667,80 @@ fn runs_and_enforces_with_only_the_units_capabilities() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// Puts CPU 1 back online however the test ends.
+struct Cpu1Online;
+
+const CPU1_ONLINE: &str = "/sys/devices/system/cpu/cpu1/online";
+
+impl Drop for Cpu1Online {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(CPU1_ONLINE, "1") {
+            eprintln!("could not put CPU 1 back online: {e}");
+        }
+    }
+}
+
+#[test]
+fn a_guarded_cpu_going_offline_and_back_is_survived() {
+    require!(missing_kvm());
+    let daemon = Daemon::start("mode = \"enforce\"\n", &[]);
+    let guest = Guest::start(GuestOptions::new("pg-hotplug"));
+    let vm = [("vm", "pg-hotplug")];
+    daemon.wait_metric("the vCPU to be pinned", "pinguard_vcpu_pinned", &vm, |v| {
+        v == 1.0
+    });
+    let errors = || {
+        daemon
+            .metric("pinguard_enforcement_errors_total", &[])
+            .unwrap_or(0.0)
+    };
+    let errors_before = errors();
+    // Offlining CPU 1 resets the affinity of every thread bound to it alone:
+    // remember them to put them back.
+    let before = AffinitySnapshot::take();
+    let online = Cpu1Online;
+    std::fs::write(CPU1_ONLINE, "0").expect("taking CPU 1 offline");
+    let cpu1 = [("cpu", "1")];
+    daemon.wait_metric(
+        "CPU 1 reported offline",
+        "pinguard_cpu_guarded",
+        &cpu1,
+        |v| v == 0.0,
+    );
+    daemon.wait_metric(
+        "the vCPU reported not pinned",
+        "pinguard_vcpu_pinned",
+        &vm,
+        |v| v == 0.0,
+    );
+    drop(online);
+    daemon.wait_metric(
+        "CPU 1 reported online",
+        "pinguard_cpu_guarded",
+        &cpu1,
+        |v| v == 1.0,
+    );
+    daemon.wait_metric("the vCPU pinned again", "pinguard_vcpu_pinned", &vm, |v| {
+        v == 1.0
+    });
+    assert_eq!(cpus_allowed(guest.pid(), guest.vcpu_tids()[0]), "1");
+    let scrape = daemon.scrape();
+    assert_eq!(
+        errors(),
+        errors_before,
+        "re-pinning onto the offline CPU was attempted: {:?}",
+        scrape
+            .lines()
+            .filter(|l| l.starts_with("pinguard_enforcement_errors_total"))
+            .collect::<Vec<_>>()
+    );
+    for c in before.changed() {
+        if c.was == "1" && c.tid != guest.vcpu_tids()[0] {
+            set_affinity(c.tid, &[1]);
+        }
+    }
+}
+
 /// Two requests on one connection (keep-alive), the second a HEAD whose
 /// Content-Length is the size GET would send, and no body.
 fn http_is_keep_alive_and_head_has_the_length_of_get(addr: std::net::SocketAddr) {

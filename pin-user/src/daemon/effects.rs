@@ -80,6 +80,9 @@ pub trait Effects: Affinities {
     fn set_discover_options(&mut self, opts: DiscoverOptions);
 
     fn now(&self) -> Instant;
+    /// The online CPUs (`None` if they cannot be read): a guarded CPU can
+    /// go offline (hotplug).
+    fn online_cpus(&self) -> Option<CpuSet>;
 }
 
 /// A discovery result, delivered to the daemon's loop.
@@ -269,5 +272,11 @@ impl Effects for Live {
 
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn online_cpus(&self) -> Option<CpuSet> {
+        std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ok()
+            .and_then(|s| CpuSet::parse(s.trim()).ok())
     }
 }

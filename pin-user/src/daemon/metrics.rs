@@ -58,7 +58,10 @@ impl Metrics {
                 &["mode"]
             )),
             cpu_guarded: reg!(IntGaugeVec::new(
-                opts("pinguard_cpu_guarded", "1 for each CPU pinguard guards"),
+                opts(
+                    "pinguard_cpu_guarded",
+                    "1 for each CPU pinguard guards (0 while it is offline)"
+                ),
                 &["cpu"]
             )),
             violations: reg!(IntCounterVec::new(
@@ -145,6 +148,16 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding error: {e}\n"))
+    }
+
+    /// `pinguard_cpu_guarded` is 1 for a guarded CPU that is online, 0 while
+    /// it is offline (hotplug).
+    pub fn publish_online(&self, guarded: &CpuSet, offline: &CpuSet) {
+        for cpu in guarded.iter() {
+            self.cpu_guarded
+                .with_label_values(&[&cpu.to_string()])
+                .set(i64::from(!offline.contains(cpu)));
+        }
     }
 
     /// The series fixed by the configuration: the guarded CPUs, the mode.

@@ -108,6 +108,10 @@ impl LogBudget {
 /// (the discovery thread is stuck on something the deadlines did not catch).
 const IN_FLIGHT: Duration = Duration::from_secs(60);
 
+/// How long after a guarded CPU went or came back a refused affinity is the
+/// hotplug's doing (cpusets are updated after the CPU itself), not an error.
+const HOTPLUG_SETTLE: Duration = Duration::from_secs(2);
+
 /// How many (kind, CPU, thread) triples are remembered as already logged.
 const LOGGED_MAX: usize = 65536;
 
@@ -146,6 +150,10 @@ pub struct Daemon<E: Effects> {
     shared: CpuSet,
     /// Emulator threads allowlisted in the kernel because the plan puts them on guarded CPUs.
     emulators_allowed: HashSet<u32>,
+    /// Guarded CPUs that are offline (hotplug).
+    offline: CpuSet,
+    /// When a guarded CPU last went offline or came back.
+    hotplug: Option<std::time::Instant>,
     /// Guests whose main thread exited, and when.
     exited: HashMap<u32, std::time::Instant>,
     /// Guest pids registered in the kernel's GUESTS map (exit notification).
@@ -197,6 +205,8 @@ impl<E: Effects> Daemon<E> {
             shared: CpuSet::new(),
             emulators_allowed: HashSet::new(),
             exited: HashMap::new(),
+            offline: CpuSet::new(),
+            hotplug: None,
             guests_watched: HashSet::new(),
             vm_names: HashSet::new(),
             ticks: 0,
@@ -445,6 +455,15 @@ impl<E: Effects> Daemon<E> {
         self.set_assignments(next);
         self.allow_emulators(&plan);
         if self.config.mode == Mode::Enforce {
+            // Nothing goes to a guarded CPU that is offline (hotplug): the
+            // kernel would refuse, and verification re-pins when it is back.
+            self.check_online();
+            let mut plan = plan.clone();
+            for e in plan.entries.iter_mut() {
+                if e.to.is_subset(&self.offline) {
+                    e.change = false;
+                }
+            }
             // Never fails with `Continue`: failures are in the result.
             if let Ok(applied) = apply::apply(&plan, &mut self.fx, OnFailure::Continue) {
                 for (e, status) in plan.entries.iter().zip(&applied.statuses) {
@@ -610,6 +629,20 @@ impl<E: Effects> Daemon<E> {
             self.metrics.tasks_vanished.inc();
             return;
         }
+        let settling = self
+            .hotplug
+            .is_some_and(|at| self.fx.now().saturating_duration_since(at) < HOTPLUG_SETTLE);
+        if settling
+            && matches!(
+                err,
+                AffinityError::Invalid { .. } | AffinityError::Mismatch { .. }
+            )
+        {
+            // A CPU just went or came back: the kernel's cpusets catch up
+            // asynchronously. The back-off retries; not an error.
+            log::debug!("{action} of {what} during CPU hotplug: {err}");
+            return;
+        }
         self.metrics
             .enforcement_errors
             .with_label_values(&[action, &err.errno_name()])
@@ -636,6 +669,11 @@ impl<E: Effects> Daemon<E> {
             self.schedule_retry(a.pid, 0);
             return;
         }
+        if self.offline.contains(a.cpu) {
+            // The kernel moved it off its offline CPU; nothing to do until it is back.
+            self.mark_unpinned(tid, &a);
+            return;
+        }
         let want = CpuSet::single(a.cpu);
         let have = match self.fx.get(tid) {
             Ok(s) => s,
@@ -650,6 +688,15 @@ impl<E: Effects> Daemon<E> {
             }
         };
         let ok = have == want;
+        if !ok {
+            // Off its CPU: hotplug may have just taken that CPU away (the
+            // kernel moves the vCPU at once, before the next tick looks).
+            self.check_online();
+            if self.offline.contains(a.cpu) {
+                self.mark_unpinned(tid, &a);
+                return;
+            }
+        }
         let was = self.pinned.insert(tid, ok);
         self.metrics
             .vcpu_pinned
@@ -680,6 +727,14 @@ impl<E: Effects> Daemon<E> {
             return false;
         };
         *self.started.entry(tid).or_insert(now) == now
+    }
+
+    fn mark_unpinned(&mut self, tid: u32, a: &Assignment) {
+        self.pinned.insert(tid, false);
+        self.metrics
+            .vcpu_pinned
+            .with_label_values(&[a.vm.as_str(), &a.vcpu.to_string()])
+            .set(0);
     }
 
     fn repin(&mut self, tid: u32, a: &Assignment) {
@@ -976,6 +1031,7 @@ impl<E: Effects> Daemon<E> {
     /// entries of threads that exited.
     pub fn tick(&mut self) {
         self.ticks += 1;
+        self.check_online();
         let suppressed = std::mem::take(&mut self.log_budget.suppressed);
         if suppressed > 0 {
             log::warn!(
@@ -1012,6 +1068,28 @@ impl<E: Effects> Daemon<E> {
         self.verify_pins();
         if self.ticks.is_multiple_of(10) {
             self.prune_threads();
+        }
+    }
+
+    /// Reads which guarded CPUs are online; publishes it and says when it changes.
+    fn check_online(&mut self) {
+        let Some(online) = self.fx.online_cpus() else {
+            return;
+        };
+        let offline = self.guard.guarded.difference(&online);
+        if offline != self.offline {
+            if offline.is_empty() {
+                log::info!("every guarded CPU is online again: re-pinning their vCPUs");
+            } else {
+                log::warn!(
+                    "guarded CPUs {offline} are offline (hotplug): their vCPUs run elsewhere \
+                     until they are back; not re-pinned, not reported as drift meanwhile"
+                );
+            }
+            self.offline = offline;
+            self.hotplug = Some(self.fx.now());
+            self.metrics
+                .publish_online(&self.guard.guarded, &self.offline);
         }
     }
 

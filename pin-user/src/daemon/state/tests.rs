@@ -37,6 +37,8 @@ struct Fake {
     exit_watched: BTreeSet<u32>,
     allowed: BTreeMap<u32, Option<u32>>,
     scans: u32,
+    /// CPU 1 is offline (hotplug).
+    offline_cpu: Option<()>,
     /// Discovery requests not answered yet (None: a full scan).
     requests: std::collections::VecDeque<Option<u32>>,
     /// Processes holding KVM vCPUs.
@@ -127,6 +129,9 @@ impl Effects for Fake {
     }
     fn forget(&mut self, _pid: u32) {}
     fn set_discover_options(&mut self, _opts: DiscoverOptions) {}
+    fn online_cpus(&self) -> Option<CpuSet> {
+        Some(self.offline_cpu.map_or(cpus("0-1"), |_| cpus("0")))
+    }
     fn now(&self) -> Instant {
         *self.start.as_ref().expect("clock started") + self.clock
     }
@@ -714,4 +719,47 @@ fn a_vanished_vcpu_is_looked_at_again_off_the_loop_and_the_guest_dropped() {
     pump(&mut d);
     assert_eq!(counter(&d, "pinguard_vms", &[]), 0.0);
     assert!(d.fx.owners.is_empty());
+}
+
+#[test]
+fn a_guarded_cpu_going_offline_pauses_repinning_until_it_is_back() {
+    let mut d = daemon(host(), ENFORCE);
+    assert_eq!(counter(&d, "pinguard_cpu_guarded", &[("cpu", "1")]), 1.0);
+    // CPU 1 goes offline: the kernel moves the vCPU (its affinity widens).
+    d.fx.offline_cpu = Some(());
+    d.fx.aff.cpus.insert(VCPU, cpus("0-1"));
+    d.fx.aff.fail.insert(
+        VCPU,
+        AffinityError::Invalid {
+            tid: VCPU,
+            cpus: cpus("1"),
+        },
+    );
+    let violations = d.recent.to_vec().len();
+    for _ in 0..5 {
+        d.fx.clock += Duration::from_secs(1);
+        d.tick();
+    }
+    assert_eq!(counter(&d, "pinguard_cpu_guarded", &[("cpu", "1")]), 0.0);
+    assert_eq!(
+        counter(
+            &d,
+            "pinguard_enforcement_errors_total",
+            &[("action", "repin")]
+        ),
+        0.0,
+        "re-pinned onto an offline CPU"
+    );
+    assert_eq!(
+        d.recent.to_vec().len(),
+        violations,
+        "drift reported while offline"
+    );
+    // Back online: re-pinned at the next tick.
+    d.fx.offline_cpu = None;
+    d.fx.aff.fail.clear();
+    d.fx.clock += Duration::from_secs(1);
+    d.tick();
+    assert_eq!(counter(&d, "pinguard_cpu_guarded", &[("cpu", "1")]), 1.0);
+    assert_eq!(d.fx.aff.cpus[&VCPU], cpus("1"));
 }
