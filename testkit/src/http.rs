@@ -27,8 +27,16 @@ pub fn get_query(
     timeout: Duration,
 ) -> Result<(u16, String)> {
     let url = format!("http://{addr}{path}");
+    // Per phase, not global: with a global timeout ureq resolves the address
+    // on a thread of its own, and such short-lived threads of the test
+    // process intrude on the guarded CPU and get their ids reused by the
+    // tests' own threads (the daemon's per-thread accounting, keyed by id,
+    // then adds them up). An IP literal resolves at once anyway.
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
+        .timeout_connect(Some(timeout))
+        .timeout_send_request(Some(timeout))
+        .timeout_recv_response(Some(timeout))
+        .timeout_recv_body(Some(timeout))
         // A 404 or 503 is an answer the caller looks at, not a failure.
         .http_status_as_error(false)
         // Loopback only: an http_proxy in the environment must not apply.
