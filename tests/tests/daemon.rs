@@ -579,18 +579,12 @@ fn idle_connections_do_not_lock_scrapers_out() {
     require!(missing_bpf());
     let daemon = Daemon::start("mode = \"observe\"\n", &[]);
     // More idle connections than the old server's 64 slots, which held a
-    // scraper off for 30 s.
+    // scraper off for 30 s: `get` fails after the kit's 5 s HTTP timeout.
     let idle: Vec<std::net::TcpStream> = (0..100)
         .map(|_| std::net::TcpStream::connect(daemon.addr).unwrap())
         .collect();
-    let start = std::time::Instant::now();
     let (status, body) = daemon.get("/healthz");
     assert_eq!(status, 200, "{body}");
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "a scrape waited {:?} behind idle connections",
-        start.elapsed()
-    );
     drop(idle);
 }
 

@@ -158,11 +158,11 @@ impl Live {
 
 impl Affinities for Live {
     fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
-        affinity::get(tid)
+        affinity::Live.get(tid)
     }
 
     fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
-        affinity::apply_and_verify(tid, cpus)
+        affinity::Live.set(tid, cpus)
     }
 }
 
@@ -222,11 +222,7 @@ impl Effects for Live {
     }
 
     fn start_time(&self, tgid: u32, tid: u32) -> Option<u64> {
-        self.proc
-            .thread(tgid, tid)
-            .ok()
-            .flatten()
-            .map(|t| t.start_time)
+        self.proc.start_time(tgid, tid).ok().flatten()
     }
 
     fn comm(&self, tgid: u32, tid: u32) -> Option<String> {

@@ -3,6 +3,7 @@
 //! scrapes never wait for the event loop and a stalled loop shows on
 //! `/healthz`. Nothing here changes state: any local client may scrape.
 use std::{
+    future::Future as _,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -243,8 +244,6 @@ impl Conn {
         }
     }
 }
-
-use std::future::Future as _;
 
 impl AsyncRead for Conn {
     fn poll_read(

@@ -473,15 +473,11 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        let start = Instant::now();
+        // The peer trickles for 2 s, then closes: a per-`recv` timeout reads
+        // on until then and fails with `Closed`; the session's deadline ends it first.
         let timeout = Duration::from_millis(300);
         let err = query_cpus_fast(&path, timeout).unwrap_err();
         assert_eq!(err, QmpError::Timeout(timeout));
-        assert!(
-            start.elapsed() < Duration::from_millis(1000),
-            "took {:?}",
-            start.elapsed()
-        );
         server.join().unwrap();
     }
 

@@ -139,6 +139,24 @@ impl Proc {
         }))
     }
 
+    /// When a thread started (see [`ThreadInfo::start_time`]); `None` if it
+    /// exited. One file, not the two [`Proc::thread`] reads: the daemon asks
+    /// for every vCPU at every tick.
+    pub fn start_time(&self, pid: u32, tid: u32) -> io::Result<Option<u64>> {
+        let path = self.task_dir(pid, tid).join("stat");
+        let Some(stat) = read_gone_ok(&path)? else {
+            return Ok(None);
+        };
+        parse_stat(&stat)
+            .map(|s| Some(s.start_time))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unparsable {}", path.display()),
+                )
+            })
+    }
+
     /// All threads of a process that are still there.
     pub fn threads(&self, pid: u32) -> io::Result<Vec<ThreadInfo>> {
         let mut out = Vec::new();
@@ -313,6 +331,11 @@ mod tests {
         // A process that does not exist is not an error.
         assert_eq!(proc.thread(u32::MAX - 1, u32::MAX - 1).unwrap(), None);
         assert!(proc.tids(u32::MAX - 1).unwrap().is_empty());
+        // The start time alone agrees with the full read, and a gone thread has none.
+        let main = threads.iter().find(|t| t.tid == me).unwrap();
+        assert_eq!(proc.start_time(me, me).unwrap(), Some(main.start_time));
+        assert!(main.start_time > 0);
+        assert_eq!(proc.start_time(u32::MAX - 1, u32::MAX - 1).unwrap(), None);
     }
 
     #[test]
