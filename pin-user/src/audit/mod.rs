@@ -109,8 +109,9 @@ impl Finding {
             ),
             Self::UnboundKthread => format!(
                 "unbound_kthread: keep unbound kernel work off guarded CPUs with isolcpus=domain,managed_irq \
-                 and the workqueue cpumask (echo {housekeeping} > /sys/devices/virtual/workqueue/cpumask; \
-                 see `pinguard check`)"
+                 and the workqueue cpumask, a hex mask (echo {} > /sys/devices/virtual/workqueue/cpumask; \
+                 see `pinguard check`)",
+                housekeeping.to_mask()
             ),
             Self::VcpuNotPinned | Self::EmulatorOnGuarded => {
                 format!("{}: pin the guests with `pinguard pin`", self.name())

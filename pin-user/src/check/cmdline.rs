@@ -14,11 +14,17 @@ pub(super) fn isolcpus_param(guarded: &CpuSet) -> String {
     format!("isolcpus=managed_irq,domain,{guarded}")
 }
 
-/// Every boot parameter for this split, all at once.
-pub(super) fn boot_params(guard: &Guard) -> String {
+/// Every boot parameter for this split, all at once: only those the running
+/// kernel honours (`nohz_full=` needs CONFIG_NO_HZ_FULL).
+pub(super) fn boot_params(guard: &Guard, nohz_full_supported: bool) -> String {
     let g = &guard.guarded;
+    let nohz = if nohz_full_supported {
+        format!(" nohz_full={g}")
+    } else {
+        String::new()
+    };
     format!(
-        "{} nohz_full={g} rcu_nocbs={g} irqaffinity={}",
+        "{}{nohz} rcu_nocbs={g} irqaffinity={}",
         isolcpus_param(g),
         guard.housekeeping
     )
@@ -178,7 +184,7 @@ impl Ctx<'_> {
         const ID: &str = "nohz_full";
         let g = self.guarded;
         let effective = &self.topo.nohz_full;
-        let supported = self.host.sys.join("devices/system/cpu/nohz_full").exists();
+        let supported = self.nohz_full_supported;
         let mut fix = self.grub_fix(format!("nohz_full={g}"));
         if g.contains(0) {
             fix.push_str(
@@ -213,6 +219,17 @@ impl Ctx<'_> {
                     "boot a kernel built with CONFIG_NO_HZ_FULL=y (most distribution kernels are)",
                 )
             }
+            // The kernel would ignore the parameter: advising it is wrong.
+            _ if !supported => warn(
+                ID,
+                format!(
+                    "this kernel was built without CONFIG_NO_HZ_FULL (no /sys/devices/system/cpu/nohz_full), so it ignores nohz_full=: the scheduler tick interrupts guarded CPUs {missing} up to HZ times a second"
+                ),
+                format!(
+                    "nothing to add on this kernel; to stop the tick, boot a kernel built with CONFIG_NO_HZ_FULL=y (most distribution kernels are) and then add nohz_full={g} {}",
+                    self.boot.howto()
+                ),
+            ),
             other => {
                 let what = match other {
                     Some((text, _)) => format!("{text} leaves out guarded CPUs {missing}"),
@@ -360,13 +377,24 @@ mod tests {
                 .unwrap()
                 .contains("grub2-mkconfig -o /boot/grub2/grub.cfg")
         );
-        assert!(item("nohz_full").message.contains("nohz_full= is not on"));
+        // This kernel lacks CONFIG_NO_HZ_FULL: adding nohz_full= would do nothing.
+        let nohz = item("nohz_full");
         assert!(
-            item("nohz_full")
-                .fix
+            nohz.message.contains("built without CONFIG_NO_HZ_FULL"),
+            "{}",
+            nohz.message
+        );
+        let fix = nohz.fix.as_deref().unwrap();
+        assert!(fix.starts_with("nothing to add on this kernel"), "{fix}");
+        assert!(fix.contains("CONFIG_NO_HZ_FULL=y"), "{fix}");
+        assert!(
+            !report
+                .kernel_cmdline
                 .as_deref()
                 .unwrap()
-                .contains("nohz_full=1 ")
+                .contains("nohz_full"),
+            "{:?}",
+            report.kernel_cmdline
         );
         assert!(
             item("rcu_nocbs")
@@ -389,6 +417,22 @@ mod tests {
                 .unwrap()
                 .contains("irqaffinity=0 ")
         );
+    }
+
+    #[test]
+    fn boot_advice_names_the_boot_loader_the_host_has() {
+        let dir = copy_fixture("small-2cpu");
+        fs::remove_file(dir.path().join("etc/default/grub")).unwrap();
+        let report = check(&Host::under(dir.path()), Some(&set("1"))).unwrap();
+        let fix = report.item("isolcpus").unwrap().fix.clone().unwrap();
+        assert!(!fix.contains("grub2-mkconfig"), "{fix}");
+        assert!(fix.contains("neither /etc/default/grub"), "{fix}");
+        fs::create_dir_all(dir.path().join("etc/kernel")).unwrap();
+        fs::write(dir.path().join("etc/kernel/cmdline"), "root=/dev/vda1\n").unwrap();
+        let report = check(&Host::under(dir.path()), Some(&set("1"))).unwrap();
+        let fix = report.item("rcu_nocbs").unwrap().fix.clone().unwrap();
+        assert!(fix.contains("rcu_nocbs=1 to /etc/kernel/cmdline"), "{fix}");
+        assert!(!fix.contains("grub2-mkconfig"), "{fix}");
     }
 
     #[test]

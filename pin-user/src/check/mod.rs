@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use crate::host::{
     Host,
-    cmdline::KernelCmdline,
+    cmdline::{BootConfig, KernelCmdline},
     cpulist::CpuSet,
     topology::{Guard, Topology, TopologyError},
 };
@@ -89,6 +89,9 @@ pub struct Report {
     /// Kernel parameters to add when any boot-time item is not passing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_cmdline: Option<String>,
+    /// Where this host keeps its kernel command line (for the advice).
+    #[serde(skip)]
+    pub boot: BootConfig,
 }
 
 impl Report {
@@ -106,10 +109,6 @@ impl Report {
         }
     }
 }
-
-/// How to make a kernel parameter permanent.
-const GRUB_HOWTO: &str = "to GRUB_CMDLINE_LINUX in /etc/default/grub (replacing any old value), then \
-     `grub2-mkconfig -o /boot/grub2/grub.cfg` (Debian/Ubuntu: `update-grub`) and reboot";
 
 /// Reads the host's topology, resolves the guarded set and checks every item.
 pub fn check(host: &Host, requested: Option<&CpuSet>) -> Result<Report, CheckError> {
@@ -146,13 +145,14 @@ pub fn check_guard(host: &Host, topo: &Topology, guard: &Guard) -> Report {
     let kernel_cmdline = items
         .iter()
         .any(|i| cmdline::BOOT_ITEMS.contains(&i.id) && i.status != Status::Pass)
-        .then(|| cmdline::boot_params(guard));
+        .then(|| cmdline::boot_params(guard, ctx.nohz_full_supported));
     Report {
         guarded: guard.guarded.clone(),
         housekeeping: guard.housekeeping.clone(),
         items,
         summary,
         kernel_cmdline,
+        boot: ctx.boot,
     }
 }
 
@@ -216,6 +216,10 @@ struct Ctx<'a> {
     possible: CpuSet,
     /// `Err` holds the read error, reported by each cmdline item.
     cmdline: Result<KernelCmdline, String>,
+    /// How this host makes a kernel parameter permanent.
+    boot: BootConfig,
+    /// The kernel honours `nohz_full=` (built with CONFIG_NO_HZ_FULL).
+    nohz_full_supported: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -236,11 +240,14 @@ impl<'a> Ctx<'a> {
             housekeeping: &guard.housekeeping,
             possible,
             cmdline,
+            boot: BootConfig::detect(&host.etc),
+            nohz_full_supported: crate::host::cmdline::nohz_full_supported(&host.sys),
         }
     }
 
+    /// "add PARAM to <this host's boot configuration> ... and reboot".
     fn grub_fix(&self, param: String) -> String {
-        format!("add {param} {GRUB_HOWTO}")
+        format!("add {param} {}", self.boot.howto())
     }
 }
 
@@ -381,7 +388,7 @@ mod tests {
         assert_eq!(report.exit_code(), crate::exit::VIOLATIONS);
         assert_eq!(
             report.kernel_cmdline.as_deref(),
-            Some("isolcpus=managed_irq,domain,1 nohz_full=1 rcu_nocbs=1 irqaffinity=0")
+            Some("isolcpus=managed_irq,domain,1 rcu_nocbs=1 irqaffinity=0")
         );
     }
 

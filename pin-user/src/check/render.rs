@@ -57,8 +57,8 @@ pub fn table(report: &Report, width: usize) -> String {
     if let Some(params) = &report.kernel_cmdline {
         s.push_str(&format!(
             "\nKernel parameters for these CPUs, all at once:\n  {params}\n\
-             Add them to GRUB_CMDLINE_LINUX in /etc/default/grub, run \
-             `grub2-mkconfig -o /boot/grub2/grub.cfg` (Debian/Ubuntu: `update-grub`) and reboot.\n"
+             Add them {}.\n",
+            report.boot.howto()
         ));
     }
     s
@@ -118,7 +118,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("isolcpus=managed_irq,domain,1 nohz_full=1 rcu_nocbs=1 irqaffinity=0"),
+            text.contains("isolcpus=managed_irq,domain,1 rcu_nocbs=1 irqaffinity=0"),
             "{text}"
         );
         for line in text.lines() {

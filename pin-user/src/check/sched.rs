@@ -1,6 +1,6 @@
 //! Where the scheduler and the kernel's own work run: unbound workqueues,
 //! the preemption model, RT throttling and timer migration.
-use super::{Ctx, GRUB_HOWTO, Item, fail, pass, read_opt, unreadable, warn};
+use super::{Ctx, Item, fail, pass, read_opt, unreadable, warn};
 use crate::host::cpulist::CpuSet;
 
 impl Ctx<'_> {
@@ -10,8 +10,9 @@ impl Ctx<'_> {
         let hk = self.housekeeping;
         let path = self.host.sys.join("devices/virtual/workqueue/cpumask");
         let fix = format!(
-            "`echo {} > /sys/devices/virtual/workqueue/cpumask`; to keep it across reboots add workqueue.unbound_cpus={hk} (Linux 6.6+) {GRUB_HOWTO}",
-            hk.to_mask()
+            "`echo {} > /sys/devices/virtual/workqueue/cpumask`; to keep it across reboots add workqueue.unbound_cpus={hk} (Linux 6.6+) {}",
+            hk.to_mask(),
+            self.boot.howto()
         );
         let text = match read_opt(&path) {
             Ok(Some(t)) => t,
@@ -105,7 +106,8 @@ impl Ctx<'_> {
         let mut fix = "for real-time guests boot a PREEMPT_RT kernel (Debian: `apt install linux-image-rt-amd64`; RHEL: kernel-rt)".to_string();
         if dynamic && mode.as_deref() != Some("full") {
             fix.push_str(&format!(
-                "; otherwise at least add preempt=full {GRUB_HOWTO}"
+                "; otherwise at least add preempt=full {}",
+                self.boot.howto()
             ));
         }
         warn(

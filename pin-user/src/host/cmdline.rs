@@ -1,4 +1,56 @@
-//! The kernel command line, parsed the way the kernel parses it.
+//! The kernel command line, parsed the way the kernel parses it, and how
+//! this host makes a parameter permanent (its boot loader's configuration).
+use std::path::Path;
+
+/// Where this host keeps its kernel command line, so advice names the file
+/// that exists rather than GRUB's on every host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootConfig {
+    /// `/etc/default/grub` exists.
+    Grub,
+    /// `/etc/kernel/cmdline` (systemd-boot, kernel-install, UKIs).
+    KernelInstall,
+    /// Neither: say what to add and leave the where to the user.
+    Unknown,
+}
+
+impl BootConfig {
+    /// Looks for the boot loader's configuration under `etc` (normally `/etc`).
+    pub fn detect(etc: &Path) -> Self {
+        if etc.join("default/grub").is_file() {
+            Self::Grub
+        } else if etc.join("kernel/cmdline").is_file() {
+            Self::KernelInstall
+        } else {
+            Self::Unknown
+        }
+    }
+
+    /// Completes "add PARAM ..." with where and how, ending in a reboot.
+    pub fn howto(self) -> &'static str {
+        match self {
+            Self::Grub => {
+                "to GRUB_CMDLINE_LINUX in /etc/default/grub (replacing any old value), then \
+                 `grub2-mkconfig -o /boot/grub2/grub.cfg` (Debian/Ubuntu: `update-grub`) and reboot"
+            }
+            Self::KernelInstall => {
+                "to /etc/kernel/cmdline (replacing any old value), then regenerate the boot entries \
+                 (`kernel-install add $(uname -r) /lib/modules/$(uname -r)/vmlinuz`) and reboot"
+            }
+            Self::Unknown => {
+                "to the kernel command line in this host's boot loader configuration (neither \
+                 /etc/default/grub nor /etc/kernel/cmdline exists here), then reboot"
+            }
+        }
+    }
+}
+
+/// Whether the running kernel honours `nohz_full=`: only kernels built with
+/// CONFIG_NO_HZ_FULL have `/sys/devices/system/cpu/nohz_full`; others ignore
+/// the parameter silently.
+pub fn nohz_full_supported(sys: &Path) -> bool {
+    sys.join("devices/system/cpu/nohz_full").exists()
+}
 
 /// The kernel command line (`/proc/cmdline`), split the way the kernel does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
