@@ -43,6 +43,25 @@ pub enum Command {
     /// Attach only the named eBPF program until SIGTERM/SIGINT (used by `cargo xtask bench`).
     #[command(hide = true)]
     Attach(AttachArgs),
+    /// Print the shell completion script for SHELL to stdout
+    /// (e.g. `pinguard completions bash > /etc/bash_completion.d/pinguard`).
+    Completions(CompletionsArgs),
+    /// Write the man pages into DIR (used by `cargo xtask package`).
+    #[command(hide = true)]
+    Manpages(ManpagesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManpagesArgs {
+    /// Directory to write pinguard.1, pinguard-run.1, ... into (created if missing).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -51,6 +51,8 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd::run::run(args),
         Command::Latency(args) => cmd::latency::run(args),
         Command::Attach(args) => cmd::attach::run(args),
+        Command::Completions(args) => cmd::completions::run(args),
+        Command::Manpages(args) => cmd::manpages::run(args),
     };
     match result {
         Ok(code) => code,

@@ -2,7 +2,9 @@
 pub mod attach;
 pub mod audit;
 pub mod check;
+pub mod completions;
 pub mod latency;
+pub mod manpages;
 pub mod pin;
 pub mod run;
 pub mod watch;
