@@ -9,7 +9,7 @@ use crate::{
     bpf::probe::Hook,
     config::{Mode, Overrides},
     guests::DiscoverOptions,
-    host::cpulist::CpuSet,
+    host::cpulist::{CpuSeq, CpuSet},
     placement::plan::{EmulatorPolicy, PlanOptions, SmtPolicy},
     units::parse_duration,
 };
@@ -130,9 +130,10 @@ pub struct PinArgs {
     pub guard: GuardArgs,
     #[command(flatten)]
     pub discover: DiscoverArgs,
-    /// Explicit placement for a guest: NAME=CPULIST, one CPU per vCPU in order (repeatable).
+    /// Explicit placement for a guest: NAME=CPULIST, one CPU per vCPU in order (repeatable;
+    /// a CPU listed twice is shared by two vCPUs, with --allow-shared).
     #[arg(long = "vm", value_name = "NAME=CPULIST", value_parser = parse_vm_map)]
-    pub vm: Vec<(String, CpuSet)>,
+    pub vm: Vec<(String, CpuSeq)>,
     /// Where emulator (non-vCPU) threads go: "housekeeping" (default), "with-vcpu0", or a CPU list.
     #[arg(long, value_name = "POLICY", default_value = "housekeeping", value_parser = parse_emulator)]
     pub emulator: EmulatorPolicy,
@@ -144,6 +145,10 @@ pub struct PinArgs {
     /// Print the plan without changing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also write the placement of libvirt domains into their persistent
+    /// definition (`<cputune>`), so it survives a restart of the domain.
+    #[arg(long)]
+    pub persist: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -249,14 +254,17 @@ fn parse_owner(s: &str) -> Result<(u32, u32), String> {
     Ok((cpu, tid))
 }
 
-fn parse_vm_map(s: &str) -> Result<(String, CpuSet), String> {
+fn parse_vm_map(s: &str) -> Result<(String, CpuSeq), String> {
     let (name, cpus) = s
         .split_once('=')
         .ok_or_else(|| format!("invalid --vm {s:?}: expected NAME=CPULIST, e.g. web1=2,3"))?;
     if name.trim().is_empty() {
         return Err(format!("invalid --vm {s:?}: the guest name is empty"));
     }
-    let cpus = parse_cpulist(cpus).map_err(|e| format!("invalid --vm {s:?}: {e}"))?;
+    let cpus = CpuSeq::parse(cpus).map_err(|e| format!("invalid --vm {s:?}: {e}"))?;
+    if cpus.is_empty() {
+        return Err(format!("invalid --vm {s:?}: the CPU list is empty"));
+    }
     Ok((name.trim().to_string(), cpus))
 }
 
@@ -340,7 +348,10 @@ mod tests {
         assert_eq!(parse_owner("1=4242").unwrap(), (1, 4242));
         assert!(parse_owner("1:4242").unwrap_err().contains("CPU=TID"));
         let (n, c) = parse_vm_map("web=2,3").unwrap();
-        assert_eq!((n.as_str(), c.to_string().as_str()), ("web", "2-3"));
+        assert_eq!((n.as_str(), c.to_string().as_str()), ("web", "2,3"));
+        // Repeats are kept: two vCPUs sharing CPU 1.
+        let (_, c) = parse_vm_map("g1=1,1").unwrap();
+        assert_eq!(c.to_string(), "1,1");
         assert!(parse_vm_map("=2").is_err());
         assert!(parse_vm_map("web=").is_err());
     }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
-    host::cpulist::CpuSet,
+    host::cpulist::{CpuSeq, CpuSet},
     placement::plan::{EmulatorPolicy, SmtPolicy},
     units::parse_duration,
 };
@@ -99,7 +99,7 @@ struct PlacementFile {
 #[serde(deny_unknown_fields)]
 struct VmFile {
     name: String,
-    cpus: CpuSet,
+    cpus: CpuSeq,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,7 +212,7 @@ pub struct Config {
     pub emulator: EmulatorPolicy,
     pub smt: SmtPolicy,
     pub allow_shared: bool,
-    pub vm: Vec<(String, CpuSet)>,
+    pub vm: Vec<(String, CpuSeq)>,
     pub allow: Vec<AllowRule>,
     /// Minimum time between two enforcement actions on one thread.
     pub min_interval: Duration,
@@ -440,7 +440,7 @@ mod tests {
         assert_eq!(c.smt, SmtPolicy::KeepSiblingsFree);
         assert_eq!(
             c.vm,
-            vec![("web".to_string(), CpuSet::parse("2,3").unwrap())]
+            vec![("web".to_string(), CpuSeq::parse("2,3").unwrap())]
         );
         assert_eq!(c.min_interval, Duration::from_millis(50));
         assert!(!c.bpf_stats);

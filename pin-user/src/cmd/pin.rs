@@ -12,13 +12,17 @@ use anyhow::{Context as _, bail};
 use crate::{
     cli::PinArgs,
     exit,
-    guests::{DiscoverOptions, Discoverer, Guest},
+    guests::{DiscoverOptions, Discoverer, Guest, Manager},
     host::affinity,
     host::cpulist::CpuSet,
     host::procfs::Proc,
     host::topology::Topology,
     placement::apply::{self, OnFailure, Status},
     placement::plan::{self, Entry, PlanOptions, Role},
+    placement::{
+        libvirt::{self, Scope},
+        place,
+    },
 };
 
 #[derive(Debug, serde::Serialize)]
@@ -48,6 +52,36 @@ struct Report<'a> {
     /// Threads that exited before planning (those that exited while
     /// applying are entries with status "vanished").
     vanished: Vec<Gone>,
+    libvirt: Libvirt,
+}
+
+/// The libvirt domains among the guests: pinned through libvirt.
+#[derive(Debug, Default, serde::Serialize)]
+struct Libvirt {
+    domains: Vec<String>,
+    /// Whether the placement was also written into their persistent definitions.
+    persistent: bool,
+}
+
+/// Writes the placement of every libvirt domain of the plan into its
+/// persistent definition (`virsh vcpupin/emulatorpin --config`).
+fn persist(plan: &plan::Plan) -> Result<(), libvirt::LibvirtError> {
+    let mut emulators_done = Vec::new();
+    for e in plan
+        .entries
+        .iter()
+        .filter(|e| e.manager == Manager::Libvirt)
+    {
+        match e.vcpu {
+            Some(i) => libvirt::vcpupin(&e.vm, i, &e.to, Scope::Config)?,
+            None if !emulators_done.contains(&&e.vm) => {
+                libvirt::emulatorpin(&e.vm, &e.to, Scope::Config)?;
+                emulators_done.push(&e.vm);
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
@@ -70,15 +104,33 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
     for w in &plan.warnings {
         log::warn!("{w}");
     }
+    let libvirt_domains: Vec<&str> = guests
+        .iter()
+        .filter(|g| g.manager == Manager::Libvirt)
+        .map(|g| g.name.as_str())
+        .collect();
+    if args.persist {
+        // Checked before anything changes: all or nothing.
+        for d in &libvirt_domains {
+            libvirt::require_persistent(d)
+                .map_err(|e| anyhow::anyhow!("{e}\nnothing was changed"))?;
+        }
+    }
 
     let statuses = if args.dry_run {
         apply::planned(&plan)
     } else {
-        let applied = apply::apply(&plan, &mut affinity::Live, OnFailure::Rollback)?;
+        let applied = apply::apply(&plan, &mut place::Live::new(), OnFailure::Rollback)?;
         for (e, s) in plan.entries.iter().zip(&applied.statuses) {
             if *s == Status::Vanished {
                 log::info!("{} exited before it could be pinned", apply::describe(e));
             }
+        }
+        if args.persist {
+            persist(&plan).context(
+                "the placement is applied to the running domains, but writing it into their \
+                 persistent definitions failed",
+            )?;
         }
         applied.statuses
     };
@@ -98,6 +150,10 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
         shared_cpus: &plan.shared_cpus,
         warnings: &plan.warnings,
         vanished,
+        libvirt: Libvirt {
+            domains: libvirt_domains.iter().map(|d| d.to_string()).collect(),
+            persistent: args.persist && !args.dry_run,
+        },
     };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -250,6 +306,22 @@ fn render(r: &Report) -> String {
             r.shared_cpus
         ));
     }
+    if !r.libvirt.domains.is_empty() {
+        let names = r.libvirt.domains.join(", ");
+        let verb = if r.dry_run { "would be" } else { "were" };
+        if r.libvirt.persistent {
+            s.push_str(&format!(
+                "libvirt domains {names} {verb} pinned through libvirt, live and in their \
+                 persistent definitions (virsh vcpupin/emulatorpin show it; a restart keeps it).\n"
+            ));
+        } else {
+            s.push_str(&format!(
+                "libvirt domains {names} {verb} pinned through libvirt (virsh vcpupin/emulatorpin \
+                 show it), live only: a restart of the domain loses it; pass --persist to write \
+                 it into the domain definition.\n"
+            ));
+        }
+    }
     s
 }
 
@@ -274,6 +346,7 @@ mod tests {
             from,
             to,
             shared: false,
+            manager: Default::default(),
         }
     }
 
@@ -303,6 +376,7 @@ mod tests {
             shared_cpus: &CpuSet::new(),
             warnings: &[],
             vanished: vec![],
+            libvirt: Libvirt::default(),
         };
         let s = render(&report);
         let lines: Vec<&str> = s.lines().collect();

@@ -13,10 +13,11 @@ use crate::{
     bpf::probe::{Probe, ProbeError},
     guests::{DiscoverError, DiscoverOptions, Discoverer, Discovery},
     host::{
-        affinity::{self, Affinities, AffinityError},
+        affinity::{Affinities, AffinityError},
         cpulist::CpuSet,
         procfs::{Proc, ThreadInfo},
     },
+    placement::place::{self, Placement, Target},
 };
 
 /// The loaded probe, shared by the daemon (which writes its maps) and the
@@ -37,7 +38,7 @@ impl SharedProbe {
 }
 
 /// What the daemon does to the world, and reads from it.
-pub trait Effects: Affinities {
+pub trait Effects: Placement {
     /// The kernel's ownership of CPUs (`TASKS`, `GUARDED`).
     fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError>;
     fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError>;
@@ -104,6 +105,7 @@ enum Request {
 pub struct Live {
     probe: SharedProbe,
     proc: Proc,
+    placer: place::Live,
     discovery: std::sync::mpsc::Sender<Request>,
 }
 
@@ -144,6 +146,7 @@ impl Live {
             Self {
                 probe,
                 proc,
+                placer: place::Live::new(),
                 discovery: req_tx,
             },
             res_rx,
@@ -158,11 +161,17 @@ impl Live {
 
 impl Affinities for Live {
     fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
-        affinity::Live.get(tid)
+        self.placer.get(tid)
     }
 
     fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
-        affinity::Live.set(tid, cpus)
+        self.placer.set(tid, cpus)
+    }
+}
+
+impl Placement for Live {
+    fn place(&mut self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
+        self.placer.place(t, cpus)
     }
 }
 

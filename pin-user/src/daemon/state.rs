@@ -24,7 +24,7 @@ use crate::{
         metrics::Metrics,
         violation::{Recent, Violation, ViolationKind},
     },
-    guests::{DiscoverOptions, Discovery, Guest},
+    guests::{DiscoverOptions, Discovery, Guest, Manager},
     host::{
         affinity::AffinityError,
         cpulist::CpuSet,
@@ -33,6 +33,7 @@ use crate::{
     placement::{
         apply::{self, OnFailure, Status},
         enforce::{self, Limiter},
+        place::Target,
         plan::{self, PlanOptions, Role},
     },
 };
@@ -44,6 +45,7 @@ struct Assignment {
     pid: u32,
     vcpu: u32,
     cpu: u32,
+    manager: Manager,
 }
 
 /// A guest process to look at again (it just exec'ed, or a thread vanished).
@@ -447,6 +449,7 @@ impl<E: Effects> Daemon<E> {
                     pid: e.pid,
                     vcpu,
                     cpu,
+                    manager: e.manager,
                 },
             );
         }
@@ -742,7 +745,13 @@ impl<E: Effects> Daemon<E> {
             log::debug!("not re-pinning {tid} for another {wait:?} (back-off)");
             return;
         }
-        match self.fx.set(tid, &CpuSet::single(a.cpu)) {
+        let target = Target {
+            vm: &a.vm,
+            vcpu: Some(a.vcpu),
+            tid,
+            manager: a.manager,
+        };
+        match self.fx.place(&target, &CpuSet::single(a.cpu)) {
             Ok(()) => {
                 self.metrics.repins.with_label_values(&[&a.vm]).inc();
                 self.pinned.insert(tid, true);
@@ -822,6 +831,13 @@ impl<E: Effects> Daemon<E> {
         let target = c.target_tid;
         let t = &c.caller;
         if let Some(a) = self.assignments.get(&target).cloned() {
+            // Setting a vCPU to exactly its assigned CPU satisfies the plan,
+            // whoever does it: `pinguard pin`, or libvirt when pinguard
+            // pins through it.
+            if c.mask == CpuSet::single(a.cpu) {
+                self.verify_one(target, true);
+                return;
+            }
             self.record(
                 Violation::new(
                     ViolationKind::AffinityChanged,

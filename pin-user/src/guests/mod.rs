@@ -89,6 +89,20 @@ pub enum Source {
     ThreadNames,
 }
 
+/// Who runs a guest, and so through whom its threads are placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Manager {
+    /// Started by hand or by a tool that keeps no placement of its own:
+    /// pinguard sets affinities itself.
+    #[default]
+    None,
+    /// A libvirt domain (found in libvirt's status directory): libvirt owns
+    /// its cpuset cgroups and re-applies its own pinning, so pinguard pins
+    /// through libvirt (`virsh vcpupin` / `emulatorpin`).
+    Libvirt,
+}
+
 /// One vCPU of a guest and the host thread that runs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Vcpu {
@@ -111,6 +125,7 @@ pub struct Guest {
     /// (PF_NO_SETAFFINITY, e.g. io_uring workers) are left out.
     pub emulator_tids: Vec<u32>,
     pub source: Source,
+    pub manager: Manager,
 }
 
 impl Guest {
@@ -549,12 +564,18 @@ impl Discoverer {
             }
         }
         emulator_tids.sort_unstable();
+        let manager = if c.libvirt.is_some() {
+            Manager::Libvirt
+        } else {
+            Manager::None
+        };
         Some(Guest {
             name,
             pid,
             vcpus,
             emulator_tids,
             source,
+            manager,
         })
     }
 

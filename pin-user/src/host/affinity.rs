@@ -11,7 +11,10 @@ use nix::{
 };
 use thiserror::Error;
 
-use crate::host::cpulist::CpuSet;
+use crate::host::{
+    cgroup::{Cgroups, Cpuset},
+    cpulist::CpuSet,
+};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum AffinityError {
@@ -43,6 +46,18 @@ pub enum AffinityError {
     },
     #[error("thread {tid}: CPU {cpu} is beyond the {max} CPUs an affinity mask can hold")]
     CpuTooLarge { tid: u32, cpu: u32, max: usize },
+    #[error(
+        "CPUs {cpus} are outside the cpuset of cgroup {} (CPUs {}, managed by {}) that thread \
+         {tid} is in; {}",
+        cgroup.path, cgroup.cpus, cgroup.owner, cgroup.fix(cpus)
+    )]
+    Cpuset {
+        tid: u32,
+        cpus: CpuSet,
+        cgroup: Box<Cpuset>,
+    },
+    #[error("thread {tid}: {detail}")]
+    Manager { tid: u32, detail: String },
 }
 
 impl AffinityError {
@@ -55,7 +70,9 @@ impl AffinityError {
             | Self::Invalid { tid, .. }
             | Self::Other { tid, .. }
             | Self::Mismatch { tid, .. }
-            | Self::CpuTooLarge { tid, .. } => *tid,
+            | Self::CpuTooLarge { tid, .. }
+            | Self::Cpuset { tid, .. }
+            | Self::Manager { tid, .. } => *tid,
         }
     }
 
@@ -69,18 +86,43 @@ impl AffinityError {
         match self {
             Self::Gone { .. } => Some(Errno::ESRCH),
             Self::NotPermitted { .. } => Some(Errno::EPERM),
-            Self::Invalid { .. } | Self::CpuTooLarge { .. } => Some(Errno::EINVAL),
+            Self::Invalid { .. } | Self::CpuTooLarge { .. } | Self::Cpuset { .. } => {
+                Some(Errno::EINVAL)
+            }
             Self::Other { errno, .. } => Some(*errno),
-            Self::Mismatch { .. } => None,
+            Self::Mismatch { .. } | Self::Manager { .. } => None,
         }
     }
 
     /// A short stable label for metrics: the errno name ("ESRCH", "EPERM",
-    /// "EINVAL", ...), or "MISMATCH" when the kernel accepted the mask but
-    /// the thread ended up with a different one.
+    /// "EINVAL", ...), "MISMATCH" when the kernel accepted the mask but
+    /// the thread ended up with a different one, "MANAGER" when the guest's
+    /// manager (libvirt) refused.
     pub fn errno_name(&self) -> String {
-        self.errno()
-            .map_or_else(|| "MISMATCH".to_string(), errno_name)
+        match self {
+            Self::Manager { .. } => "MANAGER".to_string(),
+            _ => self
+                .errno()
+                .map_or_else(|| "MISMATCH".to_string(), errno_name),
+        }
+    }
+
+    /// The same error, explained by the thread's cpuset cgroup when that is
+    /// what stands in the way of `cpus`.
+    pub fn explained(self, cgroups: &Cgroups) -> Self {
+        let (tid, cpus) = match &self {
+            Self::Invalid { tid, cpus } => (*tid, cpus.clone()),
+            Self::Mismatch { tid, wanted, .. } => (*tid, wanted.clone()),
+            _ => return self,
+        };
+        match cgroups.cpuset_of(tid) {
+            Some(cg) if !cpus.is_subset(&cg.cpus) => Self::Cpuset {
+                tid,
+                cpus,
+                cgroup: Box::new(cg),
+            },
+            _ => self,
+        }
     }
 }
 
@@ -160,40 +202,30 @@ pub fn set(tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
 
 /// Sets the affinity and reads it back: the kernel silently narrows a mask
 /// to the thread's cpuset, so success of the syscall alone proves little.
+/// A refusal the thread's cpuset explains names the cgroup and its manager.
 pub fn apply_and_verify(tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
-    set(tid, cpus)?;
-    let actual = get(tid)?;
-    if &actual != cpus {
-        return Err(AffinityError::Mismatch {
-            tid,
-            wanted: cpus.clone(),
-            actual,
-        });
-    }
-    Ok(())
+    let verified = set(tid, cpus).and_then(|()| {
+        let actual = get(tid)?;
+        if &actual != cpus {
+            return Err(AffinityError::Mismatch {
+                tid,
+                wanted: cpus.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    });
+    verified.map_err(|e| e.explained(&Cgroups::read()))
 }
 
-/// Reading and setting thread affinities: the host's (`Live`) or, in unit
-/// tests, an in-memory table (`fake::Table`), so the decisions that move
-/// threads can be tested without moving any.
+/// Reading and setting thread affinities: the host's
+/// ([`crate::placement::place::Live`]) or, in unit tests, an in-memory table
+/// (`fake::Table`), so the decisions that move threads can be tested
+/// without moving any.
 pub trait Affinities {
     fn get(&self, tid: u32) -> Result<CpuSet, AffinityError>;
     /// Sets the affinity and verifies it (see [`apply_and_verify`]).
     fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError>;
-}
-
-/// The host's affinities, through `sched_{get,set}affinity`.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Live;
-
-impl Affinities for Live {
-    fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
-        get(tid)
-    }
-
-    fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
-        apply_and_verify(tid, cpus)
-    }
 }
 
 #[cfg(test)]

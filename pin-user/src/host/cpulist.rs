@@ -27,44 +27,7 @@ impl CpuSet {
     /// Parses a kernel CPU list. The empty string (as in an empty
     /// `/sys/devices/system/cpu/isolated`) is the empty set.
     pub fn parse(input: &str) -> Result<Self, CpuListError> {
-        let err = |reason: String| CpuListError::Syntax {
-            input: input.to_string(),
-            reason,
-        };
-        let mut set = BTreeSet::new();
-        let trimmed = input.trim();
-        if trimmed.is_empty() {
-            return Ok(Self(set));
-        }
-        for part in trimmed.split(',') {
-            let part = part.trim();
-            if part.is_empty() {
-                return Err(err("empty element".into()));
-            }
-            // Kernel syntax also allows a stride: "0-15:2" (every other CPU).
-            let (range, stride) = match part.split_once(':') {
-                Some((r, s)) => {
-                    let s: u32 = s.parse().map_err(|_| err(format!("bad stride {s:?}")))?;
-                    if s == 0 {
-                        return Err(err("stride must be at least 1".into()));
-                    }
-                    (r, s)
-                }
-                None => (part, 1),
-            };
-            let (lo, hi) = match range.split_once('-') {
-                Some((a, b)) => (parse_id(a, &err)?, parse_id(b, &err)?),
-                None => {
-                    let c = parse_id(range, &err)?;
-                    (c, c)
-                }
-            };
-            if lo > hi {
-                return Err(err(format!("range {lo}-{hi} is reversed")));
-            }
-            set.extend((lo..=hi).step_by(stride as usize));
-        }
-        Ok(Self(set))
+        Ok(Self(expand(input)?.into_iter().collect()))
     }
 
     pub fn from_cpus(cpus: impl IntoIterator<Item = u32>) -> Self {
@@ -178,6 +141,116 @@ impl CpuSet {
             }
         }
         Ok(Self(set))
+    }
+}
+
+/// The CPUs of a list in the order written, repeats kept.
+fn expand(input: &str) -> Result<Vec<u32>, CpuListError> {
+    let err = |reason: String| CpuListError::Syntax {
+        input: input.to_string(),
+        reason,
+    };
+    let mut out = Vec::new();
+    let trimmed = input.trim();
+    if trimmed.is_empty() {
+        return Ok(out);
+    }
+    for part in trimmed.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(err("empty element".into()));
+        }
+        // Kernel syntax also allows a stride: "0-15:2" (every other CPU).
+        let (range, stride) = match part.split_once(':') {
+            Some((r, s)) => {
+                let s: u32 = s.parse().map_err(|_| err(format!("bad stride {s:?}")))?;
+                if s == 0 {
+                    return Err(err("stride must be at least 1".into()));
+                }
+                (r, s)
+            }
+            None => (part, 1),
+        };
+        let (lo, hi) = match range.split_once('-') {
+            Some((a, b)) => (parse_id(a, &err)?, parse_id(b, &err)?),
+            None => {
+                let c = parse_id(range, &err)?;
+                (c, c)
+            }
+        };
+        if lo > hi {
+            return Err(err(format!("range {lo}-{hi} is reversed")));
+        }
+        out.extend((lo..=hi).step_by(stride as usize));
+    }
+    Ok(out)
+}
+
+/// CPUs in a given order, repeats kept: one CPU per vCPU in a `--vm`
+/// map, where `1,1` puts two vCPUs on CPU 1 (with `--allow-shared`).
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct CpuSeq(Vec<u32>);
+
+impl CpuSeq {
+    /// Parses a CPU list in the kernel's syntax, in order, repeats kept.
+    pub fn parse(input: &str) -> Result<Self, CpuListError> {
+        expand(input).map(Self)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The distinct CPUs.
+    pub fn to_set(&self) -> CpuSet {
+        CpuSet::from_cpus(self.iter())
+    }
+
+    /// The CPUs listed more than once.
+    pub fn repeated(&self) -> CpuSet {
+        let mut seen = BTreeSet::new();
+        self.iter().filter(|c| !seen.insert(*c)).collect()
+    }
+}
+
+impl From<Vec<u32>> for CpuSeq {
+    fn from(v: Vec<u32>) -> Self {
+        Self(v)
+    }
+}
+
+impl fmt::Display for CpuSeq {
+    /// As given: "1,1,2".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(u32::to_string).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl fmt::Debug for CpuSeq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CpuSeq({self})")
+    }
+}
+
+impl serde::Serialize for CpuSeq {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CpuSeq {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 pub mod affinity;
+pub mod cgroup;
 pub mod cmdline;
 pub mod cpulist;
 pub mod irq;

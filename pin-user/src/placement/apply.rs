@@ -10,8 +10,11 @@
 use thiserror::Error;
 
 use crate::{
-    host::affinity::{Affinities, AffinityError},
-    placement::plan::{Entry, Plan, Role},
+    host::affinity::AffinityError,
+    placement::{
+        place::Placement,
+        plan::{Entry, Plan, Role},
+    },
 };
 
 /// What happened to one thread of the plan.
@@ -113,7 +116,7 @@ pub fn describe(e: &Entry) -> String {
 /// Applies the changes of `plan` through `aff`, emulator threads first.
 pub fn apply(
     plan: &Plan,
-    aff: &mut impl Affinities,
+    aff: &mut impl Placement,
     on_failure: OnFailure,
 ) -> Result<Applied, Box<Aborted>> {
     let mut out = Applied {
@@ -128,7 +131,7 @@ pub fn apply(
     let mut changed: Vec<usize> = Vec::new();
     for (n, &i) in order.iter().enumerate() {
         let e = &plan.entries[i];
-        match aff.set(e.tid, &e.to) {
+        match aff.place(&e.target(), &e.to) {
             Ok(()) => {
                 out.statuses[i] = Status::Applied;
                 changed.push(i);
@@ -144,7 +147,7 @@ pub fn apply(
                     let mut not_restored = Vec::new();
                     for &j in changed.iter().rev() {
                         let done = &plan.entries[j];
-                        match aff.set(done.tid, &done.from) {
+                        match aff.place(&done.target(), &done.from) {
                             Ok(()) => restored += 1,
                             // Gone: nothing is left changed for it.
                             Err(err) if err.is_gone() => restored += 1,
@@ -182,6 +185,7 @@ mod tests {
             from,
             to,
             shared: false,
+            manager: Default::default(),
         }
     }
 

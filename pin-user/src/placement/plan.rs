@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 
 use crate::{
-    guests::Guest,
-    host::cpulist::CpuSet,
+    guests::{Guest, Manager},
+    host::cpulist::{CpuSeq, CpuSet},
     host::topology::{Guard, Topology},
 };
 
@@ -63,8 +63,9 @@ impl std::str::FromStr for EmulatorPolicy {
 /// How to place (the `pin` flags, or the daemon's configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanOptions {
-    /// Explicit placements: guest name -> one CPU per vCPU, in order.
-    pub vm: Vec<(String, CpuSet)>,
+    /// Explicit placements: guest name -> one CPU per vCPU, in order (a
+    /// CPU listed twice is shared, with `allow_shared`).
+    pub vm: Vec<(String, CpuSeq)>,
     pub emulator: EmulatorPolicy,
     pub smt: SmtPolicy,
     /// Let vCPUs share guarded CPUs when there are not enough.
@@ -108,6 +109,8 @@ pub struct Entry {
     pub change: bool,
     /// This vCPU shares its CPU with another vCPU (`allow_shared`).
     pub shared: bool,
+    /// Through whom the thread is placed.
+    pub manager: Manager,
 }
 
 /// The placement of every managed thread.
@@ -158,7 +161,7 @@ pub enum PlanError {
     #[error("--vm {name}={cpus}: CPU {cpu} is not online (online CPUs: {online})")]
     CpuOffline {
         name: String,
-        cpus: CpuSet,
+        cpus: CpuSeq,
         cpu: u32,
         online: CpuSet,
     },
@@ -168,7 +171,7 @@ pub enum PlanError {
     )]
     CpuNotGuarded {
         name: String,
-        cpus: CpuSet,
+        cpus: CpuSeq,
         cpu: u32,
         guarded: CpuSet,
     },
@@ -177,20 +180,29 @@ pub enum PlanError {
     )]
     WrongCount {
         name: String,
-        cpus: CpuSet,
+        cpus: CpuSeq,
         given: usize,
         vcpus: usize,
     },
     #[error(
         "--vm {first}={first_cpus} and --vm {second}={second_cpus} both claim CPU {overlap}: \
-         a guarded CPU belongs to one vCPU"
+         a guarded CPU belongs to one vCPU (--allow-shared lets them share it)"
     )]
     Overlap {
         first: String,
-        first_cpus: CpuSet,
+        first_cpus: CpuSeq,
         second: String,
-        second_cpus: CpuSet,
+        second_cpus: CpuSeq,
         overlap: CpuSet,
+    },
+    #[error(
+        "--vm {name}={cpus} puts more than one vCPU on CPU {repeated}: vCPUs would share it \
+         and contend; pass --allow-shared if that is intended"
+    )]
+    Repeated {
+        name: String,
+        cpus: CpuSeq,
+        repeated: CpuSet,
     },
     #[error(
         "{needed} vCPU(s) need a guarded CPU each but only {free} {what} free (guarded CPUs: {guarded}). \
@@ -345,6 +357,7 @@ pub fn plan(
                 from,
                 to,
                 shared: shared_cpus.contains(cpu),
+                manager: g.manager,
             });
         }
         let emulator_to = match (&opts.emulator, vcpu0) {
@@ -369,6 +382,7 @@ pub fn plan(
                 from,
                 to: emulator_to.clone(),
                 shared: false,
+                manager: g.manager,
             });
         }
     }
@@ -385,9 +399,9 @@ fn validate_maps(
     guard: &Guard,
     order: &[&Guest],
     opts: &PlanOptions,
-) -> Result<HashMap<u32, CpuSet>, PlanError> {
+) -> Result<HashMap<u32, CpuSeq>, PlanError> {
     let mut out = HashMap::new();
-    let mut seen: Vec<(&str, &CpuSet)> = Vec::new();
+    let mut seen: Vec<(&str, &CpuSeq)> = Vec::new();
     for (name, cpus) in &opts.vm {
         if seen.iter().any(|(n, _)| n == name) {
             return Err(PlanError::DuplicateVm { name: name.clone() });
@@ -440,13 +454,25 @@ fn validate_maps(
                 vcpus: g.vcpus.len(),
             });
         }
-        if let Some((other, other_cpus)) = seen.iter().find(|(_, c)| c.intersects(cpus)) {
+        let repeated = cpus.repeated();
+        if !repeated.is_empty() && !opts.allow_shared {
+            return Err(PlanError::Repeated {
+                name: name.clone(),
+                cpus: cpus.clone(),
+                repeated,
+            });
+        }
+        if let Some((other, other_cpus)) = seen
+            .iter()
+            .find(|(_, c)| c.to_set().intersects(&cpus.to_set()))
+            && !opts.allow_shared
+        {
             return Err(PlanError::Overlap {
                 first: other.to_string(),
                 first_cpus: (*other_cpus).clone(),
                 second: name.clone(),
                 second_cpus: cpus.clone(),
-                overlap: other_cpus.intersection(cpus),
+                overlap: other_cpus.to_set().intersection(&cpus.to_set()),
             });
         }
         seen.push((name, cpus));
@@ -712,6 +738,7 @@ mod tests {
                 .collect(),
             emulator_tids: vec![pid, pid + 1],
             source: Source::Qmp,
+            manager: Default::default(),
         }
     }
 
@@ -910,6 +937,32 @@ mod tests {
         assert!(plan(&t, &g, &guests, &unpinned(&t, &guests), &opts()).is_ok());
     }
 
+    fn seq(s: &str) -> CpuSeq {
+        CpuSeq::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_cpu_repeated_in_a_map_is_shared_only_when_allowed() {
+        let t = flat(2);
+        let g = guard(&t, "1");
+        let guests = [guest("g1", 100, 2)];
+        let cur = unpinned(&t, &guests);
+        let mut o = PlanOptions {
+            vm: vec![("g1".into(), seq("1,1"))],
+            ..opts()
+        };
+        let e = plan(&t, &g, &guests, &cur, &o).unwrap_err().to_string();
+        assert!(
+            e.contains("--vm g1=1,1 puts more than one vCPU on CPU 1")
+                && e.contains("--allow-shared"),
+            "{e}"
+        );
+        o.allow_shared = true;
+        let p = plan(&t, &g, &guests, &cur, &o).unwrap();
+        assert_eq!(vcpu_cpus(&p, "g1"), vec![1, 1]);
+        assert_eq!(p.shared_cpus, cs("1"));
+    }
+
     #[test]
     fn explicit_maps_win() {
         let t = flat(6);
@@ -918,7 +971,7 @@ mod tests {
         let mut cur = unpinned(&t, &guests);
         cur.insert(210, cs("4")); // b sits where a is sent: b moves
         let o = PlanOptions {
-            vm: vec![("a".into(), cs("4-5"))],
+            vm: vec![("a".into(), seq("4-5"))],
             ..opts()
         };
         let p = plan(&t, &g, &guests, &cur, &o).unwrap();
@@ -938,7 +991,7 @@ mod tests {
             let o = PlanOptions {
                 vm: vm
                     .into_iter()
-                    .map(|(n, c)| (n.to_string(), cs(c)))
+                    .map(|(n, c)| (n.to_string(), seq(c)))
                     .collect(),
                 ..opts()
             };
@@ -959,7 +1012,8 @@ mod tests {
         assert!(run(vec![("g1", "1-2")]).contains("lists 2 CPU(s) but guest g1 has 1 vCPU(s)"));
         assert_eq!(
             run(vec![("g1", "1"), ("g2", "1")]),
-            "--vm g1=1 and --vm g2=1 both claim CPU 1: a guarded CPU belongs to one vCPU"
+            "--vm g1=1 and --vm g2=1 both claim CPU 1: a guarded CPU belongs to one vCPU \
+             (--allow-shared lets them share it)"
         );
         assert_eq!(
             run(vec![("g1", "1"), ("g1", "2")]),
@@ -968,7 +1022,7 @@ mod tests {
 
         let twins = [guest("same", 100, 1), guest("same", 200, 1)];
         let o = PlanOptions {
-            vm: vec![("same".into(), cs("1"))],
+            vm: vec![("same".into(), seq("1"))],
             ..opts()
         };
         let e = plan(&t, &g, &twins, &cur, &o).unwrap_err();

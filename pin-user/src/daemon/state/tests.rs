@@ -14,11 +14,12 @@ use crate::{
         probe::ProbeError,
     },
     daemon::effects::{Discovered, Effects},
-    guests::{DiscoverError, Source, Vcpu},
+    guests::{DiscoverError, Manager, Source, Vcpu},
     host::{
         affinity::{Affinities, fake::Table},
         procfs::ThreadInfo,
     },
+    placement::place::Placement,
 };
 
 const GUEST: u32 = 100;
@@ -45,6 +46,15 @@ struct Fake {
     kvm: BTreeSet<u32>,
     clock: Duration,
     start: Option<Instant>,
+    /// Threads placed through their guest's manager: (tid, manager).
+    placed: Vec<(u32, Manager)>,
+}
+
+impl Placement for Fake {
+    fn place(&mut self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
+        self.placed.push((t.tid, t.manager));
+        self.aff.set(t.tid, cpus)
+    }
 }
 
 impl Affinities for Fake {
@@ -170,6 +180,7 @@ fn host() -> Fake {
         }],
         emulator_tids: vec![EMU],
         source: Source::Qmp,
+        manager: Default::default(),
     });
     for (tgid, tid, comm) in [
         (GUEST, VCPU, "CPU 0/KVM"),
@@ -323,6 +334,36 @@ fn another_tool_widening_a_vcpu_is_reported_and_undone() {
     let v = &d.recent.to_vec()[0];
     assert_eq!((v.vm.as_deref(), v.vcpu), (Some("g1"), Some(0)));
     assert_eq!(d.fx.aff.cpus[&VCPU], cpus("1"), "not re-pinned");
+}
+
+#[test]
+fn setting_a_vcpu_to_its_assigned_cpu_is_not_a_violation() {
+    // `pinguard pin` (or libvirt, pinning for pinguard) in observe mode.
+    let mut h = host();
+    h.aff.cpus.insert(VCPU, cpus("1"));
+    let mut d = daemon(h, "");
+    d.handle(&KernelEvent::AffinityChange(AffinityChange {
+        cpu: 1,
+        caller: ev_thread(STRANGER, STRANGER, "pinguard"),
+        target_tid: VCPU,
+        mask: cpus("1"),
+        at_ns: 0,
+    }));
+    assert!(kinds(&d).is_empty(), "{:?}", d.recent.to_vec());
+}
+
+#[test]
+fn a_libvirt_domains_vcpu_is_re_pinned_through_libvirt() {
+    let mut h = host();
+    h.guests[0].manager = Manager::Libvirt;
+    let mut d = daemon(h, ENFORCE);
+    assert!(d.fx.placed.contains(&(VCPU, Manager::Libvirt)), "{:?}", d.fx.placed);
+    // `virsh vcpupin g1 0 0`: libvirt moves the vCPU away; it comes back through libvirt.
+    d.fx.placed.clear();
+    d.fx.aff.cpus.insert(VCPU, cpus("0"));
+    d.tick();
+    assert_eq!(d.fx.placed, [(VCPU, Manager::Libvirt)]);
+    assert_eq!(d.fx.aff.cpus[&VCPU], cpus("1"));
 }
 
 #[test]

@@ -1,0 +1,175 @@
+//! Moving one guest thread to its planned CPUs: directly, or through the
+//! guest's manager (see [`crate::placement::libvirt`]) so that the manager
+//! agrees and does not undo it.
+use std::fs;
+
+use crate::{
+    guests::Manager,
+    host::{
+        affinity::{self, Affinities, AffinityError},
+        cgroup::{CgroupOwner, Cgroups},
+        cpulist::CpuSet,
+    },
+    placement::{
+        libvirt::{self, Scope},
+        plan::Entry,
+    },
+};
+
+/// The guest thread to place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub vm: &'a str,
+    /// `None` for an emulator thread.
+    pub vcpu: Option<u32>,
+    pub tid: u32,
+    pub manager: Manager,
+}
+
+impl Entry {
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            vm: &self.vm,
+            vcpu: self.vcpu,
+            tid: self.tid,
+            manager: self.manager,
+        }
+    }
+}
+
+/// Affinities plus the placement of guest threads. The default places
+/// every thread directly (unit-test fakes); [`Live`] goes through libvirt
+/// for libvirt's domains.
+pub trait Placement: Affinities {
+    fn place(&mut self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
+        self.set(t.tid, cpus)
+    }
+}
+
+/// The host: libvirt domains through `virsh`, every other guest with
+/// `sched_setaffinity`.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    cgroups: Cgroups,
+}
+
+impl Live {
+    pub fn new() -> Self {
+        Self {
+            cgroups: Cgroups::read(),
+        }
+    }
+
+    fn through_libvirt(&self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
+        // Emulator threads share one cgroup and one `emulatorpin`: the first
+        // moved them all, the rest are already there.
+        if t.vcpu.is_none() && affinity::get(t.tid)? == *cpus {
+            return Ok(());
+        }
+        let asked = match t.vcpu {
+            Some(i) => libvirt::vcpupin(t.vm, i, cpus, Scope::Live),
+            None => libvirt::emulatorpin(t.vm, cpus, Scope::Live),
+        };
+        if let Err(e) = asked {
+            // libvirtd down or refusing: the cpuset may still allow a direct
+            // move, but libvirt's view (virsh vcpupin) then lags behind.
+            return match affinity::apply_and_verify(t.tid, cpus) {
+                Ok(()) => {
+                    log::warn!(
+                        "guest {} {}: libvirt did not pin it ({e}); pinned directly, so \
+                         `virsh vcpupin`/`emulatorpin` do not show it",
+                        t.vm,
+                        role(t)
+                    );
+                    Ok(())
+                }
+                Err(direct) => Err(AffinityError::Manager {
+                    tid: t.tid,
+                    detail: format!("guest {} {}: {e}; directly: {direct}", t.vm, role(t)),
+                }),
+            };
+        }
+        let now = affinity::get(t.tid)?;
+        if now == *cpus {
+            return Ok(());
+        }
+        if t.vcpu.is_none() {
+            self.move_to_emulator_cgroup(t.tid)?;
+            return affinity::apply_and_verify(t.tid, cpus);
+        }
+        Err(AffinityError::Mismatch {
+            tid: t.tid,
+            wanted: cpus.clone(),
+            actual: now,
+        }
+        .explained(&self.cgroups))
+    }
+
+    /// A thread of the domain outside its emulator cgroup that `emulatorpin`
+    /// does not reach: KVM's NX huge page recovery worker, created by a vCPU
+    /// thread, lands in that vCPU's cgroup and would stay on the vCPU's
+    /// guarded CPU. libvirt's own layout has a home for it, the domain's
+    /// `emulator` cgroup; moving it there changes that guest only.
+    fn move_to_emulator_cgroup(&self, tid: u32) -> Result<(), AffinityError> {
+        let Some(cg) = self.cgroups.cpuset_of(tid) else {
+            return Ok(());
+        };
+        if cg.owner != CgroupOwner::Libvirt {
+            return Ok(());
+        }
+        let Some(domain_dir) = cg.dir.parent() else {
+            return Ok(());
+        };
+        let emulator = domain_dir.join("emulator");
+        if cg.dir == emulator || !emulator.is_dir() {
+            return Ok(());
+        }
+        // v1 moves one thread with `tasks`, v2 (threaded) with `cgroup.threads`.
+        let file = ["tasks", "cgroup.threads"]
+            .into_iter()
+            .map(|f| emulator.join(f))
+            .find(|p| p.exists());
+        if let Some(file) = file {
+            match fs::write(&file, tid.to_string()) {
+                Ok(()) => log::info!(
+                    "moved thread {tid} from cgroup {} to the domain's emulator cgroup",
+                    cg.path
+                ),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                    return Err(AffinityError::Gone { tid });
+                }
+                Err(e) => log::warn!("cannot move thread {tid} into {}: {e}", file.display()),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn role(t: &Target<'_>) -> String {
+    match t.vcpu {
+        Some(i) => format!("vCPU {i} (thread {})", t.tid),
+        None => format!("emulator thread {}", t.tid),
+    }
+}
+
+impl Affinities for Live {
+    fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
+        affinity::get(tid)
+    }
+
+    fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
+        affinity::apply_and_verify(tid, cpus)
+    }
+}
+
+impl Placement for Live {
+    fn place(&mut self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
+        match t.manager {
+            Manager::Libvirt => self.through_libvirt(t, cpus),
+            Manager::None => affinity::apply_and_verify(t.tid, cpus),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Placement for crate::host::affinity::fake::Table {}
