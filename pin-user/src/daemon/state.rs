@@ -747,6 +747,7 @@ impl<E: Effects> Daemon<E> {
         }
         let target = Target {
             vm: &a.vm,
+            pid: a.pid,
             vcpu: Some(a.vcpu),
             tid,
             manager: a.manager,

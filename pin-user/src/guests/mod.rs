@@ -77,7 +77,7 @@ pub fn kvm_identity(proc: &Proc, pid: u32) -> KvmIdentity {
 pub fn is_kvm_guest(proc: &Proc, pid: u32) -> bool {
     kvm_identity(proc, pid) != KvmIdentity::NotKvm
 }
-use qemu::{is_qemu_argv, parse_qemu_cmdline, parse_vhost_name};
+use qemu::{is_qemu_argv, parse_guest_kthread_name, parse_qemu_cmdline};
 use qmp::{QMP_TIMEOUT, QmpError, query_cpus_fast};
 
 /// Where a guest's vCPU map came from.
@@ -366,10 +366,11 @@ impl Discoverer {
         Ok(d)
     }
 
-    /// The QEMU pid a `vhost-<pid>` kernel thread works for.
+    /// The QEMU pid a per-guest kernel thread (`vhost-<pid>`,
+    /// `kvm-pit/<pid>`, ...) works for.
     fn vhost_owner(&self, pid: u32) -> Option<u32> {
         let comm = self.proc.comm(pid, pid).ok().flatten()?;
-        let owner = parse_vhost_name(&comm)?;
+        let owner = parse_guest_kthread_name(&comm)?;
         let info = self.proc.thread(pid, pid).ok().flatten()?;
         info.is_kthread().then_some(owner)
     }
@@ -713,6 +714,9 @@ mod tests {
         fake.thread(200, 200, "vhost-100", PF_KTHREAD);
         fake.process(201, "fake");
         fake.thread(201, 201, "vhost-100", 0);
+        // The in-kernel PIT's worker of guest 100.
+        fake.process(202, "");
+        fake.thread(202, 202, "kvm-pit/100", PF_KTHREAD);
         // A guest without names and without QMP is skipped with a warning.
         fake.process(300, "qemu-system-x86_64 -name anon");
         fake.thread(300, 300, "qemu-system-x86", 0);
@@ -738,10 +742,10 @@ mod tests {
             g.vcpus,
             vec![Vcpu { index: 0, tid: 102 }, Vcpu { index: 1, tid: 103 }]
         );
-        assert_eq!(g.emulator_tids, vec![100, 101, 105, 200]);
+        assert_eq!(g.emulator_tids, vec![100, 101, 105, 200, 202]);
         assert_eq!(g.vcpu_tid(1), Some(103));
         assert_eq!(g.vcpu_of(102), Some(0));
-        assert_eq!(g.tids().count(), 6);
+        assert_eq!(g.tids().count(), 7);
         assert_eq!(found.warnings.len(), 2, "{:?}", found.warnings);
         assert!(
             found.warnings[0].contains("anon") && found.warnings[0].contains("debug-threads=on")

@@ -21,9 +21,16 @@ pub fn parse_vcpu_thread_name(comm: &str) -> Option<u32> {
     index.parse().ok()
 }
 
-/// `vhost-1234` -> 1234 (the vhost worker of QEMU process 1234).
-pub fn parse_vhost_name(comm: &str) -> Option<u32> {
-    let pid = comm.strip_prefix("vhost-")?;
+/// The QEMU process a per-guest kernel thread works for, from its name:
+/// `vhost-1234` (vhost worker, before vhost workers became user threads),
+/// `kvm-pit/1234` (the in-kernel PIT's timer worker) and
+/// `kvm-nx-lpage-recovery-1234` (before 6.13 made it a thread of QEMU).
+/// The kernel shows a kernel thread's full name in /proc, not only the 15
+/// characters of `comm`.
+pub fn parse_guest_kthread_name(comm: &str) -> Option<u32> {
+    let pid = ["vhost-", "kvm-pit/", "kvm-nx-lpage-recovery-"]
+        .into_iter()
+        .find_map(|prefix| comm.strip_prefix(prefix))?;
     if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -198,9 +205,16 @@ mod tests {
         ] {
             assert_eq!(parse_vcpu_thread_name(not), None, "{not}");
         }
-        assert_eq!(parse_vhost_name("vhost-4242"), Some(4242));
-        assert_eq!(parse_vhost_name("vhost-"), None);
-        assert_eq!(parse_vhost_name("vhost-net"), None);
+        assert_eq!(parse_guest_kthread_name("vhost-4242"), Some(4242));
+        assert_eq!(parse_guest_kthread_name("kvm-pit/4242"), Some(4242));
+        assert_eq!(
+            parse_guest_kthread_name("kvm-nx-lpage-recovery-4242"),
+            Some(4242)
+        );
+        assert_eq!(parse_guest_kthread_name("vhost-"), None);
+        assert_eq!(parse_guest_kthread_name("vhost-net"), None);
+        assert_eq!(parse_guest_kthread_name("kvm-pit/"), None);
+        assert_eq!(parse_guest_kthread_name("kworker/1:0"), None);
     }
 
     #[test]

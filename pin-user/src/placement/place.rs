@@ -7,7 +7,7 @@ use crate::{
     guests::Manager,
     host::{
         affinity::{self, Affinities, AffinityError},
-        cgroup::{CgroupOwner, Cgroups},
+        cgroup::{CgroupOwner, Cgroups, Cpuset},
         cpulist::CpuSet,
     },
     placement::{
@@ -20,6 +20,8 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target<'a> {
     pub vm: &'a str,
+    /// The guest's QEMU process.
+    pub pid: u32,
     /// `None` for an emulator thread.
     pub vcpu: Option<u32>,
     pub tid: u32,
@@ -30,6 +32,7 @@ impl Entry {
     pub fn target(&self) -> Target<'_> {
         Target {
             vm: &self.vm,
+            pid: self.pid,
             vcpu: self.vcpu,
             tid: self.tid,
             manager: self.manager,
@@ -145,6 +148,51 @@ impl Live {
     }
 }
 
+impl Live {
+    /// Lets a guest's own cgroup onto `cpus`: only a cgroup no known manager
+    /// writes (a manager would undo it; the error names its fix instead),
+    /// holding nothing but this guest's process, under a parent that
+    /// allows the CPUs. The kind a container-shaped guest started by hand
+    /// runs in (e.g. `unshare` in a cgroup of its own).
+    fn widen(&self, t: &Target<'_>, cg: &Cpuset, cpus: &CpuSet) -> bool {
+        if cg.owner != CgroupOwner::Unknown {
+            return false;
+        }
+        let procs = fs::read_to_string(cg.dir.join("cgroup.procs")).unwrap_or_default();
+        let only_guest = procs.lines().all(|p| p.trim() == t.pid.to_string());
+        let parent_allows = cg
+            .dir
+            .parent()
+            .and_then(|p| {
+                ["cpuset.effective_cpus", "cpuset.cpus.effective"]
+                    .iter()
+                    .find_map(|f| fs::read_to_string(p.join(f)).ok())
+            })
+            .and_then(|s| CpuSet::parse(s.trim()).ok())
+            .is_some_and(|parent| cpus.is_subset(&parent));
+        if procs.trim().is_empty() || !only_guest || !parent_allows {
+            return false;
+        }
+        let wider = cg.cpus.union(cpus);
+        match fs::write(cg.dir.join("cpuset.cpus"), wider.to_string()) {
+            Ok(()) => {
+                log::info!(
+                    "guest {}: widened the cpuset of its own cgroup {} from CPUs {} to {wider} \
+                     (it holds this guest only)",
+                    t.vm,
+                    cg.path,
+                    cg.cpus
+                );
+                true
+            }
+            Err(e) => {
+                log::warn!("guest {}: cannot widen cgroup {}: {e}", t.vm, cg.path);
+                false
+            }
+        }
+    }
+}
+
 fn role(t: &Target<'_>) -> String {
     match t.vcpu {
         Some(i) => format!("vCPU {i} (thread {})", t.tid),
@@ -166,7 +214,12 @@ impl Placement for Live {
     fn place(&mut self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
         match t.manager {
             Manager::Libvirt => self.through_libvirt(t, cpus),
-            Manager::None => affinity::apply_and_verify(t.tid, cpus),
+            Manager::None => match affinity::apply_and_verify(t.tid, cpus) {
+                Err(AffinityError::Cpuset { cgroup, .. }) if self.widen(t, &cgroup, cpus) => {
+                    affinity::apply_and_verify(t.tid, cpus)
+                }
+                r => r,
+            },
         }
     }
 }
