@@ -35,6 +35,9 @@ pub enum Command {
     Audit(AuditArgs),
     /// Check whether the host is configured for CPU isolation. Exit 1 on any failure.
     Check(CheckArgs),
+    /// Isolate the guarded CPUs now, without a reboot: IRQs, workqueues, sysctls and
+    /// cpusets (or thread affinities), each read back and recorded; --undo restores them.
+    Isolate(IsolateArgs),
     /// Run the isolation daemon: classify, enforce and export Prometheus metrics.
     Run(RunArgs),
     /// Measure latency on a guarded CPU with cyclictest and explain each spike
@@ -173,6 +176,34 @@ pub struct CheckArgs {
     pub guard: GuardArgs,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IsolateArgs {
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    /// Print each change (before -> after) and change nothing.
+    #[arg(long, conflicts_with = "undo")]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Restore everything the last `pinguard isolate` changed (from /run/pinguard/isolation.json).
+    #[arg(long, conflicts_with_all = ["guard", "mechanism"])]
+    pub undo: bool,
+    /// How to keep tasks off the guarded CPUs (default: the best available:
+    /// partition on cgroup v2 with cpuset, shield on cgroup v1, else affinity).
+    #[arg(long, value_enum)]
+    pub mechanism: Option<IsolateMechanism>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolateMechanism {
+    /// A cgroup v2 cpuset partition `isolated`.
+    Partition,
+    /// cgroup v1 cpusets: every movable task in a housekeeping cpuset.
+    Shield,
+    /// Thread affinities (every thread that allows it).
+    Affinity,
 }
 
 #[derive(Debug, Args)]

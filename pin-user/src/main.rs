@@ -19,6 +19,7 @@ mod config;
 mod daemon;
 mod guests;
 mod host;
+mod isolate;
 mod latency;
 mod placement;
 #[cfg(test)]
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         Command::Pin(args) => cmd::pin::run(args),
         Command::Audit(args) => cmd::audit::run(args),
         Command::Check(args) => cmd::check::run(args),
+        Command::Isolate(args) => cmd::isolate::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Latency(args) => cmd::latency::run(args),
         Command::Attach(args) => cmd::attach::run(args),

@@ -3,6 +3,7 @@ pub mod attach;
 pub mod audit;
 pub mod check;
 pub mod completions;
+pub mod isolate;
 pub mod latency;
 pub mod manpages;
 pub mod pin;
