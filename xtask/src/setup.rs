@@ -22,6 +22,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "linux-perf",
     // A TrueType font for the pictures `pinguard latency` draws.
     "fonts-dejavu-core",
+    // libvirt, for the tests of pinguard on libvirt domains (libvirtd is
+    // started by those tests when none runs: there may be no systemd).
+    "libvirt-daemon-system",
+    "libvirt-clients",
 ];
 
 /// The version known to build with LLVM 22 and work with this aya release.
@@ -73,6 +77,7 @@ pub fn run() -> Result<()> {
     if !state.tracefs {
         mount_tracefs()?;
     }
+    kvm_device_group()?;
     if anything_missing {
         eprintln!("{W}: done in {}", util::fmt_secs(started.elapsed()));
     }
@@ -168,6 +173,36 @@ fn apt_missing() -> Result<Vec<&'static str>> {
         .copied()
         .filter(|p| !installed.contains(p))
         .collect())
+}
+
+/// libvirt runs QEMU as `libvirt-qemu`, a member of group `kvm`: /dev/kvm
+/// must be `root:kvm 0660`, as Debian's udev rule makes it. Hosts without
+/// udev (containers, minimal VMs) leave it `root:root 0600`, and every
+/// libvirt domain then fails with "Could not access KVM kernel module".
+fn kvm_device_group() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dev = std::path::Path::new("/dev/kvm");
+    let Ok(meta) = std::fs::metadata(dev) else {
+        return Ok(());
+    };
+    let Some(kvm_gid) = std::fs::read_to_string("/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&"kvm")).then(|| f.get(2)?.parse::<u32>().ok())?
+        })
+    else {
+        return Ok(());
+    };
+    if meta.gid() == kvm_gid && meta.mode() & 0o060 == 0o060 {
+        return Ok(());
+    }
+    eprintln!("{W}: giving /dev/kvm to group kvm, mode 0660 (as udev would), for libvirt's QEMU");
+    std::os::unix::fs::chown(dev, None, Some(kvm_gid)).context("chgrp kvm /dev/kvm")?;
+    std::fs::set_permissions(dev, std::fs::Permissions::from_mode(0o660))
+        .context("chmod 0660 /dev/kvm")?;
+    Ok(())
 }
 
 fn tracefs_mounted() -> bool {
