@@ -1,4 +1,4 @@
-//! Project orchestration: `cargo xtask setup|build|test|run|bench|fuzz|soak`.
+//! Project orchestration: `cargo xtask setup|build|test|run|bench|fuzz|soak|package|manifests`.
 //!
 //! Everything the project needs on a fresh Debian 12 machine with stable and
 //! nightly Rust is installed by `setup`; every other subcommand runs it first,
@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod manifests;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -59,6 +61,16 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         secs: u64,
     },
+    /// build, then the Debian package target/debian/pinguard_VERSION_ARCH.deb
+    /// (binary, systemd unit, configuration, dashboards, man pages, completions).
+    Package {
+        /// The package's Maintainer field.
+        #[arg(long, value_name = "NAME <EMAIL>", default_value = package::DEFAULT_MAINTAINER)]
+        maintainer: String,
+    },
+    /// Regenerate deploy/kubernetes/{configmap,prometheusrule}.yaml from
+    /// packaging/pinguard.toml and dashboards/prometheus/pinguard.rules.yml.
+    Manifests,
 }
 
 /// The property tests with `cases` cases each.
@@ -100,6 +112,8 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Fuzz { cases } => fuzz(cases).map(|()| ExitCode::SUCCESS),
         Cmd::Soak { secs } => soak(secs).map(|()| ExitCode::SUCCESS),
+        Cmd::Package { maintainer } => package::run(&maintainer).map(|()| ExitCode::SUCCESS),
+        Cmd::Manifests => manifests::run().map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -26,6 +26,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // started by those tests when none runs: there may be no systemd).
     "libvirt-daemon-system",
     "libvirt-clients",
+    // dpkg-shlibdeps, for the Debian package's Depends (`cargo xtask package`).
+    "dpkg-dev",
 ];
 
 /// The version known to build with LLVM 22 and work with this aya release.
@@ -78,8 +80,95 @@ pub fn run() -> Result<()> {
         mount_tracefs()?;
     }
     kvm_device_group()?;
+    kube_validate()?;
+    crd_validate()?;
     if anything_missing {
         eprintln!("{W}: done in {}", util::fmt_secs(started.elapsed()));
+    }
+    Ok(())
+}
+
+/// kubernetes-validate from PyPI: the Kubernetes API schemas of many
+/// releases inside the package, so tests/tests/kubernetes.rs validates the
+/// manifests offline. Installed into a venv in the target directory (no root).
+const KUBE_VALIDATE_VERSION: &str = "1.37.0";
+
+/// target/tools/venv/bin/kubernetes-validate.
+pub fn kube_validate_bin() -> Result<std::path::PathBuf> {
+    Ok(util::target_dir()?.join("tools/venv/bin/kubernetes-validate"))
+}
+
+/// The Prometheus operator's CRD schemas (PodMonitor, PrometheusRule) as
+/// validators, from npm, and a YAML parser for the script that runs them
+/// (tests/kubernetes/validate-crds.mjs). Installed into target/tools/node.
+const CRD_NPM_PACKAGES: &[&str] = &["@kubernetes-models/prometheus-operator@6.0.0", "yaml@2.8.1"];
+
+/// target/tools/node, whose node_modules the CRD validation script imports from.
+pub fn node_tools_dir() -> Result<std::path::PathBuf> {
+    Ok(util::target_dir()?.join("tools/node"))
+}
+
+fn crd_validate() -> Result<()> {
+    let dir = node_tools_dir()?;
+    let installed = |spec: &str| {
+        let (name, version) = spec.rsplit_once('@').unwrap_or((spec, ""));
+        std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["version"] == version)
+    };
+    if CRD_NPM_PACKAGES.iter().all(|p| installed(p)) {
+        eprintln!(
+            "{W}: ok: {} (npm, {})",
+            CRD_NPM_PACKAGES.join(", "),
+            dir.display()
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "{W}: installing {} into {} (npm)",
+        CRD_NPM_PACKAGES.join(", "),
+        dir.display()
+    );
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    util::run(
+        W,
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&dir)
+            .args(CRD_NPM_PACKAGES),
+    )
+    .context("npm install failed (no Node.js? apt-get install nodejs npm; offline? the npm registry must be reachable)")?;
+    Ok(())
+}
+
+fn kube_validate() -> Result<()> {
+    let bin = kube_validate_bin()?;
+    let what = format!("kubernetes-validate {KUBE_VALIDATE_VERSION}");
+    if probe_line(Command::new(&bin).arg("--version")).as_deref() == Some(KUBE_VALIDATE_VERSION) {
+        eprintln!("{W}: ok: {what} ({})", bin.display());
+        return Ok(());
+    }
+    let venv = bin
+        .parent()
+        .and_then(Path::parent)
+        .context("kubernetes-validate's path has no venv")?;
+    eprintln!("{W}: installing {what} into {} (pip)", venv.display());
+    util::run(W, Command::new("python3").arg("-m").arg("venv").arg(venv)).context(
+        "python3 -m venv failed: install python3 and python3-venv (apt-get install python3-venv)",
+    )?;
+    util::run(
+        W,
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("kubernetes-validate=={KUBE_VALIDATE_VERSION}")),
+    )
+    .context("pip install kubernetes-validate failed (offline? PyPI must be reachable)")?;
+    if probe_line(Command::new(&bin).arg("--version")).as_deref() != Some(KUBE_VALIDATE_VERSION) {
+        bail!(
+            "{} --version does not print {KUBE_VALIDATE_VERSION} after the install",
+            bin.display()
+        );
     }
     Ok(())
 }

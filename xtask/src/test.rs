@@ -1,6 +1,7 @@
-//! `cargo xtask test`: setup, build, unit tests, integration tests on the real
-//! kernel, Prometheus rule checks. Runs every test step even after one fails
-//! (so one run shows all failures), then prints a one-line summary.
+//! `cargo xtask test`: setup, build, unit tests, the Debian package,
+//! integration tests on the real kernel, Prometheus rule checks. Runs every
+//! test step even after one fails (so one run shows all failures), then
+//! prints a one-line summary.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -9,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{build, setup, util};
+use crate::{build, package, setup, util};
 
 const W: &str = "test";
 const REQUIRE_ENV: &str = "PINGUARD_REQUIRE_PRIVILEGED";
@@ -39,7 +40,15 @@ pub fn run() -> Result<ExitCode> {
         step(&mut steps, "setup", setup::run) && step(&mut steps, "build", build::release_build);
     if prepared {
         step(&mut steps, "unit tests", unit_tests);
-        step(&mut steps, "integration tests", integration_tests);
+        // The package test (tests/tests/package.rs) installs this .deb.
+        let mut deb = None;
+        step(&mut steps, "package", || {
+            deb = Some(package::build_deb(package::DEFAULT_MAINTAINER)?);
+            Ok(())
+        });
+        step(&mut steps, "integration tests", || {
+            integration_tests(deb.as_deref())
+        });
         dashboards(&mut steps);
     }
 
@@ -97,18 +106,22 @@ fn unit_tests() -> Result<()> {
     )
 }
 
-fn integration_tests() -> Result<()> {
+fn integration_tests(deb: Option<&Path>) -> Result<()> {
     let bin = util::pinguard_bin()?;
     if !bin.is_file() {
         anyhow::bail!("{} is missing after the build", bin.display());
     }
     eprintln!("{W}: PINGUARD_BIN={}", bin.display());
-    util::run(
-        W,
-        util::cargo()
-            .args(["test", "-p", "integration-tests", "--", "--test-threads=1"])
-            .env("PINGUARD_BIN", &bin),
-    )
+    let mut cmd = util::cargo();
+    cmd.args(["test", "-p", "integration-tests", "--", "--test-threads=1"])
+        .env("PINGUARD_BIN", &bin);
+    cmd.env("PINGUARD_KUBE_VALIDATE", setup::kube_validate_bin()?)
+        .env("PINGUARD_NODE_TOOLS", setup::node_tools_dir()?);
+    if let Some(deb) = deb {
+        eprintln!("{W}: PINGUARD_DEB={}", deb.display());
+        cmd.env("PINGUARD_DEB", deb);
+    }
+    util::run(W, &mut cmd)
 }
 
 /// Rule syntax and rule unit tests, when the dashboards exist.
