@@ -455,11 +455,21 @@ fn shield(facts: &Facts, v1: &CpusetV1, p: &mut Plan) {
             continue;
         }
         if is_kthreadd(info) {
-            p.unchanged.push(Unchanged {
-                what: What::Thread,
-                target: id(info).to_string(),
-                why: "the kernel keeps kthreadd in the root cpuset; the kernel threads it creates start on housekeeping CPUs".into(),
-            });
+            // Cgroups refuse to move kthreadd; its affinity they do not guard.
+            if info.allowed.intersects(g) {
+                let keep = info.allowed.difference(g);
+                p.changes.push(Change {
+                    what: What::Thread,
+                    target: id(info).to_string(),
+                    action: Action::Affinity {
+                        thread: id(info),
+                        before: info.allowed.clone(),
+                        after: if keep.is_empty() { hk.clone() } else { keep },
+                    },
+                    why: "the kernel keeps kthreadd in the root cpuset, but its affinity may change: it stays off guarded CPUs".into(),
+                    may_be_refused: false,
+                });
+            }
             continue;
         }
         let (to, why) = if is_vcpu(info) {
@@ -835,7 +845,8 @@ mod tests {
             why.contains(&"1 thread(s) in cpuset /machine/vm1"),
             "{why:?}"
         );
-        assert!(why.iter().any(|w| w.contains("kthreadd")), "{why:?}");
+        // kthreadd cannot change cpuset, but its affinity can.
+        assert_eq!(targets(&p, What::Thread), ["tid 2 (kthreadd)"]);
     }
 
     #[test]
@@ -889,8 +900,9 @@ mod tests {
                 });
             }
         }
-        // kthreadd stays in the root cpuset, as the kernel insists.
+        // kthreadd stays in the root cpuset, as the kernel insists, its affinity narrowed.
         f.threads[1].cpuset = Some("/".into());
+        f.threads[1].info.allowed = set("0");
         let p = plan(&f, None).unwrap();
         assert!(p.changes.is_empty(), "{:#?}", p.changes);
     }
