@@ -107,6 +107,8 @@ pub struct DiscoverArgs {
 pub struct WatchArgs {
     #[command(flatten)]
     pub guard: GuardArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// A thread that owns a guarded CPU (its vCPU), as CPU=TID (repeatable).
     #[arg(long = "owner", value_name = "CPU=TID", value_parser = parse_owner)]
     pub owners: Vec<(u32, u32)>,
@@ -127,10 +129,31 @@ pub struct WatchArgs {
     pub top: usize,
 }
 
+/// The one placement policy every command shares.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PolicyArgs {
+    /// TOML configuration file with the placement policy (emulator, vm, smt,
+    /// allow_shared, guard), the same file `pinguard run` reads; flags
+    /// override it. Default: /etc/pinguard/pinguard.toml if it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl From<&PolicyArgs> for Overrides {
+    fn from(args: &PolicyArgs) -> Self {
+        Self {
+            path: args.config.clone(),
+            ..Self::default()
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct PinArgs {
     #[command(flatten)]
     pub guard: GuardArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     #[command(flatten)]
     pub discover: DiscoverArgs,
     /// Explicit placement for a guest: NAME=CPULIST, one CPU per vCPU in order (repeatable;
@@ -138,10 +161,11 @@ pub struct PinArgs {
     #[arg(long = "vm", value_name = "NAME=CPULIST", value_parser = parse_vm_map)]
     pub vm: Vec<(String, CpuSeq)>,
     /// Where emulator (non-vCPU) threads go: "housekeeping" (default), "with-vcpu0", or a CPU list.
-    #[arg(long, value_name = "POLICY", default_value = "housekeeping", value_parser = parse_emulator)]
-    pub emulator: EmulatorPolicy,
-    #[arg(long, value_enum, default_value_t = SmtPolicy::PreferSiblings)]
-    pub smt: SmtPolicy,
+    #[arg(long, value_name = "POLICY", value_parser = parse_emulator)]
+    pub emulator: Option<EmulatorPolicy>,
+    /// SMT siblings for one guest's vCPUs (default: prefer-siblings).
+    #[arg(long, value_enum)]
+    pub smt: Option<SmtPolicy>,
     /// Allow several vCPUs on one CPU when there are not enough guarded CPUs.
     #[arg(long)]
     pub allow_shared: bool,
@@ -160,6 +184,8 @@ pub struct PinArgs {
 pub struct AuditArgs {
     #[command(flatten)]
     pub guard: GuardArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     #[command(flatten)]
     pub discover: DiscoverArgs,
     /// Observe with the eBPF observer for this long (e.g. 5s, 500ms) instead of a snapshot.
@@ -227,6 +253,8 @@ pub struct RunArgs {
 pub struct LatencyArgs {
     #[command(flatten)]
     pub guard: GuardArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Guarded CPU to measure (default: the first guarded CPU).
     #[arg(long, value_name = "N")]
     pub cpu: Option<u32>,
@@ -338,14 +366,21 @@ value_enum!(Mode {
     Enforce => "enforce": "Re-pin drifted vCPUs and evict intruders",
 });
 
-impl From<&PinArgs> for PlanOptions {
-    fn from(args: &PinArgs) -> Self {
-        Self {
-            vm: args.vm.clone(),
-            emulator: args.emulator.clone(),
-            smt: args.smt,
-            allow_shared: args.allow_shared,
+impl PinArgs {
+    /// The configured policy with these flags on top.
+    pub fn plan_options(&self, configured: PlanOptions) -> PlanOptions {
+        let mut o = configured;
+        if !self.vm.is_empty() {
+            o.vm = self.vm.clone();
         }
+        if let Some(e) = &self.emulator {
+            o.emulator = e.clone();
+        }
+        if let Some(s) = self.smt {
+            o.smt = s;
+        }
+        o.allow_shared |= self.allow_shared;
+        o
     }
 }
 

@@ -10,11 +10,15 @@ use thiserror::Error;
 
 use crate::{
     host::cpulist::{CpuSeq, CpuSet},
-    placement::plan::{EmulatorPolicy, SmtPolicy},
+    placement::plan::{EmulatorPolicy, PlanOptions, SmtPolicy},
     units::parse_duration,
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+/// The file every command reads its placement policy from when no
+/// `--config` is given and it exists: one policy for `pin`, `audit`,
+/// `watch`, `latency` and `run`.
+pub const DEFAULT_PATH: &str = "/etc/pinguard/pinguard.toml";
 pub const MIN_EVENT_INTERVAL: Duration = Duration::from_millis(10);
 pub const MIN_VERIFY_INTERVAL: Duration = Duration::from_millis(50);
 pub const MIN_RESCAN_INTERVAL: Duration = Duration::from_millis(100);
@@ -220,6 +224,18 @@ pub struct Config {
     pub max_backoff: Duration,
 }
 
+impl Config {
+    /// The placement policy: emulator placement, explicit VM maps, SMT, sharing.
+    pub fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            vm: self.vm.clone(),
+            emulator: self.emulator.clone(),
+            smt: self.smt,
+            allow_shared: self.allow_shared,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -244,9 +260,14 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads the file (if any) and applies the flags on top.
+    /// Reads the file (`--config`, else [`DEFAULT_PATH`] if it exists) and
+    /// applies the flags on top.
     pub fn load(args: &Overrides) -> Result<Self, ConfigError> {
-        let mut config = match &args.path {
+        let path = args.path.clone().or_else(|| {
+            let default = PathBuf::from(DEFAULT_PATH);
+            default.is_file().then_some(default)
+        });
+        let mut config = match &path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),

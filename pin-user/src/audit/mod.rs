@@ -359,7 +359,11 @@ pub fn assess(t: &ThreadInfo, cpu: u32, guarded: &CpuSet, own: &Ownership) -> As
             }
         }
         Class::Emulator => {
-            if can {
+            if can && own.emulator_placed(t.tid, aff) {
+                ok(format!(
+                    "emulator thread placed here by the emulator policy (affinity {aff})"
+                ))
+            } else if can {
                 verdict(
                     Status::Violation,
                     Some(Finding::EmulatorOnGuarded),
@@ -649,6 +653,42 @@ mod tests {
             t
         })
         .collect()
+    }
+
+    #[test]
+    fn an_emulator_the_policy_puts_with_vcpu0_is_there_by_design() {
+        use crate::placement::plan::{Entry, Plan, Role};
+        let entry = |tid, role, vcpu, to: &str| Entry {
+            vm: "g1".into(),
+            pid: 100,
+            vcpu,
+            tid,
+            role,
+            from: set("0-3"),
+            to: set(to),
+            change: true,
+            shared: false,
+            manager: Default::default(),
+        };
+        // `emulator = "with-vcpu0"`: the main loop goes with vCPU 0 on CPU 2.
+        let own = Ownership::from_plan(&Plan {
+            entries: vec![
+                entry(101, Role::Vcpu, Some(0), "2"),
+                entry(103, Role::Emulator, None, "2"),
+            ],
+            ..Plan::default()
+        });
+        let mut t = thread(100, 103, "qemu-system-x86", 2, "2");
+        let a = assess(&t, 2, &set("2-3"), &own);
+        assert_eq!(
+            (a.class, a.status, a.finding),
+            (Class::Emulator, Status::Ok, None)
+        );
+        assert!(a.note.contains("emulator policy"), "{}", a.note);
+        // Widened beyond what the policy gives it: a violation again.
+        t.allowed = set("0-3");
+        let a = assess(&t, 2, &set("2-3"), &own);
+        assert_eq!(a.finding, Some(Finding::EmulatorOnGuarded));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Ownership {
     guests: BTreeMap<u32, String>,
     /// Emulator threads outside the guest process (vhost kernel workers) -> (guest name, guest pid).
     emulators: BTreeMap<u32, (String, u32)>,
+    /// Emulator thread -> the CPUs the emulator policy gives it (guarded ones
+    /// too with `with-vcpu0` or an explicit list: placed there by design).
+    placed: BTreeMap<u32, CpuSet>,
     /// Guarded CPUs assigned to more than one vCPU.
     shared: CpuSet,
 }
@@ -59,6 +62,7 @@ impl Ownership {
                 }
                 _ => {
                     own.emulators.insert(e.tid, (e.vm.clone(), e.pid));
+                    own.placed.insert(e.tid, e.to.clone());
                 }
             }
         }
@@ -111,6 +115,13 @@ impl Ownership {
             .get(&tgid)
             .map(String::as_str)
             .or_else(|| self.emulators.get(&tid).map(|(vm, _)| vm.as_str()))
+    }
+
+    /// Whether the emulator policy puts emulator thread `tid` on exactly
+    /// `allowed` (e.g. with vCPU 0, on a guarded CPU): then it is there by
+    /// design, not by accident.
+    pub fn emulator_placed(&self, tid: u32, allowed: &CpuSet) -> bool {
+        self.placed.get(&tid).is_some_and(|p| p == allowed)
     }
 
     pub fn shared_cpus(&self) -> &CpuSet {

@@ -6,7 +6,7 @@
 //! valid pins are kept). Nothing is changed. Exit 0 clean, 1 violations,
 //! 2 could not audit.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     io::Write as _,
     process::ExitCode,
     time::{Duration, Instant},
@@ -20,25 +20,31 @@ use crate::{
         events::{DecodeError, KernelEvent},
         probe::{self, EventReader, Probe, ProbeConfig},
     },
-    cli::{AuditArgs, DiscoverArgs},
-    cmd::{move_self_to, runtime, wait_for_stop},
-    guests::{DiscoverOptions, Discoverer},
-    host::cpulist::CpuSet,
-    host::procfs::{Proc, ThreadInfo},
+    cli::AuditArgs,
+    cmd::{move_self_to, policy, runtime, wait_for_stop},
+    host::procfs::Proc,
     host::topology::{Guard, Topology},
-    placement::plan::{self, PlanOptions},
 };
 
 pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let topo = Topology::read()?;
-    let guard = topo.guard(args.guard.guard.as_ref())?;
+    let config = policy::load(&args.policy)?;
+    let guard = policy::guard(&topo, &args.guard, &config)?;
     if args.window == Some(Duration::ZERO) {
         bail!("--window 0: give a duration to observe, e.g. --window 5s");
     }
     // The audit itself should not disturb the CPUs it audits.
     move_self_to(&guard.housekeeping)?;
     let proc = Proc::default();
-    let (own, threads) = ownership(&topo, &guard, &proc, &args.discover)?;
+    let (plan, threads) = policy::plan_now(
+        &topo,
+        &guard,
+        &proc,
+        &args.discover,
+        &config.plan_options(),
+        "audit",
+    )?;
+    let own = Ownership::from_plan(&plan);
     let report = match args.window {
         None => audit::snapshot(&guard, &threads, &own, std::process::id()),
         Some(window) => observe(&guard, &own, &proc, window)?,
@@ -52,57 +58,6 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     Ok(ExitCode::from(report.exit_code()))
-}
-
-/// Discovers the guests and plans their placement as `pin` would, and reads
-/// every thread on the host (the snapshot the ownership is judged against).
-fn ownership(
-    topo: &Topology,
-    guard: &Guard,
-    proc: &Proc,
-    args: &DiscoverArgs,
-) -> anyhow::Result<(Ownership, Vec<ThreadInfo>)> {
-    let mut discoverer = Discoverer::new(proc.clone(), DiscoverOptions::from(args));
-    let discovery = discoverer.scan()?;
-    for w in &discovery.warnings {
-        log::warn!("{w}");
-    }
-    if !discovery.errors.is_empty() {
-        let msgs: Vec<String> = discovery.errors.iter().map(|e| e.to_string()).collect();
-        bail!(
-            "{}\ncould not audit: without that guest's vCPU map its threads cannot be told from intruders",
-            msgs.join("\n")
-        );
-    }
-    // Listed after discovery, so every vCPU still running is in the listing.
-    let threads = proc
-        .all_threads()
-        .with_context(|| format!("cannot list threads in {}", proc.root().display()))?;
-    let by_tid: HashMap<u32, &ThreadInfo> = threads.iter().map(|t| (t.tid, t)).collect();
-    let mut current: BTreeMap<u32, CpuSet> = BTreeMap::new();
-    let mut guests = Vec::new();
-    for mut g in discovery.guests {
-        // Threads that exited since discovery cannot own anything.
-        g.vcpus
-            .retain(|v| by_tid.get(&v.tid).is_some_and(|t| t.tgid == g.pid));
-        g.emulator_tids.retain(|t| by_tid.contains_key(t));
-        if g.vcpus.is_empty() {
-            continue;
-        }
-        for tid in g.tids() {
-            current.insert(tid, by_tid[&tid].allowed.clone());
-        }
-        guests.push(g);
-    }
-    // Sharing is allowed so that a host with more vCPUs than guarded CPUs can
-    // still be audited; the report warns about shared CPUs.
-    let opts = PlanOptions {
-        allow_shared: true,
-        ..PlanOptions::default()
-    };
-    let plan = plan::plan(topo, guard, &guests, &current, &opts)
-        .context("cannot work out which vCPU owns which guarded CPU")?;
-    Ok((Ownership::from_plan(&plan), threads))
 }
 
 fn read_maps(probe: &Probe) -> anyhow::Result<MapSnapshot> {

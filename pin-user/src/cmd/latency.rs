@@ -21,7 +21,7 @@ use crate::{
         probe::{Counters, EventReader, Probe, ProbeConfig},
     },
     cli::LatencyArgs,
-    cmd::{move_self_to, runtime, wait_for_stop},
+    cmd::{move_self_to, policy, runtime, wait_for_stop},
     exit,
     host::Host,
     host::cpulist::CpuSet,
@@ -39,6 +39,7 @@ use crate::{
             compare_runs, compare_table,
         },
     },
+    placement::plan::Plan,
 };
 
 /// How long cyclictest may take to start its measurement thread.
@@ -50,7 +51,9 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<ExitCode> {
     if !args.compare.is_empty() {
         return compare(&args.compare, args.json);
     }
-    let guard = Topology::read()?.guard(args.guard.guard.as_ref())?;
+    let topo = Topology::read()?;
+    let policy_config = policy::load(&args.policy)?;
+    let guard = policy::guard(&topo, &args.guard, &policy_config)?;
     let cpu = match args.cpu {
         Some(c) if guard.guarded.contains(c) => c,
         Some(c) => bail!(
@@ -74,13 +77,15 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<ExitCode> {
         // Fail before a long run, not after it.
         plot::ensure_font()?;
     }
+    // vCPUs on the measured CPU are named as such, not as intruders.
+    let plan = policy::plan_for_observers(&topo, &guard, &policy_config);
     move_self_to(&guard.housekeeping)?;
     let host = HostFacts::read(
         &Host::default(),
         &guard.guarded.to_string(),
         &guard.housekeeping.to_string(),
     );
-    let mut report = runtime()?.block_on(measure(&cyclictest, &config, args.worst, host))?;
+    let mut report = runtime()?.block_on(measure(&cyclictest, &config, args.worst, host, &plan))?;
     let pictures = plot::write_pictures(&report, args.svg.as_deref(), args.png.as_deref())?;
     report.pictures = pictures.iter().map(|p| p.display().to_string()).collect();
     let mut out = std::io::stdout().lock();
@@ -315,9 +320,11 @@ async fn measure(
     config: &CyclictestConfig,
     worst: usize,
     host: HostFacts,
+    plan: &Plan,
 ) -> anyhow::Result<Report> {
     let cpu = config.cpu;
     let (mut probe, mut events) = load_probe(cpu)?;
+    policy::register(&mut probe, plan, &CpuSet::single(cpu))?;
 
     let tmp = PrivateDir::create()?;
     let json_path = tmp.0.join("cyclictest.json");

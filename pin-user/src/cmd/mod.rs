@@ -7,6 +7,7 @@ pub mod isolate;
 pub mod latency;
 pub mod manpages;
 pub mod pin;
+pub mod policy;
 pub mod run;
 pub mod watch;
 

@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cli::PinArgs,
+    cmd::policy,
     exit,
     guests::{DiscoverOptions, Discoverer, Guest, Manager},
     host::affinity,
@@ -18,7 +19,7 @@ use crate::{
     host::procfs::Proc,
     host::topology::Topology,
     placement::apply::{self, OnFailure, Status},
-    placement::plan::{self, Entry, PlanOptions, Role},
+    placement::plan::{self, Entry, Role},
     placement::{
         libvirt::{self, Scope},
         place,
@@ -86,7 +87,8 @@ fn persist(plan: &plan::Plan) -> Result<(), libvirt::LibvirtError> {
 
 pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
     let topo = Topology::read()?;
-    let guard = topo.guard(args.guard.guard.as_ref())?;
+    let config = policy::load(&args.policy)?;
+    let guard = policy::guard(&topo, &args.guard, &config)?;
 
     let mut discoverer = Discoverer::new(Proc::default(), DiscoverOptions::from(&args.discover));
     let discovery = discoverer.scan()?;
@@ -99,8 +101,14 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
     }
 
     let (guests, current, vanished) = read_affinities(discovery.guests)?;
-    let plan = plan::plan(&topo, &guard, &guests, &current, &PlanOptions::from(&args))
-        .map_err(|e| anyhow::anyhow!("{e}\nnothing was changed"))?;
+    let plan = plan::plan(
+        &topo,
+        &guard,
+        &guests,
+        &current,
+        &args.plan_options(config.plan_options()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nnothing was changed"))?;
     for w in &plan.warnings {
         log::warn!("{w}");
     }

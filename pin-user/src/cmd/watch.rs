@@ -16,14 +16,23 @@ use crate::{
         probe::{EventReader, Probe, ProbeConfig, comm_str},
     },
     cli::WatchArgs,
-    cmd::{check_owners, move_self_to, runtime, wait_for_stop},
+    cmd::{check_owners, move_self_to, policy, runtime, wait_for_stop},
     exit,
     host::topology::Topology,
 };
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
-    let guard = Topology::read()?.guard(args.guard.guard.as_ref())?;
+    let topo = Topology::read()?;
+    let policy_config = policy::load(&args.policy)?;
+    let guard = policy::guard(&topo, &args.guard, &policy_config)?;
     check_owners(&guard.guarded, &args.owners)?;
+    // Without --owner, the owners are the vCPUs of the plan `pin` makes
+    // under the configured policy.
+    let plan = if args.owners.is_empty() {
+        policy::plan_for_observers(&topo, &guard, &policy_config)
+    } else {
+        Default::default()
+    };
     move_self_to(&guard.housekeeping)?;
     let mut config = ProbeConfig::new(guard.guarded.clone());
     config.hook = args.hook;
@@ -33,6 +42,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         for &(cpu, tid) in &args.owners {
             probe.set_owner(tid, cpu)?;
         }
+        policy::register(&mut probe, &plan, &guard.guarded)?;
         let mut events = probe.take_events()?.into_async().context("polling the event ring buffer")?;
         eprintln!(
             "pinguard: watching CPUs {} (housekeeping {}); {}",

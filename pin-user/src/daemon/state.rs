@@ -34,7 +34,7 @@ use crate::{
         apply::{self, OnFailure, Status},
         enforce::{self, Limiter},
         place::Target,
-        plan::{self, PlanOptions, Role},
+        plan::{self, Role},
     },
 };
 
@@ -406,18 +406,8 @@ impl<E: Effects> Daemon<E> {
         }
         // Configured placements apply to guests that are running now.
         let names: HashSet<&str> = guests.iter().map(|g| g.name.as_str()).collect();
-        let mut opts = PlanOptions {
-            vm: self
-                .config
-                .vm
-                .iter()
-                .filter(|(n, _)| names.contains(n.as_str()))
-                .cloned()
-                .collect(),
-            emulator: self.config.emulator.clone(),
-            smt: self.config.smt,
-            allow_shared: self.config.allow_shared,
-        };
+        let mut opts = self.config.plan_options();
+        opts.vm.retain(|(n, _)| names.contains(n.as_str()));
         let plan = match plan::plan(&self.topo, &self.guard, &guests, &current, &opts) {
             Ok(p) => p,
             Err(e) => {

@@ -357,7 +357,11 @@ fn a_libvirt_domains_vcpu_is_re_pinned_through_libvirt() {
     let mut h = host();
     h.guests[0].manager = Manager::Libvirt;
     let mut d = daemon(h, ENFORCE);
-    assert!(d.fx.placed.contains(&(VCPU, Manager::Libvirt)), "{:?}", d.fx.placed);
+    assert!(
+        d.fx.placed.contains(&(VCPU, Manager::Libvirt)),
+        "{:?}",
+        d.fx.placed
+    );
     // `virsh vcpupin g1 0 0`: libvirt moves the vCPU away; it comes back through libvirt.
     d.fx.placed.clear();
     d.fx.aff.cpus.insert(VCPU, cpus("0"));
