@@ -421,3 +421,90 @@ fn window_without_privileges_exits_2() {
         "misleading tracefs warning: {stderr}"
     );
 }
+
+/// `emulator = "with-vcpu0"` in the config file is one policy: `pin` puts
+/// the emulator threads with vCPU 0 on the guarded CPU, `audit` reads the
+/// same file and calls that placement intended, and `watch` names the vCPU
+/// as a vCPU, not an intruder. Without the file, audit calls the same
+/// placement a violation.
+#[test]
+fn one_config_file_is_the_policy_of_pin_audit_and_watch() {
+    require!(missing_kvm());
+    let g = Guest::start(GuestOptions {
+        // Running, so its vCPU shows up on the guarded CPU for watch.
+        paused: false,
+        ..GuestOptions::new("audit-policy")
+    });
+    wait_for_no_other_guests(&[&g]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pinguard.toml");
+    fs::write(&config, "guard = \"1\"\nemulator = \"with-vcpu0\"\n").unwrap();
+    let config = config.to_str().unwrap();
+
+    let r = run_subcommand("pin", &["--config", config], RUN_TIMEOUT);
+    assert_eq!(r.code(), Some(0), "{}\n{}", r.stdout, r.stderr);
+    let vcpu = g.vcpu_tids()[0];
+    assert_eq!(cpus_allowed(g.pid(), vcpu), "1");
+    let emulators = g.emulator_tids();
+    for t in &emulators {
+        assert_eq!(cpus_allowed(g.pid(), *t), "1", "emulator thread {t}");
+    }
+
+    let guest_violations = |report: &Value| -> Vec<String> {
+        violations(report)
+            .into_iter()
+            .filter(|v| v["pid"] == g.pid() || v["tgid"] == g.pid())
+            .map(|v| v.to_string())
+            .collect()
+    };
+    let r = audit(&["--config", config, "--json"]);
+    assert!(matches!(r.code(), Some(0 | 1)), "{}", r.stderr);
+    let report = r.json();
+    assert_eq!(
+        guest_violations(&report),
+        Vec::<String>::new(),
+        "{report:#}"
+    );
+    let emu = row(cpu(&report, 1), emulators[0]);
+    assert!(
+        emu.is_some_and(|e| e["status"] == "ok"),
+        "emulator thread {} on CPU 1: {emu:?}",
+        emulators[0]
+    );
+    // The default policy (housekeeping) says the same placement is wrong.
+    let r = audit(&["--guard", "1", "--config", "/dev/null", "--json"]);
+    let kinds: Vec<String> = guest_violations(&r.json());
+    assert!(
+        kinds.iter().any(|v| v.contains("emulator_on_guarded")),
+        "{kinds:?}"
+    );
+
+    // watch without --owner: the vCPU is the owner of CPU 1.
+    let out = process::run(
+        &[
+            "watch",
+            "--config",
+            config,
+            "--json",
+            "--duration",
+            "2s",
+            "--event-interval",
+            "0",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    for l in out.stdout.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        if v["event"] == "intrusion" {
+            assert_ne!(v["tid"], vcpu, "the vCPU reported as an intruder: {l}");
+        }
+        if v["event"] == "summary" {
+            let cpu1 = list(&v, "cpus").iter().find(|c| c["cpu"] == 1).unwrap();
+            assert!(
+                cpu1["owner_ns"].as_u64() > Some(0),
+                "no owner time on CPU 1: {v}"
+            );
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! `pinguard watch`: attach the observer and stream what runs on guarded CPUs.
 use crate::units::fmt_ns;
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io::{self, Write as _},
     process::ExitCode,
     time::Duration,
@@ -19,6 +19,7 @@ use crate::{
     cmd::{check_owners, move_self_to, policy, runtime, wait_for_stop},
     exit,
     host::topology::Topology,
+    placement::plan::Plan,
 };
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
@@ -74,7 +75,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         }
         // Events already in the buffer still belong to the window.
         events.get_mut().drain(&mut print);
-        print_summary(&probe, args.top, args.json, decode_errors)?;
+        print_summary(&probe, args.top, args.json, decode_errors, &plan)?;
         Ok(ExitCode::from(exit::OK))
     })
 }
@@ -277,12 +278,26 @@ struct Intruder {
     tgid: u32,
     comm: String,
     class: ThreadClass,
+    /// "vm/vcpuN" when the plan names this thread a vCPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vcpu: Option<String>,
     run_ns: u64,
     slices: u64,
     max_slice_ns: u64,
 }
 
-fn print_summary(probe: &Probe, top: usize, json: bool, decode_errors: u64) -> anyhow::Result<()> {
+fn print_summary(
+    probe: &Probe,
+    top: usize,
+    json: bool,
+    decode_errors: u64,
+    plan: &Plan,
+) -> anyhow::Result<()> {
+    let vcpus: HashMap<u32, String> = plan
+        .entries
+        .iter()
+        .filter_map(|e| Some((e.tid, format!("{}/vcpu{}", e.vm, e.vcpu?))))
+        .collect();
     let stats = probe.cpu_stats()?;
     let threads = probe.threads()?;
     let counters = probe.counters()?;
@@ -298,6 +313,7 @@ fn print_summary(probe: &Probe, top: usize, json: bool, decode_errors: u64) -> a
                     tgid: t.tgid,
                     comm: comm_str(&t.comm),
                     class: ThreadClass::from_raw(t.class)?,
+                    vcpu: vcpus.get(&k.tid).cloned(),
                     run_ns: t.run_ns,
                     slices: t.slices,
                     max_slice_ns: t.max_slice_ns,
@@ -355,7 +371,7 @@ fn print_summary(probe: &Probe, top: usize, json: bool, decode_errors: u64) -> a
                     i.tgid,
                     i.slices,
                     fmt_ns(i.max_slice_ns),
-                    i.class
+                    i.vcpu.as_deref().unwrap_or(i.class.as_str())
                 )?;
             }
         }
