@@ -1,7 +1,7 @@
 //! The Debian package (`cargo xtask package`) on this machine: `dpkg -i`,
 //! the installed binary runs, its man pages and completions are where man
 //! and the shells look, the unit points at it, and `dpkg --purge` leaves
-//! none of its files behind.
+//! none of its files behind, nor the unit's enablement.
 //!
 //! Needs root and dpkg, and the .deb in `PINGUARD_DEB` (set by `cargo xtask
 //! test`, which builds it first). Refuses to run where pinguard is already
@@ -194,6 +194,17 @@ fn install_run_purge() {
         assert!(out.contains("pinguard"), "bash completion: {out}");
     }
 
+    // An admin enables the unit (without starting it: no daemon runs here);
+    // the purge must take the symlink along.
+    let enabled = "/etc/systemd/system/multi-user.target.wants/pinguard.service";
+    if which("systemctl").is_ok() {
+        ok("systemctl", &["enable", "pinguard.service"]);
+        assert!(
+            Path::new(enabled).is_symlink(),
+            "systemctl enable made no {enabled}"
+        );
+    }
+
     let dirs = [
         "/etc/pinguard",
         "/usr/share/pinguard",
@@ -211,4 +222,16 @@ fn install_run_purge() {
         })
         .collect();
     assert!(left.is_empty(), "dpkg --purge left these behind: {left:?}");
+    // Nor the enablement, the mask set on removal, or deb-systemd-helper's state.
+    for path in [
+        enabled,
+        "/etc/systemd/system/pinguard.service",
+        "/var/lib/systemd/deb-systemd-helper-enabled/pinguard.service.dsh-also",
+        "/var/lib/systemd/deb-systemd-helper-masked/pinguard.service",
+    ] {
+        assert!(
+            !Path::new(path).exists() && !Path::new(path).is_symlink(),
+            "dpkg --purge left {path} behind"
+        );
+    }
 }

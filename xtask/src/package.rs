@@ -7,8 +7,9 @@
 //! manpages`, `pinguard completions`), so they always match its options.
 //!
 //! Nothing is enabled or started at install time: the daemon needs its
-//! guarded CPUs chosen first, and a host without systemd running (a
-//! container, a chroot) gets no systemctl calls beyond `disable` on removal.
+//! guarded CPUs chosen first. The maintainer scripts are debhelper's for a
+//! unit installed without enabling it, and call no systemctl where systemd
+//! does not run (a container, a chroot).
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -60,6 +61,17 @@ pub fn build_deb(maintainer: &str) -> Result<PathBuf> {
     let tree = Tree(stage.clone());
 
     tree.copy(&bin, "usr/bin/pinguard", 0o755)?;
+    // As dh_strip: no symbol table (the eBPF object inside is data, untouched).
+    util::run(
+        W,
+        Command::new("strip")
+            .args([
+                "--strip-unneeded",
+                "--remove-section=.comment",
+                "--remove-section=.note",
+            ])
+            .arg(tree.path("usr/bin/pinguard")),
+    )?;
     tree.write("lib/systemd/system/pinguard.service", &unit(&root)?, 0o644)?;
     tree.copy(
         &root.join("packaging/pinguard.toml"),
@@ -69,9 +81,18 @@ pub fn build_deb(maintainer: &str) -> Result<PathBuf> {
     tree.copy_dir(&root.join("dashboards"), "usr/share/pinguard/dashboards")?;
     man_pages(&bin, &tree, &out)?;
     completions(&bin, &tree)?;
+    let (date, year, commit) = commit_date(&root)?;
     tree.write(
         "usr/share/doc/pinguard/copyright",
-        COPYRIGHT.as_bytes(),
+        COPYRIGHT.replace("{YEAR}", &year).as_bytes(),
+        0o644,
+    )?;
+    let changelog = format!(
+        "{NAME} ({version}) unstable; urgency=medium\n\n  * Built by `cargo xtask package` from commit {commit}.\n\n -- {maintainer}  {date}\n"
+    );
+    tree.write(
+        "usr/share/doc/pinguard/changelog.gz",
+        &gzip(changelog.as_bytes())?,
         0o644,
     )?;
 
@@ -126,56 +147,62 @@ Upstream-Name: pinguard
 Source: https://github.com/pinguard/pinguard
 
 Files: *
-Copyright: the pinguard authors
+Copyright: {YEAR} the pinguard authors
 License: MIT or Apache-2.0
  pinguard is dual-licensed under the MIT license and the Apache License,
  Version 2.0, at your option. On Debian systems the Apache License is in
  /usr/share/common-licenses/Apache-2.0.
 ";
 
-// systemd is touched only when it runs (/run/systemd/system exists), as
-// debhelper's snippets do; `disable` works on the unit's symlinks offline too.
+// What dh_installsystemd --no-enable writes (debhelper 13, bookworm):
+// deb-systemd-helper records which symlinks enabling would create, so a
+// purge removes them even when the admin enabled the unit with systemctl;
+// the running systemd (only where /run/systemd/system exists) is reloaded,
+// restarted on upgrade and stopped on removal through deb-systemd-invoke.
 const POSTINST: &str = r#"#!/bin/sh
-# pinguard postinst: let systemd see the unit; restart a running daemon on
-# upgrade. A fresh install starts nothing: the guarded CPUs come first.
+# pinguard postinst. A fresh install starts nothing: the guarded CPUs come
+# first (/etc/pinguard/pinguard.toml), then systemctl enable --now pinguard.
 set -e
-if [ "$1" = configure ]; then
+if [ "$1" = configure ] || [ "$1" = abort-upgrade ] || [ "$1" = abort-deconfigure ] || [ "$1" = abort-remove ]; then
+    if command -v deb-systemd-helper >/dev/null; then
+        deb-systemd-helper unmask pinguard.service >/dev/null || true
+        deb-systemd-helper update-state pinguard.service >/dev/null || true
+    fi
     if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload >/dev/null 2>&1 || true
+        systemctl --system daemon-reload >/dev/null || true
         if [ -n "$2" ]; then
-            systemctl try-restart pinguard.service >/dev/null 2>&1 || true
+            deb-systemd-invoke try-restart pinguard.service >/dev/null || true
         fi
     fi
-    if [ -z "$2" ]; then
-        echo "pinguard: set the guarded CPUs in /etc/pinguard/pinguard.toml, then: systemctl enable --now pinguard"
-    fi
+fi
+if [ "$1" = configure ] && [ -z "$2" ]; then
+    echo "pinguard: set the guarded CPUs in /etc/pinguard/pinguard.toml, then: systemctl enable --now pinguard"
 fi
 exit 0
 "#;
 
 const PRERM: &str = r#"#!/bin/sh
-# pinguard prerm: stop the daemon (its eBPF programs detach) and drop its
-# enablement before the unit file goes away.
+# pinguard prerm: stop the daemon (its eBPF programs detach with it).
 set -e
-if [ "$1" = remove ]; then
-    if [ -d /run/systemd/system ]; then
-        systemctl stop pinguard.service >/dev/null 2>&1 || true
-    fi
-    if command -v systemctl >/dev/null 2>&1; then
-        systemctl --no-reload disable pinguard.service >/dev/null 2>&1 || true
-    fi
+if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
+    deb-systemd-invoke stop pinguard.service >/dev/null || true
 fi
 exit 0
 "#;
 
 const POSTRM: &str = r#"#!/bin/sh
-# pinguard postrm: forget the removed unit. dpkg removes the conffile and
-# /etc/pinguard on purge.
+# pinguard postrm: forget the unit; on purge drop its enablement symlinks and
+# deb-systemd-helper's state. dpkg removes the conffile and /etc/pinguard.
 set -e
-if [ "$1" = remove ] || [ "$1" = purge ]; then
-    if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload >/dev/null 2>&1 || true
-    fi
+if [ -d /run/systemd/system ]; then
+    systemctl --system daemon-reload >/dev/null || true
+fi
+if [ "$1" = remove ] && command -v deb-systemd-helper >/dev/null; then
+    deb-systemd-helper mask pinguard.service >/dev/null || true
+fi
+if [ "$1" = purge ] && command -v deb-systemd-helper >/dev/null; then
+    deb-systemd-helper purge pinguard.service >/dev/null || true
+    deb-systemd-helper unmask pinguard.service >/dev/null || true
 fi
 exit 0
 "#;
@@ -308,16 +335,12 @@ fn man_pages(bin: &Path, tree: &Tree, out: &Path) -> Result<()> {
             .file_name()
             .context("a man page without a file name")?
             .to_string_lossy();
-        // -n: no name or time stamp inside, so equal pages give equal bytes.
-        let gz = Command::new("gzip")
-            .args(["-9", "-n", "-c"])
-            .arg(page)
-            .output()
-            .context("could not run gzip")?;
-        if !gz.status.success() {
-            bail!("gzip {} failed", page.display());
-        }
-        tree.write(&format!("usr/share/man/man1/{name}.gz"), &gz.stdout, 0o644)?;
+        let roff = fs::read(page).with_context(|| format!("reading {}", page.display()))?;
+        tree.write(
+            &format!("usr/share/man/man1/{name}.gz"),
+            &gzip(&roff)?,
+            0o644,
+        )?;
     }
     Ok(())
 }
@@ -374,6 +397,43 @@ fn md5sums(tree: &Tree) -> Result<()> {
         .collect();
     let sums = command_output(Command::new("md5sum").args(&files).current_dir(&tree.0))?;
     tree.write("DEBIAN/md5sums", sums.as_bytes(), 0o644)
+}
+
+/// The last commit's date (RFC 2822, for the changelog), its year and short
+/// hash: the package says what it was built from, and rebuilding the same
+/// commit gives the same text.
+fn commit_date(root: &Path) -> Result<(String, String, String)> {
+    let line = command_line(
+        Command::new("git")
+            .args(["log", "-1", "--format=%aD|%ad|%h", "--date=format:%Y"])
+            .current_dir(root),
+    )
+    .context("git log (packaging needs the git checkout)")?;
+    match line.split('|').collect::<Vec<_>>()[..] {
+        [date, year, hash] => Ok((date.into(), year.into(), hash.into())),
+        _ => bail!("git log printed {line:?}"),
+    }
+}
+
+/// gzip -9n: no name or time stamp inside, so equal input gives equal bytes.
+fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut child = Command::new("gzip")
+        .args(["-9", "-n", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("could not run gzip")?;
+    child
+        .stdin
+        .take()
+        .context("gzip's stdin")?
+        .write_all(data)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("gzip failed ({})", util::describe(out.status));
+    }
+    Ok(out.stdout)
 }
 
 /// Bytes of the installed files (the DEBIAN directory is not installed).
