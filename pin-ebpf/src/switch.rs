@@ -15,6 +15,9 @@ use aya_ebpf::{
 };
 use pin_common::{ThreadKey, ThreadStats, class, counter, event, guard, watch};
 
+/// How many of a thread's first slices refresh its recorded name.
+const COMM_REFRESH_SLICES: u64 = 8;
+
 use crate::{
     maps::{CPU_STATS, EVENT_INTERVAL_NS, SELF_TGID, THREADS, bump, guard_state, send, task_info},
     noise,
@@ -241,6 +244,13 @@ fn record_intruder(
             let t = unsafe { &mut *t };
             t.run_ns += run_ns;
             t.slices += 1;
+            // A new thread's first slice still runs under its creator's
+            // name: it names itself (prctl PR_SET_NAME) just after it
+            // starts. Its first few slices refresh the name; later ones
+            // skip the helper (this is the path every intruder slice takes).
+            if t.slices <= COMM_REFRESH_SLICES {
+                t.comm = bpf_get_current_comm().unwrap_or_default();
+            }
             if run_ns > t.max_slice_ns {
                 t.max_slice_ns = run_ns;
             }

@@ -438,7 +438,11 @@ fn one_config_file_is_the_policy_of_pin_audit_and_watch() {
     wait_for_no_other_guests(&[&g]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pinguard.toml");
-    fs::write(&config, "guard = \"1\"\nemulator = \"with-vcpu0\"\n").unwrap();
+    fs::write(
+        &config,
+        "guard = \"1\"\n[placement]\nemulator = \"with-vcpu0\"\n",
+    )
+    .unwrap();
     let config = config.to_str().unwrap();
 
     let r = run_subcommand("pin", &["--config", config], RUN_TIMEOUT);

@@ -45,6 +45,10 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         }
         policy::register(&mut probe, &plan, &guard.guarded)?;
         let mut events = probe.take_events()?.into_async().context("polling the event ring buffer")?;
+        // Watching starts now that the owners are known: what the programs
+        // sent before (a vCPU slice that ended while they were being
+        // registered) would misname them.
+        events.get_mut().drain(|_| {});
         eprintln!(
             "pinguard: watching CPUs {} (housekeeping {}); {}",
             guard.guarded,
