@@ -245,3 +245,68 @@ fn exited_guest_is_not_pinned() {
         .collect();
     assert_eq!(names, vec!["alive"]);
 }
+
+/// A guest without QMP and without thread names: found by the kernel's own
+/// account while its vCPU runs (inside `ioctl(KVM_RUN)` on its vCPU fd);
+/// while it is paused nothing tells its threads apart, so `pin` names it and
+/// exits 1, and `audit` calls its threads an unidentified guest's.
+#[test]
+fn a_guest_without_qmp_or_names_is_found_in_kvm_run_or_named_as_unidentified() {
+    require!(missing_kvm());
+    let anonymous = |name: &str, paused: bool| GuestOptions {
+        debug_threads: false,
+        qmp: false,
+        paused,
+        ..GuestOptions::new(name)
+    };
+    {
+        let g = Guest::start(anonymous("pin-kvmrun", false));
+        wait_for_no_other_guests(&[&g]);
+        let r = pin(&["--guard", "1", "--json"]);
+        assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+        let v = r.json();
+        assert_eq!(v["guests"][0]["source"], "kvm-run", "{v:#}");
+        let vcpu = v["guests"][0]["vcpus"][0]["tid"].as_u64().unwrap() as u32;
+        assert_eq!(cpus_allowed(g.pid(), vcpu), "1");
+        assert_eq!(
+            testkit::host::comm(g.pid(), vcpu).as_deref(),
+            Some("qemu-system-x86"),
+            "the vCPU thread has no name of its own"
+        );
+    }
+    let g = Guest::start(anonymous("pin-hidden", true));
+    wait_for_no_other_guests(&[&g]);
+    let r = pin(&["--guard", "1"]);
+    assert_eq!(
+        r.code(),
+        Some(1),
+        "stdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        r.stdout.contains("NOT PINNED: guest pin-hidden"),
+        "{}",
+        r.stdout
+    );
+    // Confined to the guarded CPU, so audit lists every one of them there.
+    for tid in testkit::host::tids(g.pid()) {
+        testkit::threads::set_affinity(tid, &[1]);
+    }
+    let r = run_subcommand("audit", &["--guard", "1", "--json"], RUN_TIMEOUT);
+    let v = r.json();
+    let rows: Vec<&Value> = v["cpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["threads"].as_array().unwrap())
+        .filter(|t| t["pid"] == g.pid())
+        .collect();
+    assert!(
+        !rows.is_empty(),
+        "the guest's threads are not listed: {v:#}"
+    );
+    for t in rows {
+        assert_eq!(t["class"], "unidentified_guest", "{t}");
+    }
+}

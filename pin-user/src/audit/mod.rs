@@ -40,6 +40,9 @@ pub enum Class {
     PercpuKthread,
     /// A kernel thread that may run on several CPUs (kworker/u*, rcu_preempt, ...).
     UnboundKthread,
+    /// A thread of a KVM guest whose vCPU threads could not be told apart
+    /// (a vCPU or an emulator thread: not an intruder, not manageable either).
+    UnidentifiedGuest,
     /// Any other user thread.
     User,
 }
@@ -52,6 +55,7 @@ impl Class {
             Self::Emulator => "emulator",
             Self::PercpuKthread => "percpu_kthread",
             Self::UnboundKthread => "unbound_kthread",
+            Self::UnidentifiedGuest => "unidentified_guest",
             Self::User => "user",
         }
     }
@@ -85,6 +89,8 @@ pub enum Finding {
     MigrationIn,
     /// The thread's affinity includes the CPU, but it did not last run there (warning).
     Exposed,
+    /// A thread of a guest pinguard cannot identify may run here.
+    UnidentifiedGuest,
 }
 
 impl Finding {
@@ -97,6 +103,7 @@ impl Finding {
             Self::EmulatorOnGuarded => "emulator_on_guarded",
             Self::MigrationIn => "migration_in",
             Self::Exposed => "exposed",
+            Self::UnidentifiedGuest => "unidentified_guest",
         }
     }
 
@@ -123,6 +130,10 @@ impl Finding {
                                   narrow its affinity to housekeeping CPUs or isolate the CPUs (isolcpus=)"
                 .to_string(),
             Self::Exposed => String::new(),
+            Self::UnidentifiedGuest => "unidentified_guest: pinguard cannot tell this guest's vCPU \
+                                        threads apart; give it a QMP socket (--qmp PATH) or start \
+                                        QEMU with -name NAME,debug-threads=on, then `pinguard pin`"
+                .to_string(),
         }
     }
 }
@@ -280,6 +291,9 @@ pub fn classify(t: &ThreadInfo, cpu: u32, own: &Ownership) -> Class {
     if own.emulator_of(t.tid, t.tgid).is_some() {
         return Class::Emulator;
     }
+    if own.unidentified_guest(t.tgid).is_some() {
+        return Class::UnidentifiedGuest;
+    }
     if t.is_kthread() {
         // Bound to one CPU: it serves that CPU (the observer's rule too).
         return if t.allowed.len() == 1 {
@@ -373,6 +387,20 @@ pub fn assess(t: &ThreadInfo, cpu: u32, guarded: &CpuSet, own: &Ownership) -> As
                 moved_off()
             } else {
                 ok(format!("emulator thread (affinity {aff})"))
+            }
+        }
+        Class::UnidentifiedGuest => {
+            if can {
+                verdict(
+                    Status::Violation,
+                    Some(Finding::UnidentifiedGuest),
+                    format!(
+                        "thread of a KVM guest pinguard cannot identify (affinity {aff}): \
+                         not pinned, not evicted"
+                    ),
+                )
+            } else {
+                moved_off()
             }
         }
         Class::PercpuKthread => {
@@ -689,6 +717,17 @@ mod tests {
         t.allowed = set("0-3");
         let a = assess(&t, 2, &set("2-3"), &own);
         assert_eq!(a.finding, Some(Finding::EmulatorOnGuarded));
+    }
+
+    #[test]
+    fn threads_of_an_unidentified_guest_are_named_as_such_not_intruders() {
+        let mut own = ownership();
+        own.add_unidentified(300, "hidden");
+        let t = thread(300, 301, "qemu-system-x86", 2, "0-3");
+        let a = assess(&t, 2, &set("2-3"), &own);
+        assert_eq!(a.class, Class::UnidentifiedGuest);
+        assert_eq!(a.finding, Some(Finding::UnidentifiedGuest));
+        assert!(a.note.contains("cannot identify"), "{}", a.note);
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Ownership {
     placed: BTreeMap<u32, CpuSet>,
     /// Guarded CPUs assigned to more than one vCPU.
     shared: CpuSet,
+    /// KVM guests whose vCPUs could not be told apart: pid -> name.
+    unidentified: BTreeMap<u32, String>,
 }
 
 impl Ownership {
@@ -115,6 +117,16 @@ impl Ownership {
             .get(&tgid)
             .map(String::as_str)
             .or_else(|| self.emulators.get(&tid).map(|(vm, _)| vm.as_str()))
+    }
+
+    /// Records a KVM guest whose vCPU threads could not be told apart.
+    pub fn add_unidentified(&mut self, pid: u32, name: &str) {
+        self.unidentified.insert(pid, name.to_string());
+    }
+
+    /// The unidentified guest a thread belongs to, if any.
+    pub fn unidentified_guest(&self, tgid: u32) -> Option<&str> {
+        self.unidentified.get(&tgid).map(String::as_str)
     }
 
     /// Whether the emulator policy puts emulator thread `tid` on exactly

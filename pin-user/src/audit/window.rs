@@ -259,9 +259,13 @@ pub fn window(
             };
             let kthread = class == ThreadClass::IntruderKthread;
             let (vm, vcpu, assigned_cpu) = vcpu_fields(k.tid, t.tgid, own);
+            let unidentified = own.unidentified_guest(t.tgid).is_some();
             let (row_class, finding) = match (own.vcpu(k.tid), vm.is_some(), kthread) {
                 (Some(_), _, _) => (Class::OtherVcpu, Finding::Intruder),
                 (None, true, _) => (Class::Emulator, Finding::Intruder),
+                (None, false, _) if unidentified => {
+                    (Class::UnidentifiedGuest, Finding::UnidentifiedGuest)
+                }
                 (None, false, true) => (Class::UnboundKthread, Finding::UnboundKthread),
                 (None, false, false) => (Class::User, Finding::Intruder),
             };

@@ -36,7 +36,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     // The audit itself should not disturb the CPUs it audits.
     move_self_to(&guard.housekeeping)?;
     let proc = Proc::default();
-    let (plan, threads) = policy::plan_now(
+    let now = policy::plan_now(
         &topo,
         &guard,
         &proc,
@@ -44,7 +44,11 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
         &config.plan_options(),
         "audit",
     )?;
-    let own = Ownership::from_plan(&plan);
+    let mut own = Ownership::from_plan(&now.plan);
+    for u in &now.unidentified {
+        own.add_unidentified(u.pid, &u.name);
+    }
+    let threads = now.threads;
     let report = match args.window {
         None => audit::snapshot(&guard, &threads, &own, std::process::id()),
         Some(window) => observe(&guard, &own, &proc, window)?,

@@ -2,7 +2,8 @@
 //! then apply it thread by thread with read-back verification.
 //!
 //! Exit 0 when every thread is where the plan puts it (threads that exited
-//! meanwhile are reported, not fatal). Exit 2 on bad input, with nothing
+//! meanwhile are reported, not fatal); 1 when a KVM guest was found whose
+//! vCPU threads cannot be told apart (named, not pinned). Exit 2 on bad input, with nothing
 //! changed, or when applying fails: what was already changed is rolled back
 //! and the message says what was and was not applied.
 use std::{collections::BTreeMap, io::Write as _, process::ExitCode};
@@ -13,7 +14,7 @@ use crate::{
     cli::PinArgs,
     cmd::policy,
     exit,
-    guests::{DiscoverOptions, Discoverer, Guest, Manager},
+    guests::{DiscoverOptions, Discoverer, Guest, Manager, Unidentified},
     host::affinity,
     host::cpulist::CpuSet,
     host::procfs::Proc,
@@ -54,6 +55,8 @@ struct Report<'a> {
     /// applying are entries with status "vanished").
     vanished: Vec<Gone>,
     libvirt: Libvirt,
+    /// KVM guests whose vCPU threads could not be told apart: not pinned.
+    unidentified: &'a [Unidentified],
 }
 
 /// The libvirt domains among the guests: pinned through libvirt.
@@ -100,6 +103,7 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
         bail!("{}\nnothing was changed", msgs.join("\n"));
     }
 
+    let unidentified = discovery.unidentified;
     let (guests, current, vanished) = read_affinities(discovery.guests)?;
     let plan = plan::plan(
         &topo,
@@ -162,6 +166,7 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
             domains: libvirt_domains.iter().map(|d| d.to_string()).collect(),
             persistent: args.persist && !args.dry_run,
         },
+        unidentified: &unidentified,
     };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -171,7 +176,12 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
         out.write_all(render(&report).as_bytes())?;
     }
     out.flush()?;
-    Ok(ExitCode::from(exit::OK))
+    // A guest left unpinned is not "all is well".
+    Ok(ExitCode::from(if unidentified.is_empty() {
+        exit::OK
+    } else {
+        exit::VIOLATIONS
+    }))
 }
 
 type Affinities = BTreeMap<u32, CpuSet>;
@@ -314,6 +324,14 @@ fn render(r: &Report) -> String {
             r.shared_cpus
         ));
     }
+    for u in r.unidentified {
+        s.push_str(&format!(
+            "NOT PINNED: guest {} (pid {}, {} vCPU(s)): its vCPU threads cannot be told apart \
+             (no QMP socket, no libvirt status, no debug-threads=on, and its vCPUs are not all \
+             running, e.g. paused); pass --qmp PATH or start QEMU with -name NAME,debug-threads=on.\n",
+            u.name, u.pid, u.vcpus
+        ));
+    }
     if !r.libvirt.domains.is_empty() {
         let names = r.libvirt.domains.join(", ");
         let verb = if r.dry_run { "would be" } else { "were" };
@@ -385,6 +403,7 @@ mod tests {
             warnings: &[],
             vanished: vec![],
             libvirt: Libvirt::default(),
+            unidentified: &[],
         };
         let s = render(&report);
         let lines: Vec<&str> = s.lines().collect();

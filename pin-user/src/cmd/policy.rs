@@ -10,7 +10,7 @@ use crate::{
     bpf::probe::Probe,
     cli::{DiscoverArgs, GuardArgs, PolicyArgs},
     config::{Config, Overrides},
-    guests::{DiscoverOptions, Discoverer},
+    guests::{DiscoverOptions, Discoverer, Unidentified},
     host::{
         cpulist::CpuSet,
         procfs::{Proc, ThreadInfo},
@@ -29,6 +29,16 @@ pub fn guard(topo: &Topology, args: &GuardArgs, config: &Config) -> anyhow::Resu
     Ok(topo.guard(args.guard.as_ref().or(config.guard.as_ref()))?)
 }
 
+/// What `pin` would do now.
+#[derive(Debug, Default)]
+pub struct Now {
+    pub plan: Plan,
+    /// Every thread on the host, read after discovery.
+    pub threads: Vec<ThreadInfo>,
+    /// KVM guests whose vCPU threads could not be told apart.
+    pub unidentified: Vec<Unidentified>,
+}
+
 /// Discovers the guests and plans their placement as `pin` would under
 /// `opts` (nothing is changed), and reads every thread on the host (the
 /// snapshot the plan is judged against). `doing` ends the error message
@@ -40,7 +50,7 @@ pub fn plan_now(
     args: &DiscoverArgs,
     opts: &PlanOptions,
     doing: &str,
-) -> anyhow::Result<(Plan, Vec<ThreadInfo>)> {
+) -> anyhow::Result<Now> {
     let mut discoverer = Discoverer::new(proc.clone(), DiscoverOptions::from(args));
     let discovery = discoverer.scan()?;
     for w in &discovery.warnings {
@@ -82,7 +92,11 @@ pub fn plan_now(
     opts.vm.retain(|(n, _)| names.contains(&n.as_str()));
     let plan = plan::plan(topo, guard, &guests, &current, &opts)
         .context("cannot work out which vCPU owns which guarded CPU")?;
-    Ok((plan, threads))
+    Ok(Now {
+        plan,
+        threads,
+        unidentified: discovery.unidentified,
+    })
 }
 
 /// Tells the probe what the plan intends on the guarded CPUs: each vCPU
@@ -121,7 +135,7 @@ pub fn plan_for_observers(topo: &Topology, guard: &Guard, config: &Config) -> Pl
         &config.plan_options(),
         "name the vCPUs",
     ) {
-        Ok((plan, _)) => plan,
+        Ok(now) => now.plan,
         Err(e) => {
             log::warn!("{e:#}; vCPU threads will not be told from intruders");
             Plan::default()

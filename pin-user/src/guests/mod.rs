@@ -87,6 +87,37 @@ pub enum Source {
     Qmp,
     Libvirt,
     ThreadNames,
+    /// Each vCPU thread seen inside `ioctl(KVM_RUN)` on its own
+    /// `anon_inode:kvm-vcpu:N` fd: what the kernel itself says.
+    KvmRun,
+}
+
+/// A KVM guest whose vCPU threads could not be told apart (no QMP socket,
+/// no libvirt status, no `debug-threads=on`, and vCPUs not all in
+/// `KVM_RUN`, e.g. paused): it cannot be pinned, and its threads are not
+/// intruders either.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unidentified {
+    pub name: String,
+    pub pid: u32,
+    /// The vCPUs KVM says it has.
+    pub vcpus: usize,
+}
+
+/// x86_64's `ioctl` system call number and KVM's `KVM_RUN` request
+/// (`_IO(KVMIO, 0x80)`, include/uapi/linux/kvm.h).
+const SYS_IOCTL: &str = "16";
+const KVM_RUN: u64 = 0xae80;
+
+/// The fd of `ioctl(fd, KVM_RUN)` from a `/proc/.../syscall` line.
+fn kvm_run_fd(syscall: &str) -> Option<u32> {
+    let mut f = syscall.split_whitespace();
+    if f.next()? != SYS_IOCTL {
+        return None;
+    }
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    let fd = hex(f.next()?)?;
+    (hex(f.next()?)? == KVM_RUN).then_some(u32::try_from(fd).ok()?)
 }
 
 /// Who runs a guest, and so through whom its threads are placed.
@@ -196,6 +227,8 @@ pub struct Discovery {
     /// otherwise are still in `guests`; one-shot commands treat these as
     /// fatal, the daemon may keep going.
     pub errors: Vec<DiscoverError>,
+    /// KVM guests found but not identified.
+    pub unidentified: Vec<Unidentified>,
 }
 
 impl Discovery {
@@ -320,7 +353,7 @@ impl Discoverer {
         self.qmp_cache.retain(|pid, _| candidates.contains_key(pid));
         self.qmp_owner.retain(|_, pid| candidates.contains_key(pid));
         for (pid, c) in candidates {
-            if let Some(g) = self.build(pid, c, &mut d.warnings) {
+            if let Some(g) = self.build(pid, c, &mut d) {
                 d.guests.push(g);
             }
         }
@@ -360,7 +393,7 @@ impl Discoverer {
             explicit,
             vhost,
         };
-        if let Some(g) = self.build(pid, c, &mut d.warnings) {
+        if let Some(g) = self.build(pid, c, &mut d) {
             d.guests.push(g);
         }
         Ok(d)
@@ -444,7 +477,8 @@ impl Discoverer {
     }
 
     /// Works out one guest's vCPU map and emulator threads.
-    fn build(&mut self, pid: u32, c: Candidate, warnings: &mut Vec<String>) -> Option<Guest> {
+    fn build(&mut self, pid: u32, c: Candidate, d: &mut Discovery) -> Option<Guest> {
+        let warnings = &mut d.warnings;
         let threads: Vec<ThreadInfo> = self.proc.threads(pid).ok()?;
         if threads.is_empty() {
             return None; // exited under us
@@ -543,11 +577,27 @@ impl Discoverer {
         if found.is_none() && !named.is_empty() {
             found = Some((named, Source::ThreadNames));
         }
+        if found.is_none()
+            && let Some(k) = &kvm
+        {
+            let running = self.vcpus_in_kvm_run(pid, &threads);
+            if running.len() == k.len() {
+                found = Some((running, Source::KvmRun));
+            }
+        }
         let Some((mut vcpus, source)) = found else {
             warnings.push(format!(
-                "guest {name} (pid {pid}): cannot tell its vCPU threads apart; start QEMU with \
-                 -name {name},debug-threads=on or a -qmp socket, or pass --qmp PATH"
+                "guest {name} (pid {pid}): cannot tell its vCPU threads apart (no QMP socket, \
+                 no libvirt status, no thread names, and not every vCPU is running); start QEMU \
+                 with -name {name},debug-threads=on or a -qmp socket, or pass --qmp PATH"
             ));
+            if let Some(k) = &kvm {
+                d.unidentified.push(Unidentified {
+                    name,
+                    pid,
+                    vcpus: k.len(),
+                });
+            }
             return None;
         };
         vcpus.sort();
@@ -578,6 +628,22 @@ impl Discoverer {
             source,
             manager,
         })
+    }
+
+    /// The vCPU threads of `pid` that are inside `ioctl(KVM_RUN)` on a
+    /// vCPU fd: a running or halted vCPU is, a paused one (`-S`, `stop`)
+    /// waits in QEMU instead.
+    fn vcpus_in_kvm_run(&self, pid: u32, threads: &[ThreadInfo]) -> Vec<Vcpu> {
+        threads
+            .iter()
+            .filter_map(|t| {
+                let line = self.proc.syscall(pid, t.tid).ok().flatten()?;
+                let fd = kvm_run_fd(&line)?;
+                let target = self.proc.fd_target(pid, fd)?;
+                let index = target.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok()?;
+                Some(Vcpu { index, tid: t.tid })
+            })
+            .collect()
     }
 
     /// A relative socket path is relative to QEMU's working directory.
@@ -673,6 +739,25 @@ mod tests {
             .unwrap();
         }
 
+        /// Thread `tid` blocked in `ioctl(fd, KVM_RUN)` on vCPU `index`'s fd.
+        fn in_kvm_run(&self, pid: u32, tid: u32, index: u32) {
+            let d = self
+                .dir
+                .path()
+                .join("proc")
+                .join(pid.to_string())
+                .join("task")
+                .join(tid.to_string());
+            fs::write(
+                d.join("syscall"),
+                format!(
+                    "16 {:#x} 0xae80 0x0 0x0 0x0 0x0 0x7ffc 0x7f00\n",
+                    100 + index
+                ),
+            )
+            .unwrap();
+        }
+
         /// A thread that only looks like a vCPU (no KVM fd behind it).
         fn impostor_thread(&self, pid: u32, tid: u32, comm: &str) {
             let fd = self.fd_dir(pid);
@@ -696,6 +781,61 @@ mod tests {
 
     const PF_KTHREAD: u32 = pin_common::PF_KTHREAD;
     const PF_NO_SETAFFINITY: u32 = pin_common::PF_NO_SETAFFINITY;
+
+    #[test]
+    fn kvm_run_names_the_vcpu_fd() {
+        assert_eq!(
+            kvm_run_fd("16 0x12 0xae80 0x0 0x0 0x0 0x0 0x7ffc 0x7f00"),
+            Some(0x12)
+        );
+        assert_eq!(
+            kvm_run_fd("16 0x12 0x5401 0x0 0x0 0x0 0x0 0x7ffc 0x7f00"),
+            None
+        );
+        assert_eq!(
+            kvm_run_fd("202 0x7f 0x80 0x0 0x0 0x0 0x0 0x7ffc 0x7f00"),
+            None
+        );
+        assert_eq!(kvm_run_fd("running"), None);
+        assert_eq!(kvm_run_fd("-1 0x7ffc 0x7f00"), None);
+    }
+
+    #[test]
+    fn a_guest_without_names_or_qmp_is_found_in_kvm_run_or_reported_unidentified() {
+        let fake = FakeProc::new();
+        // Running: both vCPU threads sit in KVM_RUN on their vCPU fds.
+        fake.process(100, "qemu-system-x86_64 -name quiet");
+        for tid in [100, 101, 102, 103] {
+            fake.thread(100, tid, "qemu-system-x86", 0);
+        }
+        fake.kvm_fd(100, 0);
+        fake.kvm_fd(100, 1);
+        fake.in_kvm_run(100, 103, 0);
+        fake.in_kvm_run(100, 102, 1);
+        // Paused (-S): its vCPU waits in QEMU, not in KVM_RUN.
+        fake.process(200, "qemu-system-x86_64 -name paused -S");
+        fake.thread(200, 200, "qemu-system-x86", 0);
+        fake.thread(200, 201, "qemu-system-x86", 0);
+        fake.kvm_fd(200, 0);
+
+        let found = Discoverer::new(fake.proc(), opts(&fake)).scan().unwrap();
+        assert_eq!(found.guests.len(), 1, "{:?}", found.guests);
+        let g = &found.guests[0];
+        assert_eq!((g.name.as_str(), g.source), ("quiet", Source::KvmRun));
+        assert_eq!(
+            g.vcpus,
+            vec![Vcpu { index: 0, tid: 103 }, Vcpu { index: 1, tid: 102 }]
+        );
+        assert_eq!(g.emulator_tids, vec![100, 101]);
+        assert_eq!(
+            found.unidentified,
+            vec![Unidentified {
+                name: "paused".into(),
+                pid: 200,
+                vcpus: 1
+            }]
+        );
+    }
 
     #[test]
     fn finds_guests_by_thread_names() {

@@ -246,6 +246,26 @@ impl Proc {
         Ok(out)
     }
 
+    /// The system call a thread is blocked in or executing
+    /// (`/proc/PID/task/TID/syscall`: "NR arg1 ... arg6 sp pc", "running",
+    /// or "-1 sp pc" in user space); `None` if it exited. Reading it is a
+    /// ptrace-attach check, like the fds.
+    pub fn syscall(&self, pid: u32, tid: u32) -> io::Result<Option<String>> {
+        read_gone_ok(&self.task_dir(pid, tid).join("syscall"))
+    }
+
+    /// What file descriptor `fd` of process `pid` points to.
+    pub fn fd_target(&self, pid: u32, fd: u32) -> Option<String> {
+        fs::read_link(
+            self.root
+                .join(pid.to_string())
+                .join("fd")
+                .join(fd.to_string()),
+        )
+        .ok()
+        .map(|t| t.to_string_lossy().into_owned())
+    }
+
     /// The thread group a thread id belongs to (`Tgid:` of /proc/<tid>/status).
     pub fn tgid_of(&self, tid: u32) -> io::Result<Option<u32>> {
         let Some(status) = read_gone_ok(&self.root.join(tid.to_string()).join("status"))? else {
