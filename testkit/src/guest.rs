@@ -247,6 +247,16 @@ impl Guest {
             .collect()
     }
 
+    /// The kernel threads KVM runs for this guest (`kvm-pit/PID`, the
+    /// in-kernel PIT's worker): pinguard places them with the emulator.
+    pub fn kernel_threads(&self) -> Vec<u32> {
+        let name = format!("kvm-pit/{}", self.pid);
+        host::processes(|comm| comm == name)
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
     /// Every thread with its `Cpus_allowed_list`.
     pub fn affinities(&self) -> Vec<(u32, String)> {
         self.tids()

@@ -55,7 +55,18 @@ fn pins_vcpu_to_guarded_cpu_and_emulators_to_housekeeping_then_is_stable() {
     assert_eq!(vcpu_entry["vm"], "pin-g1");
     assert_eq!(vcpu_entry["to"], "1");
     assert_eq!(vcpu_entry["change"], true);
-    assert_eq!(entries(&v).len(), 1 + emulators.len(), "{v}");
+    // The guest's kernel thread (the in-kernel PIT's worker) goes with the
+    // emulator threads.
+    let kthreads = g.kernel_threads();
+    assert!(!kthreads.is_empty(), "no kvm-pit/{} thread", g.pid());
+    for k in &kthreads {
+        assert_eq!(cpus_allowed(*k, *k), "0", "kvm-pit/{}", g.pid());
+    }
+    assert_eq!(
+        entries(&v).len(),
+        1 + emulators.len() + kthreads.len(),
+        "{v}"
+    );
 
     // A second run finds everything in place.
     let before = g.affinities();
