@@ -108,6 +108,9 @@ pub struct Unidentified {
 /// (`_IO(KVMIO, 0x80)`, include/uapi/linux/kvm.h).
 const SYS_IOCTL: &str = "16";
 const KVM_RUN: u64 = 0xae80;
+/// Reads of a vCPU thread that is executing guest code ("running") before
+/// giving up on it.
+const KVM_RUN_TRIES: usize = 20;
 
 /// The fd of `ioctl(fd, KVM_RUN)` from a `/proc/.../syscall` line.
 fn kvm_run_fd(syscall: &str) -> Option<u32> {
@@ -632,18 +635,38 @@ impl Discoverer {
 
     /// The vCPU threads of `pid` that are inside `ioctl(KVM_RUN)` on a
     /// vCPU fd: a running or halted vCPU is, a paused one (`-S`, `stop`)
-    /// waits in QEMU instead.
+    /// waits in QEMU instead. Kernel workers cloned from a vCPU thread
+    /// (KVM's NX huge page recovery) show the registers they were cloned
+    /// with, so they look the same and are left out; a thread executing
+    /// guest code reads "running" and is looked at again a few times.
+    /// Only an unambiguous map (one thread per vCPU) is returned.
     fn vcpus_in_kvm_run(&self, pid: u32, threads: &[ThreadInfo]) -> Vec<Vcpu> {
-        threads
+        let vcpu_of = |tid: u32| -> Option<u32> {
+            for _ in 0..KVM_RUN_TRIES {
+                let line = self.proc.syscall(pid, tid).ok().flatten()?;
+                if line.trim() != "running" {
+                    let target = self.proc.fd_target(pid, kvm_run_fd(&line)?)?;
+                    return target.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            None
+        };
+        let mut out: Vec<Vcpu> = threads
             .iter()
+            .filter(|t| !t.is_user_worker() && !t.is_kthread())
             .filter_map(|t| {
-                let line = self.proc.syscall(pid, t.tid).ok().flatten()?;
-                let fd = kvm_run_fd(&line)?;
-                let target = self.proc.fd_target(pid, fd)?;
-                let index = target.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok()?;
-                Some(Vcpu { index, tid: t.tid })
+                Some(Vcpu {
+                    index: vcpu_of(t.tid)?,
+                    tid: t.tid,
+                })
             })
-            .collect()
+            .collect();
+        out.sort();
+        if out.windows(2).any(|w| w[0].index == w[1].index) {
+            return Vec::new();
+        }
+        out
     }
 
     /// A relative socket path is relative to QEMU's working directory.
@@ -812,6 +835,10 @@ mod tests {
         fake.kvm_fd(100, 1);
         fake.in_kvm_run(100, 103, 0);
         fake.in_kvm_run(100, 102, 1);
+        // KVM's NX recovery worker, cloned from vCPU 0 inside KVM_RUN,
+        // shows the same system call: a user worker, not a vCPU.
+        fake.thread(100, 104, "kvm-nx-lpage-re", 0x4000);
+        fake.in_kvm_run(100, 104, 0);
         // Paused (-S): its vCPU waits in QEMU, not in KVM_RUN.
         fake.process(200, "qemu-system-x86_64 -name paused -S");
         fake.thread(200, 200, "qemu-system-x86", 0);
@@ -826,7 +853,7 @@ mod tests {
             g.vcpus,
             vec![Vcpu { index: 0, tid: 103 }, Vcpu { index: 1, tid: 102 }]
         );
-        assert_eq!(g.emulator_tids, vec![100, 101]);
+        assert_eq!(g.emulator_tids, vec![100, 101, 104]);
         assert_eq!(
             found.unidentified,
             vec![Unidentified {

@@ -48,6 +48,13 @@ impl ThreadInfo {
         self.flags & pin_common::PF_KTHREAD != 0
     }
 
+    /// A kernel worker cloned from a user thread (vhost workers, KVM's NX
+    /// huge page recovery): in the process, but never running its code.
+    pub fn is_user_worker(&self) -> bool {
+        // PF_USER_WORKER, include/linux/sched.h (6.4+).
+        self.flags & 0x0000_4000 != 0
+    }
+
     pub fn no_setaffinity(&self) -> bool {
         self.flags & pin_common::PF_NO_SETAFFINITY != 0
     }

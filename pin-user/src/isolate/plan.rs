@@ -442,6 +442,24 @@ fn shield(facts: &Facts, v1: &CpusetV1, p: &mut Plan) {
         let Some(cs) = &t.cpuset else {
             continue;
         };
+        // A guest started after isolate inherits the housekeeping cpuset
+        // from its parent: its vCPUs belong on the guarded side.
+        if cs == &hk_rel && is_vcpu(info) {
+            p.changes.push(Change {
+                what: What::Task,
+                target: id(info).to_string(),
+                action: Action::MoveTask {
+                    thread: id(info),
+                    root: v1.root.clone(),
+                    from: cs.clone(),
+                    to: g_rel.clone(),
+                    affinity: info.allowed.clone(),
+                },
+                why: "a vCPU started after isolate: `pinguard pin` gives it its guarded CPU".into(),
+                may_be_refused: false,
+            });
+            continue;
+        }
         if cs != "/" {
             if cs != &hk_rel && cs != &g_rel {
                 *elsewhere.entry(cs.clone()).or_default() += 1;
@@ -847,6 +865,35 @@ mod tests {
         );
         // kthreadd cannot change cpuset, but its affinity can.
         assert_eq!(targets(&p, What::Thread), ["tid 2 (kthreadd)"]);
+    }
+
+    #[test]
+    fn v1_shield_moves_vcpus_of_guests_started_after_isolate() {
+        let mut f = host(true, false);
+        for t in &mut f.threads {
+            if t.info.tgid == 100 {
+                t.cpuset = Some("/pinguard-housekeeping".into());
+            }
+        }
+        let p = plan(&f, None).unwrap();
+        let moves: Vec<(u32, String, String)> = p
+            .changes
+            .iter()
+            .filter_map(|c| match &c.action {
+                Action::MoveTask {
+                    thread, from, to, ..
+                } if thread.tgid == 100 => Some((thread.tid, from.clone(), to.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            moves,
+            vec![(
+                101,
+                "/pinguard-housekeeping".to_string(),
+                "/pinguard-guarded".to_string()
+            )]
+        );
     }
 
     #[test]
