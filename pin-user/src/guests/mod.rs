@@ -108,8 +108,8 @@ pub struct Unidentified {
 /// (`_IO(KVMIO, 0x80)`, include/uapi/linux/kvm.h).
 const SYS_IOCTL: &str = "16";
 const KVM_RUN: u64 = 0xae80;
-/// Reads of a vCPU thread that is executing guest code ("running") before
-/// giving up on it.
+/// Reads of a thread that is executing ("running") before taking it for
+/// one that keeps running.
 const KVM_RUN_TRIES: usize = 20;
 
 /// The fd of `ioctl(fd, KVM_RUN)` from a `/proc/.../syscall` line.
@@ -583,9 +583,9 @@ impl Discoverer {
         if found.is_none()
             && let Some(k) = &kvm
         {
-            let running = self.vcpus_in_kvm_run(pid, &threads);
-            if running.len() == k.len() {
-                found = Some((running, Source::KvmRun));
+            let in_kvm = self.vcpus_in_kvm_run(pid, &threads, k);
+            if !in_kvm.is_empty() {
+                found = Some((in_kvm, Source::KvmRun));
             }
         }
         let Some((mut vcpus, source)) = found else {
@@ -633,40 +633,64 @@ impl Discoverer {
         })
     }
 
-    /// The vCPU threads of `pid` that are inside `ioctl(KVM_RUN)` on a
-    /// vCPU fd: a running or halted vCPU is, a paused one (`-S`, `stop`)
-    /// waits in QEMU instead. Kernel workers cloned from a vCPU thread
-    /// (KVM's NX huge page recovery) show the registers they were cloned
-    /// with, so they look the same and are left out; a thread executing
-    /// guest code reads "running" and is looked at again a few times.
-    /// Only an unambiguous map (one thread per vCPU) is returned.
-    fn vcpus_in_kvm_run(&self, pid: u32, threads: &[ThreadInfo]) -> Vec<Vcpu> {
-        let vcpu_of = |tid: u32| -> Option<u32> {
+    /// The vCPU threads of `pid`, from what the kernel says each thread is
+    /// doing. A halted vCPU sleeps inside `ioctl(KVM_RUN)` on its vCPU fd
+    /// (`anon_inode:kvm-vcpu:N`), which `/proc/.../syscall` shows; a paused
+    /// one (`-S`, `stop`) waits in QEMU instead. A vCPU executing guest code
+    /// reads "running" (it is looked at again a few times, in case it
+    /// halts); when exactly one vCPU is still unknown and exactly one
+    /// thread keeps running, that thread is it. Kernel workers cloned from
+    /// a vCPU thread (KVM's NX huge page recovery) show the registers they
+    /// were cloned with and are left out. The map is returned only when it
+    /// names one thread per vCPU of `kvm`.
+    fn vcpus_in_kvm_run(&self, pid: u32, threads: &[ThreadInfo], kvm: &BTreeSet<u32>) -> Vec<Vcpu> {
+        enum Seen {
+            Vcpu(u32),
+            Running,
+            Other,
+        }
+        let look = |tid: u32| -> Seen {
             for _ in 0..KVM_RUN_TRIES {
-                let line = self.proc.syscall(pid, tid).ok().flatten()?;
+                let Ok(Some(line)) = self.proc.syscall(pid, tid) else {
+                    return Seen::Other;
+                };
                 if line.trim() != "running" {
-                    let target = self.proc.fd_target(pid, kvm_run_fd(&line)?)?;
-                    return target.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok();
+                    return kvm_run_fd(&line)
+                        .and_then(|fd| self.proc.fd_target(pid, fd))
+                        .and_then(|t| t.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok())
+                        .map_or(Seen::Other, Seen::Vcpu);
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            None
+            Seen::Running
         };
-        let mut out: Vec<Vcpu> = threads
+        let mut out = Vec::new();
+        let mut running = Vec::new();
+        for t in threads
             .iter()
             .filter(|t| !t.is_user_worker() && !t.is_kthread())
-            .filter_map(|t| {
-                Some(Vcpu {
-                    index: vcpu_of(t.tid)?,
-                    tid: t.tid,
-                })
-            })
-            .collect();
-        out.sort();
-        if out.windows(2).any(|w| w[0].index == w[1].index) {
-            return Vec::new();
+        {
+            match look(t.tid) {
+                Seen::Vcpu(index) => out.push(Vcpu { index, tid: t.tid }),
+                Seen::Running => running.push(t.tid),
+                Seen::Other => {}
+            }
         }
-        out
+        let missing: Vec<u32> = kvm
+            .iter()
+            .copied()
+            .filter(|i| !out.iter().any(|v| v.index == *i))
+            .collect();
+        if let ([index], [tid]) = (missing.as_slice(), running.as_slice()) {
+            out.push(Vcpu {
+                index: *index,
+                tid: *tid,
+            });
+        }
+        out.sort();
+        let one_each =
+            out.len() == kvm.len() && out.iter().map(|v| v.index).collect::<BTreeSet<_>>() == *kvm;
+        if one_each { out } else { Vec::new() }
     }
 
     /// A relative socket path is relative to QEMU's working directory.
@@ -764,6 +788,12 @@ mod tests {
 
         /// Thread `tid` blocked in `ioctl(fd, KVM_RUN)` on vCPU `index`'s fd.
         fn in_kvm_run(&self, pid: u32, tid: u32, index: u32) {
+            let line = format!("16 {:#x} 0xae80 0x0 0x0 0x0 0x0 0x7ffc 0x7f00", 100 + index);
+            self.syscall(pid, tid, &line);
+        }
+
+        /// What `/proc/PID/task/TID/syscall` says.
+        fn syscall(&self, pid: u32, tid: u32, line: &str) {
             let d = self
                 .dir
                 .path()
@@ -771,14 +801,7 @@ mod tests {
                 .join(pid.to_string())
                 .join("task")
                 .join(tid.to_string());
-            fs::write(
-                d.join("syscall"),
-                format!(
-                    "16 {:#x} 0xae80 0x0 0x0 0x0 0x0 0x7ffc 0x7f00\n",
-                    100 + index
-                ),
-            )
-            .unwrap();
+            fs::write(d.join("syscall"), format!("{line}\n")).unwrap();
         }
 
         /// A thread that only looks like a vCPU (no KVM fd behind it).
@@ -839,6 +862,14 @@ mod tests {
         // shows the same system call: a user worker, not a vCPU.
         fake.thread(100, 104, "kvm-nx-lpage-re", 0x4000);
         fake.in_kvm_run(100, 104, 0);
+        // Busy: its one vCPU executes guest code, the only thread that does.
+        fake.process(300, "qemu-system-x86_64 -name busy");
+        for tid in [300, 301, 302] {
+            fake.thread(300, tid, "qemu-system-x86", 0);
+        }
+        fake.kvm_fd(300, 0);
+        fake.syscall(300, 300, "271 0x1 0x4 0x7ffc 0x0 0x8 0x0 0x7ffc 0x7f00");
+        fake.syscall(300, 301, "running");
         // Paused (-S): its vCPU waits in QEMU, not in KVM_RUN.
         fake.process(200, "qemu-system-x86_64 -name paused -S");
         fake.thread(200, 200, "qemu-system-x86", 0);
@@ -846,8 +877,11 @@ mod tests {
         fake.kvm_fd(200, 0);
 
         let found = Discoverer::new(fake.proc(), opts(&fake)).scan().unwrap();
-        assert_eq!(found.guests.len(), 1, "{:?}", found.guests);
-        let g = &found.guests[0];
+        assert_eq!(found.guests.len(), 2, "{:?}", found.guests);
+        let busy = &found.guests[0];
+        assert_eq!((busy.name.as_str(), busy.source), ("busy", Source::KvmRun));
+        assert_eq!(busy.vcpus, vec![Vcpu { index: 0, tid: 301 }]);
+        let g = &found.guests[1];
         assert_eq!((g.name.as_str(), g.source), ("quiet", Source::KvmRun));
         assert_eq!(
             g.vcpus,
