@@ -237,10 +237,24 @@ fn read_affinities(guests: Vec<Guest>) -> anyhow::Result<(Vec<Guest>, Affinities
     Ok((out, current, vanished))
 }
 
+fn unidentified(s: &mut String, guests: &[Unidentified]) {
+    for u in guests {
+        s.push_str(&format!(
+            "NOT PINNED: guest {} (pid {}, {} vCPU(s)): its vCPU threads cannot be told apart \
+             (no QMP socket, no libvirt status, no debug-threads=on, and its vCPUs are not all \
+             running, e.g. paused); pass --qmp PATH or start QEMU with -name NAME,debug-threads=on.\n",
+            u.name, u.pid, u.vcpus
+        ));
+    }
+}
+
 fn render(r: &Report) -> String {
     let mut s = String::new();
     if r.entries.is_empty() {
-        s.push_str("No QEMU guests found.\n");
+        if r.unidentified.is_empty() {
+            s.push_str("No QEMU guests found.\n");
+        }
+        unidentified(&mut s, r.unidentified);
         return s;
     }
     // Column width: the longest cell, at least the header's width.
@@ -324,14 +338,7 @@ fn render(r: &Report) -> String {
             r.shared_cpus
         ));
     }
-    for u in r.unidentified {
-        s.push_str(&format!(
-            "NOT PINNED: guest {} (pid {}, {} vCPU(s)): its vCPU threads cannot be told apart \
-             (no QMP socket, no libvirt status, no debug-threads=on, and its vCPUs are not all \
-             running, e.g. paused); pass --qmp PATH or start QEMU with -name NAME,debug-threads=on.\n",
-            u.name, u.pid, u.vcpus
-        ));
-    }
+    unidentified(&mut s, r.unidentified);
     if !r.libvirt.domains.is_empty() {
         let names = r.libvirt.domains.join(", ");
         let verb = if r.dry_run { "would be" } else { "were" };

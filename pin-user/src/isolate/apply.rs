@@ -64,7 +64,14 @@ impl Io for Live {
     }
 
     fn start_time(&self, t: &ThreadId) -> Option<u64> {
-        self.proc.start_time(t.tgid, t.tid).ok().flatten()
+        // An exiting thread (zombie) cannot change cgroup or affinity any
+        // more, and its /proc/.../cgroup no longer says where it was.
+        self.proc
+            .thread(t.tgid, t.tid)
+            .ok()
+            .flatten()
+            .filter(|i| !matches!(i.state, 'Z' | 'X' | 'x'))
+            .map(|i| i.start_time)
     }
 
     fn cpuset(&self, t: &ThreadId) -> Option<String> {

@@ -29,6 +29,11 @@ pub fn mechanism(facts: &Facts, wanted: Option<Mechanism>) -> Result<Mechanism, 
     }
 }
 
+/// An exiting thread: it can neither move nor change affinity.
+fn exiting(t: &ThreadInfo) -> bool {
+    matches!(t.state, 'Z' | 'X' | 'x')
+}
+
 /// A QEMU/KVM vCPU thread ("CPU 0/KVM"): `pinguard pin` places it.
 fn is_vcpu(t: &ThreadInfo) -> bool {
     t.comm
@@ -436,7 +441,7 @@ fn shield(facts: &Facts, v1: &CpusetV1, p: &mut Plan) {
     let g_rel = format!("/{V1_GUARDED}");
     for t in &facts.threads {
         let info = &t.info;
-        if info.tgid == facts.self_pid {
+        if info.tgid == facts.self_pid || exiting(info) {
             continue;
         }
         let Some(cs) = &t.cpuset else {
@@ -553,7 +558,7 @@ fn affinities(facts: &Facts, p: &mut Plan) {
     let mut vcpus = 0;
     for t in &facts.threads {
         let info: &ThreadInfo = &t.info;
-        if info.tgid == facts.self_pid || !info.allowed.intersects(g) {
+        if info.tgid == facts.self_pid || exiting(info) || !info.allowed.intersects(g) {
             continue;
         }
         if info.no_setaffinity() {
@@ -711,6 +716,13 @@ pub mod tests_support {
                 thread(200, 200, "pinned", 0, "1", Some("/")),
                 thread(300, 300, "libvirt-guest", 0, "0-1", Some("/machine/vm1")),
                 thread(ME, ME, "pinguard", 0, "0", Some("/")),
+                ThreadFact {
+                    info: ThreadInfo {
+                        state: 'Z',
+                        ..thread(400, 400, "zombie", 0, "0-1", Some("/")).info
+                    },
+                    cpuset: Some("/".into()),
+                },
             ],
             irqbalance_running: false,
             nohz_full_supported: false,
