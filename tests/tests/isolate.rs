@@ -21,7 +21,8 @@ use std::{
 use serde_json::Value;
 use testkit::{
     cpus,
-    env::pinguard_bin,
+    env::{missing_kvm_guests, pinguard_bin},
+    guest::{Guest, GuestOptions},
     require,
     threads::{gettid, schedstat_run_ns},
     wait::poll,
@@ -536,4 +537,50 @@ fn bad_guards_are_refused_before_anything_changes() {
         "a refused isolate changed the host:\n{}",
         diff.join("\n")
     );
+}
+
+/// A guest started after isolate inherits the housekeeping cpuset; a second
+/// run moves its vCPU to the guarded cpuset, and `pinguard pin` places it.
+#[test]
+fn guest_started_after_isolate_can_be_pinned() {
+    let _host = exclusive();
+    require!(missing_v1_cpuset().or_else(missing_kvm_guests));
+    let g = guard_cpu();
+    let gs = g.to_string();
+    let iso = Isolation::new();
+    pinguard_json(&["isolate", "--guard", &gs, "--mechanism", "shield", "--json"]);
+    {
+        let guest = Guest::start(GuestOptions::new("iso-g1"));
+        let vcpu = guest.vcpu_tids()[0];
+        let again = pinguard_json(&["isolate", "--guard", &gs, "--json"]);
+        let moved: Vec<&Value> = applied(&again)
+            .into_iter()
+            .filter(|r| r["action"]["thread"]["tid"] == vcpu)
+            .collect();
+        assert_eq!(moved.len(), 1, "the vCPU was not moved: {again:#}");
+        assert_eq!(moved[0]["action"]["to"], "/pinguard-guarded", "{again:#}");
+        let out = pinguard(&["pin", "--guard", &gs]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "pin after isolate: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let pid = guest.pid();
+        assert_eq!(
+            testkit::threads::cpus_allowed(pid, vcpu),
+            gs,
+            "vCPU {vcpu} is not pinned to CPU {g}"
+        );
+        for tid in guest.emulator_tids() {
+            let a = cpus::parse_list(&testkit::threads::cpus_allowed(pid, tid)).unwrap();
+            assert!(
+                !a.contains(&g),
+                "emulator thread {tid} may run on CPU {g}: {a:?}"
+            );
+        }
+        // The guest is killed here, before the undo.
+    }
+    iso.undo_and_compare();
 }

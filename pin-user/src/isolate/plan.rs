@@ -627,7 +627,7 @@ pub mod tests_support {
     use super::*;
     use crate::{
         host::{cmdline::BootConfig, topology::Guard},
-        isolate::facts::{IrqFact, Sysctl, Value},
+        isolate::facts::{IrqFact, Sysctl, ThreadFact, Value},
     };
 
     pub fn set(s: &str) -> CpuSet {
