@@ -557,7 +557,7 @@ impl Discoverer {
                         // Given with --qmp and already failed: reported as an error.
                         continue;
                     }
-                    match query_cpus_fast(&path, QMP_TIMEOUT) {
+                    match query_cpus_fast(&path, QMP_TIMEOUT).map(|v| self.host_tids(pid, v)) {
                         Ok(vcpus) if valid(&vcpus) => {
                             self.qmp_cache.insert(pid, vcpus.clone());
                             found = Some((vcpus, Source::Qmp));
@@ -694,14 +694,43 @@ impl Discoverer {
     }
 
     /// A relative socket path is relative to QEMU's working directory.
+    /// A QEMU in a mount namespace of its own (a container: KubeVirt's
+    /// virt-launcher, `unshare --mount`) names a path in that namespace; it
+    /// is reached through `/proc/PID/root` (or `/proc/PID/cwd`).
     fn resolve(&self, pid: u32, sock: &Path) -> PathBuf {
+        let dir = self.proc.root().join(pid.to_string());
+        let ns = |d: &Path| fs::read_link(d.join("ns/mnt")).ok();
+        let own_ns = ns(&self.proc.root().join("self"));
+        if own_ns.is_some() && ns(&dir) != own_ns {
+            return match sock.strip_prefix("/") {
+                Ok(rel) => dir.join("root").join(rel),
+                Err(_) => dir.join("cwd").join(sock),
+            };
+        }
         if sock.is_absolute() {
             return sock.to_owned();
         }
-        match fs::read_link(self.proc.root().join(pid.to_string()).join("cwd")) {
+        match fs::read_link(dir.join("cwd")) {
             Ok(cwd) => cwd.join(sock),
             Err(_) => sock.to_owned(),
         }
+    }
+
+    /// The vCPU map QEMU gave over QMP, in host thread ids: a QEMU in a PID
+    /// namespace of its own reports the ids of that namespace, and
+    /// `NSpid:` in each thread's status maps them to the host's.
+    fn host_tids(&self, pid: u32, vcpus: Vec<Vcpu>) -> Vec<Vcpu> {
+        let map = self.proc.ns_tids(pid);
+        if map.is_empty() {
+            return vcpus;
+        }
+        vcpus
+            .into_iter()
+            .map(|v| Vcpu {
+                index: v.index,
+                tid: map.get(&v.tid).copied().unwrap_or(v.tid),
+            })
+            .collect()
     }
 }
 
@@ -827,6 +856,27 @@ mod tests {
 
     const PF_KTHREAD: u32 = pin_common::PF_KTHREAD;
     const PF_NO_SETAFFINITY: u32 = pin_common::PF_NO_SETAFFINITY;
+
+    #[test]
+    fn qmp_thread_ids_from_a_pid_namespace_become_host_ids() {
+        let fake = FakeProc::new();
+        fake.process(500, "qemu-system-x86_64 -name ctr");
+        for (tid, inner) in [(500, 1), (501, 2), (502, 3)] {
+            fake.thread(500, tid, "qemu-system-x86", 0);
+            let status = fake.dir.path().join(format!("proc/500/task/{tid}/status"));
+            let mut text = fs::read_to_string(&status).unwrap();
+            text.push_str(&format!("NSpid:\t{tid}\t{inner}\n"));
+            fs::write(&status, text).unwrap();
+        }
+        let d = Discoverer::new(fake.proc(), opts(&fake));
+        let inner = vec![Vcpu { index: 0, tid: 3 }];
+        assert_eq!(d.host_tids(500, inner), vec![Vcpu { index: 0, tid: 502 }]);
+        // Same namespace: ids unchanged.
+        fake.process(600, "qemu-system-x86_64 -name plain");
+        fake.thread(600, 601, "qemu-system-x86", 0);
+        let same = vec![Vcpu { index: 0, tid: 601 }];
+        assert_eq!(d.host_tids(600, same.clone()), same);
+    }
 
     #[test]
     fn kvm_run_names_the_vcpu_fd() {

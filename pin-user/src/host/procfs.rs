@@ -261,6 +261,31 @@ impl Proc {
         read_gone_ok(&self.task_dir(pid, tid).join("syscall"))
     }
 
+    /// For a process in a PID namespace of its own: its threads' ids in
+    /// that namespace -> on the host (`NSpid:` of each thread's status,
+    /// outermost first). Empty when it shares pinguard's namespace.
+    pub fn ns_tids(&self, pid: u32) -> std::collections::HashMap<u32, u32> {
+        let mut out = std::collections::HashMap::new();
+        for tid in self.tids(pid).unwrap_or_default() {
+            let Ok(Some(status)) = read_gone_ok(&self.task_dir(pid, tid).join("status")) else {
+                continue;
+            };
+            let ids: Vec<u32> = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .map(|v| {
+                    v.split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let (Some(&host), Some(&inner), true) = (ids.first(), ids.last(), ids.len() > 1) {
+                out.insert(inner, host);
+            }
+        }
+        out
+    }
+
     /// What file descriptor `fd` of process `pid` points to.
     pub fn fd_target(&self, pid: u32, fd: u32) -> Option<String> {
         fs::read_link(
