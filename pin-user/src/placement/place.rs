@@ -174,8 +174,24 @@ impl Live {
             return false;
         }
         let wider = cg.cpus.union(cpus);
+        // cgroup v1 resets the affinity of every thread in a cpuset whose
+        // CPUs change: take them now and put them back after.
+        let threads: Vec<(u32, CpuSet)> = ["tasks", "cgroup.threads"]
+            .iter()
+            .find_map(|f| fs::read_to_string(cg.dir.join(f)).ok())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .filter_map(|tid| Some((tid, affinity::get(tid).ok()?)))
+            .collect();
         match fs::write(cg.dir.join("cpuset.cpus"), wider.to_string()) {
             Ok(()) => {
+                for (tid, was) in &threads {
+                    if affinity::get(*tid).is_ok_and(|now| now != *was) {
+                        // Gone meanwhile, or refused: nothing more to do.
+                        let _ = affinity::set(*tid, was);
+                    }
+                }
                 log::info!(
                     "guest {}: widened the cpuset of its own cgroup {} from CPUs {} to {wider} \
                      (it holds this guest only)",
