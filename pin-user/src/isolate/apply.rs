@@ -292,7 +292,10 @@ pub fn apply(
                 return Err(IsolateError::Failed {
                     target: change.target.clone(),
                     reason: e.reason,
-                    rolled_back: done.len(),
+                    rolled_back: done
+                        .iter()
+                        .filter(|d: &&Done| d.outcome == Outcome::Applied)
+                        .count(),
                     rollback_errors,
                 });
             }
