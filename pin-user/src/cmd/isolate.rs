@@ -121,7 +121,14 @@ pub fn run(args: IsolateArgs) -> anyhow::Result<ExitCode> {
         if again.changes.is_empty() {
             break;
         }
-        done.extend(apply::apply(&mut io, &again, &mut state, &mut save)?);
+        let more = apply::apply(&mut io, &again, &mut state, &mut save).with_context(|| {
+            format!(
+                "moving tasks that appeared meanwhile; the {} change(s) of the first pass stay applied and recorded in {path}: \
+                 `pinguard isolate --undo` restores them",
+                state.changes.len()
+            )
+        })?;
+        done.extend(more);
     }
     if state.changes.is_empty() && !had_state {
         store.remove()?;
