@@ -10,7 +10,10 @@ use crate::{
     config::{Mode, Overrides},
     guests::DiscoverOptions,
     host::cpulist::{CpuSeq, CpuSet},
-    placement::plan::{EmulatorPolicy, PlanOptions, SmtPolicy},
+    placement::{
+        plan::{EmulatorPolicy, PlanOptions, SmtPolicy},
+        sched::VcpuSched,
+    },
     units::parse_duration,
 };
 
@@ -172,6 +175,10 @@ pub struct PinArgs {
     /// Print the plan without changing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Scheduling policy of the vCPU threads: other, fifo:PRIORITY or
+    /// rr:PRIORITY (1-99), as libvirt's <vcpusched> sets it; e.g. fifo:1.
+    #[arg(long, value_name = "POLICY", value_parser = parse_vcpu_sched)]
+    pub vcpu_sched: Option<VcpuSched>,
     /// Also write the placement of libvirt domains into their persistent
     /// definition (`<cputune>`), so it survives a restart of the domain.
     #[arg(long)]
@@ -325,6 +332,11 @@ fn parse_vm_map(s: &str) -> Result<(String, CpuSeq), String> {
         return Err(format!("invalid --vm {s:?}: the CPU list is empty"));
     }
     Ok((name.trim().to_string(), cpus))
+}
+
+fn parse_vcpu_sched(s: &str) -> Result<VcpuSched, String> {
+    s.parse()
+        .map_err(|e| format!("invalid --vcpu-sched {s:?}: {e}"))
 }
 
 fn parse_emulator(s: &str) -> Result<EmulatorPolicy, String> {

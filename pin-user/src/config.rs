@@ -10,7 +10,10 @@ use thiserror::Error;
 
 use crate::{
     host::cpulist::{CpuSeq, CpuSet},
-    placement::plan::{EmulatorPolicy, PlanOptions, SmtPolicy},
+    placement::{
+        plan::{EmulatorPolicy, PlanOptions, SmtPolicy},
+        sched::VcpuSched,
+    },
     units::parse_duration,
 };
 
@@ -97,6 +100,7 @@ struct PlacementFile {
     emulator: Option<String>,
     smt: Option<SmtPolicy>,
     allow_shared: Option<bool>,
+    vcpu_sched: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +220,8 @@ pub struct Config {
     pub emulator: EmulatorPolicy,
     pub smt: SmtPolicy,
     pub allow_shared: bool,
+    /// Scheduling policy `pin` gives vCPU threads (`None`: leave it).
+    pub vcpu_sched: Option<VcpuSched>,
     pub vm: Vec<(String, CpuSeq)>,
     pub allow: Vec<AllowRule>,
     /// Minimum time between two enforcement actions on one thread.
@@ -251,6 +257,7 @@ impl Default for Config {
             emulator: EmulatorPolicy::Housekeeping,
             smt: SmtPolicy::PreferSiblings,
             allow_shared: false,
+            vcpu_sched: None,
             vm: Vec::new(),
             allow: Vec::new(),
             min_interval: Duration::from_millis(100),
@@ -321,6 +328,10 @@ impl Config {
                 Ok(v)
             }
         };
+        let vcpu_sched = match &file.placement.vcpu_sched {
+            Some(v) => Some(v.parse().map_err(|m| invalid("placement.vcpu_sched", m))?),
+            None => None,
+        };
         let emulator = match &file.placement.emulator {
             Some(e) => e.parse().map_err(|m| invalid("placement.emulator", m))?,
             None => d.emulator.clone(),
@@ -382,6 +393,7 @@ impl Config {
             emulator,
             smt: file.placement.smt.unwrap_or(d.smt),
             allow_shared: file.placement.allow_shared.unwrap_or(d.allow_shared),
+            vcpu_sched,
             vm,
             allow: file.allow,
             min_interval: at_least(

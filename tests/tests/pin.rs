@@ -321,3 +321,83 @@ fn a_guest_without_qmp_or_names_is_found_in_kvm_run_or_named_as_unidentified() {
         assert_eq!(t["class"], "unidentified_guest", "{t}");
     }
 }
+
+/// Puts a sysctl back on drop.
+struct Sysctl {
+    path: &'static str,
+    was: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Self {
+        let was = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, value).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+        Self { path, was }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.was.trim());
+    }
+}
+
+/// `--vcpu-sched fifo:1` (libvirt's `<vcpusched>`): the vCPU runs SCHED_FIFO
+/// 1, `audit` shows each thread's class and priority as `ps` does, and
+/// `check` warns that with RT throttling off the real-time vCPU can starve
+/// the per-CPU kernel threads of its CPU.
+#[test]
+fn real_time_vcpus_are_set_shown_and_checked() {
+    require!(missing_kvm());
+    let g = start("pin-rt");
+    wait_for_no_other_guests(&[&g]);
+    let vcpu = g.vcpu_tids()[0];
+    let r = pin(&["--guard", "1", "--vcpu-sched", "fifo:1"]);
+    assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
+    assert!(
+        r.stdout.contains("scheduling policy fifo:1"),
+        "{}",
+        r.stdout
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{}/task/{vcpu}/stat", g.pid())).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // Fields 40 (rt_priority) and 41 (policy), counted from 3 after the comm.
+    assert_eq!((fields[37], fields[38]), ("1", "1"), "{stat}");
+
+    let r = run_subcommand("audit", &["--guard", "1", "--json"], RUN_TIMEOUT);
+    let v = r.json();
+    let row = v["cpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["threads"].as_array().unwrap())
+        .find(|t| t["tid"] == vcpu)
+        .unwrap_or_else(|| panic!("vCPU {vcpu} not listed: {v:#}"));
+    assert_eq!(row["sched"]["class"], "FF", "{row}");
+    assert_eq!(row["sched"]["rtprio"], 1, "{row}");
+
+    let _throttling = Sysctl::set("/proc/sys/kernel/sched_rt_runtime_us", "-1");
+    let r = run_subcommand("check", &["--guard", "1", "--json"], RUN_TIMEOUT);
+    let v = r.json();
+    let item = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "sched_rt_runtime")
+        .unwrap_or_else(|| panic!("no sched_rt_runtime item: {v:#}"));
+    assert_eq!(item["status"], "warn", "{item}");
+    let detail = item.to_string();
+    assert!(
+        detail.contains(&format!("tid {vcpu}")) && detail.contains("starves"),
+        "{detail}"
+    );
+    // Bad input is refused before anything changes.
+    let r = pin(&["--guard", "1", "--vcpu-sched", "fifo:100"]);
+    assert_eq!(r.code(), Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--vcpu-sched"), "{}", r.stderr);
+}

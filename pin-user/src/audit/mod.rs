@@ -15,7 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     exit,
-    host::{cpulist::CpuSet, procfs::ThreadInfo, topology::Guard},
+    host::{
+        cpulist::CpuSet,
+        procfs::{Sched, ThreadInfo},
+        topology::Guard,
+    },
 };
 
 mod ownership;
@@ -153,6 +157,11 @@ pub struct ThreadRow {
     pub last_cpu: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity: Option<CpuSet>,
+    /// Scheduling class, real-time priority and nice (`ps -eLo
+    /// class,rtprio,ni`): a real-time vCPU runs before every kernel thread
+    /// of its CPU. Read at the edge (see [`Report::fill_sched`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sched: Option<Sched>,
     pub vm: Option<String>,
     pub vcpu: Option<u32>,
     /// For vCPUs: the CPU they own.
@@ -269,6 +278,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// Adds each listed thread's scheduling class, read by `sched`.
+    pub fn fill_sched(&mut self, sched: impl Fn(u32, u32) -> Option<Sched>) {
+        for c in &mut self.cpus {
+            for t in &mut c.threads {
+                t.sched = sched(t.pid, t.tid);
+            }
+        }
+    }
+
     /// 0 clean, 1 violations found.
     pub fn exit_code(&self) -> u8 {
         if self.summary.violations > 0 {
@@ -497,6 +515,7 @@ pub fn snapshot(
                 state: Some(t.state),
                 last_cpu: Some(t.last_cpu),
                 affinity: Some(t.allowed.clone()),
+                sched: None,
                 vm,
                 vcpu,
                 assigned_cpu,

@@ -90,6 +90,7 @@ pub fn render(r: &Report) -> String {
                             t.tid.to_string(),
                             t.pid.to_string(),
                             t.comm.clone(),
+                            t.sched.map_or("-".into(), |v| v.to_string()),
                             t.last_cpu.map_or("-".into(), |v| v.to_string()),
                             t.affinity.as_ref().map_or("-".into(), |a| a.to_string()),
                             vm_cell(t),
@@ -99,7 +100,8 @@ pub fn render(r: &Report) -> String {
                     .collect();
                 s.push_str(&table(
                     &[
-                        "CLASS", "TID", "PID", "COMM", "LAST CPU", "AFFINITY", "VM/VCPU", "NOTE",
+                        "CLASS", "TID", "PID", "COMM", "SCHED", "LAST CPU", "AFFINITY", "VM/VCPU",
+                        "NOTE",
                     ],
                     &rows,
                 ));

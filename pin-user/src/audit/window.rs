@@ -306,6 +306,7 @@ pub fn window(
                 state: now.map(|i| i.state),
                 last_cpu: now.map(|i| i.last_cpu),
                 affinity: now.map(|i| i.allowed.clone()),
+                sched: None,
                 vm,
                 vcpu,
                 assigned_cpu,

@@ -1,7 +1,7 @@
 //! Where the scheduler and the kernel's own work run: unbound workqueues,
 //! the preemption model, RT throttling and timer migration.
 use super::{Ctx, Item, fail, pass, read_opt, unreadable, warn};
-use crate::host::cpulist::CpuSet;
+use crate::host::{cpulist::CpuSet, procfs::Proc};
 
 impl Ctx<'_> {
     pub(super) fn workqueue(&self) -> Item {
@@ -140,6 +140,23 @@ impl Ctx<'_> {
             );
         };
         if runtime < 0 {
+            let rt = self.realtime_threads_on_guarded();
+            if !rt.is_empty() {
+                return warn(
+                    ID,
+                    format!(
+                        "RT throttling is off (kernel.sched_rt_runtime_us = -1) and real-time \
+                         threads are confined to guarded CPUs: {}. While one of them runs, nothing \
+                         of lower priority runs on its CPU, including that CPU's per-CPU kernel \
+                         threads (ksoftirqd, kworkers, RCU): a real-time vCPU that never halts \
+                         starves them, and the host stalls on them",
+                        rt.join(", ")
+                    ),
+                    "keep RT vCPUs halting (idle=halt in the guest, not idle=poll), or turn \
+                     throttling back on (`sysctl -w kernel.sched_rt_runtime_us=950000`), or keep \
+                     per-CPU work off guarded CPUs (nohz_full=, rcu_nocbs=, isolcpus=)",
+                );
+            }
             return pass(
                 ID,
                 "RT throttling is off (kernel.sched_rt_runtime_us = -1): a SCHED_FIFO vCPU may use all of its guarded CPU; \
@@ -162,6 +179,24 @@ impl Ctx<'_> {
             ),
             "`sysctl -w kernel.sched_rt_runtime_us=-1`; to keep it: `echo kernel.sched_rt_runtime_us=-1 > /etc/sysctl.d/90-pinguard.conf`",
         )
+    }
+
+    /// "tid 123 CPU 0/KVM (FF 1) on CPU 1" for every SCHED_FIFO/RR thread
+    /// whose affinity lies within the guarded CPUs.
+    fn realtime_threads_on_guarded(&self) -> Vec<String> {
+        let proc = Proc::new(self.host.proc.clone());
+        let Ok(threads) = proc.all_threads() else {
+            return Vec::new();
+        };
+        threads
+            .iter()
+            .filter(|t| !t.is_kthread() && t.allowed.is_subset(self.guarded))
+            .filter_map(|t| {
+                let s = proc.sched(t.tgid, t.tid)?;
+                s.is_realtime()
+                    .then(|| format!("tid {} {:?} ({s}) on CPU {}", t.tid, t.comm, t.allowed))
+            })
+            .collect()
     }
 
     pub(super) fn timer_migration(&self) -> Item {

@@ -49,10 +49,11 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
         own.add_unidentified(u.pid, &u.name);
     }
     let threads = now.threads;
-    let report = match args.window {
+    let mut report = match args.window {
         None => audit::snapshot(&guard, &threads, &own, std::process::id()),
         Some(window) => observe(&guard, &own, &proc, window)?,
     };
+    report.fill_sched(|pid, tid| proc.sched(pid, tid));
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &report).context("cannot write the JSON report")?;

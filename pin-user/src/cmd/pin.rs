@@ -24,6 +24,7 @@ use crate::{
     placement::{
         libvirt::{self, Scope},
         place,
+        sched::{self, VcpuSched},
     },
 };
 
@@ -57,6 +58,46 @@ struct Report<'a> {
     libvirt: Libvirt,
     /// KVM guests whose vCPU threads could not be told apart: not pinned.
     unidentified: &'a [Unidentified],
+    /// The scheduling policy given to the vCPU threads, if any.
+    vcpu_sched: Option<VcpuSched>,
+}
+
+/// Gives every vCPU thread of the plan `sched`; on a refusal, puts back
+/// the policies already changed and says what stays (the affinities).
+fn set_vcpu_sched(plan: &plan::Plan, statuses: &[Status], sched: VcpuSched) -> anyhow::Result<()> {
+    let proc = Proc::default();
+    let mut changed: Vec<(u32, VcpuSched)> = Vec::new();
+    for (e, st) in plan.entries.iter().zip(statuses) {
+        if e.role != Role::Vcpu || *st == Status::Vanished {
+            continue;
+        }
+        let Some(before) = proc.sched(e.pid, e.tid) else {
+            continue; // exited
+        };
+        if sched.matches(&before) {
+            continue;
+        }
+        match sched::set(e.tid, sched) {
+            Ok(()) => {
+                if let Some(was) = sched::current(&before) {
+                    changed.push((e.tid, was));
+                }
+            }
+            Err(sched::SchedError::Gone { .. }) => {}
+            Err(err) => {
+                for (tid, was) in changed.iter().rev() {
+                    let _ = sched::set(*tid, *was);
+                }
+                bail!(
+                    "guest {} vCPU {}: {err}\nthe vCPU policies set before were put back; \
+                     the CPU placement stays applied",
+                    e.vm,
+                    e.vcpu.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The libvirt domains among the guests: pinned through libvirt.
@@ -104,6 +145,7 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
     }
 
     let unidentified = discovery.unidentified;
+    let vcpu_sched = args.vcpu_sched.or(config.vcpu_sched);
     let (guests, current, vanished) = read_affinities(discovery.guests)?;
     let plan = plan::plan(
         &topo,
@@ -138,6 +180,9 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
                 log::info!("{} exited before it could be pinned", apply::describe(e));
             }
         }
+        if let Some(sched) = vcpu_sched {
+            set_vcpu_sched(&plan, &applied.statuses, sched)?;
+        }
         if args.persist {
             persist(&plan).context(
                 "the placement is applied to the running domains, but writing it into their \
@@ -167,6 +212,7 @@ pub fn run(args: PinArgs) -> anyhow::Result<ExitCode> {
             persistent: args.persist && !args.dry_run,
         },
         unidentified: &unidentified,
+        vcpu_sched,
     };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -332,6 +378,12 @@ fn render(r: &Report) -> String {
             exited.join(", ")
         ));
     }
+    if let Some(sched) = r.vcpu_sched {
+        let verb = if r.dry_run { "would run" } else { "run" };
+        s.push_str(&format!(
+            "vCPU threads {verb} with scheduling policy {sched}.\n"
+        ));
+    }
     if !r.shared_cpus.is_empty() {
         s.push_str(&format!(
             "CPUs {} each run more than one vCPU (--allow-shared).\n",
@@ -411,6 +463,7 @@ mod tests {
             vanished: vec![],
             libvirt: Libvirt::default(),
             unidentified: &[],
+            vcpu_sched: None,
         };
         let s = render(&report);
         let lines: Vec<&str> = s.lines().collect();

@@ -286,6 +286,12 @@ impl Proc {
         out
     }
 
+    /// A thread's scheduling class; `None` if it exited.
+    pub fn sched(&self, pid: u32, tid: u32) -> Option<Sched> {
+        let stat = read_gone_ok(&self.task_dir(pid, tid).join("stat")).ok()??;
+        Sched::parse_stat(&stat)
+    }
+
     /// What file descriptor `fd` of process `pid` points to.
     pub fn fd_target(&self, pid: u32, fd: u32) -> Option<String> {
         fs::read_link(
@@ -318,6 +324,64 @@ struct Stat {
     start_time: u64,
 }
 
+/// A thread's scheduling class, as `ps -eLo class,rtprio,ni` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Sched {
+    /// `SCHED_*` policy number (0 other, 1 fifo, 2 rr, 3 batch, 5 idle, 6 deadline).
+    #[serde(skip)]
+    pub policy: u32,
+    /// ps's name for the policy: TS, FF, RR, B, IDL, DLN.
+    pub class: &'static str,
+    /// Real-time priority (1-99), 0 for other policies.
+    pub rtprio: u32,
+    /// Nice value (only meaningful for TS/B/IDL).
+    pub nice: i32,
+}
+
+impl Sched {
+    pub fn class_name(policy: u32) -> &'static str {
+        match policy {
+            0 => "TS",
+            1 => "FF",
+            2 => "RR",
+            3 => "B",
+            5 => "IDL",
+            6 => "DLN",
+            _ => "?",
+        }
+    }
+
+    /// Real-time (FIFO or RR): it runs before every normal thread of its CPU.
+    pub fn is_realtime(&self) -> bool {
+        matches!(self.policy, 1 | 2)
+    }
+
+    /// From `/proc/PID/task/TID/stat` (fields 19 nice, 40 rt_priority, 41 policy).
+    pub fn parse_stat(stat: &str) -> Option<Self> {
+        let close = stat.rfind(')')?;
+        let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+        let field = |n: usize| rest.get(n - 3).copied();
+        let policy: u32 = field(41)?.parse().ok()?;
+        Some(Self {
+            policy,
+            class: Self::class_name(policy),
+            rtprio: field(40)?.parse().ok()?,
+            nice: field(19)?.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Sched {
+    /// "FF 1" for real-time threads, "TS 0" (the nice value) for the others.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_realtime() {
+            write!(f, "{} {}", self.class, self.rtprio)
+        } else {
+            write!(f, "{} {}", self.class, self.nice)
+        }
+    }
+}
+
 /// Parses `/proc/<pid>/stat`. The comm field is in parentheses and may itself
 /// contain spaces and parentheses, so split at the *last* `)`.
 fn parse_stat(s: &str) -> Option<Stat> {
@@ -339,6 +403,27 @@ fn parse_stat(s: &str) -> Option<Stat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scheduling_class_as_ps_shows_it() {
+        // `chrt -f 7 sleep` and `nice -n 5 cat`, read on this lab.
+        let fifo = "16997 (sleep) S 16995 16995 1151 0 -1 4194560 229 0 1 0 0 0 0 0 -8 0 1 0 \
+                    243662 2990080 445 18446744073709551615 94605524701184 94605524719113 \
+                    140725894170832 0 0 0 0 6 0 1 0 0 17 1 7 1 0 0 0 94605524733200 \
+                    94605524734464 94605548679168 140725894179563 140725894179571 \
+                    140725894179571 140725894180841 0";
+        let s = Sched::parse_stat(fifo).unwrap();
+        assert_eq!((s.class, s.rtprio, s.is_realtime()), ("FF", 7, true));
+        assert_eq!(s.to_string(), "FF 7");
+        let niced = "17000 (a) b) R 16995 16995 1151 0 -1 4194304 177 0 1 0 0 0 0 0 25 5 1 0 \
+                     243682 3133440 394 18446744073709551615 94760435720192 94760435740073 \
+                     140720596004672 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 94760435756080 \
+                     94760435757696 94760705048576 140720596007649 140720596007669 \
+                     140720596007669 140720596008939 0";
+        let s = Sched::parse_stat(niced).unwrap();
+        assert_eq!((s.class, s.rtprio, s.nice), ("TS", 0, 5));
+        assert_eq!(s.to_string(), "TS 5");
+    }
 
     #[test]
     fn parses_stat_with_awkward_comm() {

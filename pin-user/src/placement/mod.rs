@@ -7,3 +7,4 @@ pub mod enforce;
 pub mod libvirt;
 pub mod place;
 pub mod plan;
+pub mod sched;
