@@ -86,6 +86,9 @@ impl Live {
                     );
                     Ok(())
                 }
+                // The domain stopped meanwhile: its threads are gone, which
+                // is the normal life of a host, not a failure.
+                Err(direct) if direct.is_gone() => Err(direct),
                 Err(direct) => Err(AffinityError::Manager {
                     tid: t.tid,
                     detail: format!("guest {} {}: {e}; directly: {direct}", t.vm, role(t)),
