@@ -434,7 +434,20 @@ pub fn assess(t: &ThreadInfo, cpu: u32, guarded: &CpuSet, own: &Ownership) -> As
             } else {
                 (Finding::UnboundKthread, "unbound kernel thread")
             };
-            if can && here {
+            if can && here && class == Class::UnboundKthread && t.no_setaffinity() && !confined {
+                // Workqueue rescuers (kworker/R-*) and the like: the kernel
+                // places them and refuses anyone else's affinity. Named, with
+                // why; only a boot parameter keeps them off.
+                verdict(
+                    Status::Warning,
+                    Some(finding),
+                    format!(
+                        "unbound kernel thread the kernel places itself (PF_NO_SETAFFINITY: \
+                         user space cannot move it) last ran here (affinity {aff}); \
+                         isolcpus=domain at boot keeps it off"
+                    ),
+                )
+            } else if can && here {
                 verdict(
                     Status::Violation,
                     Some(finding),
@@ -747,6 +760,24 @@ mod tests {
         assert_eq!(a.class, Class::UnidentifiedGuest);
         assert_eq!(a.finding, Some(Finding::UnidentifiedGuest));
         assert!(a.note.contains("cannot identify"), "{}", a.note);
+    }
+
+    #[test]
+    fn a_kernel_thread_user_space_cannot_move_is_a_warning_with_why() {
+        let mut t = kthread(4, "kworker/R-rcu_gp", 2, "0-3");
+        t.flags |= pin_common::PF_NO_SETAFFINITY;
+        let a = assess(&t, 2, &set("2-3"), &ownership());
+        assert_eq!(
+            (a.status, a.finding),
+            (Status::Warning, Some(Finding::UnboundKthread))
+        );
+        assert!(a.note.contains("PF_NO_SETAFFINITY"), "{}", a.note);
+        // One user space can move is a violation.
+        t.flags &= !pin_common::PF_NO_SETAFFINITY;
+        assert_eq!(
+            assess(&t, 2, &set("2-3"), &ownership()).status,
+            Status::Violation
+        );
     }
 
     #[test]
