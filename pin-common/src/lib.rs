@@ -109,6 +109,10 @@ pub struct TaskOffsets {
     /// pid`: the depth of the task's PID namespace (0: the host's).
     pub thread_pid: u32,
     pub pid_level: u32,
+    /// Offset of `start_time` (ns since boot, monotonic): with the thread
+    /// id, a thread's identity (a reused thread id has a later start).
+    pub start_time: u32,
+    pub _pad: u32,
 }
 
 /// `task_struct::flags` bit for kernel threads (include/linux/sched.h).
@@ -421,6 +425,10 @@ pub struct ThreadStats {
     pub last_event_ns: u64,
     /// Longest single slice.
     pub max_slice_ns: u64,
+    /// The thread's `start_time`: an entry whose thread id was reused by a
+    /// new thread (a different start) starts over instead of adding up two
+    /// threads. 0 when unknown (the classic tracepoint hook).
+    pub start_time: u64,
     pub tgid: u32,
     pub class: u32,
     pub comm: [u8; TASK_COMM_LEN],

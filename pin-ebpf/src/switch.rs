@@ -119,7 +119,7 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
         stats.slices[c] += 1;
     }
     if class::is_intruder(class) {
-        record_intruder(cpu, tid, tgid, class, start, now, run_ns, known);
+        record_intruder::<BTF>(cpu, tid, tgid, prev, class, start, now, run_ns, known);
     }
     // Wait tracking of watched threads needs `next` (not on the classic
     // tracepoint), and only runs where userspace watches someone. The CPU's
@@ -191,9 +191,16 @@ fn classify<const BTF: bool>(
     if tgid == SELF_TGID.load() {
         return (class::ALLOWED, none);
     }
-    if let Some(t) = THREADS.get_ptr_mut(&ThreadKey { cpu, tid }) {
+    let key = ThreadKey { cpu, tid };
+    if let Some(t) = THREADS.get_ptr_mut(&key) {
         // SAFETY: a valid map value; a thread's class never changes.
-        return (unsafe { (*t).class }, t);
+        let (class, born) = unsafe { ((*t).class, (*t).start_time) };
+        if born == task::start_time::<BTF>(prev) {
+            return (class, t);
+        }
+        // The id was reused by a new thread since (userspace prunes entries
+        // of exited threads only every few seconds): start over.
+        let _ = THREADS.remove(&key);
     }
     let info = task_info(tid);
     if info.is_owner() {
@@ -222,10 +229,11 @@ fn classify<const BTF: bool>(
 /// kworker running thousands of times a second cannot flood the ring buffer.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn record_intruder(
+fn record_intruder<const BTF: bool>(
     cpu: u32,
     tid: u32,
     tgid: u32,
+    prev: *const u8,
     class: u32,
     start: u64,
     now: u64,
@@ -266,6 +274,7 @@ fn record_intruder(
                 slices: 1,
                 last_event_ns: now,
                 max_slice_ns: run_ns,
+                start_time: task::start_time::<BTF>(prev),
                 tgid,
                 class,
                 comm: bpf_get_current_comm().unwrap_or_default(),

@@ -65,6 +65,12 @@ pub fn sum_exec_runtime<const BTF: bool>(task: *const u8) -> u64 {
     field::<u64, BTF>(task, TASK_OFFSETS.load().sum_exec_runtime)
 }
 
+/// When the task started (ns since boot): with its id, its identity.
+#[inline(always)]
+pub fn start_time<const BTF: bool>(task: *const u8) -> u64 {
+    field::<u64, BTF>(task, TASK_OFFSETS.load().start_time)
+}
+
 /// What kind of kernel thread a task is, if any.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Kthread {

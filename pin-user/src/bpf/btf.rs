@@ -227,6 +227,8 @@ impl Btf {
             sum_exec_runtime: f("se")? + self.field_offset("sched_entity", "sum_exec_runtime")?,
             thread_pid: f("thread_pid")?,
             pid_level: self.field_offset("pid", "level")?,
+            start_time: f("start_time")?,
+            _pad: 0,
         })
     }
 }
