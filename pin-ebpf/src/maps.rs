@@ -90,6 +90,8 @@ pub static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
     sum_exec_runtime: 0,
     thread_pid: 0,
     pid_level: 0,
+    start_time: 0,
+    _pad: 0,
 });
 
 #[inline(always)]
