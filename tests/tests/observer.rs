@@ -273,3 +273,51 @@ fn bad_guard_and_owner_are_clear_errors() {
     assert_eq!(r.code(), Some(2), "stderr: {err}");
     assert!(err.contains("--guard"), "stderr: {err}");
 }
+
+/// A thread id reused by a new thread on the guarded CPU (the kernel hands
+/// out ids again once they wrap; `ns_last_pid` makes it happen now) is a
+/// new entry, not the old thread's run time and slices continued.
+#[test]
+fn a_reused_thread_id_is_counted_as_a_new_thread() {
+    require!(missing_bpf());
+    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+    let watch = start_watch(&[]);
+    let old = Worker::spawn_on("pg-reuse-old", &[1]);
+    let tid = old.tid();
+    old.run(|| {
+        for _ in 0..20 {
+            spin(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    drop(old);
+    // The next id the kernel gives out is `tid` again, unless something
+    // else on the host forks first: then try again.
+    let mut reused = None;
+    for _ in 0..50 {
+        std::fs::write(LAST_PID, (tid - 1).to_string()).expect("writing ns_last_pid");
+        let new = Worker::spawn_on("pg-reuse-new", &[1]);
+        if new.tid() == tid {
+            reused = Some(new);
+            break;
+        }
+    }
+    let new = reused.unwrap_or_else(|| panic!("thread id {tid} was never handed out again"));
+    new.run(|| spin(Duration::from_micros(300)));
+    drop(new);
+    let (events, _) = stop_watch(watch);
+    let of_tid: Vec<&Value> = events.iter().filter(|e| e["tid"] == tid).collect();
+    let old_slices = of_tid
+        .iter()
+        .filter(|e| e["comm"] == "pg-reuse-old")
+        .filter_map(|e| e["slices"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(old_slices >= 20, "the old thread's events: {of_tid:#?}");
+    // The new thread's first event starts a count of its own.
+    let first_new = of_tid
+        .iter()
+        .find(|e| e["comm"] != "pg-reuse-old")
+        .unwrap_or_else(|| panic!("no event of the new thread {tid}: {of_tid:#?}"));
+    assert_eq!(first_new["slices"], 1, "old slices continued: {first_new}");
+}
