@@ -46,6 +46,9 @@ pub enum Command {
     /// Measure latency on a guarded CPU with cyclictest and explain each spike
     /// (IRQs, softirqs, NMIs, threads that ran instead). --compare tabulates saved runs.
     Latency(LatencyArgs),
+    /// A live view of the guarded CPUs (like top): owners, time split, IRQ noise,
+    /// intruders; from the kernel's maps, or a running daemon with --url.
+    Top(TopArgs),
     /// Attach only the named eBPF program until SIGTERM/SIGINT (used by `cargo xtask bench`).
     #[command(hide = true)]
     Attach(AttachArgs),
@@ -130,6 +133,20 @@ pub struct WatchArgs {
     /// How many intruders to list per CPU in the summary.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Without --url: the CPUs to watch (as `watch`). With --url: show only these
+    /// of the daemon's guarded CPUs.
+    #[command(flatten)]
+    pub guard: GuardArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Read a running daemon's endpoints (/metrics, /intruders, /violations) instead
+    /// of loading the eBPF probe, e.g. http://127.0.0.1:9477.
+    #[arg(long, value_name = "URL", value_parser = crate::top::source::parse_url)]
+    pub url: Option<String>,
 }
 
 /// The one placement policy every command shares.

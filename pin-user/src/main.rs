@@ -24,6 +24,7 @@ mod latency;
 mod placement;
 #[cfg(test)]
 mod robustness;
+mod top;
 mod units;
 
 use cli::{Cli, Command};
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
         Command::Isolate(args) => cmd::isolate::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Latency(args) => cmd::latency::run(args),
+        Command::Top(args) => cmd::top::run(args),
         Command::Attach(args) => cmd::attach::run(args),
         Command::Completions(args) => cmd::completions::run(args),
         Command::Manpages(args) => cmd::manpages::run(args),

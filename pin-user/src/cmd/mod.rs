@@ -9,6 +9,7 @@ pub mod manpages;
 pub mod pin;
 pub mod policy;
 pub mod run;
+pub mod top;
 pub mod watch;
 
 use anyhow::Context as _;
