@@ -369,11 +369,14 @@ pub fn families(
         bpf_n.counter(&[p.name], p.run_count as f64);
     }
     // Per (vm, vcpu): two threads can carry one label set for a moment (a
-    // guest restarted under its name), and a series must appear once.
+    // guest restarted under its name), and a series must appear once. Every
+    // known vCPU has one, at 0 until it first waits on its CPU (a guest
+    // started paused, a vCPU that only runs elsewhere): dashboards show 0,
+    // not "No data".
     let mut waits: BTreeMap<&VcpuLabel, WaitHist> = BTreeMap::new();
     for (tid, label) in vcpus {
+        let sum = waits.entry(label).or_default();
         if let Some(h) = r.waits.get(tid) {
-            let sum = waits.entry(label).or_default();
             for (a, b) in sum.buckets.iter_mut().zip(h.buckets) {
                 *a += b;
             }
@@ -492,6 +495,30 @@ mod tests {
             "{t}"
         );
         assert_eq!(t.matches("pinguard_vcpu_wait_seconds_count").count(), 1);
+    }
+
+    /// A vCPU that never waited on its CPU (a guest started paused) has its
+    /// wait series at 0 from the start, every bucket included.
+    #[test]
+    fn a_known_vcpu_without_waits_has_zero_wait_series() {
+        let vcpus = BTreeMap::from([(
+            42,
+            VcpuLabel {
+                vm: "paused".into(),
+                vcpu: 3,
+            },
+        )]);
+        let t = text(&Readings::default(), &vcpus);
+        let labels = "vcpu=\"3\",vm=\"paused\"";
+        for line in [
+            format!("pinguard_vcpu_wait_seconds_total{{{labels}}} 0"),
+            format!("pinguard_vcpu_wait_seconds_bucket{{{labels},le=\"0.000001024\"}} 0"),
+            format!("pinguard_vcpu_wait_seconds_bucket{{{labels},le=\"+Inf\"}} 0"),
+            format!("pinguard_vcpu_wait_seconds_sum{{{labels}}} 0"),
+            format!("pinguard_vcpu_wait_seconds_count{{{labels}}} 0"),
+        ] {
+            assert!(t.contains(&line), "{line} missing from:\n{t}");
+        }
     }
 
     /// A VM name is whatever the guest's owner chose: it must not break the

@@ -5,9 +5,29 @@
 //!
 //! Names and labels are a contract with dashboards/ and users. Label sets are
 //! bounded by CPUs, VMs and fixed enums: no thread ids or command names.
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::collections::BTreeSet;
+
+use prometheus::{
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
+};
 
 use crate::{config::Mode, daemon::violation::ViolationKind, host::cpulist::CpuSet};
+
+/// The `action` label of `pinguard_enforcement_errors_total`: what the
+/// daemon (`daemon::state`) tried, placing a new guest, re-pinning a drifted
+/// vCPU or evicting an intruder.
+pub const ENFORCEMENT_ACTIONS: [&str; 3] = ["pin", "repin", "evict"];
+
+/// The `errno` values an enforcement can fail with that are known in
+/// advance (`AffinityError::errno_name`): refused for lack of privilege,
+/// refused CPUs (offline, outside the cpuset), accepted but read back
+/// different, refused by the guest's manager (libvirt). A rarer errno still
+/// gets its own series when it happens; ESRCH is a vanished task, not an
+/// error (`pinguard_tasks_vanished_total`).
+pub const ENFORCEMENT_ERRNOS: [&str; 4] = ["EPERM", "EINVAL", "MISMATCH", "MANAGER"];
+
+/// The `result` label of `pinguard_config_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -138,6 +158,19 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Counters of events whose labels are known in advance exist from
+        // the start at 0: a dashboard then shows 0 where nothing happened
+        // (not "No data"), and rate()/increase() see the first event.
+        for action in ENFORCEMENT_ACTIONS {
+            for errno in ENFORCEMENT_ERRNOS {
+                m.enforcement_errors
+                    .with_label_values(&[action, errno])
+                    .inc_by(0);
+            }
+        }
+        for result in RELOAD_RESULTS {
+            m.config_reloads.with_label_values(&[result]).inc_by(0);
+        }
         m
     }
 
@@ -145,9 +178,48 @@ impl Metrics {
     /// collector reads the maps now).
     pub fn render(&self) -> String {
         self.scrapes.inc();
+        self.zero_vm_series();
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding error: {e}\n"))
+    }
+
+    /// `pinguard_repins_total` at 0 for every VM with a vCPU in
+    /// `pinguard_vcpu_info`, and no zero-valued series for a VM that left.
+    ///
+    /// Done at scrape time from the placement series (which the daemon
+    /// keeps current) rather than where VMs come and go, so the zeros follow
+    /// the VMs without a second bookkeeping. The daemon removes a departed
+    /// VM's series on its own thread; a scrape racing it can re-create a
+    /// zero for it, which the next scrape removes. Non-zero counts are never
+    /// removed here: they leave with the VM, as before.
+    fn zero_vm_series(&self) {
+        let mut vms = BTreeSet::new();
+        for family in self.vcpu_info.collect() {
+            for metric in family.get_metric() {
+                if let Some(vm) = metric.get_label().iter().find(|l| l.name() == "vm") {
+                    vms.insert(vm.value().to_string());
+                }
+            }
+        }
+        for family in self.repins.collect() {
+            for metric in family.get_metric() {
+                let vm = metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "vm")
+                    .map(|l| l.value());
+                if let Some(vm) = vm
+                    && !vms.contains(vm)
+                    && metric.get_counter().get_value() == 0.0
+                {
+                    let _ = self.repins.remove_label_values(&[vm]);
+                }
+            }
+        }
+        for vm in &vms {
+            self.repins.with_label_values(&[vm]).inc_by(0);
+        }
     }
 
     /// `pinguard_cpu_guarded` is 1 for a guarded CPU that is online, 0 while
@@ -172,6 +244,7 @@ impl Metrics {
                     .with_label_values(&[&cpu, kind.as_str()])
                     .inc_by(0);
             }
+            self.evictions.with_label_values(&[&cpu]).inc_by(0);
         }
         self.mode.reset();
         self.mode.with_label_values(&[mode.as_str()]).set(1);
@@ -206,6 +279,110 @@ mod tests {
         assert!(
             text.contains("pinguard_repins_total{vm=\"web\"} 1"),
             "{text}"
+        );
+    }
+
+    /// Samples of `name` in `text`: (label text, value).
+    fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, &'a str)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .filter_map(|rest| rest.strip_prefix('{').map(|r| r.rsplit_once("} ")))
+            .flatten()
+            .collect()
+    }
+
+    /// What dashboards need before anything happened: every counter whose
+    /// labels are known in advance, at 0.
+    #[test]
+    fn counters_with_known_labels_exist_at_zero_from_the_start() {
+        let m = Metrics::new();
+        m.publish_static(&"1-2".parse().unwrap(), Mode::Observe);
+        let text = m.render();
+
+        let errors = samples(&text, "pinguard_enforcement_errors_total");
+        assert_eq!(
+            errors.len(),
+            ENFORCEMENT_ACTIONS.len() * ENFORCEMENT_ERRNOS.len(),
+            "{text}"
+        );
+        for action in ENFORCEMENT_ACTIONS {
+            for errno in ENFORCEMENT_ERRNOS {
+                let labels = format!("action=\"{action}\",errno=\"{errno}\"");
+                assert!(errors.contains(&(labels.as_str(), "0")), "{labels}: {text}");
+            }
+        }
+        let reloads = samples(&text, "pinguard_config_reloads_total");
+        assert_eq!(
+            reloads,
+            [("result=\"failure\"", "0"), ("result=\"success\"", "0")],
+            "{text}"
+        );
+        let evictions = samples(&text, "pinguard_evictions_total");
+        assert_eq!(
+            evictions,
+            [("cpu=\"1\"", "0"), ("cpu=\"2\"", "0")],
+            "{text}"
+        );
+        let violations = samples(&text, "pinguard_violations_total");
+        assert_eq!(violations.len(), 2 * ViolationKind::ALL.len(), "{text}");
+        assert!(violations.iter().all(|(_, v)| *v == "0"), "{text}");
+        // No VM known yet: no per-VM series at all.
+        assert!(samples(&text, "pinguard_repins_total").is_empty(), "{text}");
+    }
+
+    /// The fixed errno labels are the ones the daemon's errors produce.
+    #[test]
+    fn fixed_errno_labels_are_what_affinity_errors_are_named() {
+        use crate::host::affinity::AffinityError;
+        let cpus = CpuSet::single(1);
+        let named: Vec<String> = [
+            AffinityError::NotPermitted { tid: 7 },
+            AffinityError::Invalid {
+                tid: 7,
+                cpus: cpus.clone(),
+            },
+            AffinityError::Mismatch {
+                tid: 7,
+                wanted: cpus.clone(),
+                actual: cpus,
+            },
+            AffinityError::Manager {
+                tid: 7,
+                detail: "refused".into(),
+            },
+        ]
+        .iter()
+        .map(AffinityError::errno_name)
+        .collect();
+        assert_eq!(named, ENFORCEMENT_ERRNOS);
+    }
+
+    /// Per-VM counters follow the VMs placed: 0 while the VM is known,
+    /// gone with it; a count is kept until the daemon removes it.
+    #[test]
+    fn repins_are_zero_for_each_known_vm_and_leave_with_it() {
+        let m = Metrics::new();
+        m.publish_static(&CpuSet::single(1), Mode::Observe);
+        m.vcpu_info.with_label_values(&["web", "0", "1"]).set(1);
+        m.vcpu_info.with_label_values(&["web", "1", "1"]).set(1);
+        m.vcpu_info.with_label_values(&["db", "0", "1"]).set(1);
+        m.repins.with_label_values(&["db"]).inc();
+        let text = m.render();
+        assert_eq!(
+            samples(&text, "pinguard_repins_total"),
+            [("vm=\"db\"", "1"), ("vm=\"web\"", "0")],
+            "{text}"
+        );
+
+        // Both leave; a scrape racing the daemon re-created web's zero.
+        for (vm, vcpu) in [("web", "0"), ("web", "1"), ("db", "0")] {
+            m.vcpu_info.remove_label_values(&[vm, vcpu, "1"]).unwrap();
+        }
+        let text = m.render();
+        assert_eq!(
+            samples(&text, "pinguard_repins_total"),
+            [("vm=\"db\"", "1")],
+            "a zero for a departed VM is dropped, a count stays for the daemon to remove: {text}"
         );
     }
 }
