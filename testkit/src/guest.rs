@@ -385,6 +385,16 @@ pub fn qemu_pids() -> Vec<u32> {
         .collect()
 }
 
+/// Waits (bounded) until the only QEMU processes are `pids` (guests not
+/// started through [`Guest`]: libvirt domains, containers).
+pub fn wait_for_only_qemu(pids: &[u32]) {
+    wait::wait_for(
+        "QEMU guests started by something else to exit (pinguard pin manages every guest on the host)",
+        Duration::from_secs(120),
+        || qemu_pids().iter().all(|p| pids.contains(p)).then_some(()),
+    );
+}
+
 /// Waits (bounded) until no QEMU but `mine` runs: tests that pin every
 /// guest on the host cannot share it with guests they did not start.
 pub fn wait_for_no_other_guests(mine: &[&Guest]) {

@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 use testkit::{
     env::missing_kvm,
-    guest::qemu_pids,
+    guest::wait_for_only_qemu,
     process::{Process, run_subcommand},
     require,
     threads::cpus_allowed,
@@ -114,20 +114,10 @@ fn a_guest_in_its_own_namespaces_and_cgroup_is_found_and_pinned() {
         !Path::new(&format!("{dir}/qmp.sock")).exists(),
         "the socket should only be visible inside the container"
     );
-    wait_for(
-        "QEMU guests started by something else to exit",
-        Duration::from_secs(120),
-        || (qemu_pids() == [qemu]).then_some(()),
-    );
+    wait_for_only_qemu(&[qemu]);
 
     let r = run_subcommand("pin", &["--guard", "1", "--json"], RUN_TIMEOUT);
-    assert_eq!(
-        r.code(),
-        Some(0),
-        "stdout:\n{}\nstderr:\n{}",
-        r.stdout,
-        r.stderr
-    );
+    r.expect_code(0);
     let v: Value = r.json();
     let g = &v["guests"][0];
     assert_eq!(g["name"], "pg-ctr", "{v:#}");

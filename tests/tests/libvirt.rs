@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use testkit::{
     daemon::Daemon,
-    guest::qemu_pids,
+    guest::wait_for_only_qemu,
     libvirt::{Domain, Libvirtd, missing_libvirt, virsh},
     process::{Run, run_subcommand},
     require,
@@ -26,11 +26,7 @@ fn pin(args: &[&str]) -> Run {
 
 /// `pinguard pin` manages every guest on the host: wait until only `d` runs.
 fn only(d: &Domain) {
-    wait_for(
-        "QEMU guests started by something else to exit",
-        Duration::from_secs(120),
-        || (qemu_pids() == [d.pid()]).then_some(()),
-    );
+    wait_for_only_qemu(&[d.pid()]);
 }
 
 /// The cpuset of the domain's cgroup `leaf` (`vcpu0`, `emulator`), v1.
@@ -67,13 +63,7 @@ fn pin_goes_through_libvirt_even_when_its_cpuset_forbids_the_cpu() {
 
     // --persist on a transient domain: refused before anything changes.
     let r = pin(&["--guard", "1", "--allow-shared", "--persist"]);
-    assert_eq!(
-        r.code(),
-        Some(2),
-        "stdout:\n{}\nstderr:\n{}",
-        r.stdout,
-        r.stderr
-    );
+    r.expect_code(2);
     assert!(
         r.stderr.contains("transient") && r.stderr.contains("nothing was changed"),
         "{}",
@@ -82,13 +72,7 @@ fn pin_goes_through_libvirt_even_when_its_cpuset_forbids_the_cpu() {
     assert_eq!(cpus_allowed(d.pid(), vcpus[0]), "0");
 
     let r = pin(&["--guard", "1", "--allow-shared"]);
-    assert_eq!(
-        r.code(),
-        Some(0),
-        "stdout:\n{}\nstderr:\n{}",
-        r.stdout,
-        r.stderr
-    );
+    r.expect_code(0);
     assert!(r.stdout.contains("live only"), "{}", r.stdout);
     // The kernel, libvirt's view and libvirt's cgroups all agree.
     for (i, tid) in vcpus.iter().enumerate() {

@@ -288,13 +288,7 @@ fn a_guest_without_qmp_or_names_is_found_in_kvm_run_or_named_as_unidentified() {
     let g = Guest::start(anonymous("pin-hidden", true));
     wait_for_no_other_guests(&[&g]);
     let r = pin(&["--guard", "1"]);
-    assert_eq!(
-        r.code(),
-        Some(1),
-        "stdout:\n{}\nstderr:\n{}",
-        r.stdout,
-        r.stderr
-    );
+    r.expect_code(1);
     assert!(
         r.stdout.contains("NOT PINNED: guest pin-hidden"),
         "{}",
