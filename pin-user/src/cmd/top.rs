@@ -22,7 +22,7 @@ use crate::{
     cli::TopArgs,
     cmd::{move_self_to, policy},
     exit,
-    host::topology::Topology,
+    host::{cpulist::CpuSet, topology::Topology},
     placement::plan::{Plan, Role},
     top::{
         model::{Snapshot, SortKey, view},
@@ -51,6 +51,9 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
     let first = source
         .snapshot()
         .with_context(|| format!("reading {}", source.describe()))?;
+    if let Some(guarded) = source.daemon_guarded() {
+        keep_off(&guarded)?;
+    }
     install_stop_handlers()?;
     let mut screen = Screen::enter()?;
     let mut status = Status {
@@ -127,8 +130,23 @@ fn local(args: &TopArgs) -> anyhow::Result<Local> {
     Ok(Local::new(probe, owners(&plan, &guard.guarded)))
 }
 
+/// Moves this process off the CPUs a daemon guards, as every pinguard
+/// process keeps off them (the daemon would count it as an intruder). A
+/// daemon on another host guards CPUs that mean nothing here: left alone.
+fn keep_off(guarded: &CpuSet) -> anyhow::Result<()> {
+    let topo = Topology::read()?;
+    match topo.guard(Some(guarded)) {
+        Ok(guard) if !guard.housekeeping.is_empty() => move_self_to(&guard.housekeeping),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            log::debug!("not moving off the daemon's guarded CPUs {guarded}: {e}");
+            Ok(())
+        }
+    }
+}
+
 /// Guarded CPU -> the vCPUs the plan puts there ("vm/vcpuN", comma-separated when shared).
-fn owners(plan: &Plan, guarded: &crate::host::cpulist::CpuSet) -> BTreeMap<u32, String> {
+fn owners(plan: &Plan, guarded: &CpuSet) -> BTreeMap<u32, String> {
     let mut out: BTreeMap<u32, String> = BTreeMap::new();
     for e in plan.entries.iter().filter(|e| e.role == Role::Vcpu) {
         let on = e.to.intersection(guarded);

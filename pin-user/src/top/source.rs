@@ -42,6 +42,11 @@ pub trait Source {
     fn snapshot(&mut self) -> Result<Snapshot, SourceError>;
     /// Shown in the title: where the numbers come from.
     fn describe(&self) -> String;
+    /// The CPUs a daemon guards (this process should keep off them); `None`
+    /// when the source is not a daemon.
+    fn daemon_guarded(&self) -> Option<CpuSet> {
+        None
+    }
 }
 
 /// The kernel's maps, read through a probe this process loaded.
@@ -115,6 +120,8 @@ pub struct Remote {
     agent: ureq::Agent,
     /// Only these CPUs (`--guard`); all the daemon guards when `None`.
     only: Option<CpuSet>,
+    /// Every CPU the daemon guards, as of the last reading.
+    guarded: CpuSet,
 }
 
 /// How long one request may take: the screen refreshes every second.
@@ -122,8 +129,13 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Remote {
     pub fn new(base: &str, only: Option<CpuSet>) -> Self {
+        // Per phase, not global: with a global timeout ureq resolves the
+        // name on a short-lived thread of its own at every request.
         let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(HTTP_TIMEOUT))
+            .timeout_connect(Some(HTTP_TIMEOUT))
+            .timeout_send_request(Some(HTTP_TIMEOUT))
+            .timeout_recv_response(Some(HTTP_TIMEOUT))
+            .timeout_recv_body(Some(HTTP_TIMEOUT))
             .http_status_as_error(false)
             // The daemon is local or reached directly: no proxy from the environment.
             .proxy(None)
@@ -133,6 +145,7 @@ impl Remote {
             base: base.trim_end_matches('/').to_string(),
             agent,
             only,
+            guarded: CpuSet::new(),
         }
     }
 
@@ -170,6 +183,7 @@ impl Source for Remote {
         let mut snap = from_metrics(&text);
         snap.intruders = self.json("/intruders")?;
         snap.violations = self.json::<Vec<ViolationRecord>>("/violations")?;
+        self.guarded = CpuSet::from_cpus(snap.cpus.keys().copied());
         if let Some(only) = &self.only {
             snap.cpus.retain(|c, _| only.contains(*c));
             snap.intruders.retain(|i| only.contains(i.cpu));
@@ -180,6 +194,10 @@ impl Source for Remote {
 
     fn describe(&self) -> String {
         format!("daemon at {}", self.base)
+    }
+
+    fn daemon_guarded(&self) -> Option<CpuSet> {
+        (!self.guarded.is_empty()).then(|| self.guarded.clone())
     }
 }
 
