@@ -132,7 +132,7 @@ impl Tty {
                 Ok(chunk) => self.take(chunk),
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => panic!(
-                    "pinguard top did not exit within {EXIT_TIMEOUT:?} after q; screen:\n{}",
+                    "pinguard top did not exit within {EXIT_TIMEOUT:?}; screen:\n{}",
                     self.contents()
                 ),
             }
@@ -211,9 +211,9 @@ fn shows_intruder(lines: &[&str], tid: u32) -> bool {
     })
 }
 
-/// Quits with `q`: exit 0, and the terminal back as it was.
-fn quit_cleanly(tty: &mut Tty) {
-    tty.press(b"q");
+/// Quits with `key`: exit 0, and the terminal back as it was.
+fn quit_cleanly(tty: &mut Tty, key: &[u8]) {
+    tty.press(key);
     let code = tty.finish();
     assert_eq!(code, Some(0), "exit code; screen:\n{}", tty.contents());
     let raw = &tty.raw;
@@ -247,7 +247,7 @@ fn local_view_shows_the_guarded_cpu_and_a_busy_intruder_and_q_restores_the_termi
     tty.wait_screen("the list sorted by total", |l| {
         l.iter().any(|l| l.contains("sorted by total"))
     });
-    quit_cleanly(&mut tty);
+    quit_cleanly(&mut tty, b"q");
 }
 
 #[test]
@@ -269,7 +269,8 @@ fn daemon_view_shows_intruders_and_violations_from_its_endpoints() {
         text.contains(&format!("daemon at {url}")),
         "the title names the daemon:\n{text}"
     );
-    quit_cleanly(&mut tty);
+    // Ctrl-C (a key in raw mode) quits as cleanly as q.
+    quit_cleanly(&mut tty, b"\x03");
 }
 
 #[test]
@@ -291,4 +292,17 @@ fn bad_input_is_refused_before_the_screen_changes() {
         "stderr: {}",
         r.stderr
     );
+    // On a terminal, a daemon that is not there: an error on the normal
+    // screen, which was never switched.
+    let port = testkit::http::free_port();
+    let mut tty = Tty::spawn(&["top", "--url", &format!("http://127.0.0.1:{port}")]);
+    assert_eq!(tty.finish(), Some(2), "screen:\n{}", tty.contents());
+    let text = tty.contents();
+    assert!(
+        text.contains(&format!("GET http://127.0.0.1:{port}/metrics"))
+            && text.contains("is `pinguard run` listening there?"),
+        "the error names the URL and what to check:\n{text}"
+    );
+    let entered = tty.raw.windows(ENTER_ALT.len()).any(|w| w == ENTER_ALT);
+    assert!(!entered, "the alternate screen was entered for an error");
 }
