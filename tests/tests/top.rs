@@ -257,7 +257,15 @@ fn daemon_view_shows_intruders_and_violations_from_its_endpoints() {
     let intruder = Intruder::start();
     let daemon = Daemon::start("mode = \"observe\"\n", &[]);
     let url = format!("http://{}", daemon.addr);
-    let mut tty = Tty::spawn(&["top", "--url", &url]);
+    // --guard picks among the daemon's CPUs; one it does not guard is refused.
+    let mut refused = Tty::spawn(&["top", "--url", &url, "--guard", "0"]);
+    assert_eq!(refused.finish(), Some(2), "screen:\n{}", refused.contents());
+    let text = refused.contents();
+    assert!(
+        text.contains("does not guard CPU(s) 0 (it guards 1)"),
+        "the refusal says which CPUs the daemon guards:\n{text}"
+    );
+    let mut tty = Tty::spawn(&["top", "--url", &url, "--guard", "1"]);
     let violation = format!("CPU 1 pg-top-intruder ({})", intruder.tid);
     let text = tty.wait_screen("CPU 1, the intruder and its violation", |l| {
         shows_cpu1(l)

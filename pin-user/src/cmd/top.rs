@@ -52,6 +52,20 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
         .snapshot()
         .with_context(|| format!("reading {}", source.describe()))?;
     if let Some(guarded) = source.daemon_guarded() {
+        if let Some(asked) = &args.guard.guard {
+            let unguarded: Vec<String> = asked
+                .iter()
+                .filter(|c| !guarded.contains(*c))
+                .map(|c| c.to_string())
+                .collect();
+            if !unguarded.is_empty() {
+                bail!(
+                    "--guard {asked}: the daemon at {} does not guard CPU(s) {} (it guards {guarded})",
+                    args.url.as_deref().unwrap_or_default(),
+                    unguarded.join(",")
+                );
+            }
+        }
         keep_off(&guarded)?;
     }
     install_stop_handlers()?;
