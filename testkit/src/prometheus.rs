@@ -1,6 +1,7 @@
 //! A real Prometheus server: Debian's `prometheus` on loopback with a
-//! generated config that scrapes one target every second and loads a rules
-//! file; queries go through its HTTP API.
+//! generated config that scrapes its targets (one per pinguard, each its own
+//! `instance`) every second and loads a rules file; queries go through its
+//! HTTP API.
 use std::{
     net::SocketAddr,
     path::Path,
@@ -30,6 +31,8 @@ pub struct Prometheus {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub scrape_url: String,
+    /// Its `instance` label ("host:port").
+    pub instance: String,
     /// "up", "down" or "unknown" (not scraped yet).
     pub health: String,
     pub last_error: String,
@@ -51,6 +54,12 @@ impl Prometheus {
     /// every second with `rules` loaded and evaluated every second, and
     /// waits (bounded) until it is ready. Panics with its log on failure.
     pub fn start(target: &str, rules: &Path) -> Self {
+        Self::start_fleet(&[target], rules)
+    }
+
+    /// [`Prometheus::start`] with several targets in the one job `pinguard`,
+    /// as a fleet is scraped: each target is an `instance` of its own.
+    pub fn start_fleet(targets: &[&str], rules: &Path) -> Self {
         let bin = which::which("prometheus")
             .expect("prometheus is not installed (apt-get install prometheus)");
         let rules = rules
@@ -61,7 +70,7 @@ impl Prometheus {
             .tempdir()
             .unwrap_or_else(|e| panic!("creating a directory for Prometheus: {e}"));
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(&config, scrape_config(target, &rules))
+        std::fs::write(&config, scrape_config(targets, &rules))
             .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
         let log_path = dir.path().join("prometheus.log");
         let log = std::fs::File::create(&log_path)
@@ -184,6 +193,7 @@ impl Prometheus {
                 ts.iter()
                     .map(|t| Target {
                         scrape_url: t["scrapeUrl"].as_str().unwrap_or_default().into(),
+                        instance: t["labels"]["instance"].as_str().unwrap_or_default().into(),
                         health: t["health"].as_str().unwrap_or_default().into(),
                         last_error: t["lastError"].as_str().unwrap_or_default().into(),
                     })
@@ -218,12 +228,14 @@ impl Drop for Prometheus {
 }
 
 /// The config the test server runs: one job `pinguard` (the name the alert
-/// rules expect) scraped every second, rules evaluated every second.
-pub fn scrape_config(target: &str, rules: &Path) -> String {
+/// rules expect) scraping `targets` every second, rules evaluated every second.
+pub fn scrape_config(targets: &[&str], rules: &Path) -> String {
+    let targets: Vec<String> = targets.iter().map(|t| format!("{t:?}")).collect();
     format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - {rules:?}\n\
-         scrape_configs:\n  - job_name: pinguard\n    static_configs:\n      - targets: [{target:?}]\n",
+         scrape_configs:\n  - job_name: pinguard\n    static_configs:\n      - targets: [{targets}]\n",
         rules = rules.display().to_string(),
+        targets = targets.join(", "),
     )
 }
