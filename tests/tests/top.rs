@@ -19,7 +19,8 @@ use std::{
 use nix::pty::{Winsize, openpty};
 use testkit::{
     daemon::Daemon,
-    env::{missing_bpf, pinguard_bin},
+    env::{missing_bpf, missing_kvm, pinguard_bin},
+    guest::{Guest, GuestOptions},
     process::run,
     require,
     threads::{Worker, spin},
@@ -248,6 +249,19 @@ fn local_view_shows_the_guarded_cpu_and_a_busy_intruder_and_q_restores_the_termi
         l.iter().any(|l| l.contains("sorted by total"))
     });
     quit_cleanly(&mut tty, b"q");
+}
+
+#[test]
+fn local_view_names_the_guest_vcpu_that_owns_the_cpu() {
+    require!(missing_kvm());
+    // Paused: its vCPU thread exists and is planned onto CPU 1, running nothing.
+    let g = Guest::start(GuestOptions::new("top-g1"));
+    let mut tty = Tty::spawn(&["top", "--guard", "1"]);
+    tty.wait_screen("CPU 1 owned by top-g1/vcpu0", |l| {
+        shows_cpu1(l) && l.iter().any(|l| l.contains("top-g1/vcpu0"))
+    });
+    quit_cleanly(&mut tty, b"q");
+    drop(g);
 }
 
 #[test]
