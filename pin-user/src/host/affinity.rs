@@ -118,8 +118,8 @@ impl AffinityError {
         match cgroups.cpuset_of(tid) {
             Some(cg) if !cpus.is_subset(&cg.cpus) => Self::Cpuset {
                 tid,
+                cgroup: Box::new(cgroups.highest_excluding(cg, &cpus)),
                 cpus,
-                cgroup: Box::new(cg),
             },
             _ => self,
         }

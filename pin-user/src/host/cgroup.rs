@@ -198,6 +198,37 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// The highest ancestor of `cg` (itself included) whose cpuset still
+    /// excludes some of `cpus`: where the conflict really is. A guest's own
+    /// cgroup can be changed for that guest; when its parent (libvirt's
+    /// `machine` partition, systemd's `machine.slice`, a kubepods slice)
+    /// excludes the CPU too, that is what the operator has to change.
+    pub fn highest_excluding(&self, cg: Cpuset, cpus: &CpuSet) -> Cpuset {
+        let (root, file) = match cg.version {
+            Version::V1 => (self.v1.as_deref(), "cpuset.effective_cpus"),
+            Version::V2 => (self.v2.as_deref(), "cpuset.cpus.effective"),
+        };
+        let Some(root) = root else {
+            return cg;
+        };
+        let mut best = cg;
+        loop {
+            let Some((parent, _)) = best.path.trim_end_matches('/').rsplit_once('/') else {
+                return best;
+            };
+            if parent.is_empty() {
+                // The root cpuset holds every CPU the kernel lets tasks use.
+                return best;
+            }
+            match read(best.version, root, parent, file) {
+                Some(p) if !cpus.is_subset(&p.cpus) => best = p,
+                _ => return best,
+            }
+        }
+    }
+}
+
 fn read(version: Version, root: &Path, path: &str, file: &str) -> Option<Cpuset> {
     let dir = root.join(path.trim_start_matches('/'));
     let cpus = CpuSet::parse(fs::read_to_string(dir.join(file)).ok()?.trim()).ok()?;
@@ -327,6 +358,39 @@ mod tests {
         );
         assert_eq!(c.cpuset_of(12), None, "no cpuset controller there");
         assert_eq!(c.cpuset_of(13), None, "no such thread");
+    }
+
+    #[test]
+    fn a_conflict_above_the_guest_names_the_highest_cgroup_that_excludes_the_cpu() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = dir.path().join("cpuset");
+        for (path, cpus) in [
+            ("machine", "0"),
+            ("machine/qemu-2-lv1.libvirt-qemu", "0"),
+            ("machine/qemu-2-lv1.libvirt-qemu/vcpu0", "0"),
+            ("lab", "0-1"),
+            ("lab/g1", "0"),
+        ] {
+            fs::create_dir_all(v1.join(path)).unwrap();
+            fs::write(v1.join(path).join("cpuset.effective_cpus"), cpus).unwrap();
+        }
+        let c = Cgroups {
+            proc: dir.path().join("proc"),
+            v1: Some(v1.clone()),
+            v2: None,
+        };
+        let leaf = read(
+            Version::V1,
+            &v1,
+            "/machine/qemu-2-lv1.libvirt-qemu/vcpu0",
+            "cpuset.effective_cpus",
+        )
+        .unwrap();
+        let top = c.highest_excluding(leaf, &CpuSet::single(1));
+        assert_eq!(top.path, "/machine");
+        // The guest's own cgroup is the conflict when its parent allows the CPU.
+        let own = read(Version::V1, &v1, "/lab/g1", "cpuset.effective_cpus").unwrap();
+        assert_eq!(c.highest_excluding(own, &CpuSet::single(1)).path, "/lab/g1");
     }
 
     #[test]
