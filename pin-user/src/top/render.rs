@@ -92,9 +92,17 @@ fn draw_cpus(frame: &mut Frame, area: Rect, view: &View) {
         }
         row
     });
+    // As wide as the longest owner: the spare width stays at the right.
+    let owner_width = view
+        .cpus
+        .iter()
+        .filter_map(|c| c.owner.as_ref().map(|o| o.chars().count()))
+        .max()
+        .unwrap_or(0)
+        .max("OWNER".len()) as u16;
     let widths = [
         Constraint::Length(4),
-        Constraint::Min(12),
+        Constraint::Length(owner_width),
         Constraint::Length(7),
         Constraint::Length(7),
         Constraint::Length(8),
@@ -134,7 +142,8 @@ fn draw_intruders(frame: &mut Frame, area: Rect, view: &View) {
         Constraint::Length(4),
         Constraint::Length(8),
         Constraint::Length(8),
-        Constraint::Min(16),
+        // A kernel comm is at most 15 characters.
+        Constraint::Length(15),
         Constraint::Length(16),
         Constraint::Length(10),
         Constraint::Length(10),
@@ -196,11 +205,17 @@ fn draw_violations(frame: &mut Frame, area: Rect, view: &View) {
 
 fn draw_actions(frame: &mut Frame, area: Rect, view: &View) {
     let block = Block::bordered().title(" enforcement (total, +last) ");
-    let lines: Vec<Line> = match &view.actions {
+    // The daemon exports its counters from the start, zero-valued: only
+    // what happened is listed.
+    let happened: Option<Vec<_>> = view
+        .actions
+        .as_ref()
+        .map(|a| a.iter().filter(|r| r.total > 0).collect());
+    let lines: Vec<Line> = match happened {
         None => vec![Line::from("none: top only observes")],
         Some(a) if a.is_empty() => vec![Line::from("none yet")],
         Some(a) => a
-            .iter()
+            .into_iter()
             .map(|r| {
                 let line = Line::from(format!("{:<20} {:>6} +{}", r.what, r.total, r.recent));
                 if r.recent > 0 { line.yellow() } else { line }
@@ -287,7 +302,13 @@ mod tests {
             vcpu: None,
             detail: "user thread ran 2.00ms".into(),
         }];
-        cur.actions = Some([("evict CPU 1".to_string(), 3)].into());
+        cur.actions = Some(
+            [
+                ("evict CPU 1".to_string(), 3),
+                ("error evict EPERM".to_string(), 0),
+            ]
+            .into(),
+        );
         let v = view(None, &cur, SortKey::Total);
         let s = screen(
             &v,
@@ -302,6 +323,11 @@ mod tests {
         );
         let a = line_with(&s, "evict CPU 1");
         assert!(a.contains("3 +3"), "{a}");
+        assert!(
+            !s.iter().any(|l| l.contains("EPERM")),
+            "a counter still at zero is listed:\n{}",
+            s.join("\n")
+        );
         line_with(
             &s,
             "reading failed (last good view shown): connection refused",
