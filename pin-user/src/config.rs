@@ -25,6 +25,18 @@ pub const DEFAULT_PATH: &str = "/etc/pinguard/pinguard.toml";
 pub const MIN_EVENT_INTERVAL: Duration = Duration::from_millis(10);
 pub const MIN_VERIFY_INTERVAL: Duration = Duration::from_millis(50);
 pub const MIN_RESCAN_INTERVAL: Duration = Duration::from_millis(100);
+pub const MIN_ISOLATION_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What `pinguard run` does about the host's isolation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Leave it to the boot parameters and `pinguard isolate`.
+    #[default]
+    Off,
+    /// Apply `pinguard isolate` at start and keep it applied.
+    Runtime,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -84,6 +96,9 @@ struct FileConfig {
     verify_interval: Option<String>,
     rescan_interval: Option<String>,
     bpf_stats: Option<bool>,
+    isolation: Option<Isolation>,
+    isolation_interval: Option<String>,
+    isolation_undo_on_exit: Option<bool>,
     #[serde(default)]
     placement: PlacementFile,
     #[serde(default)]
@@ -217,6 +232,13 @@ pub struct Config {
     pub rescan_interval: Duration,
     /// Keep kernel BPF statistics on to export pinguard's own eBPF cost.
     pub bpf_stats: bool,
+    /// `runtime`: apply the runtime isolation at start and keep it.
+    pub isolation: Isolation,
+    /// How often the isolation is re-planned and what drifted put back.
+    pub isolation_interval: Duration,
+    /// Undo the isolation when the daemon exits (default: keep it, so a
+    /// restart leaves no gap for IRQs and tasks to land on guarded CPUs).
+    pub isolation_undo_on_exit: bool,
     pub emulator: EmulatorPolicy,
     pub smt: SmtPolicy,
     pub allow_shared: bool,
@@ -254,6 +276,9 @@ impl Default for Config {
             verify_interval: Duration::from_secs(1),
             rescan_interval: Duration::from_secs(30),
             bpf_stats: true,
+            isolation: Isolation::Off,
+            isolation_interval: Duration::from_secs(5),
+            isolation_undo_on_exit: false,
             emulator: EmulatorPolicy::Housekeeping,
             smt: SmtPolicy::PreferSiblings,
             allow_shared: false,
@@ -390,6 +415,19 @@ impl Config {
                 MIN_RESCAN_INTERVAL,
             )?,
             bpf_stats: file.bpf_stats.unwrap_or(d.bpf_stats),
+            isolation: file.isolation.unwrap_or(d.isolation),
+            isolation_interval: at_least(
+                "isolation_interval",
+                duration(
+                    "isolation_interval",
+                    &file.isolation_interval,
+                    d.isolation_interval,
+                )?,
+                MIN_ISOLATION_INTERVAL,
+            )?,
+            isolation_undo_on_exit: file
+                .isolation_undo_on_exit
+                .unwrap_or(d.isolation_undo_on_exit),
             emulator,
             smt: file.placement.smt.unwrap_or(d.smt),
             allow_shared: file.placement.allow_shared.unwrap_or(d.allow_shared),
@@ -453,6 +491,9 @@ mod tests {
             listen = "0.0.0.0:9000"
             event_interval = "500ms"
             bpf_stats = false
+            isolation = "runtime"
+            isolation_interval = "2s"
+            isolation_undo_on_exit = true
             [placement]
             emulator = "with-vcpu0"
             smt = "keep-siblings-free"
@@ -477,6 +518,9 @@ mod tests {
         );
         assert_eq!(c.min_interval, Duration::from_millis(50));
         assert!(!c.bpf_stats);
+        assert_eq!(c.isolation, Isolation::Runtime);
+        assert_eq!(c.isolation_interval, Duration::from_secs(2));
+        assert!(c.isolation_undo_on_exit);
     }
 
     #[test]
@@ -504,6 +548,7 @@ mod tests {
             ("verify_interval", "verify_interval = \"1ns\""),
             ("rescan_interval", "rescan_interval = \"10ms\""),
             ("event_interval", "event_interval = \"0s\""),
+            ("isolation_interval", "isolation_interval = \"10ms\""),
             ("enforce.min_interval", "[enforce]\nmin_interval = \"0s\""),
         ] {
             let e = parse(text).unwrap_err().to_string();
@@ -516,6 +561,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("placement.emulator"), "{e}");
+        let e = parse("isolation = \"boot\"").unwrap_err().to_string();
+        assert!(e.contains("isolation") && e.contains("runtime"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::{
     bpf::probe::{EventReader, Probe, ProbeConfig, StatsGuard},
     cli::RunArgs,
     cmd::{move_self_to, runtime},
-    config::{Config, Overrides},
+    config::{Config, Isolation, Overrides},
     daemon::{
         collector::{KernelCollector, VcpuTable},
         effects::{Live, SharedProbe},
@@ -28,7 +28,8 @@ use crate::{
         violation::Recent,
     },
     exit,
-    host::topology::Topology,
+    host::{Host, topology::Topology},
+    isolate::state::{DEFAULT_PATH as ISOLATION_STATE, Store},
 };
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -95,6 +96,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let (fx, mut discovered) = Live::new(probe, state::discover_options(&config))
             .context("starting the discovery thread")?;
         let mut daemon = Daemon::new(config.clone(), topo, guard.clone(), fx, metrics, recent, vcpus);
+        if config.isolation == Isolation::Runtime {
+            // Before the first scan: guests are placed on an isolated host.
+            let store = Store::new(ISOLATION_STATE.into(), &Host::default().proc);
+            daemon
+                .start_isolation(store)
+                .context("isolation = \"runtime\"")?;
+        }
         daemon.rescan();
         log::info!(
             "pinguard {} running: guarding CPUs {} (housekeeping {}), mode {:?}, metrics on http://{}/metrics",
@@ -114,7 +122,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut batch = Vec::new();
-        loop {
+        // The loop ends on a signal or an error; either way the isolation
+        // is undone afterwards when configured.
+        let outcome: anyhow::Result<()> = async { loop {
             let retry_in = daemon.next_retry_in().unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 r = EventReader::next_batch(&mut events, |e| batch.push(e)) => {
@@ -138,10 +148,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 _ = rescan.tick() => daemon.rescan(),
                 _ = tokio::time::sleep(retry_in) => daemon.tick(),
                 _ = hup.recv() => reload(&mut daemon, &args),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
             }
-        }
+        } }.await;
+        daemon.stop_isolation();
+        outcome?;
         log::info!("pinguard stopping: detaching the eBPF programs");
         Ok(ExitCode::from(exit::OK))
     })

@@ -13,10 +13,13 @@ use crate::{
     bpf::probe::{Probe, ProbeError},
     guests::{DiscoverError, DiscoverOptions, Discoverer, Discovery},
     host::{
+        Host,
         affinity::{Affinities, AffinityError},
         cpulist::CpuSet,
         procfs::{Proc, ThreadInfo},
+        topology::Guard,
     },
+    isolate::{self, IsolateError, facts::Facts},
     placement::place::{self, Placement, Target},
 };
 
@@ -39,6 +42,10 @@ impl SharedProbe {
 
 /// What the daemon does to the world, and reads from it.
 pub trait Effects: Placement {
+    /// What the isolate applier changes (`isolation = "runtime"`): kernel
+    /// files, cgroups, thread affinities.
+    type Isolation: isolate::apply::Io;
+
     /// The kernel's ownership of CPUs (`TASKS`, `GUARDED`).
     fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError>;
     fn remove_owner(&mut self, tid: u32) -> Result<(), ProbeError>;
@@ -84,6 +91,11 @@ pub trait Effects: Placement {
     /// The online CPUs (`None` if they cannot be read): a guarded CPU can
     /// go offline (hotplug).
     fn online_cpus(&self) -> Option<CpuSet>;
+
+    /// The host as the isolate planner sees it (IRQs, workqueues, sysctls,
+    /// cpusets, every thread).
+    fn isolation_facts(&self, guard: &Guard) -> Result<Facts, IsolateError>;
+    fn isolation(&mut self) -> &mut Self::Isolation;
 }
 
 /// A discovery result, delivered to the daemon's loop.
@@ -107,6 +119,7 @@ pub struct Live {
     proc: Proc,
     placer: place::Live,
     discovery: std::sync::mpsc::Sender<Request>,
+    isolation: isolate::apply::Live,
 }
 
 impl Live {
@@ -148,6 +161,9 @@ impl Live {
                 proc,
                 placer: place::Live::new(),
                 discovery: req_tx,
+                isolation: isolate::apply::Live {
+                    proc: Proc::default(),
+                },
             },
             res_rx,
         ))
@@ -176,6 +192,8 @@ impl Placement for Live {
 }
 
 impl Effects for Live {
+    type Isolation = isolate::apply::Live;
+
     fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError> {
         self.probe.lock().set_owner(tid, cpu)
     }
@@ -283,5 +301,13 @@ impl Effects for Live {
         std::fs::read_to_string("/sys/devices/system/cpu/online")
             .ok()
             .and_then(|s| CpuSet::parse(s.trim()).ok())
+    }
+
+    fn isolation_facts(&self, guard: &Guard) -> Result<Facts, IsolateError> {
+        isolate::facts::gather(&Host::default(), guard)
+    }
+
+    fn isolation(&mut self) -> &mut Self::Isolation {
+        &mut self.isolation
     }
 }

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub discovery_scans: IntCounter,
     pub config_reloads: IntCounterVec,
     pub scrapes: IntCounter,
+    pub isolation_active: IntGaugeVec,
+    pub isolation_repairs: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -153,6 +155,20 @@ impl Metrics {
                 "pinguard_scrapes_total",
                 "Requests served on /metrics"
             ))),
+            isolation_active: reg!(IntGaugeVec::new(
+                opts(
+                    "pinguard_isolation_active",
+                    "1 for each guarded CPU the runtime isolation (isolation = \"runtime\") keeps, by mechanism: partition, shield, affinity"
+                ),
+                &["cpu", "mechanism"]
+            )),
+            isolation_repairs: reg!(IntCounterVec::new(
+                opts(
+                    "pinguard_isolation_repairs_total",
+                    "Runtime isolation settings found changed and put back, by what: sysctl, workqueue, default_irq_affinity, irq, cgroup, task, thread"
+                ),
+                &["what"]
+            )),
             registry,
         };
         m.build_info

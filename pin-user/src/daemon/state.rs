@@ -30,6 +30,11 @@ use crate::{
         cpulist::CpuSet,
         topology::{Guard, Topology},
     },
+    isolate::{
+        self, IsolateError,
+        apply::Outcome,
+        state::{State, Store},
+    },
     placement::{
         apply::{self, OnFailure, Status},
         enforce::{self, Limiter},
@@ -46,6 +51,17 @@ struct Assignment {
     vcpu: u32,
     cpu: u32,
     manager: Manager,
+}
+
+/// The runtime isolation the daemon keeps (`isolation = "runtime"`).
+struct Upkeep {
+    store: Store,
+    /// What was changed, with the values from before: the state file's content.
+    state: State,
+    /// When the host is next re-planned.
+    due: std::time::Instant,
+    /// Targets whose repair failed: logged once until it works again.
+    failing: HashSet<String>,
 }
 
 /// A guest process to look at again (it just exec'ed, or a thread vanished).
@@ -164,6 +180,7 @@ pub struct Daemon<E: Effects> {
     /// takes its per-VM series with it, so churning guests do not grow the
     /// label set without bound.
     vm_names: HashSet<String>,
+    isolation: Option<Upkeep>,
     ticks: u64,
 }
 
@@ -211,6 +228,7 @@ impl<E: Effects> Daemon<E> {
             hotplug: None,
             guests_watched: HashSet::new(),
             vm_names: HashSet::new(),
+            isolation: None,
             ticks: 0,
             config,
         };
@@ -263,6 +281,7 @@ impl<E: Effects> Daemon<E> {
                 old.event_interval != config.event_interval,
             ),
             ("bpf_stats", old.bpf_stats != config.bpf_stats),
+            ("isolation", old.isolation != config.isolation),
             ("listen", old.listen != config.listen),
         ];
         for (key, changed) in fixed {
@@ -1073,8 +1092,218 @@ impl<E: Effects> Daemon<E> {
             });
         }
         self.verify_pins();
+        self.keep_isolation();
         if self.ticks.is_multiple_of(10) {
             self.prune_threads();
+        }
+    }
+
+    /// `isolation = "runtime"`: applies the runtime isolation, the planner
+    /// and applier of `pinguard isolate`, recording in `store` (the file
+    /// `pinguard isolate --undo` reads) before each change. An isolation
+    /// already recorded there for the same CPUs (a previous daemon's, or
+    /// `pinguard isolate`'s) is taken over and completed. A failure rolls
+    /// back what this call applied.
+    pub fn start_isolation(&mut self, store: Store) -> Result<(), IsolateError> {
+        let existing = store.load()?;
+        if let Some(s) = &existing
+            && s.guarded != self.guard.guarded
+        {
+            return Err(IsolateError::OtherActive {
+                guarded: s.guarded.clone(),
+                mechanism: s.mechanism,
+                path: store.path.clone(),
+            });
+        }
+        let facts = self.fx.isolation_facts(&self.guard)?;
+        let plan = isolate::plan::plan(&facts, existing.as_ref().map(|s| s.mechanism))?;
+        let had = existing.as_ref().map_or(0, |s| s.changes.len());
+        let mut state = existing.unwrap_or_else(|| {
+            State::new(
+                self.guard.guarded.clone(),
+                self.guard.housekeeping.clone(),
+                plan.mechanism,
+                store.boot_id.clone(),
+            )
+        });
+        let done = isolate::apply::apply(self.fx.isolation(), &plan, &mut state, &mut |s| {
+            store.save(s)
+        })?;
+        state.compact();
+        if !state.changes.is_empty() {
+            store.save(&state)?;
+        }
+        let applied = done
+            .iter()
+            .filter(|d| d.outcome == Outcome::Applied)
+            .count();
+        log::info!(
+            "runtime isolation of CPUs {} ({}): {applied} change(s) applied{}, recorded in {} \
+             (`pinguard isolate --undo` restores them); re-checked every {}",
+            self.guard.guarded,
+            state.mechanism,
+            if had > 0 {
+                format!(", {had} taken over from an earlier run")
+            } else {
+                String::new()
+            },
+            store.path.display(),
+            humantime::format_duration(self.config.isolation_interval),
+        );
+        for u in &plan.unchanged {
+            log::info!(
+                "isolation: left as it is: {} {}: {}",
+                u.what.name(),
+                u.target,
+                u.why
+            );
+        }
+        if let Some(r) = &plan.reboot {
+            log::info!(
+                "isolation: only a reboot can do the rest ({}): {} ({})",
+                r.why,
+                r.params,
+                r.howto
+            );
+        }
+        for what in isolate::What::ALL {
+            self.metrics
+                .isolation_repairs
+                .with_label_values(&[what.label()])
+                .inc_by(0);
+        }
+        self.metrics.isolation_active.reset();
+        for cpu in self.guard.guarded.iter() {
+            self.metrics
+                .isolation_active
+                .with_label_values(&[&cpu.to_string(), state.mechanism.label()])
+                .set(1);
+        }
+        self.isolation = Some(Upkeep {
+            store,
+            state,
+            due: self.fx.now() + self.config.isolation_interval,
+            failing: HashSet::new(),
+        });
+        Ok(())
+    }
+
+    /// Re-plans the isolation every `isolation_interval`: whatever the
+    /// planner finds to change has drifted (a new IRQ, a task outside the
+    /// shield, a mask or sysctl someone set back) and is put back, one change
+    /// at a time (a failure rolls back only itself), each recorded first.
+    fn keep_isolation(&mut self) {
+        let now = self.fx.now();
+        let Some(up) = self.isolation.as_mut() else {
+            return;
+        };
+        if now < up.due {
+            return;
+        }
+        up.due = now + self.config.isolation_interval;
+        let mut plan = match self
+            .fx
+            .isolation_facts(&self.guard)
+            .and_then(|f| isolate::plan::plan(&f, Some(up.state.mechanism)))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("isolation: cannot re-plan: {e}");
+                return;
+            }
+        };
+        let mut repaired = false;
+        let changes = std::mem::take(&mut plan.changes);
+        plan.unchanged.clear();
+        plan.reboot = None;
+        for change in changes {
+            let one = isolate::Plan {
+                changes: vec![change.clone()],
+                ..plan.clone()
+            };
+            let store = &up.store;
+            let result =
+                isolate::apply::apply(self.fx.isolation(), &one, &mut up.state, &mut |s| {
+                    store.save(s)
+                });
+            match result.map(|mut d| d.pop().map(|d| d.outcome)) {
+                Ok(Some(Outcome::Applied)) => {
+                    repaired = true;
+                    up.failing.remove(&change.target);
+                    self.metrics
+                        .isolation_repairs
+                        .with_label_values(&[change.what.label()])
+                        .inc();
+                    if self.log_budget.allow(now) {
+                        log::info!(
+                            "isolation: put back {} {} ({})",
+                            change.what.name(),
+                            change.target,
+                            change.before_after()
+                        );
+                    }
+                }
+                Ok(Some(Outcome::Refused { reason })) => {
+                    log::debug!("isolation: {} refused: {reason}", change.target);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if up.failing.insert(change.target.clone()) {
+                        log::warn!("isolation: cannot put back {}: {e}", change.target);
+                    } else {
+                        log::debug!("isolation: cannot put back {}: {e}", change.target);
+                    }
+                }
+            }
+        }
+        if repaired {
+            up.state.compact();
+            if let Err(e) = up.store.save(&up.state) {
+                log::warn!("isolation: {e}");
+            }
+        }
+    }
+
+    /// At exit: undoes the runtime isolation when `isolation_undo_on_exit`
+    /// says so (from the state file, which `pinguard isolate` may have
+    /// added to), else leaves it applied for the next start to take over.
+    pub fn stop_isolation(&mut self) {
+        let Some(up) = self.isolation.take() else {
+            return;
+        };
+        self.metrics.isolation_active.reset();
+        let path = up.store.path.display();
+        if !self.config.isolation_undo_on_exit {
+            log::info!(
+                "the runtime isolation stays applied (isolation_undo_on_exit = false): the next start \
+                 takes it over; `pinguard isolate --undo` restores what it changed ({path})"
+            );
+            return;
+        }
+        match isolate::apply::undo_from(self.fx.isolation(), &up.store) {
+            Ok((_, r)) => {
+                for o in &r.overwritten {
+                    log::warn!(
+                        "isolation undo: {} was {} instead of {}; restored anyway",
+                        o.target,
+                        o.found,
+                        o.set
+                    );
+                }
+                if r.errors.is_empty() {
+                    log::info!(
+                        "runtime isolation undone: {} value(s) restored, {} already as before",
+                        r.restored,
+                        r.unchanged
+                    );
+                } else {
+                    log::error!(
+                        "isolation undo could not restore: {}; `pinguard isolate --undo` retries from {path}",
+                        r.errors.join("; ")
+                    );
+                }
+            }
+            Err(e) => log::error!("isolation undo: {e}"),
         }
     }
 

@@ -39,6 +39,17 @@ pub enum Mechanism {
     Affinity,
 }
 
+impl Mechanism {
+    /// Its name in JSON and in metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Partition => "partition",
+            Self::Shield => "shield",
+            Self::Affinity => "affinity",
+        }
+    }
+}
+
 impl fmt::Display for Mechanism {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -63,6 +74,29 @@ pub enum What {
 }
 
 impl What {
+    pub const ALL: [Self; 7] = [
+        Self::Sysctl,
+        Self::Workqueue,
+        Self::DefaultIrqAffinity,
+        Self::Irq,
+        Self::Cgroup,
+        Self::Task,
+        Self::Thread,
+    ];
+
+    /// Its name in JSON and in metric labels (`pinguard_isolation_repairs_total{what}`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Sysctl => "sysctl",
+            Self::Workqueue => "workqueue",
+            Self::DefaultIrqAffinity => "default_irq_affinity",
+            Self::Irq => "irq",
+            Self::Cgroup => "cgroup",
+            Self::Task => "task",
+            Self::Thread => "thread",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Sysctl => "sysctl",

@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Change, IsolateError, Mechanism};
+use super::{Action, Change, IsolateError, Mechanism};
 use crate::host::cpulist::CpuSet;
 
 pub const DEFAULT_PATH: &str = "/run/pinguard/isolation.json";
@@ -43,6 +43,34 @@ impl State {
             boot_id,
             changes: Vec::new(),
         }
+    }
+}
+
+/// What a change is about, for [`State::compact`]: one file, cgroup or thread.
+fn subject(c: &Change) -> String {
+    match &c.action {
+        Action::Write { path, .. } | Action::Mkdir { path, .. } => {
+            format!("path {}", path.display())
+        }
+        Action::EnableController { path, controller } => {
+            format!("controller {controller} {}", path.display())
+        }
+        Action::MoveTask { thread, .. } => format!("cpuset {}@{}", thread.tid, thread.start_time),
+        Action::Affinity { thread, .. } => {
+            format!("affinity {}@{}", thread.tid, thread.start_time)
+        }
+    }
+}
+
+impl State {
+    /// Keeps only the first change to each file, cgroup and thread: it holds
+    /// the value from before the isolation. The daemon re-applies a value
+    /// something changed back (a repair records what it found); undoing in
+    /// reverse order would end on the first change's value anyway, so the
+    /// later ones only make the file grow with every repair.
+    pub fn compact(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        self.changes.retain(|c| seen.insert(subject(c)));
     }
 }
 

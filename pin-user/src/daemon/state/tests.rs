@@ -48,6 +48,10 @@ struct Fake {
     start: Option<Instant>,
     /// Threads placed through their guest's manager: (tid, manager).
     placed: Vec<(u32, Manager)>,
+    /// What the isolate applier changes, and the planner's facts about it
+    /// (their values are read from `iso` at each call).
+    iso: crate::isolate::apply::fake::Host,
+    iso_facts: Option<crate::isolate::facts::Facts>,
 }
 
 impl Placement for Fake {
@@ -68,6 +72,58 @@ impl Affinities for Fake {
 }
 
 impl Effects for Fake {
+    type Isolation = crate::isolate::apply::fake::Host;
+
+    fn isolation_facts(
+        &self,
+        _guard: &Guard,
+    ) -> Result<crate::isolate::facts::Facts, crate::isolate::IsolateError> {
+        use crate::isolate::facts::{V1_FILES, V1_GUARDED, V1_HOUSEKEEPING};
+        let mut f = self.iso_facts.clone().expect("isolation facts");
+        let h = &self.iso;
+        let now = |p: &std::path::Path| h.files[p].clone();
+        for s in &mut f.sysctls {
+            s.value.text = now(&s.value.path);
+        }
+        for w in f.workqueues.iter_mut().chain(f.default_irq.as_mut()) {
+            w.text = now(&w.path);
+        }
+        for i in &mut f.irqs {
+            i.affinity.text = now(&i.affinity.path);
+        }
+        if let Some(v1) = &mut f.v1 {
+            v1.load_balance = h
+                .files
+                .get(&v1.root.join("cpuset.sched_load_balance"))
+                .cloned();
+            let files = |dir: std::path::PathBuf| {
+                h.dirs.contains(&dir).then(|| {
+                    V1_FILES
+                        .iter()
+                        .filter_map(|n| {
+                            h.files
+                                .get(&dir.join(n))
+                                .map(|v| (n.to_string(), v.clone()))
+                        })
+                        .collect()
+                })
+            };
+            v1.housekeeping_files = files(v1.root.join(V1_HOUSEKEEPING));
+            v1.guarded_files = files(v1.root.join(V1_GUARDED));
+        }
+        for t in &mut f.threads {
+            if let Some((_, cg, aff)) = h.threads.get(&t.info.tid) {
+                t.cpuset = Some(cg.clone());
+                t.info.allowed = aff.clone();
+            }
+        }
+        Ok(f)
+    }
+
+    fn isolation(&mut self) -> &mut Self::Isolation {
+        &mut self.iso
+    }
+
     fn set_owner(&mut self, tid: u32, cpu: u32) -> Result<(), ProbeError> {
         self.owners.insert(tid, cpu);
         Ok(())
@@ -807,4 +863,183 @@ fn a_guarded_cpu_going_offline_pauses_repinning_until_it_is_back() {
     d.tick();
     assert_eq!(counter(&d, "pinguard_cpu_guarded", &[("cpu", "1")]), 1.0);
     assert_eq!(d.fx.aff.cpus[&VCPU], cpus("1"));
+}
+
+/// A host to isolate: the isolate planner's 2-CPU cgroup v1 fixture (IRQs,
+/// workqueues, sysctls, tasks in the root cpuset), behind the fake.
+fn isolatable() -> Fake {
+    let facts = crate::isolate::plan::tests_support::host(true, false);
+    let mut fx = host();
+    let h = &mut fx.iso;
+    for s in &facts.sysctls {
+        h.files.insert(s.value.path.clone(), s.value.text.clone());
+    }
+    for w in facts.workqueues.iter().chain(&facts.default_irq) {
+        h.files.insert(w.path.clone(), w.text.clone());
+    }
+    for i in &facts.irqs {
+        h.files
+            .insert(i.affinity.path.clone(), i.affinity.text.clone());
+    }
+    let v1 = facts.v1.as_ref().unwrap();
+    h.v1_root = Some(v1.root.clone());
+    h.files
+        .insert(v1.root.join("cpuset.sched_load_balance"), "1".into());
+    for t in &facts.threads {
+        h.threads.insert(
+            t.info.tid,
+            (
+                t.info.start_time,
+                t.cpuset.clone().unwrap(),
+                t.info.allowed.clone(),
+            ),
+        );
+    }
+    fx.iso_facts = Some(facts);
+    fx
+}
+
+fn iso_store(dir: &tempfile::TempDir) -> Store {
+    Store {
+        path: dir.path().join("isolation.json"),
+        boot_id: "boot".into(),
+    }
+}
+
+const RUNTIME: &str = "isolation = \"runtime\"\nisolation_interval = \"1s\"\n";
+
+fn repairs(d: &Daemon<Fake>, what: &str) -> f64 {
+    counter(d, "pinguard_isolation_repairs_total", &[("what", what)])
+}
+
+#[test]
+fn runtime_isolation_is_kept_counted_and_undone_at_exit_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = isolatable();
+    let files_before = fx.iso.files.clone();
+    let mut threads_before = fx.iso.threads.clone();
+    let mut d = daemon(fx, &format!("{RUNTIME}isolation_undo_on_exit = true\n"));
+    d.start_isolation(iso_store(&dir)).unwrap();
+    let irq = std::path::PathBuf::from("/proc/irq/24/smp_affinity");
+    let timer = std::path::PathBuf::from("/proc/sys/kernel/timer_migration");
+    assert_eq!(d.fx.iso.files[&irq], "1");
+    assert_eq!(d.fx.iso.threads[&1].1, "/pinguard-housekeeping");
+    assert_eq!(
+        counter(
+            &d,
+            "pinguard_isolation_active",
+            &[("cpu", "1"), ("mechanism", "shield")]
+        ),
+        1.0
+    );
+    assert_eq!(repairs(&d, "irq"), 0.0, "applying is not repairing");
+    let recorded = d.isolation.as_ref().unwrap().state.changes.len();
+
+    // Something undoes parts of it, and a task appears outside the shield.
+    d.fx.iso.files.insert(timer.clone(), "1".into());
+    d.fx.iso.files.insert(irq.clone(), "3".into());
+    d.fx.iso
+        .threads
+        .insert(600, (6000, "/".into(), cpus("0-1")));
+    threads_before.insert(600, (6000, "/".into(), cpus("0-1")));
+    d.fx.iso_facts
+        .as_mut()
+        .unwrap()
+        .threads
+        .push(crate::isolate::plan::thread(
+            600,
+            600,
+            "forked",
+            0,
+            "0-1",
+            Some("/"),
+        ));
+    d.fx.clock += Duration::from_millis(500);
+    d.tick();
+    assert_eq!(d.fx.iso.files[&irq], "3", "not before isolation_interval");
+    d.fx.clock += Duration::from_millis(600);
+    d.tick();
+    assert_eq!(d.fx.iso.files[&irq], "1");
+    assert_eq!(d.fx.iso.files[&timer], "0");
+    assert_eq!(d.fx.iso.threads[&600].1, "/pinguard-housekeeping");
+    assert_eq!(
+        (
+            repairs(&d, "irq"),
+            repairs(&d, "sysctl"),
+            repairs(&d, "task")
+        ),
+        (1.0, 1.0, 1.0)
+    );
+    assert_eq!(repairs(&d, "workqueue"), 0.0, "every kind exists at 0");
+    // A second drift of the same IRQ: counted, recorded once (the first
+    // record holds the value from before the isolation).
+    d.fx.iso.files.insert(irq.clone(), "2".into());
+    d.fx.clock += Duration::from_secs(1);
+    d.tick();
+    assert_eq!(repairs(&d, "irq"), 2.0);
+    let state = &d.isolation.as_ref().unwrap().state;
+    assert_eq!(state.changes.len(), recorded + 1, "the new task only");
+    let on_disk = iso_store(&dir).load().unwrap().unwrap();
+    assert_eq!(&on_disk, state);
+
+    d.stop_isolation();
+    assert_eq!(d.fx.iso.files, files_before);
+    assert_eq!(d.fx.iso.threads, threads_before);
+    assert!(d.fx.iso.dirs.is_empty(), "{:?}", d.fx.iso.dirs);
+    assert!(!dir.path().join("isolation.json").exists());
+    assert_eq!(
+        counter(&d, "pinguard_isolation_active", &[("cpu", "1")]),
+        0.0
+    );
+}
+
+#[test]
+fn runtime_isolation_stays_at_exit_by_default_and_the_next_start_takes_it_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = isolatable();
+    let files_before = fx.iso.files.clone();
+    let mut d = daemon(fx, RUNTIME);
+    d.start_isolation(iso_store(&dir)).unwrap();
+    let recorded = d.isolation.as_ref().unwrap().state.clone();
+    d.stop_isolation();
+    let irq = std::path::PathBuf::from("/proc/irq/24/smp_affinity");
+    assert_eq!(d.fx.iso.files[&irq], "1", "still applied");
+    assert_eq!(iso_store(&dir).load().unwrap().as_ref(), Some(&recorded));
+
+    // The next daemon (same host) finds it complete and changes nothing.
+    let Daemon { fx, .. } = d;
+    let writes = fx.iso.writes.len();
+    let mut d = daemon(fx, RUNTIME);
+    d.start_isolation(iso_store(&dir)).unwrap();
+    assert_eq!(
+        d.fx.iso.writes.len(),
+        writes,
+        "{:?}",
+        &d.fx.iso.writes[writes..]
+    );
+    assert_eq!(d.isolation.as_ref().unwrap().state, recorded);
+
+    // `pinguard isolate --undo` still restores everything.
+    let store = iso_store(&dir);
+    let (_, r) = crate::isolate::apply::undo_from(&mut d.fx.iso, &store).unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(d.fx.iso.files, files_before);
+}
+
+#[test]
+fn runtime_isolation_of_other_cpus_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = iso_store(&dir);
+    store
+        .save(&State::new(
+            cpus("0"),
+            cpus("1"),
+            crate::isolate::Mechanism::Affinity,
+            "boot".into(),
+        ))
+        .unwrap();
+    let mut d = daemon(isolatable(), RUNTIME);
+    let e = d.start_isolation(store).unwrap_err().to_string();
+    assert!(e.contains("already active") && e.contains("--undo"), "{e}");
+    assert!(d.fx.iso.writes.is_empty(), "{:?}", d.fx.iso.writes);
 }
