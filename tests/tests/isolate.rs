@@ -21,6 +21,7 @@ use std::{
 use serde_json::Value;
 use testkit::{
     cpus,
+    daemon::{Daemon, DaemonOptions},
     env::{missing_kvm_guests, pinguard_bin},
     guest::{Guest, GuestOptions},
     require,
@@ -244,6 +245,21 @@ impl Isolation {
         assert!(
             diff.is_empty(),
             "after --undo the host differs from before isolate:\n{}",
+            diff.join("\n")
+        );
+    }
+
+    /// Something else undid the isolation (a daemon at exit): no state file
+    /// is left, and the host is as it was.
+    fn compare_undone(mut self) {
+        let (report, diff) = self.undo();
+        assert!(
+            report.is_none(),
+            "{STATE_FILE} was left behind; `pinguard isolate --undo` said: {report:#?}"
+        );
+        assert!(
+            diff.is_empty(),
+            "after the undo the host differs from before the isolation:\n{}",
             diff.join("\n")
         );
     }
@@ -583,4 +599,83 @@ fn guest_started_after_isolate_can_be_pinned() {
         // The guest is killed here, before the undo.
     }
     iso.undo_and_compare();
+}
+
+/// `pinguard run` with `isolation = "runtime"` applies the isolation at
+/// start, puts back a sysctl and an IRQ affinity changed behind its back
+/// (counting each in `pinguard_isolation_repairs_total`), and with
+/// `isolation_undo_on_exit = true` restores the full snapshot when it stops.
+#[test]
+fn daemon_keeps_the_runtime_isolation_and_undoes_it_at_exit() {
+    let _host = exclusive();
+    require!(missing_root_and_cpus());
+    let g = guard_cpu();
+    let gs = g.to_string();
+    let timer = Path::new("/proc/sys/kernel/timer_migration");
+    // Declared before the daemon: dropped after it, so a failure still
+    // stops the daemon first and then undoes whatever is left.
+    let iso = Isolation::new();
+    let mut opts = DaemonOptions::new(
+        "isolation = \"runtime\"\nisolation_undo_on_exit = true\nisolation_interval = \"200ms\"\n",
+    );
+    opts.guard = g;
+    let mut daemon = Daemon::start_with(&opts);
+    let active = daemon.wait_metric(
+        "the runtime isolation",
+        "pinguard_isolation_active",
+        &[("cpu", &gs)],
+        |v| v == 1.0,
+    );
+    assert_eq!(active, 1.0);
+    assert!(Path::new(STATE_FILE).exists(), "no {STATE_FILE}");
+    assert_eq!(read(timer).as_deref(), Some("0"));
+
+    let repairs = |d: &Daemon, what: &str| {
+        d.metric("pinguard_isolation_repairs_total", &[("what", what)])
+            .unwrap_or_else(|| panic!("no pinguard_isolation_repairs_total{{what={what:?}}}"))
+    };
+    // A sysctl set back behind the daemon's back.
+    let before = repairs(&daemon, "sysctl");
+    fs::write(timer, "1").unwrap();
+    daemon.wait_metric(
+        "the sysctl repair to be counted",
+        "pinguard_isolation_repairs_total",
+        &[("what", "sysctl")],
+        |v| v > before,
+    );
+    assert_eq!(
+        read(timer).as_deref(),
+        Some("0"),
+        "kernel.timer_migration not put back"
+    );
+
+    // A movable IRQ given its old affinity (which includes the guarded CPU) back.
+    let state: Value = serde_json::from_str(&fs::read_to_string(STATE_FILE).unwrap()).unwrap();
+    let irq = state["changes"].as_array().unwrap().iter().find(|c| {
+        c["what"] == "irq"
+            && c["action"]["kind"] == "write"
+            && c["action"]["before"]
+                .as_str()
+                .is_some_and(|b| cpus::parse_mask(b).unwrap().contains(&g))
+    });
+    let irq = irq.unwrap_or_else(|| panic!("the isolation moved no IRQ off CPU {g}: {state:#}"));
+    let path = Path::new(irq["action"]["path"].as_str().unwrap());
+    let before = repairs(&daemon, "irq");
+    fs::write(path, irq["action"]["before"].as_str().unwrap()).unwrap();
+    daemon.wait_metric(
+        "the IRQ repair to be counted",
+        "pinguard_isolation_repairs_total",
+        &[("what", "irq")],
+        |v| v > before,
+    );
+    let now = read(path).unwrap();
+    assert!(
+        !cpus::parse_mask(&now).unwrap().contains(&g),
+        "{} is {now} after the repair: still reaches CPU {g}",
+        path.display()
+    );
+
+    let log = daemon.stop().join("\n");
+    assert!(log.contains("runtime isolation undone"), "{log}");
+    iso.compare_undone();
 }

@@ -118,6 +118,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let mut rescan = tokio::time::interval(daemon.config.rescan_interval);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.tick().await; // the first tick is immediate; we just scanned
+        let mut isolation = tokio::time::interval(daemon.config.isolation_interval);
+        isolation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        isolation.tick().await; // immediate; the isolation was just applied
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -146,6 +149,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     health.scanning(daemon.scanning_since());
                 }
                 _ = rescan.tick() => daemon.rescan(),
+                _ = isolation.tick() => daemon.keep_isolation(),
                 _ = tokio::time::sleep(retry_in) => daemon.tick(),
                 _ = hup.recv() => reload(&mut daemon, &args),
                 _ = term.recv() => break Ok(()),

@@ -58,8 +58,6 @@ struct Upkeep {
     store: Store,
     /// What was changed, with the values from before: the state file's content.
     state: State,
-    /// When the host is next re-planned.
-    due: std::time::Instant,
     /// Targets whose repair failed: logged once until it works again.
     failing: HashSet<String>,
 }
@@ -282,6 +280,10 @@ impl<E: Effects> Daemon<E> {
             ),
             ("bpf_stats", old.bpf_stats != config.bpf_stats),
             ("isolation", old.isolation != config.isolation),
+            (
+                "isolation_interval",
+                old.isolation_interval != config.isolation_interval,
+            ),
             ("listen", old.listen != config.listen),
         ];
         for (key, changed) in fixed {
@@ -1092,7 +1094,6 @@ impl<E: Effects> Daemon<E> {
             });
         }
         self.verify_pins();
-        self.keep_isolation();
         if self.ticks.is_multiple_of(10) {
             self.prune_threads();
         }
@@ -1182,25 +1183,20 @@ impl<E: Effects> Daemon<E> {
         self.isolation = Some(Upkeep {
             store,
             state,
-            due: self.fx.now() + self.config.isolation_interval,
             failing: HashSet::new(),
         });
         Ok(())
     }
 
-    /// Re-plans the isolation every `isolation_interval`: whatever the
+    /// Re-plans the isolation (every `isolation_interval`): whatever the
     /// planner finds to change has drifted (a new IRQ, a task outside the
     /// shield, a mask or sysctl someone set back) and is put back, one change
     /// at a time (a failure rolls back only itself), each recorded first.
-    fn keep_isolation(&mut self) {
+    pub fn keep_isolation(&mut self) {
         let now = self.fx.now();
         let Some(up) = self.isolation.as_mut() else {
             return;
         };
-        if now < up.due {
-            return;
-        }
-        up.due = now + self.config.isolation_interval;
         let mut plan = match self
             .fx
             .isolation_facts(&self.guard)

@@ -954,11 +954,12 @@ fn runtime_isolation_is_kept_counted_and_undone_at_exit_when_configured() {
             "0-1",
             Some("/"),
         ));
-    d.fx.clock += Duration::from_millis(500);
     d.tick();
-    assert_eq!(d.fx.iso.files[&irq], "3", "not before isolation_interval");
-    d.fx.clock += Duration::from_millis(600);
-    d.tick();
+    assert_eq!(
+        d.fx.iso.files[&irq], "3",
+        "on its own interval, not at ticks"
+    );
+    d.keep_isolation();
     assert_eq!(d.fx.iso.files[&irq], "1");
     assert_eq!(d.fx.iso.files[&timer], "0");
     assert_eq!(d.fx.iso.threads[&600].1, "/pinguard-housekeeping");
@@ -974,8 +975,7 @@ fn runtime_isolation_is_kept_counted_and_undone_at_exit_when_configured() {
     // A second drift of the same IRQ: counted, recorded once (the first
     // record holds the value from before the isolation).
     d.fx.iso.files.insert(irq.clone(), "2".into());
-    d.fx.clock += Duration::from_secs(1);
-    d.tick();
+    d.keep_isolation();
     assert_eq!(repairs(&d, "irq"), 2.0);
     let state = &d.isolation.as_ref().unwrap().state;
     assert_eq!(state.changes.len(), recorded + 1, "the new task only");
