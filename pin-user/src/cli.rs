@@ -288,9 +288,14 @@ pub struct LatencyArgs {
     /// cyclictest's wake-up interval (-i), in whole microseconds.
     #[arg(long, value_name = "DURATION", default_value = "1000us", value_parser = parse_duration)]
     pub interval: Duration,
-    /// SCHED_FIFO priority of the measurement thread (-p), 1-99.
-    #[arg(long, value_name = "PRIO", default_value_t = 95, value_parser = clap::value_parser!(u32).range(1..=99))]
-    pub priority: u32,
+    /// Scheduling policy of the measurement thread: fifo or rr (real-time),
+    /// other (a general-purpose thread). Checked against the running thread.
+    #[arg(long = "policy", value_name = "POLICY", value_enum, default_value_t = LatencyPolicy::Fifo)]
+    pub sched_policy: LatencyPolicy,
+    /// Priority of the measurement thread (-p): 1-99 with fifo/rr (default
+    /// 95), 0 with other (its default).
+    #[arg(long, value_name = "PRIO", value_parser = clap::value_parser!(u32).range(0..=99))]
+    pub priority: Option<u32>,
     /// Range of cyclictest's histogram (-h); slower samples are counted as overflows.
     #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_duration)]
     pub histogram_max: Duration,
@@ -309,9 +314,30 @@ pub struct LatencyArgs {
     /// Compare saved `--json` reports side by side instead of measuring.
     #[arg(long, value_name = "REPORT", num_args = 1.., conflicts_with_all = ["cpu", "svg", "png", "extra"])]
     pub compare: Vec<PathBuf>,
-    /// Further cyclictest arguments, after `--` (e.g. -- --policy=rr).
+    /// Further cyclictest arguments, after `--` (e.g. -- --latency=0).
     #[arg(last = true, value_name = "CYCLICTEST ARGS")]
     pub extra: Vec<String>,
+}
+
+/// `pinguard latency --policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LatencyPolicy {
+    /// SCHED_OTHER: a general-purpose thread (priority 0).
+    Other,
+    /// SCHED_FIFO: real-time, runs until it blocks.
+    Fifo,
+    /// SCHED_RR: real-time, round robin among equal priorities.
+    Rr,
+}
+
+impl From<LatencyPolicy> for crate::latency::SchedPolicy {
+    fn from(p: LatencyPolicy) -> Self {
+        match p {
+            LatencyPolicy::Other => Self::Other,
+            LatencyPolicy::Fifo => Self::Fifo,
+            LatencyPolicy::Rr => Self::Rr,
+        }
+    }
 }
 
 pub fn parse_cpulist(s: &str) -> Result<CpuSet, String> {

@@ -324,6 +324,60 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
 }
 
 #[test]
+fn policy_other_really_measures_a_sched_other_thread() {
+    require!(missing_cyclictest());
+    let _cpu = exclusive();
+    // A FIFO 1 thread, the lowest real-time priority, bursting on CPU 1: it
+    // cannot delay a real-time cyclictest for long, but it keeps a
+    // SCHED_OTHER one off the CPU for each whole burst. cyclictest's silent
+    // "policy and priority don't match" switch to FIFO would hide that.
+    let pg = start_latency(&["--duration", "3s", "--policy", "other", "--worst", "5"]);
+    let spiker = Worker::spawn_on("pg-fifo1", &[1]);
+    let tid = spiker.tid();
+    spiker.run(|| {
+        become_fifo(1);
+        let end = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < end {
+            spin(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        become_normal();
+    });
+    let r = report_of(pg);
+
+    // What ran is what the report says, read from the running thread.
+    assert_eq!(r["run"]["policy"], "other", "{}", r["run"]);
+    assert_eq!(u(&r, "/run/priority"), 0, "{}", r["run"]);
+    assert_eq!(r["run"]["thread_sched"], "TS 0", "{}", r["run"]);
+    let cmdline = r["run"]["cyclictest"]["cmdline"].as_str().unwrap();
+    assert!(
+        cmdline.contains("-p 0 --policy=other "),
+        "cyclictest's command line: {cmdline}"
+    );
+    // A SCHED_OTHER thread waits out a FIFO 1 burst.
+    assert!(
+        u(&r, "/latency/max_us") >= 1000,
+        "2 ms bursts of a FIFO 1 thread should delay a SCHED_OTHER cyclictest: {}",
+        r["latency"]
+    );
+    let worst = r["worst"].as_array().unwrap();
+    assert!(
+        worst.iter().any(|w| w["cause"]["tid"] == tid),
+        "pg-fifo1 (tid {tid}) named as no worst wake-up's cause: {worst:#?}"
+    );
+    // The text and the table say which policy it was.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.json");
+    std::fs::write(&path, r.to_string()).unwrap();
+    let t = run(
+        &["latency", "--compare", path.to_str().unwrap()],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(t.code(), Some(0), "{}", t.stderr);
+    assert!(t.stdout.contains("SCHED_OTHER"), "{}", t.stdout);
+}
+
+#[test]
 fn softirqs_inside_a_wake_up_are_named_per_vector() {
     require!(missing_cyclictest());
     let _cpu = exclusive();
@@ -508,7 +562,35 @@ fn bad_input_is_rejected_before_anything_runs() {
         ),
         (
             &["latency", "--guard", "1", "--priority", "0"],
+            "0 does not go with --policy fifo",
+        ),
+        (
+            &[
+                "latency",
+                "--guard",
+                "1",
+                "--policy",
+                "other",
+                "--priority",
+                "5",
+            ],
+            "5 does not go with --policy other",
+        ),
+        (
+            &[
+                "latency",
+                "--guard",
+                "1",
+                "--policy",
+                "rr",
+                "--priority",
+                "100",
+            ],
             "--priority",
+        ),
+        (
+            &["latency", "--guard", "1", "--", "--policy=rr"],
+            "use pinguard's --policy",
         ),
         (
             &["latency", "--guard", "1", "--interval", "1500ns"],

@@ -26,12 +26,12 @@ use crate::{
     host::Host,
     host::cpulist::CpuSet,
     host::irq::irq_name,
-    host::procfs::Proc,
+    host::procfs::{Proc, Sched},
     host::topology::Topology,
     latency::{
-        CyclictestConfig, CyclictestHistogram, CyclictestJson,
+        CyclictestConfig, CyclictestHistogram, CyclictestJson, SchedPolicy,
         attribution::Recorder,
-        find_cyclictest,
+        check_sched, find_cyclictest,
         host::{HostFacts, steal_ticks, ticks_per_second},
         parse_cyclictest_json, parse_histogram, plot,
         report::{
@@ -46,6 +46,9 @@ use crate::{
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long cyclictest may take to print its results after SIGINT.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the measurement thread may run before its scheduling policy must
+/// be the asked one: the thread sets it itself, right after it starts.
+const POLICY_GRACE: Duration = Duration::from_millis(300);
 
 pub fn run(args: LatencyArgs) -> anyhow::Result<ExitCode> {
     if !args.compare.is_empty() {
@@ -62,10 +65,14 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<ExitCode> {
         ),
         None => guard.guarded.first().context("no guarded CPU to measure")?,
     };
+    let sched_policy: SchedPolicy = args.sched_policy.into();
     let config = CyclictestConfig {
         cpu,
         main_cpus: guard.housekeeping.clone(),
-        priority: args.priority,
+        policy: sched_policy,
+        priority: args
+            .priority
+            .unwrap_or_else(|| sched_policy.default_priority()),
         interval: args.interval,
         duration: args.duration,
         histogram_max: args.histogram_max,
@@ -190,6 +197,12 @@ fn load_probe(cpu: u32) -> anyhow::Result<(Probe, AsyncFd<EventReader>)> {
 struct Supervisor<'a> {
     cpu: u32,
     pid: u32,
+    policy: SchedPolicy,
+    priority: u32,
+    /// The measurement thread's class as last read from /proc, and when the
+    /// thread was first seen.
+    sched: Option<Sched>,
+    seen_at: Option<Instant>,
     duration: Duration,
     cmdline: &'a str,
     start: Instant,
@@ -217,6 +230,7 @@ impl Supervisor<'_> {
                 self.watched.push(tid);
             }
             if let Some(tid) = self.watched.first() {
+                self.seen_at = Some(Instant::now());
                 eprintln!(
                     "pinguard: measuring CPU {cpu} for {:?}: cyclictest pid {pid}, measurement thread {tid}",
                     self.duration
@@ -228,6 +242,7 @@ impl Supervisor<'_> {
                 );
             }
         }
+        self.check_policy(ct)?;
         if self
             .interrupted_at
             .is_some_and(|t| t.elapsed() > STOP_TIMEOUT)
@@ -236,6 +251,28 @@ impl Supervisor<'_> {
             ct.kill();
         }
         Ok(None)
+    }
+
+    /// Reads the measurement thread's policy from /proc (fields 40/41 of its
+    /// stat) on every look: cyclictest's "policy and priority don't match"
+    /// fallback, or anyone's chrt, must not pass for the asked policy. A
+    /// mismatch after the grace period stops the run.
+    fn check_policy(&mut self, ct: &mut Cyclictest) -> anyhow::Result<()> {
+        let (Some(&tid), Some(seen_at)) = (self.watched.first(), self.seen_at) else {
+            return Ok(());
+        };
+        let Some(sched) = Proc::default().sched(self.pid, tid) else {
+            // Gone: cyclictest is exiting.
+            return Ok(());
+        };
+        self.sched = Some(sched);
+        if seen_at.elapsed() < POLICY_GRACE || self.policy.matches(self.priority, &sched) {
+            return Ok(());
+        }
+        ct.kill();
+        let (_, stderr) = ct.output();
+        check_sched(self.policy, self.priority, tid, &sched, &stderr)?;
+        Ok(())
     }
 
     /// When to look next: quickly until the measurement thread is watched, then relaxed.
@@ -361,6 +398,10 @@ async fn measure(
     let mut sup = Supervisor {
         cpu,
         pid,
+        policy: config.policy,
+        priority: config.priority,
+        sched: None,
+        seen_at: None,
         duration: config.duration,
         cmdline: &cmdline,
         start: Instant::now(),
@@ -387,10 +428,15 @@ async fn measure(
         }
     };
     let elapsed_ns = monotonic_ns().saturating_sub(t0);
-    let (measurement_tids, interrupted) = (sup.watched, sup.interrupted_at.is_some());
+    let (measurement_tids, interrupted, sched) =
+        (sup.watched, sup.interrupted_at.is_some(), sup.sched);
     // Events already in the buffer still belong to the run.
     events.get_mut().drain(&mut handle);
     let (histogram, json) = read_results(&mut ct, status, &json_path, &cmdline)?;
+    // A run shorter than the grace period is judged by its last reading.
+    if let (Some(s), Some(&tid)) = (&sched, measurement_tids.first()) {
+        check_sched(config.policy, config.priority, tid, s, "")?;
+    }
     drop(tmp);
 
     let steal = match (steal_before, steal_ns(cpu)) {
@@ -408,7 +454,9 @@ async fn measure(
             planned_duration_ns: u64::try_from(config.duration.as_nanos()).unwrap_or(u64::MAX),
             elapsed_ns,
             interval_us: config.interval_us(),
+            policy: config.policy,
             priority: config.priority,
+            thread_sched: sched.map(|s| format!("{} {}", s.class, s.rtprio)),
             histogram_max_us: config.histogram_max_us(),
             cyclictest: CyclictestInfo {
                 path: path.display().to_string(),

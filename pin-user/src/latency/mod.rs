@@ -20,7 +20,7 @@ use std::{path::PathBuf, time::Duration};
 
 use thiserror::Error;
 
-use crate::host::cpulist::CpuSet;
+use crate::host::{cpulist::CpuSet, procfs::Sched};
 
 #[derive(Debug, Error)]
 pub enum LatencyError {
@@ -53,8 +53,121 @@ pub enum LatencyError {
         found: String,
         expected: &'static str,
     },
+    #[error(
+        "cyclictest's measurement thread (tid {tid}) runs {found}, not the asked {expected}: \
+         cyclictest changed the policy (e.g. \"policy and priority don't match\"){stderr}"
+    )]
+    PolicyMismatch {
+        tid: u32,
+        expected: String,
+        found: String,
+        /// cyclictest's own complaint, if it printed one.
+        stderr: String,
+    },
     #[error(transparent)]
     Plot(#[from] plot::PlotError),
+}
+
+/// The measurement thread's scheduling policy: `other` is what a
+/// general-purpose workload gets, `fifo`/`rr` the real-time classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedPolicy {
+    Other,
+    /// Reports written before the policy was recorded were all SCHED_FIFO.
+    #[default]
+    Fifo,
+    Rr,
+}
+
+impl SchedPolicy {
+    /// The `SCHED_*` number, as /proc/PID/task/TID/stat field 41 shows it.
+    pub fn number(self) -> u32 {
+        match self {
+            Self::Other => 0,
+            Self::Fifo => 1,
+            Self::Rr => 2,
+        }
+    }
+
+    /// cyclictest's `--policy` value.
+    pub fn cyclictest_name(self) -> &'static str {
+        match self {
+            Self::Other => "other",
+            Self::Fifo => "fifo",
+            Self::Rr => "rr",
+        }
+    }
+
+    pub fn is_realtime(self) -> bool {
+        self != Self::Other
+    }
+
+    /// The priority used when none is given: 0 for other (the only valid
+    /// one), 95 for the real-time classes (above the kernel's threaded IRQs
+    /// at 50, below the watchdogs at 99).
+    pub fn default_priority(self) -> u32 {
+        if self.is_realtime() { 95 } else { 0 }
+    }
+
+    /// Whether a thread's scheduling class, read from /proc, is this policy
+    /// at `priority`.
+    pub fn matches(self, priority: u32, seen: &Sched) -> bool {
+        seen.policy == self.number() && seen.rtprio == priority
+    }
+}
+
+impl std::fmt::Display for SchedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Other => "SCHED_OTHER",
+            Self::Fifo => "SCHED_FIFO",
+            Self::Rr => "SCHED_RR",
+        })
+    }
+}
+
+/// How a policy and priority read: "SCHED_FIFO 95", "SCHED_OTHER".
+pub fn policy_label(policy: SchedPolicy, priority: u32) -> String {
+    if policy.is_realtime() {
+        format!("{policy} {priority}")
+    } else {
+        policy.to_string()
+    }
+}
+
+/// Checks what /proc says about the measurement thread against what was asked.
+pub fn check_sched(
+    policy: SchedPolicy,
+    priority: u32,
+    tid: u32,
+    seen: &Sched,
+    stderr: &str,
+) -> Result<(), LatencyError> {
+    if policy.matches(priority, seen) {
+        return Ok(());
+    }
+    let found = match seen.policy {
+        0 => "SCHED_OTHER".to_string(),
+        1 => format!("SCHED_FIFO {}", seen.rtprio),
+        2 => format!("SCHED_RR {}", seen.rtprio),
+        n => format!("scheduling policy {n} ({} {})", seen.class, seen.rtprio),
+    };
+    let complaint: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    Err(LatencyError::PolicyMismatch {
+        tid,
+        expected: policy_label(policy, priority),
+        found,
+        stderr: if complaint.is_empty() {
+            String::new()
+        } else {
+            format!("; cyclictest said: {}", complaint.join(" / "))
+        },
+    })
 }
 
 /// Finds cyclictest in `PATH`.
@@ -75,6 +188,8 @@ pub fn find_cyclictest() -> Result<PathBuf, LatencyError> {
 pub struct CyclictestConfig {
     pub cpu: u32,
     pub main_cpus: CpuSet,
+    pub policy: SchedPolicy,
+    /// Real-time priority: 1-99 with fifo/rr, 0 with other.
     pub priority: u32,
     pub interval: Duration,
     pub duration: Duration,
@@ -88,6 +203,7 @@ pub struct CyclictestConfig {
 /// options also match with the value attached (`-p80`).
 const OWN_FLAGS: &[(&[&str], &str)] = &[
     (&["-p", "--priority"], "use pinguard's --priority"),
+    (&["-y", "--policy"], "use pinguard's --policy"),
     (&["-i", "--interval"], "use pinguard's --interval"),
     (
         &["-D", "--duration", "-l", "--loops"],
@@ -128,10 +244,25 @@ const OWN_FLAGS: &[(&[&str], &str)] = &[
 impl CyclictestConfig {
     /// Checks the values and the pass-through arguments before anything runs.
     pub fn validate(&self) -> Result<(), LatencyError> {
-        if !(1..=99).contains(&self.priority) {
+        let policy = self.policy.cyclictest_name();
+        if self.policy.is_realtime() && !(1..=99).contains(&self.priority) {
             return Err(LatencyError::Invalid {
                 field: "priority",
-                reason: format!("{} is not a SCHED_FIFO priority (1-99)", self.priority),
+                reason: format!(
+                    "{} does not go with --policy {policy}: real-time priorities are 1-99 \
+                     (or measure a general-purpose thread with --policy other)",
+                    self.priority
+                ),
+            });
+        }
+        if !self.policy.is_realtime() && self.priority != 0 {
+            return Err(LatencyError::Invalid {
+                field: "priority",
+                reason: format!(
+                    "{} does not go with --policy other: SCHED_OTHER threads have no real-time \
+                     priority (use 0, or --policy fifo|rr for a real-time thread)",
+                    self.priority
+                ),
             });
         }
         let us = self.interval.as_nanos();
@@ -188,7 +319,10 @@ impl CyclictestConfig {
     }
 
     /// The arguments after `cyclictest`: `-D` for whole seconds, else `-l`
-    /// loops (cyclictest's -D only takes whole seconds).
+    /// loops (cyclictest's -D only takes whole seconds). The policy is always
+    /// explicit, after `-p` and with a priority that goes with it: cyclictest
+    /// quietly switches a non-real-time policy to SCHED_FIFO when `-p` comes
+    /// after it or the priority is not 0.
     pub fn args(&self, json_path: &std::path::Path) -> Vec<String> {
         let mut a: Vec<String> = [
             "-m",
@@ -197,8 +331,11 @@ impl CyclictestConfig {
             "-a",
             &self.cpu.to_string(),
             &format!("--mainaffinity={}", self.main_cpus),
+            // -p first: cyclictest's -p turns a non-real-time policy given
+            // before it into SCHED_FIFO.
             "-p",
             &self.priority.to_string(),
+            &format!("--policy={}", self.policy.cyclictest_name()),
             "-i",
             &self.interval_us().to_string(),
             "-h",
@@ -513,6 +650,7 @@ mod tests {
         CyclictestConfig {
             cpu: 1,
             main_cpus: CpuSet::single(0),
+            policy: SchedPolicy::Fifo,
             priority: 95,
             interval: Duration::from_micros(1000),
             duration: Duration::from_secs(10),
@@ -528,14 +666,26 @@ mod tests {
         let a = c.args(std::path::Path::new("/tmp/x.json")).join(" ");
         assert_eq!(
             a,
-            "-m -q -t1 -a 1 --mainaffinity=0 -p 95 -i 1000 -h 10000 -D 10 --json=/tmp/x.json"
+            "-m -q -t1 -a 1 --mainaffinity=0 -p 95 --policy=fifo -i 1000 -h 10000 -D 10 --json=/tmp/x.json"
         );
         let mut c = config();
         c.duration = Duration::from_millis(2500);
         c.interval = Duration::from_micros(500);
-        c.extra = vec!["--policy=rr".into()];
+        c.extra = vec!["--latency=0".into()];
         let a = c.args(std::path::Path::new("/j")).join(" ");
-        assert!(a.ends_with("-l 5000 --json=/j --policy=rr"), "{a}");
+        assert!(a.ends_with("-l 5000 --json=/j --latency=0"), "{a}");
+        // A general-purpose thread: SCHED_OTHER with priority 0, never a
+        // priority cyclictest would take as a reason to switch to FIFO.
+        let mut c = config();
+        c.policy = SchedPolicy::Other;
+        c.priority = 0;
+        c.validate().unwrap();
+        let a = c.args(std::path::Path::new("/j")).join(" ");
+        assert!(a.contains("-p 0 --policy=other "), "{a}");
+        c.policy = SchedPolicy::Rr;
+        c.priority = 80;
+        let a = c.args(std::path::Path::new("/j")).join(" ");
+        assert!(a.contains("-p 80 --policy=rr "), "{a}");
     }
 
     #[test]
@@ -550,6 +700,8 @@ mod tests {
             "--json=x",
             "-v",
             "-N",
+            "--policy=rr",
+            "-y",
         ] {
             let mut c = config();
             c.extra = vec![bad.into()];
@@ -559,13 +711,7 @@ mod tests {
                 "{bad}: {e}"
             );
         }
-        for ok in [
-            "--policy=rr",
-            "--latency=0",
-            "-x",
-            "--default-system",
-            "-mq",
-        ] {
+        for ok in ["--latency=0", "-x", "--default-system", "-mq"] {
             let mut c = config();
             c.extra = vec![ok.into()];
             // "-mq" only contains flags pinguard sets too (-m, -q): harmless,
@@ -574,7 +720,18 @@ mod tests {
         }
         let mut c = config();
         c.priority = 0;
-        assert!(c.validate().unwrap_err().to_string().contains("--priority"));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--priority") && e.contains("--policy fifo"),
+            "{e}"
+        );
+        c.policy = SchedPolicy::Rr;
+        c.priority = 100;
+        assert!(c.validate().is_err());
+        c.policy = SchedPolicy::Other;
+        c.priority = 5;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--policy other") && e.contains("use 0"), "{e}");
         let mut c = config();
         c.interval = Duration::from_nanos(1500);
         assert!(
@@ -597,6 +754,54 @@ mod tests {
         let mut c = config();
         c.histogram_max = Duration::ZERO;
         assert!(c.validate().is_err());
+    }
+
+    fn sched(policy: u32, rtprio: u32) -> Sched {
+        Sched {
+            policy,
+            class: Sched::class_name(policy),
+            rtprio,
+            nice: 0,
+        }
+    }
+
+    #[test]
+    fn the_running_policy_is_checked() {
+        check_sched(SchedPolicy::Fifo, 95, 7, &sched(1, 95), "").unwrap();
+        check_sched(SchedPolicy::Rr, 3, 7, &sched(2, 3), "").unwrap();
+        check_sched(SchedPolicy::Other, 0, 7, &sched(0, 0), "").unwrap();
+        // cyclictest's fallback: asked for other with a priority, it runs FIFO.
+        let e = check_sched(
+            SchedPolicy::Other,
+            0,
+            7,
+            &sched(1, 95),
+            "policy and priority don't match: setting policy to SCHED_FIFO\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tid 7")
+                && e.contains("runs SCHED_FIFO 95, not the asked SCHED_OTHER")
+                && e.contains("cyclictest said: policy and priority"),
+            "{e}"
+        );
+        let e = check_sched(SchedPolicy::Fifo, 95, 7, &sched(1, 50), "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SCHED_FIFO 50, not the asked SCHED_FIFO 95"),
+            "{e}"
+        );
+        assert!(!e.contains("said"), "{e}");
+        let e = check_sched(SchedPolicy::Rr, 95, 7, &sched(3, 0), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("policy 3 (B 0)"), "{e}");
+        assert_eq!(policy_label(SchedPolicy::Other, 0), "SCHED_OTHER");
+        assert_eq!(policy_label(SchedPolicy::Rr, 9), "SCHED_RR 9");
+        assert_eq!(SchedPolicy::Other.default_priority(), 0);
+        assert_eq!(SchedPolicy::Fifo.default_priority(), 95);
     }
 
     #[test]

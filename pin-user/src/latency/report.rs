@@ -8,7 +8,7 @@ use pin_common::{
 };
 
 use super::{
-    CyclictestHistogram, CyclictestJson, LatencyError,
+    CyclictestHistogram, CyclictestJson, LatencyError, SchedPolicy,
     attribution::{Cause, CauseTally, NoiseOverlap, Recorded, Timeline, WorstEpisode},
     host::HostFacts,
     mode, percentile,
@@ -46,7 +46,15 @@ pub struct RunInfo {
     /// From cyclictest's start to its exit.
     pub elapsed_ns: u64,
     pub interval_us: u64,
+    /// The measurement thread's policy (reports from before it was recorded:
+    /// SCHED_FIFO, the only one pinguard ran).
+    #[serde(default)]
+    pub policy: SchedPolicy,
     pub priority: u32,
+    /// The measurement thread's class and priority as /proc showed them
+    /// while it ran ("FF 95", "TS 0"); None when it was never seen.
+    #[serde(default)]
+    pub thread_sched: Option<String>,
     pub histogram_max_us: u64,
     pub cyclictest: CyclictestInfo,
     /// cyclictest's measurement thread(s) pinguard watched.
@@ -652,11 +660,11 @@ pub fn render_text(r: &Report) -> String {
     let h = &r.host;
     let _ = writeln!(
         o,
-        "pinguard latency: CPU {} for {} (interval {} µs, SCHED_FIFO {}) on {} {} ({})",
+        "pinguard latency: CPU {} for {} (interval {} µs, {}) on {} {} ({})",
         r.run.cpu,
         fmt_ns(r.run.elapsed_ns),
         r.run.interval_us,
-        r.run.priority,
+        super::policy_label(r.run.policy, r.run.priority),
         if h.hostname.is_empty() {
             "host"
         } else {
@@ -846,6 +854,10 @@ pub fn compare_rows(runs: &[(String, Report)]) -> Vec<(&'static str, Vec<String>
                 None => p.model.clone(),
             }
         }),
+        row("policy", &|r| {
+            super::policy_label(r.run.policy, r.run.priority)
+        }),
+        row("interval (µs)", &|r| r.run.interval_us.to_string()),
         row("cpu", &|r| r.run.cpu.to_string()),
         row("duration", &|r| fmt_ns(r.run.elapsed_ns)),
         row("min (µs)", &|r| r.latency.min_us.to_string()),
@@ -1119,7 +1131,9 @@ pub(crate) mod tests {
                 planned_duration_ns: 3_000_000_000,
                 elapsed_ns: 3_010_000_000,
                 interval_us: 1000,
+                policy: SchedPolicy::Fifo,
                 priority: 95,
+                thread_sched: Some("FF 95".into()),
                 histogram_max_us: 60,
                 cyclictest: CyclictestInfo {
                     path: "/usr/bin/cyclictest".into(),
