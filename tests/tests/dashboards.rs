@@ -68,6 +68,8 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("pinguard_discovery_scans_total", &[]),
     ("pinguard_config_reloads_total", &["result"]),
     ("pinguard_scrapes_total", &[]),
+    ("pinguard_isolation_repairs_total", &["what"]),
+    ("pinguard_isolation_active", &["cpu", "mechanism"]),
 ];
 
 /// The values the contract allows for enumerated labels.
@@ -93,6 +95,19 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
         ],
     ),
     ("result", &["success", "failure"]),
+    (
+        "what",
+        &[
+            "sysctl",
+            "workqueue",
+            "default_irq_affinity",
+            "irq",
+            "cgroup",
+            "task",
+            "thread",
+        ],
+    ),
+    ("mechanism", &["partition", "shield", "affinity"]),
 ];
 
 /// Labels every scraped series carries.
@@ -142,6 +157,7 @@ const ALWAYS_PRESENT: &[&str] = &[
     "pinguard_evictions_total",
     "pinguard_enforcement_errors_total",
     "pinguard_config_reloads_total",
+    "pinguard_isolation_repairs_total",
 ];
 
 /// Alerts the issue asks for (more may exist).

@@ -187,6 +187,12 @@ impl Metrics {
         for result in RELOAD_RESULTS {
             m.config_reloads.with_label_values(&[result]).inc_by(0);
         }
+        // Also with `isolation = "off"`: the panel and alert then read 0.
+        for what in crate::isolate::What::ALL {
+            m.isolation_repairs
+                .with_label_values(&[what.label()])
+                .inc_by(0);
+        }
         m
     }
 

@@ -1167,12 +1167,6 @@ impl<E: Effects> Daemon<E> {
                 r.howto
             );
         }
-        for what in isolate::What::ALL {
-            self.metrics
-                .isolation_repairs
-                .with_label_values(&[what.label()])
-                .inc_by(0);
-        }
         self.metrics.isolation_active.reset();
         for cpu in self.guard.guarded.iter() {
             self.metrics
