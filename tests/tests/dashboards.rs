@@ -1227,6 +1227,11 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
         if present.contains(*m) {
             continue;
         }
+        if *m == "pinguard_isolation_active" {
+            // Only with isolation = "runtime", which this test does not
+            // change the host for; tests/tests/isolate.rs awaits it.
+            continue;
+        }
         if IRQ_SERIES.contains(m) && irq_grew.is_empty() {
             eprintln!("note: {m} is absent; allowed, no IRQ fired on CPU {CPU} during the test");
             continue;
