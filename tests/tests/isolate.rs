@@ -675,6 +675,46 @@ fn daemon_keeps_the_runtime_isolation_and_undoes_it_at_exit() {
         path.display()
     );
 
+    // On cgroup v1, a task that escaped the shield (written back to the root cpuset).
+    if state["mechanism"] == "shield" {
+        struct Child(std::process::Child);
+        impl Drop for Child {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Child(Command::new("sleep").arg("600").spawn().unwrap());
+        let pid = child.0.id().to_string();
+        let cpuset_of = |pid: &str| {
+            let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+            cg.lines()
+                .find(|l| l.split(':').nth(1) == Some("cpuset"))
+                .map(|l| l.splitn(3, ':').nth(2).unwrap().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            cpuset_of(&pid),
+            "/pinguard-housekeeping",
+            "a child of a shielded task"
+        );
+        let before = repairs(&daemon, "task");
+        fs::write(Path::new(V1_CPUSET).join("tasks"), &pid).unwrap();
+        poll(
+            "the escaped task back in the shield",
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || (cpuset_of(&pid) == "/pinguard-housekeeping").then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}; it is in {}", cpuset_of(&pid)));
+        daemon.wait_metric(
+            "the task repair to be counted",
+            "pinguard_isolation_repairs_total",
+            &[("what", "task")],
+            |v| v > before,
+        );
+    }
+
     let log = daemon.stop().join("\n");
     assert!(log.contains("runtime isolation undone"), "{log}");
     iso.compare_undone();
