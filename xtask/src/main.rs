@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod lab_guest;
 mod manifests;
 mod package;
 mod run;
@@ -34,6 +35,9 @@ enum Cmd {
     Setup,
     /// setup, then `cargo build --release` (the binary embeds the eBPF object).
     Build,
+    /// The latency lab's guest from Debian 12 packages: target/lab-guest/{gp,rt}/
+    /// vmlinuz + initrd.img (qemu-guest-agent and cyclictest inside); cached.
+    LabGuest,
     /// setup, build, unit tests, integration tests, Prometheus rule checks.
     Test,
     /// build, then run target/release/pinguard with ARGS (exit code passed through).
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Cmd::Build => build::run().map(|()| ExitCode::SUCCESS),
+        Cmd::LabGuest => lab_guest::run().map(|()| ExitCode::SUCCESS),
         Cmd::Test => test::run(),
         Cmd::Run { args } => run::run(&args),
         Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{build, package, setup, util};
+use crate::{build, lab_guest, package, setup, util};
 
 const W: &str = "test";
 const REQUIRE_ENV: &str = "PINGUARD_REQUIRE_PRIVILEGED";
@@ -46,6 +46,9 @@ pub fn run() -> Result<ExitCode> {
             deb = Some(package::build_deb(package::DEFAULT_MAINTAINER)?);
             Ok(())
         });
+        // The lab guest's images (tests/tests/lab_guest.rs): ~26 s cold
+        // (apt-get download of two kernels), ~6 s when cached.
+        step(&mut steps, "lab guest", lab_guest::run);
         step(&mut steps, "integration tests", || {
             integration_tests(deb.as_deref())
         });
