@@ -252,6 +252,60 @@ impl Drop for Worker {
     }
 }
 
+/// A named thread bound to one CPU that runs 4 ms and sleeps 2 ms, over
+/// and over, until dropped: an intruder that keeps showing up.
+pub struct Bursty {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Bursty {
+    #[track_caller]
+    pub fn start(name: &str, cpu: usize) -> Self {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let bound = pin_current_thread(cpu)
+                    .map_err(|e| format!("binding the intruder to CPU {cpu}: {e}"));
+                let failed = bound.is_err();
+                let _ = ready_tx.send(bound);
+                if failed {
+                    return;
+                }
+                while !flag.load(Ordering::Relaxed) {
+                    spin(Duration::from_millis(4));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+            .expect("spawning the intruder thread");
+        let bursty = Self {
+            stop,
+            handle: Some(handle),
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => bursty,
+            Ok(Err(e)) => panic!("{e}"),
+            Err(e) => panic!("the intruder thread did not start: {e}"),
+        }
+    }
+}
+
+impl Drop for Bursty {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ use testkit::{
     guest::{Guest, GuestOptions},
     metrics,
     prometheus::{Prometheus, missing_prometheus},
-    threads::{pin_current_thread, set_affinity, spin},
+    threads::{Bursty, pin_current_thread, set_affinity},
     wait::wait_for,
 };
 
@@ -786,54 +786,6 @@ fn promtool_checks_and_unit_tests_pass() {
 // ---------------------------------------------------------------------------
 // Live: real daemon, real guest, real intruder, real Prometheus.
 
-/// A thread bound to one CPU that runs a few ms, sleeps a few ms, until dropped.
-struct Intruder {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Intruder {
-    fn start(cpu: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("dash-intruder".into())
-            .spawn(move || {
-                let bound = pin_current_thread(cpu)
-                    .map_err(|e| format!("binding the intruder to CPU {cpu}: {e}"));
-                let failed = bound.is_err();
-                let _ = ready_tx.send(bound);
-                if failed {
-                    return;
-                }
-                while !flag.load(Ordering::Relaxed) {
-                    spin(Duration::from_millis(4));
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-            .expect("spawning the intruder thread");
-        let intruder = Self {
-            stop,
-            handle: Some(handle),
-        };
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => intruder,
-            Ok(Err(e)) => panic!("{e}"),
-            Err(e) => panic!("the intruder thread did not start: {e}"),
-        }
-    }
-}
-
-impl Drop for Intruder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// A thread bound to one CPU that writes and syncs a small file every 50 ms
 /// until dropped, so the disk's completion IRQs keep firing (on that CPU if
 /// the IRQ's affinity allows it). The file is removed on drop.
@@ -978,7 +930,7 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
     opts.guard = CPU;
     let mut daemon = Daemon::start_with(&opts);
     let exposition = daemon.scrape();
-    let _intruder = Intruder::start(CPU);
+    let _intruder = Bursty::start("dash-intruder", CPU);
     let _disk = DiskWriter::start(CPU);
     // A reload counts in pinguard_config_reloads_total{result="success"}
     // (at 0 before it).

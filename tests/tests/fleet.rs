@@ -14,17 +14,7 @@
 //! with intruder time. One paused guest with its vCPU unpinned counts as
 //! one unpinned vCPU on both, then as none once the test pins it. Neither
 //! loses events: both show 0, not "No data".
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use integration_tests::promql;
 use serde_json::Value;
@@ -33,7 +23,7 @@ use testkit::{
     env::missing_kvm,
     guest::{Guest, GuestOptions, wait_for_no_other_guests},
     prometheus::{Prometheus, missing_prometheus},
-    threads::{pin_current_thread, set_affinity, spin},
+    threads::{Bursty, set_affinity},
     wait::wait_for,
 };
 
@@ -79,54 +69,6 @@ fn config(allow_intruder: bool) -> String {
         format!("[[allow]]\ncomm = \"{INTRUDER}\"\n")
     } else {
         String::new()
-    }
-}
-
-/// A thread bound to CPU 1 that runs 4 ms, sleeps 2 ms, until dropped.
-struct Intruder {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Intruder {
-    fn start(cpu: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name(INTRUDER.into())
-            .spawn(move || {
-                let bound = pin_current_thread(cpu)
-                    .map_err(|e| format!("binding the intruder to CPU {cpu}: {e}"));
-                let failed = bound.is_err();
-                let _ = ready_tx.send(bound);
-                if failed {
-                    return;
-                }
-                while !flag.load(Ordering::Relaxed) {
-                    spin(Duration::from_millis(4));
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-            .expect("spawning the intruder thread");
-        let intruder = Self {
-            stop,
-            handle: Some(handle),
-        };
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => intruder,
-            Ok(Err(e)) => panic!("{e}"),
-            Err(e) => panic!("the intruder thread did not start: {e}"),
-        }
-    }
-}
-
-impl Drop for Intruder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -250,7 +192,7 @@ fn two_daemons_are_two_instances_with_their_own_fleet_values() {
         assert_eq!(unpinned, 0.0, "host {host}: {VM}'s vCPU is reported pinned");
     }
 
-    let _intruder = Intruder::start(CPU);
+    let _intruder = Bursty::start(INTRUDER, CPU);
     let prom = Prometheus::start_fleet(
         &[&a, &b],
         &repo().join("dashboards/prometheus/pinguard.rules.yml"),
