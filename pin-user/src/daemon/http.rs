@@ -55,7 +55,7 @@ pub struct Endpoint {
 
 /// One thread's intrusion on one guarded CPU since pinguard started (or since
 /// the thread first intruded), from the kernel's per-thread accounting.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IntruderRecord {
     pub cpu: u32,
     pub tid: u32,

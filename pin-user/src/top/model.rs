@@ -68,18 +68,9 @@ pub struct CpuTotals {
     pub softirqs: u64,
 }
 
-/// One thread's totals on one guarded CPU.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct IntruderTotal {
-    pub cpu: u32,
-    pub tid: u32,
-    pub tgid: u32,
-    pub comm: String,
-    pub class: ThreadClass,
-    pub run_ns: u64,
-    pub slices: u64,
-    pub max_slice_ns: u64,
-}
+/// One thread's totals on one guarded CPU: the daemon's `/intruders` record,
+/// which the local source fills from the kernel's maps the same way.
+pub use crate::daemon::http::IntruderRecord as IntruderTotal;
 
 /// A violation as the daemon lists it on `/violations`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
