@@ -104,18 +104,13 @@ pub struct Unidentified {
     pub vcpus: usize,
 }
 
-/// x86_64's `ioctl` system call number and KVM's `KVM_RUN` request
-/// (`_IO(KVMIO, 0x80)`, include/uapi/linux/kvm.h).
-const SYS_IOCTL: &str = "16";
+/// KVM's `KVM_RUN` request (`_IO(KVMIO, 0x80)`, include/uapi/linux/kvm.h).
 const KVM_RUN: u64 = 0xae80;
-/// Reads of a thread that is executing ("running") before taking it for
-/// one that keeps running.
-const KVM_RUN_TRIES: usize = 20;
 
 /// The fd of `ioctl(fd, KVM_RUN)` from a `/proc/.../syscall` line.
 fn kvm_run_fd(syscall: &str) -> Option<u32> {
     let mut f = syscall.split_whitespace();
-    if f.next()? != SYS_IOCTL {
+    if f.next()? != libc::SYS_ioctl.to_string() {
         return None;
     }
     let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
@@ -636,33 +631,33 @@ impl Discoverer {
     /// The vCPU threads of `pid`, from what the kernel says each thread is
     /// doing. A halted vCPU sleeps inside `ioctl(KVM_RUN)` on its vCPU fd
     /// (`anon_inode:kvm-vcpu:N`), which `/proc/.../syscall` shows; a paused
-    /// one (`-S`, `stop`) waits in QEMU instead. A vCPU executing guest code
-    /// reads "running" (it is looked at again a few times, in case it
-    /// halts); when exactly one vCPU is still unknown and exactly one
-    /// thread keeps running, that thread is it. Kernel workers cloned from
+    /// one (`-S`, `stop`) waits in QEMU instead. A thread executing right
+    /// now reads "running"; when exactly one vCPU is still unknown and
+    /// exactly one running thread has ever run guest code (guest_time > 0:
+    /// no other thread does), that thread is it. Kernel workers cloned from
     /// a vCPU thread (KVM's NX huge page recovery) show the registers they
     /// were cloned with and are left out. The map is returned only when it
     /// names one thread per vCPU of `kvm`.
     fn vcpus_in_kvm_run(&self, pid: u32, threads: &[ThreadInfo], kvm: &BTreeSet<u32>) -> Vec<Vcpu> {
         enum Seen {
             Vcpu(u32),
-            Running,
+            RunningGuest,
             Other,
         }
         let look = |tid: u32| -> Seen {
-            for _ in 0..KVM_RUN_TRIES {
-                let Ok(Some(line)) = self.proc.syscall(pid, tid) else {
-                    return Seen::Other;
+            let Ok(Some(line)) = self.proc.syscall(pid, tid) else {
+                return Seen::Other;
+            };
+            if line.trim() == "running" {
+                return match self.proc.guest_time(pid, tid) {
+                    Some(t) if t > 0 => Seen::RunningGuest,
+                    _ => Seen::Other,
                 };
-                if line.trim() != "running" {
-                    return kvm_run_fd(&line)
-                        .and_then(|fd| self.proc.fd_target(pid, fd))
-                        .and_then(|t| t.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok())
-                        .map_or(Seen::Other, Seen::Vcpu);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            Seen::Running
+            kvm_run_fd(&line)
+                .and_then(|fd| self.proc.fd_target(pid, fd))
+                .and_then(|t| t.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok())
+                .map_or(Seen::Other, Seen::Vcpu)
         };
         let mut out = Vec::new();
         let mut running = Vec::new();
@@ -672,7 +667,7 @@ impl Discoverer {
         {
             match look(t.tid) {
                 Seen::Vcpu(index) => out.push(Vcpu { index, tid: t.tid }),
-                Seen::Running => running.push(t.tid),
+                Seen::RunningGuest => running.push(t.tid),
                 Seen::Other => {}
             }
         }
@@ -821,6 +816,16 @@ mod tests {
             self.syscall(pid, tid, &line);
         }
 
+        /// Sets `stat` field 43 (guest_time) of a thread.
+        fn guest_time(&self, pid: u32, tid: u32, ticks: u64) {
+            let stat = self.dir.path().join(format!("proc/{pid}/task/{tid}/stat"));
+            let text = fs::read_to_string(&stat).unwrap();
+            let (head, rest) = text.rsplit_once(") ").unwrap();
+            let mut fields: Vec<String> = rest.split(' ').map(str::to_string).collect();
+            fields[43 - 3] = ticks.to_string();
+            fs::write(&stat, format!("{head}) {}", fields.join(" "))).unwrap();
+        }
+
         /// What `/proc/PID/task/TID/syscall` says.
         fn syscall(&self, pid: u32, tid: u32, line: &str) {
             let d = self
@@ -920,6 +925,9 @@ mod tests {
         fake.kvm_fd(300, 0);
         fake.syscall(300, 300, "271 0x1 0x4 0x7ffc 0x0 0x8 0x0 0x7ffc 0x7f00");
         fake.syscall(300, 301, "running");
+        fake.guest_time(300, 301, 57);
+        // A busy I/O thread runs too, but never ran guest code.
+        fake.syscall(300, 302, "running");
         // Paused (-S): its vCPU waits in QEMU, not in KVM_RUN.
         fake.process(200, "qemu-system-x86_64 -name paused -S");
         fake.thread(200, 200, "qemu-system-x86", 0);

@@ -215,7 +215,13 @@ pub fn apply_and_verify(tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
         }
         Ok(())
     });
-    verified.map_err(|e| e.explained(&Cgroups::read()))
+    verified.map_err(|e| match e {
+        // Only a refusal or a narrowed mask can be the cpuset's doing.
+        AffinityError::Invalid { .. } | AffinityError::Mismatch { .. } => {
+            e.explained(&Cgroups::read())
+        }
+        e => e,
+    })
 }
 
 /// Reading and setting thread affinities: the host's

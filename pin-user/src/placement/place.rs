@@ -89,6 +89,12 @@ impl Live {
                 // The domain stopped meanwhile: its threads are gone, which
                 // is the normal life of a host, not a failure.
                 Err(direct) if direct.is_gone() => Err(direct),
+                // The cpuset names the real cause (e.g. libvirt's `machine`
+                // partition excludes the CPU): keep it, with libvirt's word.
+                Err(direct @ AffinityError::Cpuset { .. }) => {
+                    log::warn!("guest {} {}: libvirt: {e}", t.vm, role(t));
+                    Err(direct)
+                }
                 Err(direct) => Err(AffinityError::Manager {
                     tid: t.tid,
                     detail: format!("guest {} {}: {e}; directly: {direct}", t.vm, role(t)),
