@@ -258,7 +258,8 @@ fn exited_guest_is_not_pinned() {
 }
 
 /// A guest without QMP and without thread names: found by the kernel's own
-/// account while its vCPU runs (inside `ioctl(KVM_RUN)` on its vCPU fd);
+/// account while its vCPU runs (KVM's debugfs names the vCPU's thread; a
+/// halted vCPU also shows `ioctl(KVM_RUN)` on its vCPU fd);
 /// while it is paused nothing tells its threads apart, so `pin` names it and
 /// exits 1, and `audit` calls its threads an unidentified guest's.
 #[test]
@@ -276,7 +277,7 @@ fn a_guest_without_qmp_or_names_is_found_in_kvm_run_or_named_as_unidentified() {
         let r = pin(&["--guard", "1", "--json"]);
         assert_eq!(r.code(), Some(0), "stderr:\n{}", r.stderr);
         let v = r.json();
-        assert_eq!(v["guests"][0]["source"], "kvm-run", "{v:#}");
+        assert_eq!(v["guests"][0]["source"], "kvm", "{v:#}");
         let vcpu = v["guests"][0]["vcpus"][0]["tid"].as_u64().unwrap() as u32;
         assert_eq!(cpus_allowed(g.pid(), vcpu), "1");
         assert_eq!(

@@ -34,6 +34,10 @@ pub const APT_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const TRACEFS: &str = "/sys/kernel/tracing";
+/// KVM's per-vCPU `pid` files (`kvm/<pid>-<fd>/vcpuN/pid`) live in debugfs:
+/// the kernel's own vCPU -> thread map, for guests started without QMP or
+/// thread names (most distributions mount it at boot).
+const DEBUGFS: &str = "/sys/kernel/debug";
 
 const W: &str = "setup";
 
@@ -44,6 +48,7 @@ struct State {
     apt_missing: Vec<&'static str>,
     bpf_linker: Option<String>,
     tracefs: bool,
+    debugfs: bool,
 }
 
 pub fn run() -> Result<()> {
@@ -63,7 +68,8 @@ pub fn run() -> Result<()> {
         || !state.rust_src
         || !state.apt_missing.is_empty()
         || state.bpf_linker.is_none()
-        || !state.tracefs;
+        || !state.tracefs
+        || !state.debugfs;
     if state.nightly.is_none() {
         install_nightly()?;
     }
@@ -77,7 +83,10 @@ pub fn run() -> Result<()> {
         install_bpf_linker()?;
     }
     if !state.tracefs {
-        mount_tracefs()?;
+        mount("tracefs", TRACEFS)?;
+    }
+    if !state.debugfs {
+        mount("debugfs", DEBUGFS)?;
     }
     kvm_device_group()?;
     kube_validate()?;
@@ -181,7 +190,8 @@ fn detect() -> Result<State> {
         rust_src,
         apt_missing: apt_missing()?,
         bpf_linker: probe_line(Command::new("bpf-linker").arg("--version")),
-        tracefs: tracefs_mounted(),
+        tracefs: mounted("tracefs", TRACEFS),
+        debugfs: mounted("debugfs", DEBUGFS),
     })
 }
 
@@ -203,6 +213,7 @@ fn report_present(s: &State) {
         None => line(false, "bpf-linker"),
     }
     line(s.tracefs, &format!("tracefs mounted at {TRACEFS}"));
+    line(s.debugfs, &format!("debugfs mounted at {DEBUGFS}"));
 }
 
 /// What a non-root user would have to run themselves.
@@ -213,6 +224,9 @@ fn root_commands(s: &State) -> Vec<String> {
             "apt-get update && apt-get install -y {}",
             s.apt_missing.join(" ")
         ));
+    }
+    if !s.debugfs {
+        cmds.push(format!("mount -t debugfs nodev {DEBUGFS}"));
     }
     if !s.tracefs {
         cmds.push(format!("mount -t tracefs nodev {TRACEFS}"));
@@ -294,11 +308,11 @@ fn kvm_device_group() -> Result<()> {
     Ok(())
 }
 
-fn tracefs_mounted() -> bool {
+fn mounted(fstype: &str, at: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
         m.lines().any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 2 && f[1] == TRACEFS && f[2] == "tracefs"
+            f.len() > 2 && f[1] == at && f[2] == fstype
         })
     })
 }
@@ -402,15 +416,15 @@ fn install_bpf_linker() -> Result<()> {
     }
 }
 
-fn mount_tracefs() -> Result<()> {
-    eprintln!("{W}: mounting tracefs at {TRACEFS}");
-    util::run(
-        W,
-        Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]),
-    )
-    .context("could not mount tracefs (kernel without CONFIG_TRACING, or no CAP_SYS_ADMIN in this container?)")?;
-    if !tracefs_mounted() {
-        bail!("mount succeeded but {TRACEFS} is still not a tracefs mount");
+fn mount(fstype: &str, at: &str) -> Result<()> {
+    eprintln!("{W}: mounting {fstype} at {at}");
+    util::run(W, Command::new("mount").args(["-t", fstype, "nodev", at])).with_context(|| {
+        format!(
+            "could not mount {fstype} (kernel without it, or no CAP_SYS_ADMIN in this container?)"
+        )
+    })?;
+    if !mounted(fstype, at) {
+        bail!("mount succeeded but {at} is still not a {fstype} mount");
     }
     Ok(())
 }

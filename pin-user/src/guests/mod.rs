@@ -87,9 +87,9 @@ pub enum Source {
     Qmp,
     Libvirt,
     ThreadNames,
-    /// Each vCPU thread seen inside `ioctl(KVM_RUN)` on its own
-    /// `anon_inode:kvm-vcpu:N` fd: what the kernel itself says.
-    KvmRun,
+    /// What the kernel itself says: KVM's debugfs (`vcpuN/pid`), or each
+    /// vCPU thread seen inside `ioctl(KVM_RUN)` on its `anon_inode:kvm-vcpu:N` fd.
+    Kvm,
 }
 
 /// A KVM guest whose vCPU threads could not be told apart (no QMP socket,
@@ -186,6 +186,8 @@ pub struct DiscoverOptions {
     pub qmp: Vec<PathBuf>,
     /// libvirt's status directory (normally [`DEFAULT_LIBVIRT_DIR`]).
     pub libvirt_dir: PathBuf,
+    /// KVM's debugfs directory (`<pid>-<vmfd>/vcpuN/pid`).
+    pub kvm_debugfs: PathBuf,
 }
 
 impl Default for DiscoverOptions {
@@ -193,6 +195,7 @@ impl Default for DiscoverOptions {
         Self {
             qmp: Vec::new(),
             libvirt_dir: PathBuf::from(DEFAULT_LIBVIRT_DIR),
+            kvm_debugfs: PathBuf::from("/sys/kernel/debug/kvm"),
         }
     }
 }
@@ -578,9 +581,9 @@ impl Discoverer {
         if found.is_none()
             && let Some(k) = &kvm
         {
-            let in_kvm = self.vcpus_in_kvm_run(pid, &threads, k);
+            let in_kvm = self.vcpus_from_kvm(pid, &threads, k);
             if !in_kvm.is_empty() {
-                found = Some((in_kvm, Source::KvmRun));
+                found = Some((in_kvm, Source::Kvm));
             }
         }
         let Some((mut vcpus, source)) = found else {
@@ -628,64 +631,67 @@ impl Discoverer {
         })
     }
 
-    /// The vCPU threads of `pid`, from what the kernel says each thread is
-    /// doing. A halted vCPU sleeps inside `ioctl(KVM_RUN)` on its vCPU fd
-    /// (`anon_inode:kvm-vcpu:N`), which `/proc/.../syscall` shows; a paused
-    /// one (`-S`, `stop`) waits in QEMU instead. A thread executing right
-    /// now reads "running"; when exactly one vCPU is still unknown and
-    /// exactly one running thread has ever run guest code (guest_time > 0:
-    /// no other thread does), that thread is it. Kernel workers cloned from
-    /// a vCPU thread (KVM's NX huge page recovery) show the registers they
-    /// were cloned with and are left out. The map is returned only when it
-    /// names one thread per vCPU of `kvm`.
-    fn vcpus_in_kvm_run(&self, pid: u32, threads: &[ThreadInfo], kvm: &BTreeSet<u32>) -> Vec<Vcpu> {
-        enum Seen {
-            Vcpu(u32),
-            RunningGuest,
-            Other,
-        }
-        let look = |tid: u32| -> Seen {
-            let Ok(Some(line)) = self.proc.syscall(pid, tid) else {
-                return Seen::Other;
-            };
-            if line.trim() == "running" {
-                return match self.proc.guest_time(pid, tid) {
-                    Some(t) if t > 0 => Seen::RunningGuest,
-                    _ => Seen::Other,
-                };
-            }
-            kvm_run_fd(&line)
-                .and_then(|fd| self.proc.fd_target(pid, fd))
-                .and_then(|t| t.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok())
-                .map_or(Seen::Other, Seen::Vcpu)
+    /// The vCPU threads of `pid`, from what the kernel says. KVM's debugfs
+    /// (`kvm/<pid>-<vmfd>/vcpuN/pid`, when debugfs is mounted) names the
+    /// thread that last ran each vCPU. Without it: a halted vCPU sleeps
+    /// inside `ioctl(KVM_RUN)` on its vCPU fd (`anon_inode:kvm-vcpu:N`),
+    /// which `/proc/.../syscall` shows; a vCPU executing guest code reads
+    /// "running" and a paused one (`-S`, `stop`) waits in QEMU, and those
+    /// are not guessed at. Kernel workers cloned from a vCPU thread (KVM's
+    /// NX huge page recovery) show the registers they were cloned with and
+    /// are left out. The map is returned only when it names one thread of
+    /// this process per vCPU of `kvm`.
+    fn vcpus_from_kvm(&self, pid: u32, threads: &[ThreadInfo], kvm: &BTreeSet<u32>) -> Vec<Vcpu> {
+        let ours: HashSet<u32> = threads.iter().map(|t| t.tid).collect();
+        let one_each = |mut v: Vec<Vcpu>| {
+            v.sort();
+            let ok = v.len() == kvm.len()
+                && v.iter().all(|x| ours.contains(&x.tid))
+                && v.iter().map(|x| x.index).collect::<BTreeSet<_>>() == *kvm;
+            if ok { v } else { Vec::new() }
         };
-        let mut out = Vec::new();
-        let mut running = Vec::new();
-        for t in threads
+        let from_debugfs = one_each(self.kvm_debugfs_vcpus(pid));
+        if !from_debugfs.is_empty() {
+            return from_debugfs;
+        }
+        let in_kvm_run = threads
             .iter()
             .filter(|t| !t.is_user_worker() && !t.is_kthread())
-        {
-            match look(t.tid) {
-                Seen::Vcpu(index) => out.push(Vcpu { index, tid: t.tid }),
-                Seen::RunningGuest => running.push(t.tid),
-                Seen::Other => {}
+            .filter_map(|t| {
+                let line = self.proc.syscall(pid, t.tid).ok().flatten()?;
+                let target = self.proc.fd_target(pid, kvm_run_fd(&line)?)?;
+                let index = target.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok()?;
+                Some(Vcpu { index, tid: t.tid })
+            })
+            .collect();
+        one_each(in_kvm_run)
+    }
+
+    /// `vcpuN/pid` of every VM of process `pid` in KVM's debugfs.
+    fn kvm_debugfs_vcpus(&self, pid: u32) -> Vec<Vcpu> {
+        let prefix = format!("{pid}-");
+        let Ok(vms) = fs::read_dir(&self.opts.kvm_debugfs) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for vm in vms.flatten() {
+            if !vm.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            for vcpu in fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+                let name = vcpu.file_name().to_string_lossy().into_owned();
+                let Some(index) = name.strip_prefix("vcpu").and_then(|i| i.parse().ok()) else {
+                    continue;
+                };
+                let tid = fs::read_to_string(vcpu.path().join("pid"))
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok());
+                if let Some(tid) = tid.filter(|t| *t > 0) {
+                    out.push(Vcpu { index, tid });
+                }
             }
         }
-        let missing: Vec<u32> = kvm
-            .iter()
-            .copied()
-            .filter(|i| !out.iter().any(|v| v.index == *i))
-            .collect();
-        if let ([index], [tid]) = (missing.as_slice(), running.as_slice()) {
-            out.push(Vcpu {
-                index: *index,
-                tid: *tid,
-            });
-        }
-        out.sort();
-        let one_each =
-            out.len() == kvm.len() && out.iter().map(|v| v.index).collect::<BTreeSet<_>>() == *kvm;
-        if one_each { out } else { Vec::new() }
+        out
     }
 
     /// A relative socket path is relative to QEMU's working directory.
@@ -816,16 +822,6 @@ mod tests {
             self.syscall(pid, tid, &line);
         }
 
-        /// Sets `stat` field 43 (guest_time) of a thread.
-        fn guest_time(&self, pid: u32, tid: u32, ticks: u64) {
-            let stat = self.dir.path().join(format!("proc/{pid}/task/{tid}/stat"));
-            let text = fs::read_to_string(&stat).unwrap();
-            let (head, rest) = text.rsplit_once(") ").unwrap();
-            let mut fields: Vec<String> = rest.split(' ').map(str::to_string).collect();
-            fields[43 - 3] = ticks.to_string();
-            fs::write(&stat, format!("{head}) {}", fields.join(" "))).unwrap();
-        }
-
         /// What `/proc/PID/task/TID/syscall` says.
         fn syscall(&self, pid: u32, tid: u32, line: &str) {
             let d = self
@@ -856,6 +852,7 @@ mod tests {
         DiscoverOptions {
             qmp: vec![],
             libvirt_dir: fake.dir.path().join("no-libvirt"),
+            kvm_debugfs: fake.dir.path().join("kvm"),
         }
     }
 
@@ -925,9 +922,11 @@ mod tests {
         fake.kvm_fd(300, 0);
         fake.syscall(300, 300, "271 0x1 0x4 0x7ffc 0x0 0x8 0x0 0x7ffc 0x7f00");
         fake.syscall(300, 301, "running");
-        fake.guest_time(300, 301, 57);
-        // A busy I/O thread runs too, but never ran guest code.
         fake.syscall(300, 302, "running");
+        // KVM's debugfs names the thread that runs vCPU 0.
+        let vcpu0 = fake.dir.path().join("kvm/300-11/vcpu0");
+        fs::create_dir_all(&vcpu0).unwrap();
+        fs::write(vcpu0.join("pid"), "301\n").unwrap();
         // Paused (-S): its vCPU waits in QEMU, not in KVM_RUN.
         fake.process(200, "qemu-system-x86_64 -name paused -S");
         fake.thread(200, 200, "qemu-system-x86", 0);
@@ -937,10 +936,10 @@ mod tests {
         let found = Discoverer::new(fake.proc(), opts(&fake)).scan().unwrap();
         assert_eq!(found.guests.len(), 2, "{:?}", found.guests);
         let busy = &found.guests[0];
-        assert_eq!((busy.name.as_str(), busy.source), ("busy", Source::KvmRun));
+        assert_eq!((busy.name.as_str(), busy.source), ("busy", Source::Kvm));
         assert_eq!(busy.vcpus, vec![Vcpu { index: 0, tid: 301 }]);
         let g = &found.guests[1];
-        assert_eq!((g.name.as_str(), g.source), ("quiet", Source::KvmRun));
+        assert_eq!((g.name.as_str(), g.source), ("quiet", Source::Kvm));
         assert_eq!(
             g.vcpus,
             vec![Vcpu { index: 0, tid: 103 }, Vcpu { index: 1, tid: 102 }]
@@ -1058,6 +1057,7 @@ mod tests {
         let o = DiscoverOptions {
             qmp: vec![],
             libvirt_dir: dir,
+            ..opts(&fake)
         };
         let found = Discoverer::new(fake.proc(), o).scan().unwrap();
         assert_eq!(found.guests.len(), 1);
@@ -1117,6 +1117,7 @@ mod tests {
         let o = DiscoverOptions {
             qmp: vec![explicit.clone()],
             libvirt_dir: fake.dir.path().join("none"),
+            ..opts(&fake)
         };
         let found = discover(&fake.proc(), &o).unwrap();
         server.join().unwrap();

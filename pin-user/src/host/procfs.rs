@@ -292,14 +292,6 @@ impl Proc {
         Sched::parse_stat(&stat)
     }
 
-    /// Clock ticks the thread spent running a guest's code (`stat` field 43,
-    /// guest_time): only vCPU threads ever do; `None` if it exited.
-    pub fn guest_time(&self, pid: u32, tid: u32) -> Option<u64> {
-        let stat = read_gone_ok(&self.task_dir(pid, tid).join("stat")).ok()??;
-        let rest = stat.get(stat.rfind(')')? + 1..)?;
-        rest.split_whitespace().nth(43 - 3)?.parse().ok()
-    }
-
     /// What file descriptor `fd` of process `pid` points to.
     pub fn fd_target(&self, pid: u32, fd: u32) -> Option<String> {
         fs::read_link(
