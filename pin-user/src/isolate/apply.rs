@@ -516,6 +516,40 @@ pub mod fake {
         pub writes: Vec<(PathBuf, String)>,
     }
 
+    impl Host {
+        /// A host holding what `facts` describe: every sysctl, workqueue
+        /// and IRQ file, the v1 cpuset root, every thread.
+        pub fn from_facts(facts: &crate::isolate::facts::Facts) -> Self {
+            let mut h = Self::default();
+            for s in &facts.sysctls {
+                h.files.insert(s.value.path.clone(), s.value.text.clone());
+            }
+            for w in facts.workqueues.iter().chain(&facts.default_irq) {
+                h.files.insert(w.path.clone(), w.text.clone());
+            }
+            for i in &facts.irqs {
+                h.files
+                    .insert(i.affinity.path.clone(), i.affinity.text.clone());
+            }
+            if let Some(v1) = &facts.v1 {
+                h.v1_root = Some(v1.root.clone());
+                h.files
+                    .insert(v1.root.join("cpuset.sched_load_balance"), "1".into());
+            }
+            for t in &facts.threads {
+                h.threads.insert(
+                    t.info.tid,
+                    (
+                        t.info.start_time,
+                        t.cpuset.clone().unwrap_or_default(),
+                        t.info.allowed.clone(),
+                    ),
+                );
+            }
+            h
+        }
+    }
+
     impl Io for Host {
         fn read(&self, path: &Path) -> io::Result<String> {
             if let Some(root) = &self.v1_root
@@ -622,33 +656,7 @@ mod tests {
     /// The fake host behind `plan::tests_support::host`'s facts.
     fn live_like(v1: bool) -> (fake::Host, crate::isolate::facts::Facts) {
         let facts = host(v1, false);
-        let mut h = fake::Host::default();
-        for s in &facts.sysctls {
-            h.files.insert(s.value.path.clone(), s.value.text.clone());
-        }
-        for w in facts.workqueues.iter().chain(&facts.default_irq) {
-            h.files.insert(w.path.clone(), w.text.clone());
-        }
-        for i in &facts.irqs {
-            h.files
-                .insert(i.affinity.path.clone(), i.affinity.text.clone());
-        }
-        if let Some(v1) = &facts.v1 {
-            h.v1_root = Some(v1.root.clone());
-            h.files
-                .insert(v1.root.join("cpuset.sched_load_balance"), "1".into());
-        }
-        for t in &facts.threads {
-            h.threads.insert(
-                t.info.tid,
-                (
-                    t.info.start_time,
-                    t.cpuset.clone().unwrap(),
-                    t.info.allowed.clone(),
-                ),
-            );
-        }
-        (h, facts)
+        (fake::Host::from_facts(&facts), facts)
     }
 
     fn state() -> State {

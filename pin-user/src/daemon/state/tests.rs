@@ -870,31 +870,7 @@ fn a_guarded_cpu_going_offline_pauses_repinning_until_it_is_back() {
 fn isolatable() -> Fake {
     let facts = crate::isolate::plan::tests_support::host(true, false);
     let mut fx = host();
-    let h = &mut fx.iso;
-    for s in &facts.sysctls {
-        h.files.insert(s.value.path.clone(), s.value.text.clone());
-    }
-    for w in facts.workqueues.iter().chain(&facts.default_irq) {
-        h.files.insert(w.path.clone(), w.text.clone());
-    }
-    for i in &facts.irqs {
-        h.files
-            .insert(i.affinity.path.clone(), i.affinity.text.clone());
-    }
-    let v1 = facts.v1.as_ref().unwrap();
-    h.v1_root = Some(v1.root.clone());
-    h.files
-        .insert(v1.root.join("cpuset.sched_load_balance"), "1".into());
-    for t in &facts.threads {
-        h.threads.insert(
-            t.info.tid,
-            (
-                t.info.start_time,
-                t.cpuset.clone().unwrap(),
-                t.info.allowed.clone(),
-            ),
-        );
-    }
+    fx.iso = crate::isolate::apply::fake::Host::from_facts(&facts);
     fx.iso_facts = Some(facts);
     fx
 }
