@@ -219,18 +219,13 @@ fn the_histogram_holds_every_cyclictest_sample_and_the_pictures_show_it() {
     }
 }
 
-#[test]
-fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
-    require!(missing_cyclictest());
-    let _cpu = exclusive();
-    // cyclictest at FIFO 50, the intruder at FIFO 60: each of its bursts keeps
-    // cyclictest's thread off the CPU until the burst ends.
-    let pg = start_latency(&["--duration", "3s", "--priority", "50", "--worst", "5"]);
-    let spiker = Worker::spawn_on("pg-spiker", &[1]);
-    let tid = spiker.tid();
-    spiker.run(|| {
-        become_fifo(60);
-        // 2 ms bursts every ~50 ms: 4% of the CPU, far below RT throttling's 95%.
+/// A thread `name` on CPU 1 at SCHED_FIFO `priority` bursting 2 ms every
+/// ~50 ms for 1.5 s (4% of the CPU, far below RT throttling's 95%); kept
+/// alive (idle) until dropped, so the report can still name it.
+fn fifo_bursts(name: &str, priority: i32) -> Worker {
+    let spiker = Worker::spawn_on(name, &[1]);
+    spiker.run(move || {
+        become_fifo(priority);
         let end = Instant::now() + Duration::from_millis(1500);
         while Instant::now() < end {
             spin(Duration::from_millis(2));
@@ -238,6 +233,18 @@ fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
         }
         become_normal();
     });
+    spiker
+}
+
+#[test]
+fn the_worst_wake_ups_are_attributed_to_a_real_time_intruder() {
+    require!(missing_cyclictest());
+    let _cpu = exclusive();
+    // cyclictest at FIFO 50, the intruder at FIFO 60: each of its bursts keeps
+    // cyclictest's thread off the CPU until the burst ends.
+    let pg = start_latency(&["--duration", "3s", "--priority", "50", "--worst", "5"]);
+    let spiker = fifo_bursts("pg-spiker", 60);
+    let tid = spiker.tid();
     let r = report_of(pg);
 
     // cyclictest saw THAT something happened...
@@ -332,17 +339,8 @@ fn policy_other_really_measures_a_sched_other_thread() {
     // SCHED_OTHER one off the CPU for each whole burst. cyclictest's silent
     // "policy and priority don't match" switch to FIFO would hide that.
     let pg = start_latency(&["--duration", "3s", "--policy", "other", "--worst", "5"]);
-    let spiker = Worker::spawn_on("pg-fifo1", &[1]);
+    let spiker = fifo_bursts("pg-fifo1", 1);
     let tid = spiker.tid();
-    spiker.run(|| {
-        become_fifo(1);
-        let end = Instant::now() + Duration::from_millis(1500);
-        while Instant::now() < end {
-            spin(Duration::from_millis(2));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        become_normal();
-    });
     let r = report_of(pg);
 
     // What ran is what the report says, read from the running thread.
