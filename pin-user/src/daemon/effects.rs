@@ -189,6 +189,14 @@ impl Placement for Live {
     fn place(&mut self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
         self.placer.place(t, cpus)
     }
+
+    fn begin_plan(&mut self) {
+        self.placer.begin_plan();
+    }
+
+    fn undo_plan(&mut self) {
+        self.placer.undo_plan();
+    }
 }
 
 impl Effects for Live {

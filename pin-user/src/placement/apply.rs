@@ -129,6 +129,7 @@ pub fn apply(
     // Stable: emulators (false) before vCPUs (true), plan order within each.
     order.sort_by_key(|&i| plan.entries[i].role == Role::Vcpu);
     let mut changed: Vec<usize> = Vec::new();
+    aff.begin_plan();
     for (n, &i) in order.iter().enumerate() {
         let e = &plan.entries[i];
         match aff.place(&e.target(), &e.to) {
@@ -154,6 +155,7 @@ pub fn apply(
                             Err(err) => not_restored.push((done.clone(), err)),
                         }
                     }
+                    aff.undo_plan();
                     return Err(Box::new(Aborted {
                         entry: e.clone(),
                         error: err,
@@ -248,6 +250,57 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("guest g1 vCPU 0"), "{msg}");
         assert!(msg.contains("nothing is left changed"), "{msg}");
+    }
+
+    /// A table that records the plan's begin and undo.
+    #[derive(Default)]
+    struct Recording {
+        table: Table,
+        calls: Vec<&'static str>,
+    }
+
+    impl crate::host::affinity::Affinities for Recording {
+        fn get(&self, tid: u32) -> Result<CpuSet, AffinityError> {
+            self.table.get(tid)
+        }
+        fn set(&mut self, tid: u32, cpus: &CpuSet) -> Result<(), AffinityError> {
+            self.table.set(tid, cpus)
+        }
+    }
+
+    impl Placement for Recording {
+        fn begin_plan(&mut self) {
+            self.calls.push("begin");
+        }
+        fn undo_plan(&mut self) {
+            self.calls.push("undo");
+        }
+    }
+
+    #[test]
+    fn a_rollback_also_undoes_what_placing_changed_besides_affinities() {
+        let (plan, t) = setup();
+        let mut r = Recording {
+            table: t,
+            ..Recording::default()
+        };
+        r.table.fail.insert(
+            101,
+            AffinityError::Invalid {
+                tid: 101,
+                cpus: CpuSet::single(1),
+            },
+        );
+        apply(&plan, &mut r, OnFailure::Rollback).unwrap_err();
+        assert_eq!(r.calls, ["begin", "undo"]);
+        // Without a failure nothing is undone.
+        let (plan, t) = setup();
+        let mut r = Recording {
+            table: t,
+            ..Recording::default()
+        };
+        apply(&plan, &mut r, OnFailure::Rollback).unwrap();
+        assert_eq!(r.calls, ["begin"]);
     }
 
     #[test]

@@ -47,6 +47,13 @@ pub trait Placement: Affinities {
     fn place(&mut self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
         self.set(t.tid, cpus)
     }
+
+    /// A plan starts: forget what the previous one changed besides affinities.
+    fn begin_plan(&mut self) {}
+
+    /// The plan is rolled back: put back what placing changed besides
+    /// affinities (a cgroup it widened).
+    fn undo_plan(&mut self) {}
 }
 
 /// The host: libvirt domains through `virsh`, every other guest with
@@ -54,12 +61,15 @@ pub trait Placement: Affinities {
 #[derive(Debug, Clone, Default)]
 pub struct Live {
     cgroups: Cgroups,
+    /// Cgroups widened during the current plan: (directory, CPUs before).
+    widened: Vec<(std::path::PathBuf, CpuSet)>,
 }
 
 impl Live {
     pub fn new() -> Self {
         Self {
             cgroups: Cgroups::read(),
+            widened: Vec::new(),
         }
     }
 
@@ -163,7 +173,7 @@ impl Live {
     /// holding nothing but this guest's process, under a parent that
     /// allows the CPUs. The kind a container-shaped guest started by hand
     /// runs in (e.g. `unshare` in a cgroup of its own).
-    fn widen(&self, t: &Target<'_>, cg: &Cpuset, cpus: &CpuSet) -> bool {
+    fn widen(&mut self, t: &Target<'_>, cg: &Cpuset, cpus: &CpuSet) -> bool {
         if cg.owner != CgroupOwner::Unknown {
             return false;
         }
@@ -195,6 +205,7 @@ impl Live {
             .collect();
         match fs::write(cg.dir.join("cpuset.cpus"), wider.to_string()) {
             Ok(()) => {
+                self.widened.push((cg.dir.clone(), cg.cpus.clone()));
                 for (tid, was) in &threads {
                     if affinity::get(*tid).is_ok_and(|now| now != *was) {
                         // Gone meanwhile, or refused: nothing more to do.
@@ -236,15 +247,42 @@ impl Affinities for Live {
 }
 
 impl Placement for Live {
+    fn begin_plan(&mut self) {
+        self.widened.clear();
+    }
+
+    fn undo_plan(&mut self) {
+        // Newest first; the affinities were put back before, so narrowing
+        // (which cgroup v1 applies to every thread inside) moves none of them.
+        for (dir, cpus) in self.widened.drain(..).rev() {
+            match fs::write(dir.join("cpuset.cpus"), cpus.to_string()) {
+                Ok(()) => log::info!("narrowed cgroup {} back to CPUs {cpus}", dir.display()),
+                Err(e) => log::warn!(
+                    "cannot narrow cgroup {} back to CPUs {cpus}: {e}; it stays widened",
+                    dir.display()
+                ),
+            }
+        }
+    }
+
     fn place(&mut self, t: &Target<'_>, cpus: &CpuSet) -> Result<(), AffinityError> {
         match t.manager {
             Manager::Libvirt => self.through_libvirt(t, cpus),
-            Manager::None => match affinity::apply_and_verify(t.tid, cpus) {
-                Err(AffinityError::Cpuset { cgroup, .. }) if self.widen(t, &cgroup, cpus) => {
+            Manager::None => {
+                let r = affinity::apply_and_verify(t.tid, cpus);
+                let widened = match &r {
+                    Err(AffinityError::Cpuset { cgroup, .. }) => {
+                        let cg = (**cgroup).clone();
+                        self.widen(t, &cg, cpus)
+                    }
+                    _ => false,
+                };
+                if widened {
                     affinity::apply_and_verify(t.tid, cpus)
+                } else {
+                    r
                 }
-                r => r,
-            },
+            }
         }
     }
 }
