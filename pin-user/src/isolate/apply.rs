@@ -64,13 +64,15 @@ impl Io for Live {
     }
 
     fn start_time(&self, t: &ThreadId) -> Option<u64> {
-        // An exiting thread (zombie) cannot change cgroup or affinity any
-        // more, and its /proc/.../cgroup no longer says where it was.
+        // An exiting thread (PF_EXITING, then a zombie) cannot change
+        // cgroup or affinity any more (the kernel refuses with EINVAL), and
+        // its /proc/.../cgroup no longer says where it was.
+        const PF_EXITING: u32 = 0x0000_0004;
         self.proc
             .thread(t.tgid, t.tid)
             .ok()
             .flatten()
-            .filter(|i| !matches!(i.state, 'Z' | 'X' | 'x'))
+            .filter(|i| !matches!(i.state, 'Z' | 'X' | 'x') && i.flags & PF_EXITING == 0)
             .map(|i| i.start_time)
     }
 
@@ -433,6 +435,8 @@ fn restore(io: &mut impl Io, c: &Change, over: &mut Vec<Overwritten>) -> Result<
                 Ok(_) => match io.set_affinity(thread.tid, affinity) {
                     Ok(()) => Ok(true),
                     Err(e) if e.is_gone() => Ok(changed),
+                    // It began to exit after the check above.
+                    Err(_) if !alive(io, thread) => Ok(changed),
                     Err(e) => Err(e.to_string()),
                 },
                 Err(e) if e.is_gone() => Ok(changed),
@@ -461,6 +465,7 @@ fn restore(io: &mut impl Io, c: &Change, over: &mut Vec<Overwritten>) -> Result<
             match io.set_affinity(thread.tid, before) {
                 Ok(()) => Ok(true),
                 Err(e) if e.is_gone() => Ok(false),
+                Err(_) if !alive(io, thread) => Ok(false),
                 Err(e) => Err(e.to_string()),
             }
         }
