@@ -382,8 +382,14 @@ fn restore(io: &mut impl Io, c: &Change, over: &mut Vec<Overwritten>) -> Result<
                 return Ok(false);
             }
             let parent = path.parent().unwrap_or(path).join(tasks_file);
-            // Tasks that arrived since (children of moved tasks) go to the parent.
-            for _ in 0..5 {
+            // Tasks that arrived since (children of moved tasks) go to the
+            // parent. Exiting tasks cannot be moved and keep the cgroup busy
+            // until they are reaped (a guest killed just before): a bounded
+            // wait, there is no event to wait for on cgroup v1.
+            for attempt in 0..200 {
+                if attempt > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
                 let left = io.read(&path.join(tasks_file)).unwrap_or_default();
                 for id in left.split_whitespace() {
                     // A task that exits meanwhile is fine.
@@ -397,7 +403,7 @@ fn restore(io: &mut impl Io, c: &Change, over: &mut Vec<Overwritten>) -> Result<
                 }
             }
             Err(format!(
-                "removing {}: still busy after moving its tasks to the parent",
+                "removing {}: still busy 2 s after moving its tasks to the parent",
                 path.display()
             ))
         }
