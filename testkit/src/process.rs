@@ -395,6 +395,22 @@ impl Run {
     }
 }
 
+/// Runs a tool to completion: whether it succeeded, and its stdout and
+/// stderr together (what a failing check prints goes in the assertion).
+#[track_caller]
+pub fn succeeds(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Runs `pinguard ARGS...` to completion within `timeout`.
 #[track_caller]
 pub fn run(args: &[&str], timeout: Duration) -> Run {

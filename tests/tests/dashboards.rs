@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -746,18 +746,7 @@ fn missing_promtool() -> Option<String> {
 }
 
 fn promtool(args: &[&str]) -> (bool, String) {
-    let out = Command::new("promtool")
-        .args(args)
-        .current_dir(repo())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running promtool {args:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    testkit::process::succeeds(Command::new("promtool").args(args).current_dir(repo()))
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::{
 };
 
 use serde_norway::Value;
-use testkit::{require, which};
+use testkit::{process::succeeds, require, which};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -81,16 +81,7 @@ fn validate(files: &[PathBuf]) -> (bool, String) {
     for v in KUBERNETES_VERSIONS {
         cmd.args(["-k", v]);
     }
-    let out = cmd
-        .args(files)
-        .output()
-        .expect("running kubernetes-validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    succeeds(cmd.args(files))
 }
 
 #[test]
@@ -156,17 +147,7 @@ fn missing_crd_validator() -> Option<String> {
 fn validate_crds(files: &[PathBuf]) -> (bool, String) {
     let script = node_tools().join("validate-crds.mjs");
     fs::copy(root().join("tests/kubernetes/validate-crds.mjs"), &script).unwrap();
-    let out = Command::new("node")
-        .arg(&script)
-        .args(files)
-        .output()
-        .expect("running node");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    succeeds(Command::new("node").arg(&script).args(files))
 }
 
 #[test]
