@@ -12,6 +12,7 @@
 //! records the kernel facts a run must be compared by, [`report`] is the JSON
 //! document, its text rendering and `--compare`, [`plot`] draws the pictures.
 pub mod attribution;
+pub mod guest;
 pub mod host;
 pub mod plot;
 pub mod report;

@@ -10,7 +10,8 @@ use pin_common::{
 use super::{
     CyclictestHistogram, CyclictestJson, LatencyError, SchedPolicy,
     attribution::{Cause, CauseTally, NoiseOverlap, Recorded, Timeline, WorstEpisode},
-    host::HostFacts,
+    guest::GuestRun,
+    host::{HostFacts, Preemption},
     mode, percentile,
 };
 use crate::bpf::{class::ThreadClass, probe::comm_str};
@@ -22,6 +23,11 @@ pub const FORMAT: &str = "pinguard-latency/1";
 pub struct Report {
     pub format: String,
     pub host: HostFacts,
+    /// Set when cyclictest ran inside a guest (`--vm`): the guest, its
+    /// kernel, the clock alignment and the host causes of its worst
+    /// wake-ups. Absent: it ran on the host (every report from before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestRun>,
     pub run: RunInfo,
     pub latency: LatencyStats,
     pub histogram: HistogramData,
@@ -417,6 +423,7 @@ impl Report {
         let mut r = Self {
             format: FORMAT.into(),
             host: i.host,
+            guest: None,
             run: i.run,
             latency,
             histogram,
@@ -434,6 +441,32 @@ impl Report {
         };
         r.notes = notes(&r);
         r
+    }
+
+    /// The report of a run inside a guest: `run`, `worst`, `noise` and the
+    /// timeline are the host's view of the vCPU thread's CPU.
+    // `latency --vm` (being written) is its first caller outside the tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn with_guest(mut self, guest: GuestRun) -> Self {
+        self.guest = Some(guest);
+        self.notes = notes(&self);
+        self
+    }
+
+    /// Where the samples were taken: `host`, or `guest NAME (kvm|tcg)`.
+    pub fn measured_where(&self) -> String {
+        match &self.guest {
+            Some(g) => format!("guest {} ({})", g.vm, g.accelerator),
+            None => "host".into(),
+        }
+    }
+
+    /// The kernel the samples were taken on: the guest's inside a guest.
+    pub fn measured_kernel(&self) -> (&str, &Preemption) {
+        match &self.guest {
+            Some(g) => (&g.kernel_release, &g.preemption),
+            None => (&self.host.kernel_release, &self.host.preemption),
+        }
     }
 
     /// Reads a report written by `pinguard latency --json`.
@@ -593,7 +626,29 @@ fn notes(r: &Report) -> Vec<String> {
             l.samples
         ));
     }
-    if r.episodes.count == 0 {
+    if let Some(g) = &r.guest {
+        if g.accelerator == "tcg" {
+            n.push(format!(
+                "guest {} runs under TCG (emulation): its latencies include the emulator's, \
+                 they are not what KVM would give",
+                g.vm
+            ));
+        }
+        if r.episodes.count == 0 {
+            n.push(format!(
+                "the probe saw no wait of the vCPU thread (tid {}) on CPU {}: the host never \
+                 made it wait",
+                g.vcpu_tid, r.run.cpu
+            ));
+        }
+        if g.samples_seen < l.samples {
+            n.push(format!(
+                "{} of {} samples came with their time (cyclictest -v): the worst of the others \
+                 cannot be matched with the host",
+                g.samples_seen, l.samples
+            ));
+        }
+    } else if r.episodes.count == 0 {
         n.push(
             "the probe saw no wake-up of cyclictest's measurement thread: no cause can be given"
                 .into(),
@@ -684,6 +739,32 @@ pub fn render_text(r: &Report) -> String {
         h.guarded,
         h.housekeeping
     );
+    if let Some(g) = &r.guest {
+        let _ = writeln!(
+            o,
+            "inside guest {} ({}): vCPU {} = host thread {} on CPU {}{}; guest kernel {} ({})",
+            g.vm,
+            g.accelerator,
+            g.vcpu,
+            g.vcpu_tid,
+            r.run.cpu,
+            if g.pinned_for_run {
+                ", pinned there for the run"
+            } else {
+                ""
+            },
+            g.kernel_release,
+            g.preemption.summary
+        );
+        let _ = writeln!(
+            o,
+            "clock: host = guest {} {} (± {}; {})",
+            if g.clock.offset_ns < 0 { "-" } else { "+" },
+            fmt_ns(g.clock.offset_ns.unsigned_abs()),
+            fmt_ns(g.clock.error_ns),
+            g.clock.method
+        );
+    }
     let _ = writeln!(
         o,
         "cyclictest{}: {}",
@@ -739,9 +820,35 @@ pub fn render_text(r: &Report) -> String {
         );
     }
 
+    if let Some(g) = &r.guest {
+        let _ = writeln!(
+            o,
+            "\nworst wake-ups in the guest and what the host did on CPU {} meanwhile:",
+            r.run.cpu
+        );
+        if g.worst.is_empty() {
+            let _ = writeln!(o, "  none");
+        }
+        for (i, w) in g.worst.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  {:>2}. at {:>8.3} s  {:>6} µs late  <- {}",
+                i + 1,
+                w.offset_ns as f64 / 1e9,
+                w.latency_us,
+                w.cause.who()
+            );
+            let _ = writeln!(o, "      {}", w.explanation);
+        }
+    }
     let _ = writeln!(
         o,
-        "\nworst wake-ups on CPU {} (wake-up to running; {} waits seen, longest {}):",
+        "\n{} on CPU {} (wake-up to running; {} waits seen, longest {}):",
+        if r.guest.is_some() {
+            "the vCPU thread's longest waits"
+        } else {
+            "worst wake-ups"
+        },
         r.run.cpu,
         r.episodes.count,
         fmt_ns(r.episodes.max_wait_ns)
@@ -846,9 +953,10 @@ pub fn compare_rows(runs: &[(String, Report)]) -> Vec<(&'static str, Vec<String>
         (name, runs.iter().map(|(_, r)| f(r)).collect::<Vec<_>>())
     };
     vec![
-        row("kernel", &|r| r.host.kernel_release.clone()),
+        row("where", &|r| r.measured_where()),
+        row("kernel", &|r| r.measured_kernel().0.to_string()),
         row("preemption", &|r| {
-            let p = &r.host.preemption;
+            let p = r.measured_kernel().1;
             match &p.mode {
                 Some(m) => format!("{} {m}", p.model),
                 None => p.model.clone(),
@@ -890,6 +998,9 @@ pub fn compare_rows(runs: &[(String, Report)]) -> Vec<(&'static str, Vec<String>
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CompareRun {
     pub label: String,
+    /// `host`, or `guest NAME (kvm|tcg)`.
+    pub measured: String,
+    /// The kernel the samples were taken on (the guest's inside a guest).
     pub kernel_release: String,
     pub preemption_model: String,
     pub preemption_mode: Option<String>,
@@ -915,9 +1026,10 @@ pub fn compare_runs(runs: &[(String, Report)]) -> Vec<CompareRun> {
     runs.iter()
         .map(|(label, r)| CompareRun {
             label: label.clone(),
-            kernel_release: r.host.kernel_release.clone(),
-            preemption_model: r.host.preemption.model.clone(),
-            preemption_mode: r.host.preemption.mode.clone(),
+            measured: r.measured_where(),
+            kernel_release: r.measured_kernel().0.to_string(),
+            preemption_model: r.measured_kernel().1.model.clone(),
+            preemption_mode: r.measured_kernel().1.mode.clone(),
             cpu: r.run.cpu,
             elapsed_ns: r.run.elapsed_ns,
             min_us: r.latency.min_us,
@@ -943,7 +1055,10 @@ pub fn compare_table(runs: &[(String, Report)]) -> String {
     let rows = compare_rows(runs);
     let mut header2: Vec<String> = runs
         .iter()
-        .map(|(_, r)| format!("{} {}", r.host.kernel_release, r.host.preemption.model))
+        .map(|(_, r)| {
+            let (release, preemption) = r.measured_kernel();
+            format!("{release} {}", preemption.model)
+        })
         .collect();
     let header1: Vec<String> = runs.iter().map(|(l, _)| l.clone()).collect();
     let first_w = rows
@@ -1382,5 +1497,116 @@ pub(crate) mod tests {
         // Columns line up: the second run's values start under its label.
         let col = |line: &str, needle: &str| line[..line.rfind(needle).unwrap()].chars().count();
         assert_eq!(col(max, "95"), col(lines[0], "rt.json"), "{t}");
+    }
+
+    pub(crate) fn sample_guest() -> GuestRun {
+        use crate::latency::guest::{ClockAlignment, GuestWakeup, HostCause};
+        GuestRun {
+            vm: "lab-rt".into(),
+            pid: 4000,
+            accelerator: "tcg".into(),
+            vcpu: 0,
+            vcpu_tid: 4003,
+            pinned_for_run: true,
+            kernel_release: "6.1.0-28-rt-amd64".into(),
+            kernel_version: "#1 SMP PREEMPT_RT Debian 6.1.119-1".into(),
+            preemption: Preemption {
+                model: "PREEMPT_RT".into(),
+                mode: None,
+                summary: "PREEMPT_RT".into(),
+            },
+            agent: "/tmp/qga.sock".into(),
+            clock: ClockAlignment {
+                offset_ns: -1_234_567,
+                error_ns: 40_000,
+                exchanges: 8,
+                rtt_min_ns: 80_000,
+                rtt_max_ns: 300_000,
+                method: "guest CLOCK_MONOTONIC bracketed by host reads".into(),
+            },
+            worst: vec![GuestWakeup {
+                cycle: 1500,
+                latency_us: 2100,
+                guest_target_ns: 5_000_000_000,
+                host_from_ns: 4_998_725_433,
+                host_to_ns: 5_000_905_433,
+                offset_ns: 1_500_000_000,
+                vcpu_wait_ns: 1_900_000,
+                threads: vec![Overlap {
+                    tid: 4242,
+                    comm: "pg-spiker".into(),
+                    class: Some(ThreadClass::IntruderUser),
+                    overlap_ns: 1_900_000,
+                    run_ns: 2_000_000,
+                }],
+                irq_ns: 0,
+                softirq_ns: 0,
+                irqs: vec![],
+                softirqs: vec![],
+                cause: HostCause::Preempted {
+                    tid: 4242,
+                    comm: "pg-spiker".into(),
+                    class: Some("intruder_user".into()),
+                    ns: 1_900_000,
+                },
+                explanation: "pg-spiker ran 1.90ms of it".into(),
+            }],
+            samples_seen: 998,
+        }
+    }
+
+    #[test]
+    fn a_guest_run_says_where_it_measured_and_old_reports_still_load() {
+        let host = sample_report("6.18.44", "PREEMPT_DYNAMIC", 700);
+        assert_eq!(host.measured_where(), "host");
+        let r = sample_report("6.18.44", "PREEMPT_DYNAMIC", 2100).with_guest(sample_guest());
+        assert_eq!(r.measured_where(), "guest lab-rt (tcg)");
+        assert_eq!(r.measured_kernel().0, "6.1.0-28-rt-amd64");
+        assert_eq!(r.measured_kernel().1.model, "PREEMPT_RT");
+        assert!(r.notes.iter().any(|n| n.contains("TCG")), "{:?}", r.notes);
+        let v = serde_json::to_value(&r).unwrap();
+        for path in [
+            "/guest/vm",
+            "/guest/accelerator",
+            "/guest/kernel_release",
+            "/guest/preemption/model",
+            "/guest/clock/offset_ns",
+            "/guest/clock/error_ns",
+            "/guest/worst/0/cause/kind",
+            "/guest/worst/0/latency_us",
+        ] {
+            assert!(v.pointer(path).is_some(), "{path} missing");
+        }
+        assert_eq!(v["guest"]["worst"][0]["cause"]["kind"], "preempted");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.json");
+        std::fs::write(&p, serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(Report::load(&p).unwrap(), r);
+        // A host report has no "guest" key, and one written before the key
+        // existed loads as a host run.
+        let old = serde_json::to_value(&host).unwrap();
+        assert!(old.get("guest").is_none());
+        std::fs::write(&p, old.to_string()).unwrap();
+        assert_eq!(Report::load(&p).unwrap().guest, None);
+
+        let t = render_text(&r);
+        for needle in [
+            "inside guest lab-rt (tcg): vCPU 0 = host thread 4003 on CPU 1, pinned there for the run",
+            "guest kernel 6.1.0-28-rt-amd64 (PREEMPT_RT)",
+            "clock: host = guest - 1.23ms",
+            "2100 µs late  <- host thread pg-spiker (tid 4242, intruder_user)",
+            "the vCPU thread's longest waits on CPU 1",
+        ] {
+            assert!(t.contains(needle), "{needle:?} missing from:\n{t}");
+        }
+        let runs = vec![("h".to_string(), host), ("g".to_string(), r)];
+        let t = compare_table(&runs);
+        assert!(t.contains("6.1.0-28-rt-amd64 PREEMPT_RT"), "{t}");
+        let row = t.lines().find(|l| l.starts_with("where")).unwrap();
+        assert!(
+            row.contains("host") && row.contains("guest lab-rt (tcg)"),
+            "{t}"
+        );
+        assert_eq!(compare_runs(&runs)[1].kernel_release, "6.1.0-28-rt-amd64");
     }
 }
