@@ -5,39 +5,19 @@
 //! (`guests`, `placement`, `audit`, `check`, `daemon`, `latency`), facts about
 //! the host they share in `host`, the kernel side in `bpf`; `cmd` is the edge
 //! where clap arguments (`cli`) become domain types and errors become
-//! messages and exit codes.
+//! messages and exit codes. (lib.rs exists only for the fuzz targets.)
 use std::process::ExitCode;
 
 use clap::Parser as _;
 
-mod audit;
-mod bpf;
-mod check;
-mod cli;
-mod cmd;
-mod config;
-mod daemon;
-mod guests;
-mod host;
-mod isolate;
-mod latency;
-mod placement;
+// The module tree, shared with the fuzzing-only library (lib.rs).
+include!("modules.rs");
+#[cfg(test)]
+mod fuzzing;
 #[cfg(test)]
 mod robustness;
-mod top;
-mod units;
 
 use cli::{Cli, Command};
-
-/// Process exit codes shared by every subcommand.
-mod exit {
-    /// Everything is as it should be.
-    pub const OK: u8 = 0;
-    /// The command ran and found violations (audit) or failed checks (check).
-    pub const VIOLATIONS: u8 = 1;
-    /// The command could not do its job (bad input, missing privileges, ...).
-    pub const ERROR: u8 = 2;
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

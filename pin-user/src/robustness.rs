@@ -2,14 +2,19 @@
 //! bytes, they return an error, never panic, hang or recurse without bound.
 //! Each finding becomes a plain unit test next to its parser.
 //!
+//! Two kinds: the committed fuzz corpus (`pin-user/fuzz/corpus/`, see
+//! `fuzzing.rs`) replayed and mutated through every target, and generators
+//! that build inputs from the parsers' grammar (config keys, JSON shapes).
 //! CI runs the default number of cases; a longer run:
-//! `PROPTEST_CASES=50000 cargo test -p pin-user robustness`
-//! (`cargo xtask test` leaves the variable alone).
+//! `cargo xtask fuzz --engine proptest` (`cargo xtask fuzz` runs libFuzzer).
+use std::path::PathBuf;
+
 use proptest::prelude::*;
 
 use crate::{
     bpf::{btf::Btf, events},
     config::Config,
+    fuzzing::Target,
     guests::{parse_cpus_fast, parse_libvirt_status},
     host::{cmdline::KernelCmdline, cpulist::CpuSet},
 };
@@ -67,7 +72,137 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
+fn corpus_dir(target: Target) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target.name())
+}
+
+/// Every committed corpus input, with its target.
+fn corpus() -> Vec<(Target, PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for target in Target::ALL {
+        let dir = corpus_dir(target);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (every target has a corpus)", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files {
+            let data = std::fs::read(&f).unwrap();
+            out.push((target, f, data));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_committed_corpus_runs_clean_through_every_target() {
+    let corpus = corpus();
+    for target in Target::ALL {
+        let n = corpus.iter().filter(|(t, ..)| *t == target).count();
+        assert!(
+            n >= 2,
+            "{}: {n} corpus inputs, expected real seeds",
+            target.name()
+        );
+    }
+    for (target, path, data) in &corpus {
+        // A panic here names the input: make it a unit test next to its parser.
+        eprintln!("{}: {}", target.name(), path.display());
+        target.run(data);
+    }
+}
+
+/// One edit of a corpus input, as a mutation-based fuzzer would make.
+#[derive(Debug, Clone)]
+enum Edit {
+    Flip {
+        at: usize,
+        bit: u8,
+    },
+    Insert {
+        at: usize,
+        bytes: Vec<u8>,
+    },
+    Delete {
+        at: usize,
+        len: usize,
+    },
+    Truncate {
+        at: usize,
+    },
+    /// Repeats a slice: nesting, long lists, long numbers.
+    Repeat {
+        at: usize,
+        len: usize,
+        times: usize,
+    },
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    let at = any::<prop::sample::Index>().prop_map(|i| i.index(usize::MAX / 2));
+    prop_oneof![
+        (at.clone(), 0u8..8).prop_map(|(at, bit)| Edit::Flip { at, bit }),
+        (at.clone(), prop::collection::vec(any::<u8>(), 1..8))
+            .prop_map(|(at, bytes)| Edit::Insert { at, bytes }),
+        (at.clone(), 1usize..64).prop_map(|(at, len)| Edit::Delete { at, len }),
+        at.clone().prop_map(|at| Edit::Truncate { at }),
+        (at, 1usize..32, 2usize..64).prop_map(|(at, len, times)| Edit::Repeat { at, len, times }),
+    ]
+}
+
+fn apply(data: &mut Vec<u8>, edit: &Edit) {
+    let pos = |at: usize, n: usize| if n == 0 { 0 } else { at % (n + 1) };
+    match edit {
+        Edit::Flip { at, bit } => {
+            if !data.is_empty() {
+                let i = at % data.len();
+                data[i] ^= 1 << bit;
+            }
+        }
+        Edit::Insert { at, bytes } => {
+            let i = pos(*at, data.len());
+            data.splice(i..i, bytes.iter().copied());
+        }
+        Edit::Delete { at, len } => {
+            let i = pos(*at, data.len());
+            let end = (i + len).min(data.len());
+            data.drain(i..end);
+        }
+        Edit::Truncate { at } => data.truncate(pos(*at, data.len())),
+        Edit::Repeat { at, len, times } => {
+            let i = pos(*at, data.len());
+            let end = (i + len).min(data.len());
+            let piece = data[i..end].to_vec();
+            for _ in 0..*times {
+                data.splice(end..end, piece.iter().copied());
+            }
+        }
+    }
+}
+
 proptest! {
+    /// The corpus, edited a few times, through its own target and another:
+    /// a format fed to the wrong parser is part of what a hostile host does.
+    #[test]
+    fn mutated_corpus_inputs_never_panic(
+        pick in any::<prop::sample::Index>(),
+        other in any::<prop::sample::Index>(),
+        edits in prop::collection::vec(edit(), 1..6),
+    ) {
+        thread_local!(static CORPUS: Vec<(Target, PathBuf, Vec<u8>)> = corpus());
+        let (target, mut data) = CORPUS.with(|c| {
+            let (t, _, d) = &c[pick.index(c.len())];
+            (*t, d.clone())
+        });
+        for e in &edits {
+            apply(&mut data, e);
+        }
+        target.run(&data);
+        Target::ALL[other.index(Target::ALL.len())].run(&data);
+    }
+
     #[test]
     fn cpu_lists_parse_or_fail_and_round_trip(s in "[0-9,\\- xa-f]{0,24}|.{0,24}") {
         if let Ok(set) = CpuSet::parse(&s) {

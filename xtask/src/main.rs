@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod fuzz;
 mod lab_guest;
 mod manifests;
 mod package;
@@ -51,13 +52,10 @@ enum Cmd {
     },
     /// Measure the eBPF observer's overhead per scenario and the daemon's re-pin latency and cost.
     Bench(bench::BenchArgs),
-    /// A long run of the parsers' property tests (`pin-user/src/robustness.rs`
-    /// and the stat-line property): `cargo xtask test` runs 256 cases each.
-    Fuzz {
-        /// Cases per property.
-        #[arg(long, default_value_t = 50_000)]
-        cases: u64,
-    },
+    /// Fuzz the parsers of untrusted input (pin-user/src/fuzzing.rs): libFuzzer
+    /// on each target (new inputs join the committed corpus), or the property
+    /// tests with many cases. `cargo xtask test` replays and mutates the corpus.
+    Fuzz(fuzz::FuzzArgs),
     /// build, then the churn soak (guests and threads coming and going under
     /// an enforcing daemon; RSS, fds and series must stay flat) for SECS.
     /// `cargo xtask test` runs it for 15 s.
@@ -75,14 +73,6 @@ enum Cmd {
     /// Regenerate deploy/kubernetes/{configmap,prometheusrule}.yaml from
     /// packaging/pinguard.toml and dashboards/prometheus/pinguard.rules.yml.
     Manifests,
-}
-
-/// The property tests with `cases` cases each.
-fn fuzz(cases: u64) -> anyhow::Result<()> {
-    let mut cmd = util::cargo();
-    cmd.args(["test", "-p", "pin-user", "--", "robustness", "never_panic"])
-        .env("PROPTEST_CASES", cases.to_string());
-    util::run("fuzz", &mut cmd)
 }
 
 /// The soak test of `tests/tests/soak.rs`, `secs` long, against a fresh build.
@@ -115,7 +105,7 @@ fn main() -> ExitCode {
         Cmd::Test => test::run(),
         Cmd::Run { args } => run::run(&args),
         Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
-        Cmd::Fuzz { cases } => fuzz(cases).map(|()| ExitCode::SUCCESS),
+        Cmd::Fuzz(args) => fuzz::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Soak { secs } => soak(secs).map(|()| ExitCode::SUCCESS),
         Cmd::Package { maintainer } => package::run(&maintainer).map(|()| ExitCode::SUCCESS),
         Cmd::Manifests => manifests::run().map(|()| ExitCode::SUCCESS),

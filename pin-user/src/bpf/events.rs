@@ -524,4 +524,78 @@ mod tests {
         };
         assert_eq!(m.thread.comm, "0123456789abcdef");
     }
+
+    /// One record of every kind, as the eBPF side writes them: the seeds of
+    /// the `event` fuzz target. When the layout changes, rewrite them with
+    /// `PINGUARD_WRITE_CORPUS=1 cargo test -p pin-user fuzz_corpus`.
+    #[test]
+    fn the_fuzz_corpus_holds_a_record_of_every_kind() {
+        let process = |kind| event::Process {
+            header: header(kind, 0),
+            tid: 900,
+            tgid: 900,
+            comm: comm("qemu-system-x86"),
+            at_ns: 1,
+        };
+        let noise = |kind| event::Noise {
+            header: header(kind, 1),
+            number: 24,
+            _pad: 0,
+            start_ns: 10,
+            run_ns: 2_000,
+        };
+        let seeds: [(&str, Vec<u8>); 9] = [
+            ("intrusion", bytes(&intrusion(class::INTRUDER_USER))),
+            ("migrate_in", bytes(&migration(event::MIGRATE_IN))),
+            ("owner_away", bytes(&migration(event::OWNER_AWAY))),
+            (
+                "affinity_change",
+                bytes(&event::AffinityChange {
+                    header: header(event::AFFINITY_CHANGE, 3),
+                    tid: 55,
+                    tgid: 54,
+                    comm: comm("taskset"),
+                    at_ns: 7,
+                    target_tid: 77,
+                    _pad: 0,
+                    mask: 0b10,
+                }),
+            ),
+            ("exec", bytes(&process(event::EXEC))),
+            ("exit", bytes(&process(event::EXIT))),
+            (
+                "episode",
+                bytes(&event::Episode {
+                    header: header(event::EPISODE, 1),
+                    tid: 501,
+                    prev_tid: 77,
+                    wake_ns: 1_000,
+                    wait_ns: 50_000,
+                    irq_ns: 3_000,
+                    softirq_ns: 4_000,
+                    nmis: 1,
+                    prev_run_ns: 40_000,
+                    prev_comm: comm("kworker/1:1"),
+                }),
+            ),
+            ("irq", bytes(&noise(event::IRQ))),
+            ("softirq", bytes(&noise(event::SOFTIRQ))),
+        ];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/event");
+        let write = std::env::var_os("PINGUARD_WRITE_CORPUS").is_some();
+        for (name, record) in seeds {
+            assert!(decode(&record).is_ok(), "{name}");
+            let path = dir.join(format!("{name}.bin"));
+            if write {
+                std::fs::write(&path, &record).unwrap();
+            }
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                committed == record,
+                "{} is not the current layout of a {name} record: rewrite the seeds with \
+                 PINGUARD_WRITE_CORPUS=1 cargo test -p pin-user fuzz_corpus",
+                path.display()
+            );
+        }
+    }
 }

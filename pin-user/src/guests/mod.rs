@@ -28,7 +28,7 @@ use thiserror::Error;
 use crate::host::procfs::{Proc, ThreadInfo};
 
 mod libvirt;
-mod qemu;
+pub mod qemu;
 mod qmp;
 
 use libvirt::{DEFAULT_LIBVIRT_DIR, LibvirtStatus};

@@ -129,11 +129,7 @@ impl Proc {
                 format!("unparsable {}/stat", dir.display()),
             )
         })?;
-        let allowed = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .and_then(|v| CpuSet::parse(v).ok())
-            .unwrap_or_default();
+        let allowed = parse_status(&status).allowed.unwrap_or_default();
         Ok(Some(ThreadInfo {
             tgid: pid,
             tid,
@@ -270,15 +266,7 @@ impl Proc {
             let Ok(Some(status)) = read_gone_ok(&self.task_dir(pid, tid).join("status")) else {
                 continue;
             };
-            let ids: Vec<u32> = status
-                .lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .map(|v| {
-                    v.split_whitespace()
-                        .filter_map(|x| x.parse().ok())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let ids = parse_status(&status).nspid;
             if let (Some(&host), Some(&inner), true) = (ids.first(), ids.last(), ids.len() > 1) {
                 out.insert(inner, host);
             }
@@ -316,7 +304,7 @@ impl Proc {
     }
 }
 
-struct Stat {
+pub struct Stat {
     comm: String,
     state: char,
     flags: u32,
@@ -382,9 +370,30 @@ impl std::fmt::Display for Sched {
     }
 }
 
+/// The fields pinguard reads from `/proc/PID/task/TID/status`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// `Cpus_allowed_list:`; `None` when absent or unparsable.
+    pub allowed: Option<CpuSet>,
+    /// `NSpid:`, outermost namespace first; empty when absent.
+    pub nspid: Vec<u32>,
+}
+
+/// Parses a status file. Unknown or malformed lines are skipped: the file is
+/// the kernel's, but a thread's name is in it, so any text can appear there.
+pub fn parse_status(text: &str) -> Status {
+    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key));
+    Status {
+        allowed: field("Cpus_allowed_list:").and_then(|v| CpuSet::parse(v).ok()),
+        nspid: field("NSpid:")
+            .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            .unwrap_or_default(),
+    }
+}
+
 /// Parses `/proc/<pid>/stat`. The comm field is in parentheses and may itself
 /// contain spaces and parentheses, so split at the *last* `)`.
-fn parse_stat(s: &str) -> Option<Stat> {
+pub fn parse_stat(s: &str) -> Option<Stat> {
     let open = s.find('(')?;
     let close = s.rfind(')')?;
     let comm = s.get(open + 1..close)?.to_string();
