@@ -46,7 +46,6 @@ pub mod map {
     pub const SOFTIRQ_STATS: &str = "SOFTIRQ_STATS";
     pub const NOISE: &str = "NOISE";
     pub const WAITING: &str = "WAITING";
-    pub const OWNER_WAITING: &str = "OWNER_WAITING";
     pub const WAIT_HIST: &str = "WAIT_HIST";
 }
 
@@ -112,7 +111,12 @@ pub struct TaskOffsets {
     /// Offset of `start_time` (ns since boot, monotonic): with the thread
     /// id, a thread's identity (a reused thread id has a later start).
     pub start_time: u32,
-    pub _pad: u32,
+    /// Offsets of `sched_info.last_queued` and `sched_info.last_arrival`:
+    /// when the scheduler queued the task to run and when it last began to
+    /// run, in the runqueue's clock (`rq_clock()`). 0 when the kernel has
+    /// no `CONFIG_SCHED_INFO`: vCPU waits are then not measured.
+    pub last_queued: u32,
+    pub last_arrival: u32,
 }
 
 /// `task_struct::flags` bit for kernel threads (include/linux/sched.h).
@@ -362,23 +366,23 @@ pub mod watch {
     pub const PROBE: u32 = 2;
 }
 
-/// A waiting watched thread (`WAITING`, key tid; `OWNER_WAITING`, index CPU).
+/// A waiting latency probe (`WAITING`, key tid), from its wake-up (the
+/// `wakeup` program, attached by `pinguard latency` only) or preemption.
+/// vCPU waits need no such entry: the kernel's own `sched_info` timestamps
+/// give them (see [`CpuStats::cur_queued`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Waiting {
-    /// 0: not waiting (`OWNER_WAITING` slots are cleared, not removed).
     pub since_ns: u64,
     pub irq_ns: u64,
     pub softirq_ns: u64,
     pub nmi_count: u64,
-    /// The waiting thread (`OWNER_WAITING`: a slot is only taken for the
-    /// thread that started it, not for a later owner of the CPU).
+    /// The waiting thread.
     pub tid: u32,
     pub _pad: u32,
     /// Its `se.sum_exec_runtime` when the wait began. A wait is only ended if
     /// the thread has not run since (same value at its switch-in): one left
-    /// behind because it ran elsewhere, or ended from the other structure,
-    /// never turns into a false, long wait later.
+    /// behind because it ran elsewhere never turns into a false, long wait later.
     pub runtime_ns: u64,
 }
 
@@ -445,6 +449,11 @@ pub struct CpuStats {
     /// its `sum_exec_runtime` then; 0 when unknown (classic tracepoint hook).
     pub cur_task: u64,
     pub cur_runtime: u64,
+    /// `sched_info.last_queued` of that task at its switch-in (rq clock; 0:
+    /// unknown, or waits not tracked on this CPU then). At the task's
+    /// switch-out, `sched_info.last_arrival` minus this is the wait that
+    /// ended at its switch-in, both stamped by the scheduler with one clock.
+    pub cur_queued: u64,
     pub run_ns: [u64; class::COUNT],
     pub slices: [u64; class::COUNT],
 }
@@ -506,7 +515,7 @@ pub mod guard {
     /// that drifted elsewhere is a violation, not a wait to measure).
     pub const TRACK_WAITS: u32 = 2;
     /// [`super::GuardState::owner_tid`] is watched as a vCPU: its waits are
-    /// kept in the CPU's `OWNER_WAITING` slot (array reads, no hash operation).
+    /// measured without a `TASKS` lookup.
     pub const OWNER_WATCHED: u32 = 4;
     /// Send every hard IRQ and softirq on this CPU as an event (a latency
     /// probe names the IRQs and vectors inside each of its waits).

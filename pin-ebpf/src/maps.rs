@@ -52,18 +52,9 @@ pub static SOFTIRQ_STATS: PerCpuArray<SoftirqStats> = PerCpuArray::with_max_entr
 #[map]
 pub static NOISE: Array<NoiseState> = Array::with_max_entries(MAX_CPUS, 0);
 
-/// Watched threads currently runnable but not running, since when.
+/// Latency probes currently runnable but not running, since when.
 #[map]
 pub static WAITING: HashMap<u32, Waiting> = HashMap::with_max_entries(MAX_OWNERS, 0);
-
-/// The same for the cached single owner of each CPU (index: CPU), the hot
-/// case: a vCPU's wake-ups and switches then need no hash operation but the
-/// histogram's. Written almost always under that CPU's runqueue lock
-/// (sched_switch in __schedule(), sched_wakeup in ttwu_do_activate() and
-/// ttwu_runnable()); the exceptions (a thread waking itself, userspace
-/// clearing a slot) are made harmless by `Waiting::runtime_ns`.
-#[map]
-pub static OWNER_WAITING: Array<Waiting> = Array::with_max_entries(MAX_CPUS, 0);
 
 /// Wait-time histograms of watched threads.
 #[map]
@@ -91,7 +82,8 @@ pub static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
     thread_pid: 0,
     pid_level: 0,
     start_time: 0,
-    _pad: 0,
+    last_queued: 0,
+    last_arrival: 0,
 });
 
 #[inline(always)]

@@ -2,8 +2,9 @@
 //!
 //! IRQs, softirqs and NMIs are timed passively at their tracepoints (what the
 //! osnoise tracer measures, without a measuring thread occupying the CPU).
-//! Watched threads (vCPUs, latency probes) are timed from wake-up (or
-//! preemption) to running: the host-side "CPU ready" time.
+//! Latency probes are timed here from wake-up (or preemption) to running;
+//! vCPUs' waits (the host-side "CPU ready" time) are read from the kernel's
+//! own `sched_info` by sched_switch (switch.rs) and only added up here.
 //! Tracepoints: include/trace/events/irq.h, sched.h, nmi.h
 //! (https://elixir.bootlin.com/linux/v6.18/source/include/trace/events/irq.h).
 use aya_ebpf::{
@@ -18,8 +19,8 @@ use pin_common::{
 
 use crate::{
     maps::{
-        IRQ_STATS, NOISE, OWNER_WAITING, SOFTIRQ_STATS, WAIT_HIST, WAITING, guard_state,
-        is_guarded, send, task_info,
+        IRQ_STATS, NOISE, SOFTIRQ_STATS, WAIT_HIST, WAITING, guard_state, is_guarded, send,
+        task_info,
     },
     task,
 };
@@ -223,13 +224,6 @@ fn waiting(tid: u32, cpu: u32, at: u64, runtime_ns: u64) -> Waiting {
     w
 }
 
-/// Whether `w` is a wait of `tid` that is still going on: the thread has not
-/// run since it began.
-#[inline(always)]
-fn in_progress(w: &Waiting, tid: u32, runtime_ns: u64) -> bool {
-    w.since_ns != 0 && w.tid == tid && w.runtime_ns == runtime_ns
-}
-
 /// Marks whether a latency probe waits on `cpu` (IRQ/softirq events are sent
 /// only then). A plain store to its own word of the CPU's slot.
 #[inline(always)]
@@ -240,78 +234,44 @@ fn set_probe_waiting(cpu: u32, on: bool) {
     }
 }
 
-/// Starts a wait of watched thread `tid` (watch `kind`) that will run on
-/// `cpu`: in the CPU's owner slot when `tid` is the CPU's cached, watched
-/// owner, else in `WAITING`. A wait already in progress (a runnable thread
-/// woken again) keeps its start.
+/// Starts a wait of latency probe `tid` that will end on `cpu`. A wait
+/// already in progress (a runnable thread woken again) keeps its start.
 #[inline(always)]
-pub fn start_wait(tid: u32, cpu: u32, at: u64, runtime_ns: u64, owner: bool, kind: u32) {
-    if kind == watch::PROBE {
-        set_probe_waiting(cpu, true);
+pub fn start_wait(tid: u32, cpu: u32, at: u64, runtime_ns: u64) {
+    set_probe_waiting(cpu, true);
+    if unsafe { WAITING.get(&tid) }.is_some_and(|w| w.tid == tid && w.runtime_ns == runtime_ns) {
+        return;
     }
-    if owner {
-        if let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) {
-            // SAFETY: a valid map value; see the map for who writes it.
-            let slot = unsafe { &mut *slot };
-            if !in_progress(slot, tid, runtime_ns) {
-                *slot = waiting(tid, cpu, at, runtime_ns);
-            }
-        }
-    } else {
-        if unsafe { WAITING.get(&tid) }.is_some_and(|w| in_progress(w, tid, runtime_ns)) {
-            return;
-        }
-        let _ = WAITING.insert(&tid, &waiting(tid, cpu, at, runtime_ns), 0);
-    }
+    let _ = WAITING.insert(&tid, &waiting(tid, cpu, at, runtime_ns), 0);
 }
 
-/// Forgets a wait of `tid` (it went to sleep: a wake-up seen while it was
-/// still running is not a wait).
+/// Forgets a wait of probe `tid` (it went to sleep: a wake-up seen while it
+/// was still running is not a wait).
 #[inline(always)]
-pub fn cancel_wait(tid: u32, cpu: u32, owner: bool, kind: u32) {
-    if kind == watch::PROBE {
-        set_probe_waiting(cpu, false);
-    }
-    if owner {
-        if let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) {
-            // SAFETY: as in start_wait.
-            let slot = unsafe { &mut *slot };
-            if slot.tid == tid {
-                slot.since_ns = 0;
-            }
-        }
-    } else {
-        let _ = WAITING.remove(&tid);
-    }
+pub fn cancel_wait(tid: u32, cpu: u32) {
+    set_probe_waiting(cpu, false);
+    let _ = WAITING.remove(&tid);
 }
 
+/// Wake-ups start the waits of latency probes only: vCPU waits come from the
+/// kernel's `sched_info` at sched_switch, so the daemon does not attach this
+/// program (it would run on every wake-up of every CPU).
 #[inline(always)]
 fn on_wakeup(p: *const u8) {
-    // Only CPUs where someone is watched (a cheap array read before any task read).
-    // `p` is BTF-typed (tp_btf): direct loads, no helper calls, since this
-    // runs on every wake-up of every CPU.
+    // Only CPUs where a probe may be watched (a cheap array read before any
+    // task read). `p` is BTF-typed (tp_btf): direct loads, no helper calls.
     let cpu = task::cpu::<true>(p);
-    let state = guard_state(cpu);
-    if state.bits & (guard::OWNER_WATCHED | guard::TRACK_WAITS) == 0 {
+    if guard_state(cpu).bits & guard::TRACK_WAITS == 0 {
         return;
     }
     let tid = task::pid::<true>(p);
-    // The CPU's own vCPU, the common case: no hash lookup.
-    let owner = tid == state.owner_tid && state.bits & guard::OWNER_WATCHED != 0;
-    let kind = if owner {
-        watch::VCPU
-    } else if state.bits & guard::TRACK_WAITS != 0 {
-        task_info(tid).watch
-    } else {
-        0
-    };
-    if kind == 0 {
+    if task_info(tid).watch != watch::PROBE {
         return;
     }
-    start_wait(tid, cpu, 0, task::sum_exec_runtime::<true>(p), owner, kind);
+    start_wait(tid, cpu, 0, task::sum_exec_runtime::<true>(p));
 }
 
-/// `sched_wakeup(struct task_struct *p)`: only watched threads are looked at.
+/// `sched_wakeup(struct task_struct *p)`: only latency probes are looked at.
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn wakeup(ctx: BtfTracePointContext) -> i32 {
     on_wakeup(ctx.arg(0));
@@ -334,72 +294,58 @@ fn bucket(ns: u64) -> usize {
     }
 }
 
-/// Called from sched_switch on a guarded CPU when thread `tid` runs: if it
-/// is watched and was waiting, ends its wait, adds it to its histogram and,
-/// for probes, reports what happened on the CPU meanwhile. `owner`: `tid` is
-/// the CPU's cached owner, watched as a vCPU (its wait is in the CPU's slot).
-/// `runtime_ns`: the thread's CPU time so far; a wait recorded when it was
-/// different is not this one (it ran since, elsewhere).
+/// A thread's first histogram, inserted from read-only data rather than
+/// built on the stack: 272 bytes, and the switch program inlines
+/// [`add_wait`] twice within the 512-byte BPF stack.
+static EMPTY_HIST: WaitHist = WaitHist {
+    buckets: [0; WAIT_BUCKETS],
+    count: 0,
+    total_ns: 0,
+};
+
+/// Adds one wait of watched thread `tid` to its histogram.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn end_wait(
-    tid: u32,
-    cpu: u32,
-    at: u64,
-    runtime_ns: u64,
-    prev_tid: u32,
-    prev_run_ns: u64,
-    owner: bool,
-) {
-    let (kind, w) = if owner {
-        let Some(slot) = OWNER_WAITING.get_ptr_mut(cpu) else {
-            return;
-        };
-        // SAFETY: as in start_wait.
-        let slot = unsafe { &mut *slot };
-        if slot.since_ns == 0 || slot.tid != tid {
-            return;
+pub fn add_wait(tid: u32, wait: u64) {
+    let h = match WAIT_HIST.get_ptr_mut(&tid) {
+        Some(h) => h,
+        None => {
+            if WAIT_HIST.insert(&tid, &EMPTY_HIST, 0).is_err() {
+                return;
+            }
+            match WAIT_HIST.get_ptr_mut(&tid) {
+                Some(h) => h,
+                None => return,
+            }
         }
-        let w = *slot;
-        slot.since_ns = 0;
-        (watch::VCPU, w)
-    } else {
-        let kind = task_info(tid).watch;
-        if kind == 0 {
-            return;
-        }
-        let Some(w) = (unsafe { WAITING.get(&tid) }).copied() else {
-            return;
-        };
-        let _ = WAITING.remove(&tid);
-        (kind, w)
     };
-    if kind == watch::PROBE {
-        set_probe_waiting(cpu, false);
+    // SAFETY: a watched thread runs on one CPU at a time; only its own
+    // switches write here.
+    let h = unsafe { &mut *h };
+    h.buckets[bucket(wait) & (WAIT_BUCKETS - 1)] += 1;
+    h.count += 1;
+    h.total_ns += wait;
+}
+
+/// Called from sched_switch on a guarded CPU when latency probe `tid` runs:
+/// if it was waiting, ends its wait, adds it to its histogram and reports
+/// what happened on the CPU meanwhile. `runtime_ns`: the thread's CPU time
+/// so far; a wait recorded when it was different is not this one (it ran
+/// since, elsewhere).
+#[inline(always)]
+pub fn end_wait(tid: u32, cpu: u32, at: u64, runtime_ns: u64, prev_tid: u32, prev_run_ns: u64) {
+    if task_info(tid).watch != watch::PROBE {
+        return;
     }
+    let Some(w) = (unsafe { WAITING.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = WAITING.remove(&tid);
+    set_probe_waiting(cpu, false);
     if w.runtime_ns != runtime_ns {
         return;
     }
     let wait = at.saturating_sub(w.since_ns);
-    match WAIT_HIST.get_ptr_mut(&tid) {
-        Some(h) => {
-            // SAFETY: a watched thread runs on one CPU at a time; only its switch-in writes here.
-            let h = unsafe { &mut *h };
-            h.buckets[bucket(wait) & (WAIT_BUCKETS - 1)] += 1;
-            h.count += 1;
-            h.total_ns += wait;
-        }
-        None => {
-            let mut h = WaitHist::default();
-            h.buckets[bucket(wait) & (WAIT_BUCKETS - 1)] = 1;
-            h.count = 1;
-            h.total_ns = wait;
-            let _ = WAIT_HIST.insert(&tid, &h, 0);
-        }
-    }
-    if kind != watch::PROBE {
-        return;
-    }
+    add_wait(tid, wait);
     let (irq_ns, softirq_ns, nmis) = match NOISE.get(cpu) {
         Some(n) => (
             n.irq_ns.saturating_sub(w.irq_ns),

@@ -88,12 +88,28 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
     let start = stats.last_switch_ns;
     let cur_task = stats.cur_task;
     let cur_runtime = stats.cur_runtime;
+    let cur_queued = stats.cur_queued;
+    // Wait tracking needs `next` (not on the classic tracepoint), and only
+    // runs where userspace watches someone: the CPU's cached, watched owner
+    // (a vCPU) without a lookup; other watched threads, only when there are
+    // any (TRACK_WAITS), after a `TASKS` lookup.
+    let owner_watched = bits & guard::OWNER_WATCHED != 0;
+    let track_others = bits & guard::TRACK_WAITS != 0;
+    let track_waits = !next.is_null() && (owner_watched || track_others);
     stats.last_switch_ns = now;
     if next.is_null() {
         stats.cur_task = 0;
     } else {
         stats.cur_task = next as u64;
         stats.cur_runtime = task::sum_exec_runtime::<BTF>(next);
+        // When `next` was queued to run (sched_info_arrive() for it runs
+        // after this tracepoint, in context_switch() -> prepare_task_switch(),
+        // so the stamp is still there): the start of the wait this switch ends.
+        stats.cur_queued = if track_waits && task::sched_info() {
+            task::last_queued::<BTF>(next)
+        } else {
+            0
+        };
     }
     if start == 0 || start > now {
         // First switch seen on this CPU: the slice began before we attached.
@@ -121,50 +137,96 @@ fn on_switch<const BTF: bool>(prev: *const u8, next: *const u8, prev_state: u32)
     if class::is_intruder(class) {
         record_intruder::<BTF>(cpu, tid, tgid, prev, class, start, now, run_ns, known);
     }
-    // Wait tracking of watched threads needs `next` (not on the classic
-    // tracepoint), and only runs where userspace watches someone. The CPU's
-    // cached, watched owner (a vCPU) keeps its wait in the CPU's slot (array
-    // access, no lookup); other watched threads, only when there are any
-    // (TRACK_WAITS), in `WAITING` after a `TASKS` lookup.
-    let owner_watched = bits & guard::OWNER_WATCHED != 0;
-    let track_others = bits & guard::TRACK_WAITS != 0;
-    if !next.is_null() && (owner_watched || track_others) {
-        if tid != 0 {
-            let owner = tid == guard_state.owner_tid;
-            let kind = if owner {
-                if owner_watched { watch::VCPU } else { 0 }
-            } else if track_others {
-                task_info(tid).watch
+    if track_waits {
+        track_wait::<BTF>(
+            cpu,
+            tid,
+            prev,
+            prev_state,
+            next,
+            guard_state.owner_tid,
+            owner_watched,
+            track_others,
+            now,
+            run_ns,
+            if cur_task == prev as u64 {
+                cur_queued
             } else {
                 0
-            };
-            if kind != 0 {
-                if prev_state == 0 {
-                    // TASK_RUNNING at switch-out: preempted, still runnable, so
-                    // waiting from now. Its CPU time was just brought up to date.
-                    let runtime = task::sum_exec_runtime::<BTF>(prev);
-                    noise::start_wait(tid, cpu, now, runtime, owner, kind);
-                } else {
-                    // Going to sleep: forget a wake-up seen while it was still running
-                    // (ttwu of a running task fires sched_wakeup too).
-                    noise::cancel_wait(tid, cpu, owner, kind);
+            },
+            stats.cur_runtime,
+        );
+    }
+    0
+}
+
+/// The waits of watched threads at a switch on a guarded CPU.
+///
+/// vCPUs (`watch::VCPU`): a wait is taken from the kernel's `sched_info` at
+/// the vCPU's switch-out: `last_arrival` (stamped at its switch-in, after the
+/// tracepoint that stashed `last_queued`) minus that `last_queued`. Both are
+/// the same runqueue's clock, so no clock conversion, and no program runs on
+/// wake-ups. The wait is counted when the slice that follows it ends.
+/// https://elixir.bootlin.com/linux/v6.18/source/kernel/sched/stats.h
+/// (`sched_info_enqueue()`, `sched_info_arrive()`).
+///
+/// Latency probes (`watch::PROBE`): from the wake-up the `wakeup` program
+/// saw (or the preemption seen here) to the switch-in, with an EPISODE event.
+///
+/// `queued`: the `last_queued` stashed at `prev`'s switch-in (0: none, or
+/// the CPU's current task was not `prev`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn track_wait<const BTF: bool>(
+    cpu: u32,
+    tid: u32,
+    prev: *const u8,
+    prev_state: u32,
+    next: *const u8,
+    owner_tid: u32,
+    owner_watched: bool,
+    track_others: bool,
+    now: u64,
+    run_ns: u64,
+    queued: u64,
+    next_runtime: u64,
+) {
+    if tid != 0 {
+        let kind = if tid == owner_tid {
+            if owner_watched { watch::VCPU } else { 0 }
+        } else if track_others {
+            task_info(tid).watch
+        } else {
+            0
+        };
+        if kind == watch::VCPU {
+            if queued != 0 {
+                let arrival = task::last_arrival::<BTF>(prev);
+                if arrival >= queued {
+                    noise::add_wait(tid, arrival - queued);
                 }
             }
-        }
-        let next_tid = task::pid::<BTF>(next);
-        if next_tid != 0 {
-            // `next`'s CPU time, read above: it has not run since it stopped.
-            let runtime = stats.cur_runtime;
-            if next_tid != guard_state.owner_tid {
-                if track_others {
-                    noise::end_wait(next_tid, cpu, now, runtime, tid, run_ns, false);
-                }
-            } else if owner_watched {
-                noise::end_wait(next_tid, cpu, now, runtime, tid, run_ns, true);
+        } else if kind == watch::PROBE {
+            if prev_state == 0 {
+                // TASK_RUNNING at switch-out: preempted, still runnable, so
+                // waiting from now. Its CPU time was just brought up to date.
+                noise::start_wait(tid, cpu, now, task::sum_exec_runtime::<BTF>(prev));
+            } else {
+                // Going to sleep: forget a wake-up seen while it was still running
+                // (ttwu of a running task fires sched_wakeup too).
+                noise::cancel_wait(tid, cpu);
             }
         }
     }
-    0
+    // A probe switching in ends its wait (probes are never a CPU's cached
+    // owner: see guard_states() in pin-user).
+    if track_others {
+        let next_tid = task::pid::<BTF>(next);
+        if next_tid != 0 && next_tid != owner_tid {
+            // `next`'s CPU time, read above: it has not run since it stopped.
+            noise::end_wait(next_tid, cpu, now, next_runtime, tid, run_ns);
+        }
+    }
 }
 
 /// Classifies the thread that just ran, cheapest test first: the CPU's cached

@@ -71,6 +71,27 @@ pub fn start_time<const BTF: bool>(task: *const u8) -> u64 {
     field::<u64, BTF>(task, TASK_OFFSETS.load().start_time)
 }
 
+/// `sched_info.last_queued`: when the scheduler queued the task to run (rq
+/// clock), 0 when it is not waiting; 0 too without `CONFIG_SCHED_INFO`
+/// (`sched_info()` tells).
+#[inline(always)]
+pub fn last_queued<const BTF: bool>(task: *const u8) -> u64 {
+    field::<u64, BTF>(task, TASK_OFFSETS.load().last_queued)
+}
+
+/// `sched_info.last_arrival`: when the task last began to run (rq clock).
+#[inline(always)]
+pub fn last_arrival<const BTF: bool>(task: *const u8) -> u64 {
+    field::<u64, BTF>(task, TASK_OFFSETS.load().last_arrival)
+}
+
+/// Whether the kernel keeps `sched_info` (a constant of the loaded object:
+/// the verifier drops the code behind a false one).
+#[inline(always)]
+pub fn sched_info() -> bool {
+    TASK_OFFSETS.load().last_queued != 0
+}
+
 /// What kind of kernel thread a task is, if any.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Kthread {

@@ -86,8 +86,8 @@ pub struct AttachArgs {
     #[arg(long = "owner", value_name = "CPU=TID", value_parser = parse_owner)]
     pub owners: Vec<(u32, u32)>,
     /// Also measure the owners' wake-up-to-run waits, as `pinguard run` does
-    /// for vCPUs (turns on the wait tracking of the sched_switch program;
-    /// attach `wakeup` too for the wake-up side).
+    /// for vCPUs (turns on the wait tracking of the sched_switch program,
+    /// which reads them from the kernel's sched_info: no `wakeup` needed).
     #[arg(long)]
     pub watch_owners: bool,
 }
@@ -224,6 +224,8 @@ pub struct AuditArgs {
 pub struct CheckArgs {
     #[command(flatten)]
     pub guard: GuardArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     #[arg(long)]
     pub json: bool,
 }

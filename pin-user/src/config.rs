@@ -107,6 +107,14 @@ struct FileConfig {
     allow: Vec<AllowRule>,
     #[serde(default)]
     enforce: EnforceFile,
+    #[serde(default)]
+    observer: ObserverFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObserverFile {
+    affinity_syscalls: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,6 +258,11 @@ pub struct Config {
     pub min_interval: Duration,
     /// Longest back-off for a thread that keeps coming back.
     pub max_backoff: Duration,
+    /// Attach the sched_setaffinity syscall tracepoints, which name who
+    /// changed a vCPU's affinity, at the price of every syscall of every
+    /// thread of the host taking the traced-syscall slow path. Off: drifts
+    /// are still caught (migration events, the periodic verify), unnamed.
+    pub affinity_syscalls: bool,
 }
 
 impl Config {
@@ -287,6 +300,7 @@ impl Default for Config {
             allow: Vec::new(),
             min_interval: Duration::from_millis(100),
             max_backoff: Duration::from_secs(60),
+            affinity_syscalls: false,
         }
     }
 }
@@ -452,6 +466,10 @@ impl Config {
                 )?,
                 Duration::from_millis(1),
             )?,
+            affinity_syscalls: file
+                .observer
+                .affinity_syscalls
+                .unwrap_or(d.affinity_syscalls),
         })
     }
 }
@@ -504,9 +522,12 @@ mod tests {
             comm = "chrony*"
             [enforce]
             min_interval = "50ms"
+            [observer]
+            affinity_syscalls = true
             "#,
         )
         .unwrap();
+        assert!(c.affinity_syscalls);
         assert_eq!(c.guard, Some(CpuSet::parse("2-3").unwrap()));
         assert_eq!(c.mode, Mode::Enforce);
         assert_eq!(c.event_interval, Duration::from_millis(500));

@@ -45,6 +45,11 @@ pub struct GuestOptions {
     /// `-qmp unix:...`: a monitor socket (pinguard then asks QEMU for its
     /// vCPUs over QMP; without one it goes by thread names).
     pub qmp: bool,
+    /// `-bios` with a firmware whose reset vector is `jmp $`: each vCPU
+    /// (with `paused` off) spins in KVM_RUN, always runnable, so an intruder
+    /// on its CPU preempts it. The default firmware soon halts: its vCPU
+    /// sleeps and wakes on timer ticks.
+    pub busy: bool,
 }
 
 impl GuestOptions {
@@ -56,6 +61,7 @@ impl GuestOptions {
             debug_threads: true,
             paused: true,
             qmp: true,
+            busy: false,
         }
     }
 }
@@ -98,6 +104,17 @@ impl Guest {
         }
         if opts.paused {
             cmd.arg("-S");
+        }
+        if opts.busy {
+            // 64 KiB of `hlt`, with `jmp $` (EB FE) at the reset vector,
+            // 16 bytes before the end (mapped just below 4 GiB).
+            let mut firmware = vec![0xf4u8; 64 << 10];
+            let reset = firmware.len() - 16;
+            firmware[reset..reset + 2].copy_from_slice(&[0xeb, 0xfe]);
+            let bios = dir.path().join("spin.bin");
+            fs::write(&bios, firmware)
+                .map_err(|e| Error::io("writing the spinning firmware", e))?;
+            cmd.arg("-bios").arg(&bios);
         }
         let log_file = fs::File::create(&log).map_err(|e| Error::io("creating the QEMU log", e))?;
         cmd.stdin(Stdio::null())

@@ -149,6 +149,7 @@ fn json_report_matches_the_host() {
             "cpufreq",
             "smt",
             "irqbalance",
+            "culprit_naming",
         ]
     );
     // Summary counts and exit code agree with the items.
@@ -449,5 +450,44 @@ fn running_irqbalance_is_judged_by_its_environment() {
             fix.contains(&format!("IRQBALANCE_BANNED_CPULIST={cpu}")),
             "{fix}"
         );
+    }
+}
+
+#[test]
+fn culprit_naming_follows_the_daemons_config() {
+    let (_, online) = cpus::online();
+    let cpu = online.last().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let naming = |config: &str| {
+        let path = dir.path().join("pinguard.toml");
+        fs::write(&path, config).unwrap();
+        let out = pinguard_check(&[
+            "--guard",
+            &cpu,
+            "--json",
+            "--config",
+            path.to_str().unwrap(),
+        ]);
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&out.stdout)));
+        item(&report, "culprit_naming").clone()
+    };
+    // The default: off, and how to turn it on.
+    let off = naming("");
+    assert_eq!(off["status"], "pass", "{off}");
+    let message = off["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("off") && message.contains("affinity_syscalls = true"),
+        "{off}"
+    );
+    // Opted in, on a kernel with the syscall tracepoints (this lab).
+    let on = naming("[observer]\naffinity_syscalls = true\n");
+    let tracepoints =
+        std::path::Path::new("/sys/kernel/tracing/events/syscalls/sys_enter_sched_setaffinity")
+            .is_dir();
+    let expected = if tracepoints { "pass" } else { "warn" };
+    assert_eq!(on["status"], expected, "{on}");
+    if tracepoints {
+        assert!(on["message"].as_str().unwrap().starts_with("on"), "{on}");
     }
 }

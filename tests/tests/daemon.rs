@@ -123,10 +123,129 @@ fn observe_mode_reports_guests_and_intruders_and_changes_no_affinity() {
     daemon.stop();
 }
 
+/// The programs the daemon attached, as its own metrics list them.
+fn programs(d: &Daemon) -> Vec<String> {
+    let text = d.scrape();
+    let mut names: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("pinguard_bpf_program_runs_total{"))
+        .filter_map(|l| l.split("program=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(
+        names.iter().any(|n| n == "switch_tp_btf"),
+        "no switch_tp_btf among the daemon's programs: {names:?}"
+    );
+    names
+}
+
+/// Names of the BPF programs loaded in the kernel, as bpftool lists them
+/// (independent of what the daemon says it attached). Other helpers' tools
+/// are kept off the lab by its lock while a test runs.
+fn kernel_programs() -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["--json", "prog", "show"])
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool prog show: {out:?}");
+    let list: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    list.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn by_default_no_syscall_is_traced_and_a_vcpu_moved_by_taskset_is_repinned_at_once() {
+    require!(missing_kvm());
+    // Verification only every hour: a prompt re-pin can only come from the
+    // migration event.
+    let daemon = Daemon::start("mode = \"enforce\"\nverify_interval = \"1h\"\n", &[]);
+    // A running guest whose firmware spins: its vCPU is busy in KVM_RUN,
+    // so moving it away migrates it at once.
+    let mut opts = GuestOptions::new("pg-nosys");
+    opts.paused = false;
+    opts.busy = true;
+    let guest = Guest::start(opts);
+    let vcpu = guest.vcpu_tids()[0];
+    let vm = [("vm", "pg-nosys")];
+    daemon.wait_metric("the vCPU to be pinned", "pinguard_vcpu_pinned", &vm, |v| {
+        v == 1.0
+    });
+    let names = programs(&daemon);
+    for p in [
+        "setaffinity_enter",
+        "setaffinity_exit",
+        "wakeup",
+        "wakeup_new",
+    ] {
+        assert!(
+            !names.iter().any(|n| n == p),
+            "{p} attached by default: {names:?}"
+        );
+    }
+    let loaded = kernel_programs();
+    assert!(
+        loaded.iter().any(|n| n == "switch_tp_btf"),
+        "bpftool lists no switch_tp_btf: {loaded:?}"
+    );
+    assert!(
+        !loaded.iter().any(|n| n.starts_with("setaffinity")),
+        "a sched_setaffinity syscall program is loaded by default: {loaded:?}"
+    );
+    let repins = daemon.metric("pinguard_repins_total", &vm).unwrap_or(0.0);
+
+    let out = Command::new("taskset")
+        .args(["-p", "0x1", &vcpu.to_string()])
+        .output()
+        .expect("run taskset");
+    assert!(out.status.success(), "taskset failed: {out:?}");
+    let moved = std::time::Instant::now();
+    daemon.wait_metric(
+        "a re-pin to be counted",
+        "pinguard_repins_total",
+        &vm,
+        |v| v > repins,
+    );
+    let took = moved.elapsed();
+    assert_eq!(cpus_allowed(guest.pid(), vcpu), "1");
+    assert!(
+        took < Duration::from_secs(10),
+        "the re-pin took {took:?}: not event-driven (verify_interval is 1h)"
+    );
+    let v = wait_for("a vcpu_drift violation", WAIT, || {
+        violations(&daemon)
+            .into_iter()
+            .find(|v| v["kind"] == "vcpu_drift" && v["tid"] == vcpu)
+    });
+    let detail = v["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("changed by: unknown (affinity syscall tracing off"),
+        "the drift should say its culprit is unknown: {v}"
+    );
+    assert!(
+        !violations(&daemon)
+            .iter()
+            .any(|v| v["kind"] == "affinity_changed"),
+        "nothing can name the caller without the syscall tracepoints"
+    );
+    drop(guest);
+    drop(daemon);
+}
+
 #[test]
 fn enforce_mode_pins_repins_after_taskset_and_evicts_user_intruders() {
     require!(missing_kvm());
-    let daemon = Daemon::start("mode = \"enforce\"\n", &[]);
+    // The opt-in syscall tracepoints name who changed the vCPU's affinity.
+    let daemon = Daemon::start(
+        "mode = \"enforce\"\n[observer]\naffinity_syscalls = true\n",
+        &[],
+    );
     let guest = Guest::start(GuestOptions::new("pg-enforce"));
     let vcpu = guest.vcpu_tids()[0];
     let vm = [("vm", "pg-enforce")];
@@ -141,6 +260,16 @@ fn enforce_mode_pins_repins_after_taskset_and_evicts_user_intruders() {
             "emulator thread {t} not on housekeeping"
         );
     }
+    let names = programs(&daemon);
+    assert!(
+        names.iter().any(|n| n == "setaffinity_enter")
+            && names.iter().any(|n| n == "setaffinity_exit"),
+        "affinity_syscalls = true should attach the syscall tracepoints: {names:?}"
+    );
+    assert!(
+        kernel_programs().iter().any(|n| n == "setaffinity_enter"),
+        "bpftool lists no setaffinity_enter program"
+    );
     let repins = daemon.metric("pinguard_repins_total", &vm).unwrap_or(0.0);
 
     // Someone moves the vCPU to the housekeeping CPU by hand.

@@ -301,3 +301,90 @@ fn vcpu_wait_grows_when_a_thread_competes_for_its_cpu() {
     let count = sum_metric(&text, "pinguard_vcpu_wait_seconds_count", &labels).unwrap();
     assert_eq!(inf, count, "the +Inf bucket must equal the count");
 }
+
+/// `run_delay` of a thread (the second field of /proc/PID/task/TID/schedstat):
+/// the kernel's own total of its waits on a runqueue, in ns.
+fn run_delay_ns(pid: u32, tid: u32) -> u64 {
+    let path = format!("/proc/{pid}/task/{tid}/schedstat");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no run_delay in {text:?}"))
+}
+
+#[test]
+fn a_busy_vcpu_preempted_by_an_intruder_waits_as_the_kernel_counts_it_without_a_wakeup_program() {
+    require!(missing_kvm());
+    // A running guest whose firmware spins: its vCPU stays in KVM_RUN, busy.
+    let mut opts = GuestOptions::new("pg-busy");
+    opts.paused = false;
+    opts.busy = true;
+    let guest = Guest::start(opts);
+    let vcpu = guest.vcpu_tids()[0];
+    set_affinity(vcpu, &[1]);
+    let daemon = Daemon::start(CONFIG, &[]);
+    let labels = [("vm", "pg-busy"), ("vcpu", "0")];
+    daemon.wait_metric(
+        "the vCPU to be watched",
+        "pinguard_vcpu_info",
+        &[("vm", "pg-busy")],
+        |v| v == 1.0,
+    );
+    // The default daemon runs no program on wake-ups: the waits come from
+    // the kernel's sched_info at sched_switch.
+    let text = daemon.scrape();
+    for p in ["wakeup", "wakeup_new"] {
+        assert!(
+            sum_metric(&text, "pinguard_bpf_program_runs_total", &[("program", p)]).is_none(),
+            "the daemon attached {p} by default"
+        );
+    }
+    assert!(
+        sum_metric(
+            &text,
+            "pinguard_bpf_program_runs_total",
+            &[("program", "switch_tp_btf")]
+        )
+        .is_some(),
+        "switch_tp_btf is not among the daemon's programs"
+    );
+
+    let measure = |d: &Daemon| {
+        (
+            current(d, "pinguard_vcpu_wait_seconds_sum", &labels),
+            d.metric("pinguard_vcpu_wait_seconds_count", &labels)
+                .unwrap_or(0.0),
+            run_delay_ns(guest.pid(), vcpu),
+        )
+    };
+    // An intruder of the same class competes for CPU 1 for 2 s: the
+    // scheduler alternates them, so the vCPU is preempted, still runnable,
+    // and waits each time; it is counted when its next slice ends.
+    let hog = Worker::spawn_on("pg-preempt", &[1]);
+    let (s0, c0, d0) = measure(&daemon);
+    hog.run(|| spin(Duration::from_secs(2)));
+    // The vCPU's last wait is counted at the end of the slice it ended:
+    // let the vCPU be switched out once more (the tick preempts nothing on
+    // an otherwise idle CPU, so a short competitor ends its slice).
+    let nudge = Worker::spawn_on("pg-nudge", &[1]);
+    nudge.run(|| spin(Duration::from_millis(20)));
+    let (s1, c1, d1) = measure(&daemon);
+    let (ours, kernel) = (s1 - s0, (d1 - d0) as f64 / 1e9);
+    eprintln!(
+        "busy vCPU preempted: {:.0} waits, {ours:.6}s by pinguard, run_delay +{kernel:.6}s",
+        c1 - c0
+    );
+    assert!(
+        c1 - c0 >= 10.0 && ours > 0.2,
+        "a busy vCPU sharing CPU 1 with a spinning intruder for 2 s should wait about half the \
+         time in many waits: {} waits, {ours:.6}s (run_delay +{kernel:.6}s)",
+        c1 - c0
+    );
+    // The same kernel stamps: pinguard's total agrees with the kernel's,
+    // but for the waits in progress at the edges of the window.
+    assert!(
+        (ours - kernel).abs() <= 0.05 + 0.05 * kernel,
+        "pinguard counted {ours:.6}s of waits, the kernel's run_delay grew {kernel:.6}s"
+    );
+}

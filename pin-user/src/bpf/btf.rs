@@ -217,6 +217,13 @@ impl Btf {
             Ok(off) => off,
             Err(_) => f("thread_info")? + self.field_offset("thread_info", "cpu")?,
         };
+        // `sched_info` exists with CONFIG_SCHED_INFO (SCHEDSTATS or
+        // TASK_DELAY_ACCT); without it vCPU waits are not measured (0).
+        let sched_info = |field| {
+            f("sched_info")
+                .and_then(|base| Ok(base + self.field_offset("sched_info", field)?))
+                .unwrap_or(0)
+        };
         Ok(TaskOffsets {
             pid: f("pid")?,
             tgid: f("tgid")?,
@@ -228,7 +235,8 @@ impl Btf {
             thread_pid: f("thread_pid")?,
             pid_level: self.field_offset("pid", "level")?,
             start_time: f("start_time")?,
-            _pad: 0,
+            last_queued: sched_info("last_queued"),
+            last_arrival: sched_info("last_arrival"),
         })
     }
 }
@@ -315,6 +323,12 @@ mod tests {
         assert_eq!(o.tgid, o.pid + 4, "{o:?}");
         assert!(
             o.comm > o.tgid && o.flags != o.pid && o.cpu != o.pid,
+            "{o:?}"
+        );
+        // Both of struct sched_info's stamps, or neither (no CONFIG_SCHED_INFO).
+        assert_eq!(o.last_queued == 0, o.last_arrival == 0, "{o:?}");
+        assert!(
+            o.last_queued == 0 || o.last_queued != o.last_arrival,
             "{o:?}"
         );
     }

@@ -113,12 +113,18 @@ pub struct ProbeConfig {
     pub event_interval: Duration,
     /// Attach sched_migrate_task (migrations onto guarded CPUs, owners leaving).
     pub migrations: bool,
-    /// Attach the sched_setaffinity syscall tracepoints (who changed a vCPU's affinity).
+    /// Attach the sched_setaffinity syscall tracepoints (who changed a vCPU's
+    /// affinity). Off by default: they put every syscall of every thread of
+    /// the host on the traced-syscall slow path (`[observer] affinity_syscalls`).
     pub affinity: bool,
     /// Attach exec/exit hooks (QEMU starting, guests and vCPU threads exiting).
     pub lifecycle: bool,
-    /// Attach IRQ/softirq/NMI timing and wake-up tracking of watched threads.
+    /// Attach IRQ/softirq/NMI timing.
     pub noise: bool,
+    /// Attach `sched_wakeup(_new)`, which runs on every wake-up of every CPU:
+    /// only latency probes need it (their episodes start at the wake-up);
+    /// vCPU waits come from the kernel's `sched_info` at sched_switch.
+    pub wakeups: bool,
     /// Size of the event ring buffer in bytes (a power of two, at least a page).
     pub events_bytes: u32,
 }
@@ -131,9 +137,10 @@ impl ProbeConfig {
             events_bytes: pin_common::EVENTS_BYTES,
             event_interval: Duration::from_secs(1),
             migrations: true,
-            affinity: true,
+            affinity: false,
             lifecycle: false,
             noise: true,
+            wakeups: false,
         }
     }
 }
@@ -205,6 +212,12 @@ impl Probe {
         raise_memlock();
         let kernel_btf = Btf::from_sys()?;
         let offsets = kernel_btf.task_offsets()?;
+        if offsets.last_queued == 0 {
+            log::warn!(
+                "this kernel keeps no sched_info (CONFIG_SCHED_INFO, enabled by SCHEDSTATS or \
+                 TASK_DELAY_ACCT): vCPU wait times (pinguard_vcpu_wait_seconds) are not measured"
+            );
+        }
         let aya_btf = aya::Btf::from_sys_fs().map_err(|e| BtfError::Read {
             path: "/sys/kernel/btf/vmlinux".into(),
             source: io::Error::other(e.to_string()),
@@ -258,13 +271,14 @@ impl Probe {
                     program::IRQ_EXIT,
                     program::SOFTIRQ_ENTRY,
                     program::SOFTIRQ_EXIT,
-                    program::WAKEUP,
-                    program::WAKEUP_NEW,
                 ]);
                 // NMIs are timed where the kernel has the tracepoint (x86).
                 if tracepoint_exists("nmi", "nmi_handler") {
                     p.push(program::NMI);
                 }
+            }
+            if config.wakeups {
+                p.extend([program::WAKEUP, program::WAKEUP_NEW]);
             }
             p
         } else {
@@ -331,23 +345,6 @@ impl Probe {
         let mut arr: Array<_, GuardState> = Array::try_from(m).map_err(map_err(map::GUARDED))?;
         for &(cpu, state) in &states {
             arr.set(cpu, state, 0).map_err(map_err(map::GUARDED))?;
-        }
-        // A CPU without a watched owner has no owner wait in progress: clear
-        // its slot, so that an owner watched again later does not end a wait
-        // that began before it was unwatched. (A new owner never takes an
-        // old one's slot: the slot names its thread.)
-        let m = self
-            .ebpf
-            .map_mut(map::OWNER_WAITING)
-            .ok_or(ProbeError::MissingMap(map::OWNER_WAITING))?;
-        let mut slots: Array<_, Waiting> =
-            Array::try_from(m).map_err(map_err(map::OWNER_WAITING))?;
-        for (cpu, state) in states {
-            if state.bits & guard::OWNER_WATCHED == 0 {
-                slots
-                    .set(cpu, Waiting::default(), 0)
-                    .map_err(map_err(map::OWNER_WAITING))?;
-            }
         }
         Ok(())
     }
@@ -639,7 +636,7 @@ fn hook_of(name: &str) -> (HookKind, &'static str) {
 
 /// The guard state of each of `cpus`: guarded or not, the CPU's single owner,
 /// if it has exactly one, and how waits are measured: a single owner watched
-/// as a vCPU in its CPU's slot (`OWNER_WATCHED`); any other watched thread (a
+/// as a vCPU without a lookup (`OWNER_WATCHED`); any other watched thread (a
 /// latency probe, vCPUs sharing a CPU) with a `TASKS` lookup per switch on
 /// every guarded CPU (`TRACK_WAITS`), turned on only while one exists. A
 /// single owner watched as a probe is not cached, so that its waits take that

@@ -9,7 +9,8 @@
 //! One submodule per group of items: [`cmdline`] (boot parameters), [`irqs`]
 //! (device IRQ affinity), [`irqbalance`], [`sched`] (workqueues, preemption,
 //! RT throttling, timer migration), [`cpu`] (frequency governor, SMT
-//! siblings); [`render`] draws the report as a table.
+//! siblings), [`observer`] (what the daemon's configuration leaves out);
+//! [`render`] draws the report as a table.
 use std::{fmt, fs, io, path::Path};
 
 use thiserror::Error;
@@ -25,10 +26,12 @@ mod cmdline;
 mod cpu;
 mod irqbalance;
 mod irqs;
+mod observer;
 pub mod render;
 mod sched;
 
 pub use irqs::IrqFinding;
+pub use observer::culprit_naming;
 
 /// Why the check could not run at all (individual unreadable files only make
 /// their item `warn`).
@@ -98,6 +101,16 @@ impl Report {
     #[cfg(test)]
     pub fn item(&self, id: &str) -> Option<&Item> {
         self.items.iter().find(|i| i.id == id)
+    }
+
+    /// Adds an item that is not about the host (the daemon's configuration).
+    pub fn push(&mut self, item: Item) {
+        match item.status {
+            Status::Pass => self.summary.pass += 1,
+            Status::Warn => self.summary.warn += 1,
+            Status::Fail => self.summary.fail += 1,
+        }
+        self.items.push(item);
     }
 
     /// `exit::VIOLATIONS` when any item failed, else `exit::OK`.

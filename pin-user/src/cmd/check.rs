@@ -5,10 +5,19 @@ use std::{io::Write as _, process::ExitCode};
 
 use anyhow::Context as _;
 
-use crate::{check, cli::CheckArgs, host::Host};
+use crate::{
+    check,
+    cli::CheckArgs,
+    config::{Config, Overrides},
+    host::Host,
+};
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let report = check::check(&Host::default(), args.guard.guard.as_ref())?;
+    let host = Host::default();
+    let mut report = check::check(&host, args.guard.guard.as_ref())?;
+    // The daemon's file (--config, else the default path if present).
+    let config = Config::load(&Overrides::from(&args.policy))?;
+    report.push(check::culprit_naming(&host, config.affinity_syscalls));
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &report).context("cannot write the JSON report")?;

@@ -178,6 +178,9 @@ fn load_probe(cpu: u32) -> anyhow::Result<(Probe, AsyncFd<EventReader>)> {
     probe_config.affinity = false;
     probe_config.lifecycle = false;
     probe_config.noise = true;
+    // Episodes start at the probe's wake-up: only this short run pays for a
+    // program on every wake-up of the host (the daemon does not attach it).
+    probe_config.wakeups = true;
     // Every slice, IRQ and softirq during a wait is an event: room for bursts
     // while the reader is busy (16 MiB, against 256 KiB for the daemon).
     probe_config.events_bytes = 16 << 20;

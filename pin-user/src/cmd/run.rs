@@ -41,6 +41,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut probe_config = ProbeConfig::new(guard.guarded.clone());
     probe_config.event_interval = config.event_interval;
     probe_config.lifecycle = true;
+    probe_config.affinity = config.affinity_syscalls;
     let mut probe = Probe::load(&probe_config)?;
     let events = probe.take_events()?;
     // Kept for the daemon's lifetime: the kernel counts program run time

@@ -38,6 +38,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut config = ProbeConfig::new(guard.guarded.clone());
     config.hook = args.hook;
     config.event_interval = args.event_interval;
+    // An interactive session names who changes a vCPU's affinity; only the
+    // daemon, which runs for months, leaves the syscall tracepoints off.
+    config.affinity = true;
     runtime()?.block_on(async move {
         let mut probe = Probe::load(&config)?;
         for &(cpu, tid) in &args.owners {

@@ -124,6 +124,10 @@ impl LogBudget {
 /// (the discovery thread is stuck on something the deadlines did not catch).
 const IN_FLIGHT: Duration = Duration::from_secs(60);
 
+/// Appended to a drift's detail when the affinity syscalls are not traced.
+pub const CULPRIT_UNKNOWN: &str = "; changed by: unknown (affinity syscall tracing off; \
+     `[observer] affinity_syscalls = true` names the caller)";
+
 /// How long after a guarded CPU went or came back a refused affinity is the
 /// hotplug's doing (cpusets are updated after the CPU itself), not an error.
 const HOTPLUG_SETTLE: Duration = Duration::from_secs(2);
@@ -240,7 +244,7 @@ impl<E: Effects> Daemon<E> {
 
     /// Applies a reloaded configuration. The guarded set and listen address
     /// need a restart; everything else takes effect now.
-    pub fn reload(&mut self, config: Config) -> Result<(), String> {
+    pub fn reload(&mut self, mut config: Config) -> Result<(), String> {
         if config.mode != self.config.mode && !config.mode_explicit {
             // An empty or truncated file is all defaults: it must not switch
             // enforcement off (or on) by saying nothing.
@@ -285,12 +289,19 @@ impl<E: Effects> Daemon<E> {
                 old.isolation_interval != config.isolation_interval,
             ),
             ("listen", old.listen != config.listen),
+            (
+                "observer.affinity_syscalls",
+                old.affinity_syscalls != config.affinity_syscalls,
+            ),
         ];
         for (key, changed) in fixed {
             if changed {
                 log::warn!("reload: `{key}` changed but takes effect only after a restart");
             }
         }
+        // What is attached, not what the file now says: violations tell
+        // whether a culprit could have been named.
+        config.affinity_syscalls = old.affinity_syscalls;
         // Keep the back-off state unless its parameters changed: a reload must
         // not restart a fight with another tool at full rate.
         if (old.min_interval, old.max_backoff) != (config.min_interval, config.max_backoff) {
@@ -723,7 +734,10 @@ impl<E: Effects> Daemon<E> {
         // explains it (affinity change, migration), its handler has reported it.
         if was != Some(false) && !explained {
             let comm = self.fx.comm(a.pid, tid).unwrap_or_default();
-            let detail = format!("affinity is {have}, assigned {want}");
+            let detail = format!(
+                "affinity is {have}, assigned {want}{}",
+                self.culprit_unknown()
+            );
             self.record(
                 Violation::new(ViolationKind::VcpuDrift, a.cpu, tid, a.pid, &comm, detail)
                     .of_vcpu(&a.vm, a.vcpu),
@@ -731,6 +745,17 @@ impl<E: Effects> Daemon<E> {
         }
         if self.config.mode == Mode::Enforce {
             self.repin(tid, &a);
+        }
+    }
+
+    /// What a drift's detail says about its culprit when no syscall
+    /// tracepoint could have named it (with them, an `affinity_changed`
+    /// violation names the caller).
+    fn culprit_unknown(&self) -> &'static str {
+        if self.config.affinity_syscalls {
+            ""
+        } else {
+            CULPRIT_UNKNOWN
         }
     }
 
@@ -830,7 +855,12 @@ impl<E: Effects> Daemon<E> {
                     t.tid,
                     t.tgid,
                     &t.comm,
-                    format!("left its CPU {} for CPU {}", a.cpu, m.to_cpu),
+                    format!(
+                        "left its CPU {} for CPU {}{}",
+                        a.cpu,
+                        m.to_cpu,
+                        self.culprit_unknown()
+                    ),
                 )
                 .of_vcpu(&a.vm, a.vcpu),
             );
