@@ -47,6 +47,10 @@ pub mod map {
     pub const NOISE: &str = "NOISE";
     pub const WAITING: &str = "WAITING";
     pub const WAIT_HIST: &str = "WAIT_HIST";
+    /// `Array<u32>` of one entry: the tgid of the pinguard process using the
+    /// programs, whose threads never produce events. A map, not a load-time
+    /// global, so that a restarted daemon adopting pinned programs can name itself.
+    pub const DAEMON_TGID: &str = "DAEMON_TGID";
 }
 
 /// Names of the programs defined by pin-ebpf.
@@ -79,8 +83,6 @@ pub mod program {
 
 /// Names of load-time globals (`Global<T>` in pin-ebpf, `EbpfLoader::set_global` in userspace).
 pub mod global {
-    /// `u32`: pinguard's own tgid; its threads never produce events.
-    pub const SELF_TGID: &str = "SELF_TGID";
     /// `u64`: minimum nanoseconds between two intrusion events of one thread on one CPU.
     pub const EVENT_INTERVAL_NS: &str = "EVENT_INTERVAL_NS";
     /// `TaskOffsets`: field offsets inside `struct task_struct`, read from kernel BTF.

@@ -64,8 +64,25 @@ pub static WAIT_HIST: HashMap<u32, WaitHist> = HashMap::with_max_entries(MAX_OWN
 #[map]
 pub static GUESTS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_OWNERS, 0);
 
-#[unsafe(no_mangle)]
-pub static SELF_TGID: Global<u32> = Global::new(0);
+/// pinguard's own tgid at index 0 (see `pin_common::map::DAEMON_TGID`).
+#[map]
+pub static DAEMON_TGID: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Reads `DAEMON_TGID` with the interface of the load-time global it replaced
+/// (a restarted daemon adopts pinned programs, whose globals are frozen).
+pub struct SelfTgid;
+
+impl SelfTgid {
+    #[inline(always)]
+    pub fn load(&self) -> u32 {
+        match DAEMON_TGID.get(0) {
+            Some(t) => *t,
+            None => 0,
+        }
+    }
+}
+
+pub static SELF_TGID: SelfTgid = SelfTgid;
 
 #[unsafe(no_mangle)]
 pub static EVENT_INTERVAL_NS: Global<u64> = Global::new(1_000_000_000);

@@ -49,6 +49,10 @@ pub enum Command {
     /// A live view of the guarded CPUs (like top): owners, time split, IRQ noise,
     /// intruders; from the kernel's maps, or a running daemon with --url.
     Top(TopArgs),
+    /// Detach and remove everything pinguard left in the kernel: the eBPF programs, links and
+    /// maps pinned under /sys/fs/bpf/pinguard (by a killed daemon, or with
+    /// keep_sensors_on_exit). Refused while `pinguard run` runs. Exit 0 done, 2 failed.
+    Cleanup(CleanupArgs),
     /// Attach only the named eBPF program until SIGTERM/SIGINT (used by `cargo xtask bench`).
     #[command(hide = true)]
     Attach(AttachArgs),
@@ -58,6 +62,13 @@ pub enum Command {
     /// Write the man pages into DIR (used by `cargo xtask package`).
     #[command(hide = true)]
     Manpages(ManpagesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Print what was removed as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

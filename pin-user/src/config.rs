@@ -99,6 +99,7 @@ struct FileConfig {
     isolation: Option<Isolation>,
     isolation_interval: Option<String>,
     isolation_undo_on_exit: Option<bool>,
+    keep_sensors_on_exit: Option<bool>,
     #[serde(default)]
     placement: PlacementFile,
     #[serde(default)]
@@ -247,6 +248,10 @@ pub struct Config {
     /// Undo the isolation when the daemon exits (default: keep it, so a
     /// restart leaves no gap for IRQs and tasks to land on guarded CPUs).
     pub isolation_undo_on_exit: bool,
+    /// Leave the eBPF programs attached and pinned in bpffs when the daemon
+    /// stops (SIGTERM, SIGINT), for the next start to adopt (an upgrade
+    /// without a gap in the counters). Default: detach and remove them.
+    pub keep_sensors_on_exit: bool,
     pub emulator: EmulatorPolicy,
     pub smt: SmtPolicy,
     pub allow_shared: bool,
@@ -292,6 +297,7 @@ impl Default for Config {
             isolation: Isolation::Off,
             isolation_interval: Duration::from_secs(5),
             isolation_undo_on_exit: false,
+            keep_sensors_on_exit: false,
             emulator: EmulatorPolicy::Housekeeping,
             smt: SmtPolicy::PreferSiblings,
             allow_shared: false,
@@ -442,6 +448,7 @@ impl Config {
             isolation_undo_on_exit: file
                 .isolation_undo_on_exit
                 .unwrap_or(d.isolation_undo_on_exit),
+            keep_sensors_on_exit: file.keep_sensors_on_exit.unwrap_or(d.keep_sensors_on_exit),
             emulator,
             smt: file.placement.smt.unwrap_or(d.smt),
             allow_shared: file.placement.allow_shared.unwrap_or(d.allow_shared),
@@ -512,6 +519,7 @@ mod tests {
             isolation = "runtime"
             isolation_interval = "2s"
             isolation_undo_on_exit = true
+            keep_sensors_on_exit = true
             [placement]
             emulator = "with-vcpu0"
             smt = "keep-siblings-free"
@@ -542,6 +550,7 @@ mod tests {
         assert_eq!(c.isolation, Isolation::Runtime);
         assert_eq!(c.isolation_interval, Duration::from_secs(2));
         assert!(c.isolation_undo_on_exit);
+        assert!(c.keep_sensors_on_exit);
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd::run::run(args),
         Command::Latency(args) => cmd::latency::run(args),
         Command::Top(args) => cmd::top::run(args),
+        Command::Cleanup(args) => cmd::cleanup::run(args),
         Command::Attach(args) => cmd::attach::run(args),
         Command::Completions(args) => cmd::completions::run(args),
         Command::Manpages(args) => cmd::manpages::run(args),

@@ -265,6 +265,8 @@ fn daemonset_has_the_units_privileges_and_no_more() {
         ("/sys/kernel/tracing", "/sys/kernel/tracing"),
         ("/run/libvirt", "/run/libvirt"),
         ("/var/run/pinguard", "/run/pinguard"),
+        // The pins must outlive the pod (crash-safe restarts).
+        ("/sys/fs/bpf", "/sys/fs/bpf"),
     ] {
         assert!(
             host_mounts.contains(&(host.to_string(), container.to_string())),

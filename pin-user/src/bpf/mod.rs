@@ -4,4 +4,5 @@
 pub mod btf;
 pub mod class;
 pub mod events;
+pub mod pinning;
 pub mod probe;

@@ -6,9 +6,9 @@
 use std::{collections::BTreeMap, io, path::Path, time::Duration};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, ProgramError, RawTracePoint, TracePoint, links::FdLink},
 };
 use pin_common::{
     ANY_CPU, CpuStats, GuardState, IrqKey, NO_CPU, NoiseStat, NoiseState, SoftirqStats,
@@ -21,6 +21,7 @@ use crate::{
     bpf::{
         btf::{Btf, BtfError},
         events::{DecodeError, KernelEvent, decode},
+        pinning::{self, Objects, PinningError, Pins},
     },
     host::cpulist::CpuSet,
 };
@@ -62,6 +63,13 @@ pub enum ProbeError {
     MissingMap(&'static str),
     #[error("CPU {0} is beyond the {max} CPUs pinguard supports", max = pin_common::MAX_CPUS)]
     CpuOutOfRange(u32),
+    #[error(transparent)]
+    Pinning(#[from] PinningError),
+    #[error("program {name}: its link cannot be pinned: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> ProbeError {
@@ -162,7 +170,9 @@ pub struct ProgramStats {
 }
 
 pub struct Probe {
-    ebpf: Ebpf,
+    ebpf: Objects,
+    /// Set when the programs are pinned in bpffs (`pinguard run`).
+    pins: Option<Pins>,
     attached: Vec<&'static str>,
     guarded: CpuSet,
     /// What we wrote to `TASKS` (userspace is its only writer): the source of
@@ -186,15 +196,146 @@ impl Probe {
     /// Loads the object with the running kernel's offsets and attaches the
     /// observer. Nothing stays attached if any step fails.
     pub fn load(config: &ProbeConfig) -> Result<Self, ProbeError> {
-        Self::load_programs(config, &[])
+        Self::load_programs(config, &[], None)
     }
 
     /// Loads the object and attaches exactly the named programs (benchmarks).
     pub fn load_only(config: &ProbeConfig, programs: &[&'static str]) -> Result<Self, ProbeError> {
-        Self::load_programs(config, programs)
+        Self::load_programs(config, programs, None)
     }
 
-    fn load_programs(config: &ProbeConfig, only: &[&'static str]) -> Result<Self, ProbeError> {
+    /// Loads the daemon's observer pinned in bpffs under [`pinning::ROOT`], or
+    /// adopts the one a previous daemon left there (see `bpf::pinning`).
+    /// Falls back to an unpinned load, saying why, when bpffs is unusable.
+    pub fn load_pinned(config: &ProbeConfig) -> Result<Self, ProbeError> {
+        let started = std::time::Instant::now();
+        match pinning::ensure_bpffs() {
+            Ok(true) => log::info!("mounted bpffs at {}", pinning::BPFFS),
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!("{e}; the eBPF programs are not pinned: they stop with the daemon");
+                return Self::load(config);
+            }
+        }
+        let root = Path::new(pinning::ROOT);
+        let layout = pinning::layout(OBJECT, interval_ns(config), config.events_bytes);
+        let programs = Self::programs_for(config)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let plan = pinning::plan(&pinning::scan(root)?, &layout, &programs, PINNED_MAPS);
+        for (name, why) in &plan.replace {
+            let removed = pinning::remove(&root.join(name))?;
+            log::info!(
+                "replaced the eBPF programs pinned in {}/{name} ({why}): detached and removed {} objects",
+                pinning::ROOT,
+                removed.len()
+            );
+        }
+        let dir = root.join(&layout);
+        if plan.adopt.is_some() {
+            let probe = Self::adopt(config, &dir)?;
+            log::info!(
+                "adopted the eBPF programs pinned in {} ({} programs, attached while pinguard was down) in {} ms",
+                dir.display(),
+                probe.attached.len(),
+                started.elapsed().as_millis()
+            );
+            return Ok(probe);
+        }
+        let probe = Self::load_programs(config, &[], Some(&dir)).inspect_err(|_| {
+            // Nothing half-pinned stays behind a failed load.
+            let _ = pinning::remove(&dir);
+        })?;
+        log::info!(
+            "loaded the eBPF programs and pinned them in {} in {} ms",
+            dir.display(),
+            started.elapsed().as_millis()
+        );
+        Ok(probe)
+    }
+
+    /// Takes over a pinned observer: same programs and links, the kernel's
+    /// counters as they are. What userspace writes (guarded CPUs, owners,
+    /// allowlist, guests) starts over as at a fresh load: the daemon writes
+    /// it again from discovery, and entries of threads gone meanwhile must
+    /// not outlive them.
+    fn adopt(config: &ProbeConfig, dir: &Path) -> Result<Self, ProbeError> {
+        let adopted = pinning::adopt(dir)?;
+        let attached = Self::programs_for(config)
+            .into_iter()
+            .filter(|p| adopted.programs.contains_key(*p))
+            .collect();
+        let mut probe = Self {
+            ebpf: Objects::Adopted {
+                maps: adopted.maps,
+                programs: adopted.programs,
+            },
+            pins: Some(adopted.pins),
+            attached,
+            guarded: CpuSet::new(),
+            tasks: std::collections::HashMap::new(),
+            noise_events: false,
+            _logger: None,
+        };
+        probe.set_daemon_tgid()?;
+        probe.clear::<TaskInfo>(map::TASKS)?;
+        probe.clear::<u32>(map::GUESTS)?;
+        // The old daemon may have guarded other CPUs: clear every CPU it did.
+        let previous = {
+            let m = probe
+                .ebpf
+                .map(map::GUARDED)
+                .ok_or(ProbeError::MissingMap(map::GUARDED))?;
+            let arr: Array<_, GuardState> = Array::try_from(m).map_err(map_err(map::GUARDED))?;
+            (0..pin_common::MAX_CPUS)
+                .filter(|cpu| arr.get(cpu, 0).is_ok_and(|g| g.bits != 0))
+                .collect::<CpuSet>()
+        };
+        probe.guarded = previous;
+        probe.set_guarded(&config.guarded)?;
+        Ok(probe)
+    }
+
+    /// Empties a hash map keyed by thread or process id.
+    fn clear<V: aya::Pod>(&mut self, name: &'static str) -> Result<(), ProbeError> {
+        let mut h = self.hash::<u32, V>(name)?;
+        let keys: Vec<u32> = h.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            ignore_missing(h.remove(&k)).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Writes our tgid for the programs, whose own threads never produce events.
+    fn set_daemon_tgid(&mut self) -> Result<(), ProbeError> {
+        let m = self
+            .ebpf
+            .map_mut(map::DAEMON_TGID)
+            .ok_or(ProbeError::MissingMap(map::DAEMON_TGID))?;
+        let mut arr: Array<_, u32> = Array::try_from(m).map_err(map_err(map::DAEMON_TGID))?;
+        arr.set(0, std::process::id(), 0)
+            .map_err(map_err(map::DAEMON_TGID))
+    }
+
+    /// Where the programs are pinned, if they are.
+    pub fn pinned_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.dir.as_path())
+    }
+
+    /// Removes the pins: the programs detach when this probe is dropped.
+    pub fn unpin(&mut self) -> Result<Vec<pinning::Removed>, ProbeError> {
+        match self.pins.as_ref() {
+            Some(p) => Ok(p.unpin()?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn load_programs(
+        config: &ProbeConfig,
+        only: &[&'static str],
+        pin: Option<&Path>,
+    ) -> Result<Self, ProbeError> {
         if OBJECT.is_empty() {
             return Err(ProbeError::EmptyObject);
         }
@@ -222,12 +363,10 @@ impl Probe {
             path: "/sys/kernel/btf/vmlinux".into(),
             source: io::Error::other(e.to_string()),
         })?;
-        let self_tgid = std::process::id();
-        let interval_ns = u64::try_from(config.event_interval.as_nanos()).unwrap_or(u64::MAX);
+        let interval_ns = interval_ns(config);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
             .map_max_entries(map::EVENTS, config.events_bytes)
-            .override_global(global::SELF_TGID, &self_tgid, true)
             .override_global(global::EVENT_INTERVAL_NS, &interval_ns, true)
             .override_global(global::TASK_OFFSETS, &offsets, true)
             .load(OBJECT)
@@ -241,80 +380,122 @@ impl Probe {
         // Diagnostics from the programs (aya-log); optional, never per event.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let mut probe = Self {
-            ebpf,
+            ebpf: Objects::Loaded(ebpf),
+            pins: None,
             attached: Vec::new(),
             guarded: CpuSet::new(),
             tasks: std::collections::HashMap::new(),
             noise_events: false,
             _logger: logger,
         };
+        probe.set_daemon_tgid()?;
         probe.set_guarded(&config.guarded)?;
 
-        let programs: Vec<&'static str> = if only.is_empty() {
-            let mut p = vec![match config.hook {
-                Hook::TpBtf => program::SWITCH_TP_BTF,
-                Hook::RawTp => program::SWITCH_RAW_TP,
-                Hook::Tracepoint => program::SWITCH_TRACEPOINT,
-            }];
-            if config.migrations {
-                p.push(program::MIGRATE_TP_BTF);
-            }
-            if config.affinity {
-                p.extend([program::SETAFFINITY_ENTER, program::SETAFFINITY_EXIT]);
-            }
-            if config.lifecycle {
-                p.extend([program::PROC_EXEC, program::PROC_EXIT]);
-            }
-            if config.noise {
-                p.extend([
-                    program::IRQ_ENTRY,
-                    program::IRQ_EXIT,
-                    program::SOFTIRQ_ENTRY,
-                    program::SOFTIRQ_EXIT,
-                ]);
-                // NMIs are timed where the kernel has the tracepoint (x86).
-                if tracepoint_exists("nmi", "nmi_handler") {
-                    p.push(program::NMI);
-                }
-            }
-            if config.wakeups {
-                p.extend([program::WAKEUP, program::WAKEUP_NEW]);
-            }
-            p
+        let programs = if only.is_empty() {
+            Self::programs_for(config)
         } else {
             only.to_vec()
         };
+        let mut links = Vec::new();
         for name in programs {
-            probe.attach(name, &aya_btf)?;
+            if let Some(link) = probe.attach(name, &aya_btf, pin.is_some())? {
+                links.push((name, link));
+            }
+        }
+        if let (Some(dir), Objects::Loaded(ebpf)) = (pin, &mut probe.ebpf) {
+            probe.pins = Some(pinning::pin_loaded(ebpf, links, dir)?);
         }
         Ok(probe)
     }
 
-    fn attach(&mut self, name: &'static str, btf: &aya::Btf) -> Result<(), ProbeError> {
-        let prog = self.ebpf.program_mut(name).ok_or(ProbeError::Program {
+    /// The programs `load` attaches for `config`.
+    pub fn programs_for(config: &ProbeConfig) -> Vec<&'static str> {
+        let mut p = vec![match config.hook {
+            Hook::TpBtf => program::SWITCH_TP_BTF,
+            Hook::RawTp => program::SWITCH_RAW_TP,
+            Hook::Tracepoint => program::SWITCH_TRACEPOINT,
+        }];
+        if config.migrations {
+            p.push(program::MIGRATE_TP_BTF);
+        }
+        if config.affinity {
+            p.extend([program::SETAFFINITY_ENTER, program::SETAFFINITY_EXIT]);
+        }
+        if config.lifecycle {
+            p.extend([program::PROC_EXEC, program::PROC_EXIT]);
+        }
+        if config.noise {
+            p.extend([
+                program::IRQ_ENTRY,
+                program::IRQ_EXIT,
+                program::SOFTIRQ_ENTRY,
+                program::SOFTIRQ_EXIT,
+            ]);
+            // NMIs are timed where the kernel has the tracepoint (x86).
+            if tracepoint_exists("nmi", "nmi_handler") {
+                p.push(program::NMI);
+            }
+        }
+        if config.wakeups {
+            p.extend([program::WAKEUP, program::WAKEUP_NEW]);
+        }
+        p
+    }
+
+    /// Loads and attaches one program. With `take_link`, its link is handed
+    /// to the caller (to pin it) instead of staying with the program.
+    fn attach(
+        &mut self,
+        name: &'static str,
+        btf: &aya::Btf,
+        take_link: bool,
+    ) -> Result<Option<FdLink>, ProbeError> {
+        let Objects::Loaded(ebpf) = &mut self.ebpf else {
+            return Err(ProbeError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            });
+        };
+        let prog = ebpf.program_mut(name).ok_or(ProbeError::Program {
             name,
             source: ProgramError::NotLoaded,
         })?;
         let (kind, hook) = hook_of(name);
-        match kind {
+        let link_err = |source| ProbeError::Link { name, source };
+        let link = match kind {
             HookKind::TpBtf => {
                 let p: &mut BtfTracePoint = prog.try_into().map_err(prog_err(name))?;
                 p.load(hook, btf).map_err(prog_err(name))?;
-                p.attach().map_err(prog_err(name))?;
+                let id = p.attach().map_err(prog_err(name))?;
+                take_link
+                    .then(|| p.take_link(id).map(FdLink::from))
+                    .transpose()
+                    .map_err(prog_err(name))?
             }
             HookKind::RawTp => {
                 let p: &mut RawTracePoint = prog.try_into().map_err(prog_err(name))?;
                 p.load().map_err(prog_err(name))?;
-                p.attach(hook).map_err(prog_err(name))?;
+                let id = p.attach(hook).map_err(prog_err(name))?;
+                take_link
+                    .then(|| p.take_link(id).map(FdLink::from))
+                    .transpose()
+                    .map_err(prog_err(name))?
             }
             HookKind::Tracepoint(category) => {
                 let p: &mut TracePoint = prog.try_into().map_err(prog_err(name))?;
                 p.load().map_err(prog_err(name))?;
-                p.attach(category, hook).map_err(prog_err(name))?;
+                let id = p.attach(category, hook).map_err(prog_err(name))?;
+                match take_link {
+                    true => Some(
+                        FdLink::try_from(p.take_link(id).map_err(prog_err(name))?)
+                            .map_err(link_err)?,
+                    ),
+                    false => None,
+                }
             }
-        }
+        };
         self.attached.push(name);
-        Ok(())
+        Ok(link)
     }
 
     pub fn attached(&self) -> &[&'static str] {
@@ -581,7 +762,7 @@ impl Probe {
         self.attached
             .iter()
             .filter_map(|name| {
-                let info = self.ebpf.program(name)?.info().ok()?;
+                let info = self.ebpf.program_info(name)?;
                 Some(ProgramStats {
                     name,
                     run_time: info.run_time(),
@@ -590,6 +771,26 @@ impl Probe {
             })
             .collect()
     }
+}
+
+/// Maps an adopted layout must have: every map this module reads or writes.
+const PINNED_MAPS: &[&str] = &[
+    map::GUARDED,
+    map::TASKS,
+    map::CPU_STATS,
+    map::THREADS,
+    map::COUNTERS,
+    map::EVENTS,
+    map::GUESTS,
+    map::IRQ_STATS,
+    map::SOFTIRQ_STATS,
+    map::NOISE,
+    map::WAIT_HIST,
+    map::DAEMON_TGID,
+];
+
+fn interval_ns(config: &ProbeConfig) -> u64 {
+    u64::try_from(config.event_interval.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

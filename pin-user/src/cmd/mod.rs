@@ -2,6 +2,7 @@
 pub mod attach;
 pub mod audit;
 pub mod check;
+pub mod cleanup;
 pub mod completions;
 pub mod isolate;
 pub mod latency;

@@ -4,7 +4,7 @@ use std::{
     process::ExitCode,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -42,7 +42,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     probe_config.event_interval = config.event_interval;
     probe_config.lifecycle = true;
     probe_config.affinity = config.affinity_syscalls;
-    let mut probe = Probe::load(&probe_config)?;
+    let mut probe = Probe::load_pinned(&probe_config)?;
     let events = probe.take_events()?;
     // Kept for the daemon's lifetime: the kernel counts program run time
     // only while someone holds the statistics fd.
@@ -55,6 +55,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .flatten();
     let probe = SharedProbe::new(probe);
+    let sensors = Sensors {
+        probe: probe.clone(),
+        keep: Arc::new(AtomicBool::new(config.keep_sensors_on_exit)),
+    };
+    let keep_sensors = sensors.keep.clone();
 
     let metrics = Arc::new(Metrics::new());
     let vcpus = VcpuTable::default();
@@ -158,10 +163,49 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         } }.await;
         daemon.stop_isolation();
+        // As reloaded last.
+        keep_sensors.store(daemon.config.keep_sensors_on_exit, Ordering::Relaxed);
         outcome?;
-        log::info!("pinguard stopping: detaching the eBPF programs");
         Ok(ExitCode::from(exit::OK))
     })
+}
+
+/// Detaches the eBPF programs when the daemon exits (a signal, an error, a
+/// panic), unless `keep_sensors_on_exit` says to leave them pinned for the
+/// next start. A SIGKILL or crash runs nothing: the pins stay, which is the point.
+struct Sensors {
+    probe: SharedProbe,
+    keep: Arc<AtomicBool>,
+}
+
+impl Drop for Sensors {
+    fn drop(&mut self) {
+        let mut probe = self.probe.lock();
+        let Some(dir) = probe.pinned_dir().map(Path::to_owned) else {
+            log::info!("pinguard stopping: detaching the eBPF programs");
+            return;
+        };
+        if self.keep.load(Ordering::Relaxed) {
+            log::info!(
+                "pinguard stopping: the eBPF programs stay attached, pinned in {} \
+                 (keep_sensors_on_exit = true); the next start adopts them, `pinguard cleanup` removes them",
+                dir.display()
+            );
+            return;
+        }
+        match probe.unpin() {
+            Ok(removed) => log::info!(
+                "pinguard stopping: detaching the eBPF programs (removed {} pinned objects from {})",
+                removed.len(),
+                dir.display()
+            ),
+            Err(e) => log::error!(
+                "pinguard stopping: could not remove the pins in {}: {e}; the programs stay \
+                 attached, `pinguard cleanup` removes them",
+                dir.display()
+            ),
+        }
+    }
 }
 
 /// SIGHUP: re-read the configuration; a bad file keeps the running one.
