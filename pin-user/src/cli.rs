@@ -46,6 +46,10 @@ pub enum Command {
     /// Measure latency on a guarded CPU with cyclictest and explain each spike
     /// (IRQs, softirqs, NMIs, threads that ran instead). --compare tabulates saved runs.
     Latency(LatencyArgs),
+    /// The whole latency experiment: cyclictest on a guarded CPU of the host and
+    /// inside the lab guest on its general-purpose and PREEMPT_RT kernels, each
+    /// with a normal and a real-time thread; reports, table and plots into --out.
+    Lab(LabArgs),
     /// A live view of the guarded CPUs (like top): owners, time split, IRQ noise,
     /// intruders; from the kernel's maps, or a running daemon with --url.
     Top(TopArgs),
@@ -318,18 +322,71 @@ pub struct LatencyArgs {
     /// Print the report as one JSON document (keep it for --compare).
     #[arg(long)]
     pub json: bool,
-    /// Write the histogram and the noise timeline as SVG files into DIR.
+    /// Write the histogram and the noise timeline as SVG files into DIR
+    /// (with --compare: the runs' histograms overlaid).
     #[arg(long, value_name = "DIR")]
     pub svg: Option<PathBuf>,
-    /// Write the histogram and the noise timeline as PNG files into DIR.
+    /// Write the histogram and the noise timeline as PNG files into DIR
+    /// (with --compare: the runs' histograms overlaid).
     #[arg(long, value_name = "DIR")]
     pub png: Option<PathBuf>,
-    /// Compare saved `--json` reports side by side instead of measuring.
-    #[arg(long, value_name = "REPORT", num_args = 1.., conflicts_with_all = ["cpu", "svg", "png", "extra"])]
+    /// Lay saved runs out side by side instead of measuring, as a table
+    /// (with --svg/--png, also their histograms overlaid in one picture).
+    /// A RUN is a `--json` report, or plain cyclictest output (-h histogram
+    /// or -v samples), recognised by its content.
+    #[arg(long, value_name = "RUN", num_args = 1.., conflicts_with_all = ["cpu", "extra"])]
     pub compare: Vec<PathBuf>,
+    /// Column labels for --compare, one per RUN in order (default: where it
+    /// ran, kernel, preemption model and policy, e.g. "host 6.18 PREEMPT_DYNAMIC fifo95").
+    #[arg(
+        long,
+        value_name = "A,B,...",
+        value_delimiter = ',',
+        requires = "compare"
+    )]
+    pub label: Vec<String>,
+    /// Thresholds of --compare's "samples above" rows (default 50us,100us,1ms).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_duration, requires = "compare")]
+    pub above: Vec<Duration>,
     /// Further cyclictest arguments, after `--` (e.g. -- --latency=0).
     #[arg(last = true, value_name = "CYCLICTEST ARGS")]
     pub extra: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// CPUs to guard; the first is measured (default: the isolated CPUs).
+    #[arg(long, value_name = "CPULIST", value_parser = parse_cpulist)]
+    pub guard: CpuSet,
+    /// Directory for every run's report (NAME.json), the table (table.txt,
+    /// table.json) and the overlaid histograms (latency-compare.svg/.png).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Length of each run.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// cyclictest's wake-up interval, in whole microseconds.
+    #[arg(long, value_name = "DURATION", default_value = "1000us", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Priority of the real-time (SCHED_FIFO) runs.
+    #[arg(long, value_name = "PRIO", default_value_t = 95, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub priority: u32,
+    /// The lab guest's kernels and initramfs (DIR/gp and DIR/rt, from `cargo xtask lab-guest`).
+    #[arg(long, value_name = "DIR", default_value = "target/lab-guest")]
+    pub kernels: PathBuf,
+    /// Measure the host only (no guest).
+    #[arg(long)]
+    pub host_only: bool,
+    /// Passed to every `pinguard latency` run.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl LabArgs {
+    /// The measured CPU: the first guarded one.
+    pub fn cpu(&self) -> u32 {
+        self.guard.first().unwrap_or(0)
+    }
 }
 
 /// `pinguard latency --policy`.

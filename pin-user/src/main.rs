@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Command::Isolate(args) => cmd::isolate::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Latency(args) => cmd::latency::run(args),
+        Command::Lab(args) => cmd::lab::run(args),
         Command::Top(args) => cmd::top::run(args),
         Command::Cleanup(args) => cmd::cleanup::run(args),
         Command::Attach(args) => cmd::attach::run(args),

@@ -7,6 +7,7 @@ mod check;
 mod cli;
 mod cmd;
 mod config;
+mod control;
 mod daemon;
 mod guests;
 mod host;

@@ -9,6 +9,7 @@ use std::{
 
 use serde_json::Value;
 use testkit::{
+    daemon::Daemon,
     env::{missing_bpf, pinguard_bin},
     process::{Process, run},
     require,
@@ -178,10 +179,26 @@ fn the_histogram_holds_every_cyclictest_sample_and_the_pictures_show_it() {
         .collect();
     assert_eq!(files.len(), 4, "{files:?}");
     let hist_svg = std::fs::read_to_string(svg_dir.join("latency-histogram-cpu1.svg")).unwrap();
+    // The axis ends past the bulk ("latency (µs), up to N µs"); the
+    // buckets beyond it are counted in one bar, not drawn one by one.
+    let end: u64 = hist_svg
+        .split("latency (µs), up to ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the axis says where it ends");
+    assert!(
+        end >= u(&r, "/latency/p99_us").min(u(&r, "/histogram/max_us")),
+        "axis end {end}"
+    );
+    let shown = buckets
+        .iter()
+        .filter(|b| b[0].as_u64().unwrap() <= end)
+        .count();
     assert_eq!(
         filled(&hist_svg, "rect", "#1F77B4"),
-        buckets.len(),
-        "bars in the histogram SVG vs non-empty buckets"
+        shown,
+        "bars in the histogram SVG vs non-empty buckets up to {end} µs"
     );
     for label in ["latency (µs)", "samples (log scale)"] {
         assert!(hist_svg.contains(label), "histogram SVG lacks {label:?}");
@@ -470,83 +487,251 @@ fn softirqs_inside_a_wake_up_are_named_per_vector() {
     );
 }
 
+/// Real cyclictest output taken on the lab host (pin-user's unit tests read them too).
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../pin-user/tests/fixtures")
+        .join(name)
+}
+
+/// The cells of a `--compare` table row (columns are two or more spaces apart).
+fn row(table: &str, name: &str) -> Vec<String> {
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name:?} row:\n{table}"));
+    line[name.len()..]
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
-fn compare_puts_two_saved_runs_side_by_side() {
+fn compare_lays_out_four_runs_and_overlays_their_histograms() {
     require!(missing_cyclictest());
     let _cpu = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let mut maxes = Vec::new();
-    for name in ["first.json", "second.json"] {
-        let r = latency_json(&["--duration", "1s", "--interval", "500us"]);
-        maxes.push(u(&r, "/latency/max_us"));
-        std::fs::write(dir.path().join(name), serde_json::to_string(&r).unwrap()).unwrap();
+    // Two short host runs, a normal and a real-time thread, and two plain
+    // cyclictest files (-h and -v).
+    let mut reports = Vec::new();
+    let mut files = Vec::new();
+    for (name, policy) in [("other.json", "other"), ("fifo.json", "fifo")] {
+        let r = latency_json(&[
+            "--duration",
+            "1s",
+            "--interval",
+            "500us",
+            "--policy",
+            policy,
+        ]);
+        let p = dir.path().join(name);
+        std::fs::write(&p, serde_json::to_string(&r).unwrap()).unwrap();
+        files.push(p.to_str().unwrap().to_string());
+        reports.push(r);
     }
-    let a = dir.path().join("first.json");
-    let b = dir.path().join("second.json");
-    let r = run(
-        &[
-            "latency",
-            "--compare",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-        ],
-        RUN_TIMEOUT,
-    );
+    files.push(fixture("cyclictest-h.txt").to_str().unwrap().to_string());
+    files.push(fixture("cyclictest-v.txt").to_str().unwrap().to_string());
+    let svg = dir.path().join("svg");
+    let mut args = vec!["latency", "--compare"];
+    args.extend(files.iter().map(String::as_str));
+    args.extend(["--svg", svg.to_str().unwrap()]);
+    let r = run(&args, RUN_TIMEOUT);
     assert_eq!(r.code(), Some(0), "{}", r.stderr);
-    let out = r.stdout;
-    let header = out.lines().next().unwrap();
-    assert!(
-        header.contains("first.json") && header.contains("second.json"),
-        "{out}"
-    );
+    let t = &r.stdout;
+
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert!(
-        out.lines().nth(1).unwrap().contains(release.trim()),
-        "{out}"
-    );
-    let max_row = out
-        .lines()
-        .find(|l| l.starts_with("max (µs)"))
-        .unwrap_or_else(|| panic!("no max row:\n{out}"));
-    let cells: Vec<&str> = max_row.split_whitespace().skip(2).collect();
-    assert_eq!(
-        cells,
-        [maxes[0].to_string(), maxes[1].to_string()],
-        "max row: {max_row}"
-    );
-    for row in [
+    let short: String = release
+        .trim()
+        .split('.')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(".");
+    let short: String = short
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    assert_eq!(row(t, "where"), ["host", "host", "?", "?"], "{t}");
+    assert_eq!(row(t, "kernel")[..2], [short.clone(), short], "{t}");
+    assert_eq!(row(t, "policy"), ["other", "fifo95", "?", "?"], "{t}");
+    assert_eq!(row(t, "interval (µs)")[..2], ["500", "500"], "{t}");
+    let maxes: Vec<String> = reports
+        .iter()
+        .map(|r| u(r, "/latency/max_us").to_string())
+        .collect();
+    assert_eq!(row(t, "max (µs)")[..2], maxes[..], "{t}");
+    // The -h fixture: max 16974 µs, 22 overflows (≥1000 µs).
+    assert_eq!(row(t, "max (µs)")[2], "16974", "{t}");
+    assert!(row(t, "overflows")[2].starts_with("22 "), "{t}");
+    assert_eq!(row(t, "> 1 ms")[2], "1-22", "{t}");
+    for name in [
         "min (µs)",
         "avg (µs)",
         "p50 (µs)",
         "p99 (µs)",
         "p99.9 (µs)",
-        "mode (µs)",
+        "> 50 µs",
+        "> 100 µs",
         "samples",
-        "top noise source",
+        "duration",
+        "source",
     ] {
-        assert!(
-            out.lines().any(|l| l.starts_with(row)),
-            "{row} missing:\n{out}"
-        );
+        assert_eq!(row(t, name).len(), 4, "{name}:\n{t}");
+    }
+    assert!(t.contains("note: overflows are samples"), "{t}");
+
+    // The overlay: one line per run, each in its own colour, and a legend.
+    let pic = std::fs::read_to_string(svg.join("latency-compare.svg")).unwrap();
+    let mut strokes = Vec::new();
+    for el in pic.split("<polyline ").skip(1) {
+        let attrs = el.split("/>").next().unwrap();
+        if let Some(c) = attrs
+            .split("stroke=\"")
+            .nth(1)
+            .and_then(|v| v.split('"').next())
+            && attrs.contains("stroke-width=\"2\"")
+        {
+            strokes.push(c.to_string());
+        }
+    }
+    let distinct: std::collections::BTreeSet<&String> = strokes.iter().collect();
+    assert_eq!(strokes.len(), 4, "lines in the overlay: {strokes:?}");
+    assert_eq!(distinct.len(), 4, "colours: {strokes:?}");
+    for c in &distinct {
+        assert_eq!(filled(&pic, "rect", c), 1, "legend mark of {c}");
+    }
+    for label in [
+        "host",
+        "fifo95",
+        "cyclictest-h.txt",
+        "cyclictest-v.txt",
+        "max 16974 µs",
+    ] {
+        assert!(pic.contains(label), "{label:?} not in the overlay");
     }
 
-    // A file that is no report is named in the error.
-    let junk = dir.path().join("junk.json");
-    std::fs::write(&junk, "{\"format\": \"something else\"}").unwrap();
+    // The same table as data.
+    let mut args = vec!["latency", "--compare"];
+    args.extend(files.iter().map(String::as_str));
+    args.extend(["--json", "--label", "a,b,c,d"]);
+    let r = run(&args, RUN_TIMEOUT);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["format"], "pinguard-latency-compare/1");
+    let labels: Vec<&str> = v["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["a", "b", "c", "d"]);
+    assert_eq!(v["runs"][3]["source"], "cyclictest_verbose");
+    assert_eq!(u(&v, "/runs/3/samples"), 500);
+
+    // A file that is none of these says what it found.
+    let junk = dir.path().join("junk.csv");
+    std::fs::write(&junk, "time,latency\n0,12\n").unwrap();
     let r = run(
-        &[
-            "latency",
-            "--compare",
-            a.to_str().unwrap(),
-            junk.to_str().unwrap(),
-        ],
+        &["latency", "--compare", &files[0], junk.to_str().unwrap()],
         RUN_TIMEOUT,
     );
-    let err = &r.stderr;
-    assert_eq!(r.code(), Some(2), "{err}");
+    assert_eq!(r.code(), Some(2), "{}", r.stderr);
+    for needle in [
+        "junk.csv: line 1 is `time,latency`",
+        "not a pinguard-latency JSON report",
+        "not cyclictest -h output",
+        "not cyclictest -v output",
+    ] {
+        assert!(r.stderr.contains(needle), "{needle:?} not in {}", r.stderr);
+    }
+    let other = dir.path().join("other-format.json");
+    std::fs::write(&other, "{\"format\": \"something else\"}").unwrap();
+    let r = run(
+        &["latency", "--compare", other.to_str().unwrap()],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(r.code(), Some(2), "{}", r.stderr);
     assert!(
-        err.contains("junk.json") && err.contains("pinguard-latency/1"),
-        "{err}"
+        r.stderr.contains("\"something else\"") && r.stderr.contains("pinguard-latency/1"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn an_enforcing_daemon_leaves_the_measurement_alone_and_the_report_says_so() {
+    require!(missing_cyclictest());
+    let _cpu = exclusive();
+    let mut daemon = Daemon::start("mode = \"enforce\"\n", &[]);
+    // The daemon does evict a cyclictest nobody registered (a hand-run one):
+    // what the registration protects the measurement from.
+    let mut stray = std::process::Command::new("cyclictest")
+        .args(["-m", "-q", "-t1", "-a1", "-i", "1000", "-D", "3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stray_pid = stray.id();
+    daemon
+        .process()
+        .wait_stderr(&format!("pid {stray_pid}) from CPU 1"), RUN_TIMEOUT);
+    let _ = stray.kill();
+    let _ = stray.wait();
+
+    let r = latency_json(&["--duration", "3s"]);
+    let cycles = u(&r, "/latency/cycles");
+    assert!((2700..=3000).contains(&cycles), "{cycles} loops in 3 s");
+    // Measured on CPU 1: the probe there saw the measuring thread's waits
+    // (evicted to CPU 0 it would have seen none), and latency checks its affinity.
+    assert_eq!(u(&r, "/run/cpu"), 1);
+    assert!(u(&r, "/episodes/count") >= cycles / 2, "{}", r["episodes"]);
+    let d = &r["run"]["daemon"];
+    assert_eq!(d["mode"], "enforce", "{}", r["run"]);
+    assert_eq!(d["registered"], true, "{d}");
+    assert_eq!(u(d, "/pid"), u64::from(daemon.pid()), "{d}");
+    assert!(
+        r["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("enforce mode")),
+        "{}",
+        r["notes"]
+    );
+    let tids: Vec<u64> = r["run"]["measurement_tids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    let (status, body) = daemon.get("/violations");
+    assert_eq!(status, 200);
+    let violations: Value = serde_json::from_str(&body).unwrap();
+    for v in violations.as_array().unwrap() {
+        assert!(
+            !tids.contains(&v["tid"].as_u64().unwrap_or(0)),
+            "the measuring thread was reported: {v}"
+        );
+    }
+    let log = daemon.stop();
+    let evicted: Vec<&String> = log
+        .iter()
+        .filter(|l| {
+            l.contains("evicted tid")
+                && tids
+                    .iter()
+                    .any(|t| l.contains(&format!("evicted tid {t} ")))
+        })
+        .collect();
+    assert!(
+        evicted.is_empty(),
+        "the measuring thread was evicted: {evicted:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("registered thread") && l.contains("pinguard latency")),
+        "no registration in the daemon's log"
     );
 }
 

@@ -22,6 +22,7 @@ use crate::{
     },
     cli::LatencyArgs,
     cmd::{move_self_to, policy, runtime, wait_for_stop},
+    control::{self, Allow, Client, DaemonInfo},
     exit,
     host::Host,
     host::cpulist::CpuSet,
@@ -31,13 +32,10 @@ use crate::{
     latency::{
         CyclictestConfig, CyclictestHistogram, CyclictestJson, SchedPolicy,
         attribution::Recorder,
-        check_sched, find_cyclictest,
+        check_sched, compare, find_cyclictest,
         host::{HostFacts, steal_ticks, ticks_per_second},
         parse_cyclictest_json, parse_histogram, plot,
-        report::{
-            CyclictestInfo, Inputs, NoiseTotals, ProbeHealth, ProbeMaps, Report, RunInfo,
-            compare_runs, compare_table,
-        },
+        report::{CyclictestInfo, Inputs, NoiseTotals, ProbeHealth, ProbeMaps, Report, RunInfo},
     },
     placement::plan::Plan,
 };
@@ -52,7 +50,7 @@ const POLICY_GRACE: Duration = Duration::from_millis(300);
 
 pub fn run(args: LatencyArgs) -> anyhow::Result<ExitCode> {
     if !args.compare.is_empty() {
-        return compare(&args.compare, args.json);
+        return compare(&args);
     }
     let topo = Topology::read()?;
     let policy_config = policy::load(&args.policy)?;
@@ -105,25 +103,28 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(exit::OK))
 }
 
-fn compare(paths: &[PathBuf], json: bool) -> anyhow::Result<ExitCode> {
-    let mut runs = Vec::new();
-    for p in paths {
-        let report = Report::load(p)?;
-        let label = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| p.display().to_string());
-        runs.push((label, report));
-    }
-    let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&compare_runs(&runs))?
-        )?;
+fn compare(args: &LatencyArgs) -> anyhow::Result<ExitCode> {
+    let thresholds: Vec<u64> = if args.above.is_empty() {
+        compare::DEFAULT_THRESHOLDS_US.to_vec()
     } else {
-        write!(out, "{}", compare_table(&runs))?;
+        args.above.iter().map(|d| d.as_micros() as u64).collect()
+    };
+    if args.svg.is_some() || args.png.is_some() {
+        plot::ensure_font()?;
+    }
+    let mut runs = Vec::new();
+    for p in &args.compare {
+        runs.push(compare::load(p, &thresholds)?);
+    }
+    compare::label_runs(&mut runs, &args.label)?;
+    let mut table = compare::Comparison::new(runs, &thresholds);
+    let pictures = plot::write_overlay(&table.runs, args.svg.as_deref(), args.png.as_deref())?;
+    table.pictures = pictures.iter().map(|p| p.display().to_string()).collect();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&table)?)?;
+    } else {
+        write!(out, "{}", compare::render(&table, !args.label.is_empty()))?;
     }
     out.flush()?;
     Ok(ExitCode::from(exit::OK))
@@ -212,6 +213,8 @@ struct Supervisor<'a> {
     /// The measurement threads, once seen.
     watched: Vec<u32>,
     interrupted_at: Option<Instant>,
+    /// The running daemon, told about the measurement threads.
+    control: Option<Client>,
 }
 
 impl Supervisor<'_> {
@@ -231,6 +234,19 @@ impl Supervisor<'_> {
                 // Its own slices are the measurement, not intrusions.
                 probe.set_allowed(tid, Some(cpu))?;
                 self.watched.push(tid);
+                if let Some(c) = self.control.as_mut()
+                    && let Some(start_time) = Proc::default().start_time(pid, tid).ok().flatten()
+                {
+                    c.allow(Allow {
+                        pid,
+                        tid: Some(tid),
+                        start_time,
+                        cpu,
+                        children: false,
+                        what: "pinguard latency".into(),
+                    })
+                    .context("registering cyclictest's measurement thread with the daemon")?;
+                }
             }
             if let Some(tid) = self.watched.first() {
                 self.seen_at = Some(Instant::now());
@@ -246,6 +262,7 @@ impl Supervisor<'_> {
             }
         }
         self.check_policy(ct)?;
+        self.check_cpu(ct)?;
         if self
             .interrupted_at
             .is_some_and(|t| t.elapsed() > STOP_TIMEOUT)
@@ -276,6 +293,40 @@ impl Supervisor<'_> {
         let (_, stderr) = ct.output();
         check_sched(self.policy, self.priority, tid, &sched, &stderr)?;
         Ok(())
+    }
+
+    /// The measurement thread must stay on the measured CPU: a report of
+    /// "CPU 1" measured on CPU 0 (an enforcing daemon that evicted it, a
+    /// taskset) would be wrong, so the run stops instead.
+    fn check_cpu(&mut self, ct: &mut Cyclictest) -> anyhow::Result<()> {
+        // The thread pins itself to the CPU right after it starts.
+        let (Some(&tid), Some(seen_at)) = (self.watched.first(), self.seen_at) else {
+            return Ok(());
+        };
+        if seen_at.elapsed() < POLICY_GRACE {
+            return Ok(());
+        }
+        let Ok(allowed) = crate::host::affinity::get(tid) else {
+            // Gone: cyclictest is exiting.
+            return Ok(());
+        };
+        if allowed == CpuSet::single(self.cpu) {
+            return Ok(());
+        }
+        ct.kill();
+        let daemon = match &self.control {
+            Some(c) => format!(
+                "; a pinguard daemon (pid {}) runs in {} mode",
+                c.daemon.pid, c.daemon.mode
+            ),
+            None => String::new(),
+        };
+        bail!(
+            "cyclictest's measurement thread (tid {tid}) was moved off CPU {} (its affinity is now {allowed}){daemon}: \
+             its samples would not be CPU {}'s; stopped",
+            self.cpu,
+            self.cpu
+        )
     }
 
     /// When to look next: quickly until the measurement thread is watched, then relaxed.
@@ -375,6 +426,7 @@ async fn measure(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
+    let control = register_with_daemon(cpu)?;
     let t0 = monotonic_ns();
     let mut ct = Cyclictest::spawn(path, &args)?;
     let pid = ct.pid();
@@ -410,6 +462,7 @@ async fn measure(
         start: Instant::now(),
         watched: Vec::new(),
         interrupted_at: None,
+        control,
     };
     let mut next_check = tokio::time::Instant::now();
     let status: ExitStatus = loop {
@@ -431,6 +484,10 @@ async fn measure(
         }
     };
     let elapsed_ns = monotonic_ns().saturating_sub(t0);
+    let daemon: Option<DaemonInfo> = sup.control.as_ref().map(|c| DaemonInfo {
+        registered: true,
+        ..c.daemon.clone()
+    });
     let (measurement_tids, interrupted, sched) =
         (sup.watched, sup.interrupted_at.is_some(), sup.sched);
     // Events already in the buffer still belong to the run.
@@ -468,6 +525,7 @@ async fn measure(
             },
             measurement_tids,
             interrupted,
+            daemon,
         },
         histogram,
         json,
@@ -479,6 +537,39 @@ async fn measure(
             decode_errors,
         },
     }))
+}
+
+/// Tells a running `pinguard run` (if any) that this process and its
+/// children (cyclictest) may run on `cpu` for as long as it runs: an
+/// enforcing daemon would evict cyclictest's measurement thread and count
+/// it as an intruder. Registered before cyclictest starts, so its very
+/// first slice there is covered; the connection stays open for the run.
+fn register_with_daemon(cpu: u32) -> anyhow::Result<Option<Client>> {
+    let Some(mut client) = Client::connect(std::path::Path::new(control::CONTROL_SOCKET))? else {
+        return Ok(None);
+    };
+    let pid = std::process::id();
+    let start_time = Proc::default()
+        .start_time(pid, pid)
+        .ok()
+        .flatten()
+        .context("reading pinguard's own start time")?;
+    client
+        .allow(Allow {
+            pid,
+            tid: None,
+            start_time,
+            cpu,
+            children: true,
+            what: "pinguard latency".into(),
+        })
+        .context("registering the measurement with the running daemon")?;
+    eprintln!(
+        "pinguard: a pinguard daemon (pid {}, {} mode) guards CPUs {}: cyclictest is registered with it \
+         (not evicted, not an intruder)",
+        client.daemon.pid, client.daemon.mode, client.daemon.guarded
+    );
+    Ok(Some(client))
 }
 
 fn last_lines(text: &str, n: usize) -> String {

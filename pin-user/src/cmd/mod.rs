@@ -5,6 +5,7 @@ pub mod check;
 pub mod cleanup;
 pub mod completions;
 pub mod isolate;
+pub mod lab;
 pub mod latency;
 pub mod manpages;
 pub mod pin;

@@ -17,6 +17,7 @@ use crate::{
     cli::RunArgs,
     cmd::{move_self_to, runtime},
     config::{Config, Isolation, Overrides},
+    control::CONTROL_SOCKET,
     daemon::{
         collector::{KernelCollector, VcpuTable},
         effects::{Live, SharedProbe},
@@ -24,6 +25,7 @@ use crate::{
         http::{self, Endpoint},
         metrics::Metrics,
         runlock::{RUN_LOCK, RunLock},
+        socket::{self, Message},
         state::{self, Daemon},
         violation::Recent,
     },
@@ -102,6 +104,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let (fx, mut discovered) = Live::new(probe, state::discover_options(&config))
             .context("starting the discovery thread")?;
         let mut daemon = Daemon::new(config.clone(), topo, guard.clone(), fx, metrics, recent, vcpus);
+        // Where `pinguard latency` registers its measuring threads.
+        let (control_tx, mut control) = tokio::sync::mpsc::channel(64);
+        let _socket = socket::spawn(Path::new(CONTROL_SOCKET), control_tx)
+            .with_context(|| format!("listening on the control socket {CONTROL_SOCKET}"))?;
         if config.isolation == Isolation::Runtime {
             // Before the first scan: guests are placed on an isolated host.
             let store = Store::new(ISOLATION_STATE.into(), &Host::default().proc);
@@ -149,6 +155,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 Some(d) = discovered.recv() => daemon.discovered(d),
+                Some(m) = control.recv() => match m {
+                    Message::Request { conn, peer, request, reply } => {
+                        let _ = reply.send(daemon.control(conn, peer, request));
+                    }
+                    Message::Closed { conn } => daemon.disconnected(conn),
+                },
                 _ = tick.tick() => {
                     daemon.tick();
                     health.ticked();

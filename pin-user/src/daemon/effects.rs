@@ -74,6 +74,8 @@ pub trait Effects: Placement {
     fn cgroup(&self, tgid: u32, tid: u32) -> Option<String>;
     fn task_exists(&self, tgid: u32, tid: u32) -> bool;
     fn process_exists(&self, pid: u32) -> bool;
+    /// A process's parent (`None`: it is gone).
+    fn parent(&self, pid: u32) -> Option<u32>;
     /// Whether the process holds KVM vCPUs (see [`crate::guests::is_kvm_guest`]).
     fn is_kvm_guest(&self, pid: u32) -> bool;
 
@@ -283,6 +285,10 @@ impl Effects for Live {
 
     fn is_kvm_guest(&self, pid: u32) -> bool {
         crate::guests::is_kvm_guest(&self.proc, pid)
+    }
+
+    fn parent(&self, pid: u32) -> Option<u32> {
+        self.proc.parent(pid)
     }
 
     fn request_scan(&mut self) {

@@ -18,6 +18,7 @@ use crate::{
         events::{AffinityChange, Intrusion, KernelEvent, Migration, Thread},
     },
     config::{Config, Mode},
+    control::{Allow, DaemonInfo, Reply, Request},
     daemon::{
         collector::{VcpuLabel, VcpuTable},
         effects::{Discovered, Effects},
@@ -60,6 +61,17 @@ struct Upkeep {
     state: State,
     /// Targets whose repair failed: logged once until it works again.
     failing: HashSet<String>,
+}
+
+/// Threads a client of the control socket registered on a guarded CPU
+/// (`pinguard latency`'s cyclictest): allowed there while its connection
+/// is open and the registered process is the one that registered.
+#[derive(Debug, Clone)]
+struct Registration {
+    conn: u64,
+    allow: Allow,
+    /// Threads allowed in the kernel because of it.
+    allowed: HashSet<u32>,
 }
 
 /// A guest process to look at again (it just exec'ed, or a thread vanished).
@@ -183,6 +195,8 @@ pub struct Daemon<E: Effects> {
     /// label set without bound.
     vm_names: HashSet<String>,
     isolation: Option<Upkeep>,
+    /// What clients of the control socket registered.
+    registrations: Vec<Registration>,
     ticks: u64,
 }
 
@@ -231,6 +245,7 @@ impl<E: Effects> Daemon<E> {
             guests_watched: HashSet::new(),
             vm_names: HashSet::new(),
             isolation: None,
+            registrations: Vec::new(),
             ticks: 0,
             config,
         };
@@ -959,6 +974,9 @@ impl<E: Effects> Daemon<E> {
             );
             self.verify_one(t.tid, false);
         }
+        if ev.class == ThreadClass::IntruderUser && self.registered(t, ev.cpu) {
+            return;
+        }
         if ev.class == ThreadClass::IntruderUser
             && let Some(cpus) = self.allowlisted(t.tid, t.tgid, &t.comm)
             && cpus.as_ref().is_none_or(|c| c.contains(ev.cpu))
@@ -996,7 +1014,7 @@ impl<E: Effects> Daemon<E> {
 
     fn on_migrate_in(&mut self, m: &Migration) {
         let t = &m.thread;
-        if self.allowlisted(t.tid, t.tgid, &t.comm).is_some() {
+        if self.allowlisted(t.tid, t.tgid, &t.comm).is_some() || self.registered(t, m.to_cpu) {
             return;
         }
         self.record(Violation::new(
@@ -1384,9 +1402,158 @@ impl<E: Effects> Daemon<E> {
                 if !self.fx.process_exists(tid) {
                     let _ = self.fx.remove_allowed(tid);
                     self.emulators_allowed.remove(&tid);
+                    for r in &mut self.registrations {
+                        r.allowed.remove(&tid);
+                    }
                 }
             }
         }
+        self.drop_stale_registrations();
+    }
+}
+
+impl<E: Effects> Daemon<E> {
+    /// Who the daemon is, for clients of the control socket.
+    pub fn info(&self) -> DaemonInfo {
+        DaemonInfo {
+            pid: std::process::id(),
+            mode: self.config.mode.as_str().to_string(),
+            guarded: self.guard.guarded.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            registered: false,
+        }
+    }
+
+    /// One request on the control socket, from connection `conn` of
+    /// process `peer` (root: the socket checks).
+    pub fn control(&mut self, conn: u64, peer: u32, req: Request) -> Reply {
+        let result = match req {
+            Request::Hello => Ok(()),
+            Request::Allow(a) => self.register(conn, peer, a),
+        };
+        Reply {
+            ok: result.is_ok(),
+            error: result.err(),
+            daemon: Some(self.info()),
+        }
+    }
+
+    fn register(&mut self, conn: u64, peer: u32, a: Allow) -> Result<(), String> {
+        // Only the client itself or its children: a registration names what
+        // the client runs, not whatever it would like left alone.
+        if a.pid != peer && self.fx.parent(a.pid) != Some(peer) {
+            return Err(format!(
+                "pid {} is neither the caller (pid {peer}) nor its child",
+                a.pid
+            ));
+        }
+        let tid = a.tid.unwrap_or(a.pid);
+        match self.fx.start_time(a.pid, tid) {
+            Some(t) if t == a.start_time => {}
+            Some(t) => {
+                return Err(format!(
+                    "thread {tid} of pid {} started at {t}, not {}: another thread with a reused id",
+                    a.pid, a.start_time
+                ));
+            }
+            None => return Err(format!("no thread {tid} in pid {}", a.pid)),
+        }
+        let mut allowed = HashSet::new();
+        if let Some(tid) = a.tid
+            && self.guard.guarded.contains(a.cpu)
+        {
+            if let Err(e) = self.fx.set_allowed(tid, Some(a.cpu)) {
+                return Err(format!("allowing thread {tid} in the kernel: {e}"));
+            }
+            allowed.insert(tid);
+        }
+        log::info!(
+            "control: {} registered {} of pid {} on CPU {}{} for as long as it is connected",
+            if a.what.is_empty() {
+                format!("pid {peer}")
+            } else {
+                format!("{} (pid {peer})", a.what)
+            },
+            a.tid
+                .map_or_else(|| "every thread".to_string(), |t| format!("thread {t}")),
+            a.pid,
+            a.cpu,
+            if a.children { " and its children" } else { "" }
+        );
+        self.registrations.push(Registration {
+            conn,
+            allow: a,
+            allowed,
+        });
+        Ok(())
+    }
+
+    /// A control connection closed: what it registered goes with it.
+    pub fn disconnected(&mut self, conn: u64) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.registrations)
+            .into_iter()
+            .partition(|r| r.conn == conn);
+        self.registrations = kept;
+        for r in gone {
+            log::info!(
+                "control: registration of pid {} on CPU {} ended (connection closed)",
+                r.allow.pid,
+                r.allow.cpu
+            );
+            self.unallow(&r);
+        }
+    }
+
+    /// Drops the allowances of a registration no other one still holds.
+    fn unallow(&mut self, r: &Registration) {
+        for tid in &r.allowed {
+            let held = self.registrations.iter().any(|o| o.allowed.contains(tid))
+                || self.emulators_allowed.contains(tid);
+            if !held {
+                let _ = self.fx.remove_allowed(*tid);
+            }
+        }
+    }
+
+    /// Registrations whose process (or thread) exited or was replaced.
+    fn drop_stale_registrations(&mut self) {
+        let (stale, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.registrations)
+            .into_iter()
+            .partition(|r| !self.still_registered(&r.allow));
+        self.registrations = kept;
+        for r in stale {
+            self.unallow(&r);
+        }
+    }
+
+    fn still_registered(&self, a: &Allow) -> bool {
+        self.fx.start_time(a.pid, a.tid.unwrap_or(a.pid)) == Some(a.start_time)
+    }
+
+    /// Whether a registration covers thread `t` on `cpu`; if so it is
+    /// allowed there in the kernel from now on (no more intrusion events).
+    fn registered(&mut self, t: &Thread, cpu: u32) -> bool {
+        if self.registrations.is_empty() {
+            return false;
+        }
+        let parent = self.fx.parent(t.tgid);
+        let hit = self.registrations.iter().position(|r| {
+            let a = &r.allow;
+            a.cpu == cpu
+                && match a.tid {
+                    Some(tid) => tid == t.tid && a.pid == t.tgid,
+                    None => a.pid == t.tgid || (a.children && parent == Some(a.pid)),
+                }
+                && self.still_registered(a)
+        });
+        let Some(i) = hit else {
+            return false;
+        };
+        if let Err(e) = self.fx.set_allowed(t.tid, Some(cpu)) {
+            log::warn!("allowing registered thread {}: {e}", t.tid);
+        }
+        self.registrations[i].allowed.insert(t.tid);
+        true
     }
 }
 

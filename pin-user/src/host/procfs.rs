@@ -160,6 +160,17 @@ impl Proc {
             })
     }
 
+    /// A process's parent (`stat` field 4); `None` if it exited.
+    pub fn parent(&self, pid: u32) -> Option<u32> {
+        let stat = fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
+        let close = stat.rfind(')')?;
+        stat.get(close + 1..)?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
     /// All threads of a process that are still there.
     pub fn threads(&self, pid: u32) -> io::Result<Vec<ThreadInfo>> {
         let mut out = Vec::new();

@@ -10,8 +10,10 @@
 //! This module holds the pure parts (cyclictest's command line and output,
 //! statistics); [`attribution`] turns probe events into causes, [`host`]
 //! records the kernel facts a run must be compared by, [`report`] is the JSON
-//! document, its text rendering and `--compare`, [`plot`] draws the pictures.
+//! document and its text rendering, [`compare`] the table of `--compare`
+//! (pinguard reports and plain cyclictest output), [`plot`] draws the pictures.
 pub mod attribution;
+pub mod compare;
 pub mod guest;
 pub mod host;
 pub mod plot;
@@ -65,6 +67,13 @@ pub enum LatencyError {
         /// cyclictest's own complaint, if it printed one.
         stderr: String,
     },
+    #[error("{path}: {reason}")]
+    InFile { path: PathBuf, reason: String },
+    #[error(
+        "{path}: {found}: not a pinguard-latency JSON report (no \"format\" field), not cyclictest -h \
+         output (no '# Histogram' line), not cyclictest -v output (no \"thread: cycle: latency\" lines)"
+    )]
+    UnknownRunFile { path: PathBuf, found: String },
     #[error(transparent)]
     Plot(#[from] plot::PlotError),
 }
@@ -392,7 +401,7 @@ pub struct CyclictestHistogram {
 }
 
 /// Largest bucket index accepted, so a corrupt line cannot allocate gigabytes.
-const MAX_BUCKETS: u64 = 10_000_001;
+pub(crate) const MAX_BUCKETS: u64 = 10_000_001;
 
 /// Parses cyclictest's `-h` output: lines `000042 000017` (µs, count of
 /// thread 0) and `# Key: value` comments.

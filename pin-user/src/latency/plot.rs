@@ -22,6 +22,7 @@ use thiserror::Error;
 
 use super::{
     attribution::Category,
+    compare::Run,
     report::{Report, fmt_ns},
 };
 
@@ -179,8 +180,88 @@ fn title(r: &Report, what: &str) -> String {
     )
 }
 
-/// Draws the latency histogram: one bar per non-empty 1-µs bucket (at least a
-/// pixel wide), counts on a log scale, overflows as a red bar past the range.
+/// What a histogram's x axis shows of one run: its buckets, where its
+/// bulk ends, and what lies past the bulk (overflows, the max).
+#[derive(Debug, Clone, Copy)]
+pub struct Extent {
+    /// Where the bulk ends: p99.9, or the last bucket when p99.9 is among the overflows.
+    pub bulk_us: u64,
+    pub max_us: u64,
+}
+
+impl Extent {
+    pub fn of(buckets: &[(u64, u64)], p99_9_us: u64, p99_9_overflowed: bool, max_us: u64) -> Self {
+        let last = buckets.last().map_or(0, |b| b.0);
+        Self {
+            bulk_us: if p99_9_overflowed {
+                last
+            } else {
+                p99_9_us.min(last.max(1))
+            },
+            max_us,
+        }
+    }
+}
+
+/// 1, 2, 5, 10, 20, 50, ...: the smallest at least `v`.
+fn nice_ceiling(v: u64) -> u64 {
+    let mut base = 1u64;
+    loop {
+        for m in [1, 2, 5] {
+            if base * m >= v {
+                return base * m;
+            }
+        }
+        base *= 10;
+    }
+}
+
+/// Where the x axis ends (µs): at the largest sample when that is not far
+/// past the bulk of every run, else at the bulk (the largest p99.9) with a
+/// margin, rounded up, so one 17 ms outlier does not squash 20-80 µs into
+/// a few pixels; what lies beyond is annotated, not drawn.
+pub fn axis_end(runs: &[Extent]) -> u64 {
+    let bulk = runs.iter().map(|r| r.bulk_us).max().unwrap_or(0);
+    let max = runs.iter().map(|r| r.max_us).max().unwrap_or(0);
+    let cut = nice_ceiling((bulk + bulk / 2).max(20));
+    if max <= cut * 2 {
+        (max + (max / 20).max(2)).max(10)
+    } else {
+        cut
+    }
+}
+
+/// "3 samples beyond 200 µs, 22 overflows (≥1000 µs), max 16974 µs", or
+/// `None` when the axis shows everything.
+pub fn beyond_note(
+    buckets: &[(u64, u64)],
+    overflows: u64,
+    range_us: Option<u64>,
+    max_us: u64,
+    end_us: u64,
+) -> Option<String> {
+    let beyond: u64 = buckets.iter().filter(|b| b.0 > end_us).map(|b| b.1).sum();
+    if beyond == 0 && overflows == 0 {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if beyond > 0 {
+        parts.push(format!("{beyond} beyond {end_us} µs"));
+    }
+    if overflows > 0 {
+        parts.push(match range_us {
+            Some(r) => format!("{overflows} overflows (≥{r} µs)"),
+            None => format!("{overflows} overflows"),
+        });
+    }
+    parts.push(format!("max {max_us} µs"));
+    Some(parts.join(", "))
+}
+
+/// Draws the latency histogram: one bar per non-empty 1-µs bucket (at least
+/// a pixel wide), counts on a log scale; the axis ends past the bulk (see
+/// [`axis_end`]) and what lies beyond it, overflows included, is one red
+/// bar at the right edge, annotated.
 pub fn draw_histogram<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     r: &Report,
@@ -189,14 +270,26 @@ pub fn draw_histogram<DB: DrawingBackend>(
     let h = &r.histogram;
     let l = &r.latency;
     root.fill(&BACKGROUND).map_err(draw_err(W))?;
-    let last = h.buckets.last().map(|b| b.0).unwrap_or(0);
-    let overflow_x = (h.overflows > 0).then_some(h.max_us + 1);
-    let x_max = ((overflow_x.unwrap_or(last) + 2) as f64 * 1.03).max(10.0);
+    let end = axis_end(&[Extent::of(
+        &h.buckets,
+        l.p99_9_us,
+        l.above_histogram.iter().any(|p| p == "p99.9"),
+        l.max_us,
+    )]);
+    let note = beyond_note(&h.buckets, h.overflows, Some(h.max_us), l.max_us, end);
+    let beyond: u64 = h
+        .buckets
+        .iter()
+        .filter(|b| b.0 > end)
+        .map(|b| b.1)
+        .sum::<u64>()
+        + h.overflows;
+    let x_max = (end as f64 * 1.06).max(10.0);
     let peak = h
         .buckets
         .iter()
         .map(|b| b.1)
-        .chain([h.overflows])
+        .chain([beyond])
         .max()
         .unwrap_or(1)
         .max(1);
@@ -210,7 +303,7 @@ pub fn draw_histogram<DB: DrawingBackend>(
         .map_err(draw_err(W))?;
     chart
         .configure_mesh()
-        .x_desc("latency (µs)")
+        .x_desc(format!("latency (µs), up to {end} µs"))
         .y_desc("samples (log scale)")
         .x_label_formatter(&|v| number(*v))
         .y_label_formatter(&|v| number(*v))
@@ -222,25 +315,25 @@ pub fn draw_histogram<DB: DrawingBackend>(
     let px = x_max / f64::from(chart.plotting_area().dim_in_pixel().0.max(1));
     let width = (1.2 * px).max(1.0);
     chart
-        .draw_series(h.buckets.iter().map(|&(us, c)| {
+        .draw_series(h.buckets.iter().filter(|b| b.0 <= end).map(|&(us, c)| {
             Rectangle::new(
                 [(us as f64, BASE), (us as f64 + width, c as f64)],
                 BAR.filled(),
             )
         }))
         .map_err(draw_err(W))?;
-    if let Some(x) = overflow_x {
-        let x = x as f64;
+    if let Some(note) = note {
+        let x = end as f64 + 2.0 * px;
         chart
             .draw_series([Rectangle::new(
-                [(x, BASE), (x + (3.0 * px).max(1.0), h.overflows as f64)],
+                [(x, BASE), (x + (3.0 * px).max(1.0), beyond as f64)],
                 OVERFLOW.filled(),
             )])
             .map_err(draw_err(W))?;
         chart
             .draw_series([Text::new(
-                format!("{} above {} µs", h.overflows, h.max_us),
-                (x, h.overflows as f64 * 2.5),
+                note,
+                (x, beyond as f64 * 2.5),
                 TextStyle::from(("sans-serif", 13).into_font())
                     .color(&OVERFLOW)
                     .pos(Pos::new(HPos::Right, VPos::Bottom)),
@@ -266,6 +359,178 @@ pub fn draw_histogram<DB: DrawingBackend>(
         .map_err(draw_err(W))?;
     }
     root.present().map_err(draw_err(W))
+}
+
+/// One colour per run of the overlay (tab10).
+pub const RUN_COLORS: [RGBColor; 10] = [
+    RGBColor(0x1F, 0x77, 0xB4),
+    RGBColor(0xD6, 0x27, 0x28),
+    RGBColor(0x2C, 0xA0, 0x2C),
+    RGBColor(0xFF, 0x7F, 0x0E),
+    RGBColor(0x94, 0x67, 0xBD),
+    RGBColor(0x8C, 0x56, 0x4B),
+    RGBColor(0xE3, 0x77, 0xC2),
+    RGBColor(0x17, 0xBE, 0xCF),
+    RGBColor(0x7F, 0x7F, 0x7F),
+    RGBColor(0xBC, 0xBD, 0x22),
+];
+
+/// Counts per bin of `width` µs from 0 to `end` (the bins past it are left out).
+fn bins(buckets: &[(u64, u64)], width: u64, end: u64) -> Vec<u64> {
+    let mut out = vec![0u64; (end / width + 1) as usize];
+    for &(us, c) in buckets.iter().filter(|b| b.0 <= end) {
+        out[(us / width) as usize] += c;
+    }
+    out
+}
+
+/// Draws every run's histogram in one picture: a stepped line per run in
+/// its own colour, counts on a log scale, the axis cut past the bulk (see
+/// [`axis_end`]) and each run's samples beyond it, overflows and max named
+/// in the legend.
+pub fn draw_overlay<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    runs: &[Run],
+) -> Result<(), PlotError> {
+    const W: &str = "latency histograms";
+    root.fill(&BACKGROUND).map_err(draw_err(W))?;
+    let extents: Vec<Extent> = runs
+        .iter()
+        .map(|r| {
+            Extent::of(
+                &r.buckets,
+                r.p99_9_us,
+                r.above_histogram.iter().any(|p| p == "p99.9"),
+                r.max_us,
+            )
+        })
+        .collect();
+    let end = axis_end(&extents);
+    // About 400 bins across, whatever the range.
+    let width = end.div_ceil(400).max(1);
+    let binned: Vec<Vec<u64>> = runs.iter().map(|r| bins(&r.buckets, width, end)).collect();
+    let peak = binned.iter().flatten().copied().max().unwrap_or(1).max(1);
+    let x_max = (end + width) as f64 * 1.02;
+    let y_max = (peak as f64 * 4.0).max(10.0);
+    let per = if width == 1 {
+        "samples per µs".to_string()
+    } else {
+        format!("samples per {width} µs")
+    };
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!("cyclictest latency, {} runs", runs.len()),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..x_max, (BASE..y_max).log_scale())
+        .map_err(draw_err(W))?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("latency (µs), up to {end} µs"))
+        .y_desc(format!("{per} (log scale)"))
+        .x_label_formatter(&|v| number(*v))
+        .y_label_formatter(&|v| number(*v))
+        .axis_desc_style(("sans-serif", 16))
+        .label_style(("sans-serif", 13))
+        .light_line_style(BACKGROUND)
+        .draw()
+        .map_err(draw_err(W))?;
+    for (i, (run, counts)) in runs.iter().zip(&binned).enumerate() {
+        let color = RUN_COLORS[i % RUN_COLORS.len()];
+        let y = |c: u64| if c == 0 { BASE } else { c as f64 };
+        let points: Vec<(f64, f64)> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(b, c)| {
+                let x = (b as u64 * width) as f64;
+                [(x, y(*c)), (x + width as f64, y(*c))]
+            })
+            .collect();
+        let mut label = format!("{} ({} samples", run.label, run.samples);
+        match beyond_note(
+            &run.buckets,
+            run.overflows,
+            run.histogram_range_us,
+            run.max_us,
+            end,
+        ) {
+            Some(n) => label.push_str(&format!("; {n})")),
+            None => label.push_str(&format!(", max {} µs)", run.max_us)),
+        }
+        chart
+            .draw_series([PathElement::new(points, color.stroke_width(2))])
+            .map_err(draw_err(W))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x - 6, y - 3), (x + 6, y + 3)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 13))
+        .background_style(BACKGROUND.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err(W))?;
+    root.present().map_err(draw_err(W))
+}
+
+/// The overlay as an SVG document.
+pub fn overlay_svg(runs: &[Run]) -> Result<String, PlotError> {
+    ensure_font()?;
+    let mut s = String::new();
+    draw_overlay(
+        &SVGBackend::with_string(&mut s, SIZE).into_drawing_area(),
+        runs,
+    )?;
+    Ok(s)
+}
+
+/// File name of the overlay picture.
+pub const OVERLAY: &str = "latency-compare";
+
+/// Writes the overlay of `runs` as SVG into `svg_dir` and/or PNG into
+/// `png_dir` (created if missing); returns the files written.
+pub fn write_overlay(
+    runs: &[Run],
+    svg_dir: Option<&Path>,
+    png_dir: Option<&Path>,
+) -> Result<Vec<PathBuf>, PlotError> {
+    let mut written = Vec::new();
+    let create = |dir: &Path| {
+        std::fs::create_dir_all(dir).map_err(|e| PlotError::Write {
+            path: dir.to_owned(),
+            reason: e.to_string(),
+        })
+    };
+    if let Some(dir) = svg_dir {
+        create(dir)?;
+        let p = dir.join(format!("{OVERLAY}.svg"));
+        std::fs::write(&p, overlay_svg(runs)?).map_err(|e| PlotError::Write {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        written.push(p);
+    }
+    if let Some(dir) = png_dir {
+        create(dir)?;
+        ensure_font()?;
+        let p = dir.join(format!("{OVERLAY}.png"));
+        {
+            let root = BitMapBackend::new(&p, SIZE).into_drawing_area();
+            draw_overlay(&root, runs).map_err(|e| match e {
+                PlotError::Draw { reason, .. } => PlotError::Write {
+                    path: p.clone(),
+                    reason,
+                },
+                e => e,
+            })?;
+        }
+        written.push(p);
+    }
+    Ok(written)
 }
 
 /// Draws the noise timeline: x the time in the run, y (log) each slot's
@@ -496,7 +761,7 @@ mod tests {
             "latency (µs)",
             "samples (log scale)",
             "6.18.44 PREEMPT_DYNAMIC",
-            "2 above 60 µs",
+            "2 overflows (≥60 µs), max 2100 µs",
             "most frequent 15 µs (800 samples)",
         ] {
             assert!(svg.contains(needle), "{needle:?} missing");
@@ -576,6 +841,74 @@ mod tests {
             .filter(|p| *p == [BAR.0, BAR.1, BAR.2])
             .count();
         assert!(bar_pixels > 100, "only {bar_pixels} bar-colored pixels");
+    }
+
+    #[test]
+    fn the_axis_ends_past_the_bulk_not_at_the_outlier() {
+        // Bulk up to 80 µs, one 17 ms outlier: cut at 200 µs (80 x 1.5, rounded up).
+        let e = Extent::of(&[(20, 900), (80, 5), (17_000, 1)], 80, false, 17_000);
+        assert_eq!(axis_end(&[e]), 200);
+        // Nothing far out: everything is shown.
+        let e = Extent::of(&[(20, 900), (150, 1)], 80, false, 150);
+        assert_eq!(axis_end(&[e]), 157);
+        // p99.9 among the overflows: the bulk ends at the last bucket.
+        let e = Extent::of(&[(12, 3), (55, 5)], 2100, true, 2100);
+        assert_eq!(axis_end(&[e]), 100);
+        // The widest bulk of several runs decides.
+        let a = Extent::of(&[(10, 9)], 10, false, 5000);
+        let b = Extent::of(&[(300, 9)], 300, false, 400);
+        assert_eq!(axis_end(&[a, b]), 500);
+        assert_eq!(
+            beyond_note(&[(10, 9), (900, 3)], 22, Some(1000), 16974, 500).unwrap(),
+            "3 beyond 500 µs, 22 overflows (≥1000 µs), max 16974 µs"
+        );
+        assert_eq!(beyond_note(&[(10, 9)], 0, Some(1000), 10, 500), None);
+        assert_eq!(
+            bins(&[(0, 1), (3, 2), (4, 5), (9, 1)], 2, 8),
+            [1, 2, 5, 0, 0]
+        );
+    }
+
+    #[test]
+    fn the_overlay_has_one_line_per_run_and_a_legend() {
+        use crate::latency::compare::{self, DEFAULT_THRESHOLDS_US};
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = Vec::new();
+        for (name, r) in [
+            ("gp.json", sample_report("6.18.44", "PREEMPT_DYNAMIC", 2100)),
+            ("rt.json", sample_report("6.1.0-rt", "PREEMPT_RT", 95)),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, serde_json::to_string(&r).unwrap()).unwrap();
+            runs.push(compare::load(&p, DEFAULT_THRESHOLDS_US).unwrap());
+        }
+        let p = dir.path().join("h.txt");
+        std::fs::write(&p, include_str!("../../tests/fixtures/cyclictest-h.txt")).unwrap();
+        runs.push(compare::load(&p, DEFAULT_THRESHOLDS_US).unwrap());
+        compare::label_runs(&mut runs, &[]).unwrap();
+        let svg = overlay_svg(&runs).unwrap();
+        for (i, run) in runs.iter().enumerate() {
+            let c = RUN_COLORS[i];
+            let stroke = format!("stroke=\"#{:02X}{:02X}{:02X}\"", c.0, c.1, c.2);
+            let lines = svg
+                .split("<polyline ")
+                .skip(1)
+                .filter(|el| el.split("/>").next().is_some_and(|a| a.contains(&stroke)))
+                .count();
+            assert_eq!(lines, 1, "run {i}: {lines} lines of its colour");
+            assert_eq!(fill_count(&svg, c, "rect"), 1, "run {i}: one legend mark");
+            assert!(svg.contains(&run.label), "{} not in the legend", run.label);
+        }
+        // The fixture's 17 ms outlier does not stretch the axis; it is named.
+        assert!(
+            svg.contains("22 overflows (≥1000 µs), max 16974 µs"),
+            "no overflow note"
+        );
+        assert!(svg.contains("samples per"), "no y axis label");
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_overlay(&runs, Some(dir.path()), Some(dir.path())).unwrap();
+        assert_eq!(written.len(), 2);
+        assert!(std::fs::metadata(&written[1]).unwrap().len() > 1000);
     }
 
     #[test]

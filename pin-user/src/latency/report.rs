@@ -1,6 +1,6 @@
 //! The latency report: one JSON document with stable field names (so runs can
-//! be compared later, on another kernel), its terminal rendering, and the
-//! side-by-side table of `--compare`.
+//! be compared later, on another kernel) and its terminal rendering
+//! (`compare` lays reports out side by side).
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use pin_common::{
@@ -67,6 +67,10 @@ pub struct RunInfo {
     pub measurement_tids: Vec<u32>,
     /// Ended early by SIGINT/SIGTERM.
     pub interrupted: bool,
+    /// A `pinguard run` daemon on the host during the run (None: none
+    /// answered on its control socket).
+    #[serde(default)]
+    pub daemon: Option<crate::control::DaemonInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -480,13 +484,21 @@ impl Report {
                 path: path.to_owned(),
                 source,
             })?;
-        let found = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
-        if found != FORMAT {
-            return Err(LatencyError::WrongFormat {
-                path: path.to_owned(),
-                found: found.to_string(),
-                expected: FORMAT,
-            });
+        match value.get("format").and_then(|f| f.as_str()) {
+            Some(FORMAT) => {}
+            Some(found) => {
+                return Err(LatencyError::WrongFormat {
+                    path: path.to_owned(),
+                    found: found.to_string(),
+                    expected: FORMAT,
+                });
+            }
+            None => {
+                return Err(LatencyError::UnknownRunFile {
+                    path: path.to_owned(),
+                    found: "a JSON document without a \"format\" field".into(),
+                });
+            }
         }
         serde_json::from_value(value).map_err(|source| LatencyError::NotAReport {
             path: path.to_owned(),
@@ -680,6 +692,18 @@ fn notes(r: &Report) -> Vec<String> {
         n.push(format!(
             "the kernel dropped {} events (ring buffer full): some waits or intruder slices are missing",
             r.probe.events_lost
+        ));
+    }
+    if let Some(d) = &r.run.daemon {
+        n.push(format!(
+            "a pinguard daemon (pid {}) ran in {} mode{}",
+            d.pid,
+            d.mode,
+            if d.registered {
+                "; cyclictest was registered with it: never evicted, never counted as an intruder"
+            } else {
+                "; cyclictest was NOT registered with it"
+            }
         ));
     }
     if r.run.interrupted {
@@ -947,152 +971,6 @@ pub fn render_text(r: &Report) -> String {
     o
 }
 
-/// Rows of `--compare`: (name, one value per run).
-pub fn compare_rows(runs: &[(String, Report)]) -> Vec<(&'static str, Vec<String>)> {
-    let row = |name: &'static str, f: &dyn Fn(&Report) -> String| {
-        (name, runs.iter().map(|(_, r)| f(r)).collect::<Vec<_>>())
-    };
-    vec![
-        row("where", &|r| r.measured_where()),
-        row("kernel", &|r| r.measured_kernel().0.to_string()),
-        row("preemption", &|r| {
-            let p = r.measured_kernel().1;
-            match &p.mode {
-                Some(m) => format!("{} {m}", p.model),
-                None => p.model.clone(),
-            }
-        }),
-        row("policy", &|r| {
-            super::policy_label(r.run.policy, r.run.priority)
-        }),
-        row("interval (µs)", &|r| r.run.interval_us.to_string()),
-        row("cpu", &|r| r.run.cpu.to_string()),
-        row("duration", &|r| fmt_ns(r.run.elapsed_ns)),
-        row("min (µs)", &|r| r.latency.min_us.to_string()),
-        row("avg (µs)", &|r| format!("{:.1}", r.latency.avg_us)),
-        row("p50 (µs)", &|r| r.latency.p50_us.to_string()),
-        row("p99 (µs)", &|r| r.latency.p99_us.to_string()),
-        row("p99.9 (µs)", &|r| r.latency.p99_9_us.to_string()),
-        row("max (µs)", &|r| r.latency.max_us.to_string()),
-        row("mode (µs)", &|r| {
-            format!("{} ({}x)", r.latency.mode_us, r.latency.mode_count)
-        }),
-        row("samples", &|r| r.latency.samples.to_string()),
-        row("top noise source", &|r| {
-            r.noise
-                .top_source
-                .as_ref()
-                .map(|s| format!("{} {}", s.label, fmt_ns(s.ns)))
-                .unwrap_or_else(|| "-".into())
-        }),
-        row("worst wait cause", &|r| {
-            r.worst
-                .first()
-                .map(|w| format!("{} ({})", w.cause.who(), fmt_ns(w.wait_ns)))
-                .unwrap_or_else(|| "-".into())
-        }),
-    ]
-}
-
-/// One run in `--compare --json`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct CompareRun {
-    pub label: String,
-    /// `host`, or `guest NAME (kvm|tcg)`.
-    pub measured: String,
-    /// The kernel the samples were taken on (the guest's inside a guest).
-    pub kernel_release: String,
-    pub preemption_model: String,
-    pub preemption_mode: Option<String>,
-    pub cpu: u32,
-    pub elapsed_ns: u64,
-    pub min_us: u64,
-    pub avg_us: f64,
-    pub p50_us: u64,
-    pub p90_us: u64,
-    pub p99_us: u64,
-    pub p99_9_us: u64,
-    pub max_us: u64,
-    pub mode_us: u64,
-    pub mode_count: u64,
-    pub samples: u64,
-    pub top_source: Option<Source>,
-    pub worst_cause: Option<Cause>,
-    pub worst_wait_ns: Option<u64>,
-}
-
-/// The runs of `--compare` as data.
-pub fn compare_runs(runs: &[(String, Report)]) -> Vec<CompareRun> {
-    runs.iter()
-        .map(|(label, r)| CompareRun {
-            label: label.clone(),
-            measured: r.measured_where(),
-            kernel_release: r.measured_kernel().0.to_string(),
-            preemption_model: r.measured_kernel().1.model.clone(),
-            preemption_mode: r.measured_kernel().1.mode.clone(),
-            cpu: r.run.cpu,
-            elapsed_ns: r.run.elapsed_ns,
-            min_us: r.latency.min_us,
-            avg_us: r.latency.avg_us,
-            p50_us: r.latency.p50_us,
-            p90_us: r.latency.p90_us,
-            p99_us: r.latency.p99_us,
-            p99_9_us: r.latency.p99_9_us,
-            max_us: r.latency.max_us,
-            mode_us: r.latency.mode_us,
-            mode_count: r.latency.mode_count,
-            samples: r.latency.samples,
-            top_source: r.noise.top_source.clone(),
-            worst_cause: r.worst.first().map(|w| w.cause.clone()),
-            worst_wait_ns: r.worst.first().map(|w| w.wait_ns),
-        })
-        .collect()
-}
-
-/// The side-by-side table: one column per run, headed by its label and its
-/// kernel and preemption model.
-pub fn compare_table(runs: &[(String, Report)]) -> String {
-    let rows = compare_rows(runs);
-    let mut header2: Vec<String> = runs
-        .iter()
-        .map(|(_, r)| {
-            let (release, preemption) = r.measured_kernel();
-            format!("{release} {}", preemption.model)
-        })
-        .collect();
-    let header1: Vec<String> = runs.iter().map(|(l, _)| l.clone()).collect();
-    let first_w = rows
-        .iter()
-        .map(|(n, _)| n.chars().count())
-        .max()
-        .unwrap_or(0);
-    let widths: Vec<usize> = (0..runs.len())
-        .map(|i| {
-            rows.iter()
-                .map(|(_, v)| v[i].chars().count())
-                .chain([header1[i].chars().count(), header2[i].chars().count()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut o = String::new();
-    let line = |o: &mut String, first: &str, cells: &[String]| {
-        let _ = write!(o, "{first:<first_w$}");
-        for (c, w) in cells.iter().zip(&widths) {
-            let _ = write!(o, "  {c:<w$}");
-        }
-        o.truncate(o.trim_end().len());
-        o.push('\n');
-    };
-    line(&mut o, "", &header1);
-    header2.iter_mut().for_each(|h| *h = h.trim().to_string());
-    line(&mut o, "", &header2);
-    for (name, values) in &rows {
-        line(&mut o, name, values);
-    }
-    o
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1257,6 +1135,7 @@ pub(crate) mod tests {
                 },
                 measurement_tids: vec![501],
                 interrupted: false,
+                daemon: None,
             },
             histogram: hist,
             json: Some(CyclictestJson {
@@ -1450,55 +1329,6 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn compare_puts_runs_side_by_side() {
-        let runs = vec![
-            (
-                "gp.json".to_string(),
-                sample_report("6.18.44", "PREEMPT_DYNAMIC", 717),
-            ),
-            (
-                "rt.json".to_string(),
-                sample_report("6.1.0-rt", "PREEMPT_RT", 95),
-            ),
-        ];
-        let t = compare_table(&runs);
-        let lines: Vec<&str> = t.lines().collect();
-        assert!(
-            lines[0].contains("gp.json") && lines[0].contains("rt.json"),
-            "{t}"
-        );
-        assert!(
-            lines[1].contains("6.18.44 PREEMPT_DYNAMIC")
-                && lines[1].contains("6.1.0-rt PREEMPT_RT")
-        );
-        let max = lines.iter().find(|l| l.starts_with("max (µs)")).unwrap();
-        let cells: Vec<&str> = max.split_whitespace().collect();
-        assert_eq!(cells[cells.len() - 2..], ["717", "95"], "{max}");
-        for row in [
-            "min (µs)",
-            "avg (µs)",
-            "p50 (µs)",
-            "p99 (µs)",
-            "p99.9 (µs)",
-            "mode (µs)",
-            "samples",
-            "top noise source",
-        ] {
-            assert!(
-                lines.iter().any(|l| l.starts_with(row)),
-                "{row} missing:\n{t}"
-            );
-        }
-        let data = compare_runs(&runs);
-        assert_eq!((data[0].max_us, data[1].max_us), (717, 95));
-        assert_eq!(data[1].preemption_model, "PREEMPT_RT");
-        assert_eq!(data[0].worst_wait_ns, Some(1_980_000));
-        // Columns line up: the second run's values start under its label.
-        let col = |line: &str, needle: &str| line[..line.rfind(needle).unwrap()].chars().count();
-        assert_eq!(col(max, "95"), col(lines[0], "rt.json"), "{t}");
-    }
-
     pub(crate) fn sample_guest() -> GuestRun {
         use crate::latency::guest::{ClockAlignment, GuestWakeup, HostCause};
         GuestRun {
@@ -1599,14 +1429,5 @@ pub(crate) mod tests {
         ] {
             assert!(t.contains(needle), "{needle:?} missing from:\n{t}");
         }
-        let runs = vec![("h".to_string(), host), ("g".to_string(), r)];
-        let t = compare_table(&runs);
-        assert!(t.contains("6.1.0-28-rt-amd64 PREEMPT_RT"), "{t}");
-        let row = t.lines().find(|l| l.starts_with("where")).unwrap();
-        assert!(
-            row.contains("host") && row.contains("guest lab-rt (tcg)"),
-            "{t}"
-        );
-        assert_eq!(compare_runs(&runs)[1].kernel_release, "6.1.0-28-rt-amd64");
     }
 }

@@ -13,6 +13,7 @@ use crate::{
         events::{AffinityChange, Intrusion, Migration, Process, Thread},
         probe::ProbeError,
     },
+    control::{Allow, Request},
     daemon::effects::{Discovered, Effects},
     guests::{DiscoverError, Manager, Source, Vcpu},
     host::{
@@ -44,6 +45,8 @@ struct Fake {
     requests: std::collections::VecDeque<Option<u32>>,
     /// Processes holding KVM vCPUs.
     kvm: BTreeSet<u32>,
+    /// pid -> parent pid.
+    parents: BTreeMap<u32, u32>,
     clock: Duration,
     start: Option<Instant>,
     /// Threads placed through their guest's manager: (tid, manager).
@@ -185,6 +188,9 @@ impl Effects for Fake {
     }
     fn is_kvm_guest(&self, pid: u32) -> bool {
         self.kvm.contains(&pid)
+    }
+    fn parent(&self, pid: u32) -> Option<u32> {
+        self.parents.get(&pid).copied()
     }
     fn request_scan(&mut self) {
         self.scans += 1;
@@ -568,6 +574,135 @@ fn allowlisted_threads_are_allowed_in_the_kernel_not_reported() {
         at_ns: 0,
     }));
     assert!(kinds(&d).is_empty());
+}
+
+/// `pinguard latency` (LAT) and its cyclictest child (CT, measuring
+/// thread CT_T), as the control socket registers them.
+const LAT: u32 = 600;
+const CT: u32 = 610;
+const CT_T: u32 = 611;
+
+fn with_latency() -> Fake {
+    let mut fx = host();
+    for (tgid, tid, comm) in [
+        (LAT, LAT, "pinguard"),
+        (CT, CT, "cyclictest"),
+        (CT, CT_T, "cyclictest"),
+    ] {
+        fx.threads.insert((tgid, tid), thread(tgid, tid, comm, 0));
+        fx.aff.cpus.insert(tid, cpus("1"));
+    }
+    fx.parents.insert(CT, LAT);
+    fx.parents.insert(STRANGER, 1);
+    fx
+}
+
+fn allow(pid: u32, tid: Option<u32>, children: bool) -> Request {
+    Request::Allow(Allow {
+        pid,
+        tid,
+        start_time: 1,
+        cpu: 1,
+        children,
+        what: "pinguard latency".into(),
+    })
+}
+
+#[test]
+fn registered_measuring_threads_are_neither_evicted_nor_intruders() {
+    let mut d = daemon(with_latency(), ENFORCE);
+    let hello = d.control(1, LAT, Request::Hello);
+    let info = hello.daemon.unwrap();
+    assert!(hello.ok);
+    assert_eq!(
+        (info.mode.as_str(), info.guarded.as_str()),
+        ("enforce", "1")
+    );
+    // Before cyclictest starts: latency registers itself and its children.
+    assert!(d.control(1, LAT, allow(LAT, None, true)).ok);
+    // cyclictest's first slice and its move onto CPU 1 come before it is
+    // seen by latency: covered as latency's child.
+    d.handle(&KernelEvent::MigrateIn(Migration {
+        thread: ev_thread(CT_T, CT, "cyclictest"),
+        from_cpu: 0,
+        to_cpu: 1,
+        at_ns: 0,
+    }));
+    d.handle(&intrusion(
+        CT_T,
+        CT,
+        "cyclictest",
+        ThreadClass::IntruderUser,
+    ));
+    assert!(kinds(&d).is_empty(), "{:?}", kinds(&d));
+    assert_eq!(d.fx.aff.cpus[&CT_T], cpus("1"), "evicted");
+    assert_eq!(
+        counter(&d, "pinguard_evictions_total", &[("cpu", "1")]),
+        0.0
+    );
+    assert_eq!(
+        d.fx.allowed.get(&CT_T),
+        Some(&Some(1)),
+        "allowed in the kernel"
+    );
+    // Then the measuring thread itself, by tid.
+    assert!(d.control(1, LAT, allow(CT, Some(CT_T), false)).ok);
+    // Anyone else is still an intruder, and evicted.
+    d.handle(&intrusion(
+        STRANGER,
+        STRANGER,
+        "stress",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(kinds(&d), [ViolationKind::Intruder]);
+    assert_eq!(d.fx.aff.cpus[&STRANGER], cpus("0"));
+    // The connection closes: the allowance goes with it.
+    d.disconnected(1);
+    assert_eq!(d.fx.allowed.get(&CT_T), None);
+    d.handle(&intrusion(
+        CT_T,
+        CT,
+        "cyclictest",
+        ThreadClass::IntruderUser,
+    ));
+    assert_eq!(d.fx.aff.cpus[&CT_T], cpus("0"), "no longer registered");
+}
+
+#[test]
+fn registrations_are_checked_and_end_with_their_process() {
+    let mut d = daemon(with_latency(), ENFORCE);
+    // Not the caller's own process or child.
+    let r = d.control(1, LAT, allow(STRANGER, None, false));
+    assert!(!r.ok);
+    assert!(r.error.unwrap().contains("neither the caller"));
+    // A start time that is not the thread's: the id was reused.
+    let mut a = allow(CT, Some(CT_T), false);
+    if let Request::Allow(a) = &mut a {
+        a.start_time = 5;
+    }
+    let r = d.control(1, LAT, a);
+    assert!(r.error.unwrap().contains("started at 1, not 5"));
+    assert!(!d.control(1, LAT, allow(CT, Some(999), false)).ok);
+    assert!(d.fx.allowed.is_empty());
+    // The registered thread exits: dropped at the next prune.
+    assert!(d.control(2, LAT, allow(CT, Some(CT_T), false)).ok);
+    assert_eq!(d.fx.allowed.get(&CT_T), Some(&Some(1)));
+    d.fx.threads.remove(&(CT, CT_T));
+    d.fx.threads.remove(&(CT, CT));
+    for _ in 0..10 {
+        d.tick();
+    }
+    assert_eq!(d.fx.allowed.get(&CT_T), None);
+    // A new process reusing the id is not covered.
+    d.fx.threads.insert(
+        (CT, CT_T),
+        ThreadInfo {
+            start_time: 9,
+            ..thread(CT, CT_T, "x", 0)
+        },
+    );
+    d.handle(&intrusion(CT_T, CT, "x", ThreadClass::IntruderUser));
+    assert_eq!(kinds(&d), [ViolationKind::Intruder]);
 }
 
 #[test]
