@@ -377,9 +377,21 @@ pub struct LabArgs {
     /// Measure the host only (no guest).
     #[arg(long)]
     pub host_only: bool,
+    /// How the guests run: kvm, tcg (emulation), or auto (KVM, and TCG
+    /// where KVM cannot boot the lab guest's kernel).
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
     /// Passed to every `pinguard latency` run.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// `pinguard lab --accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 impl LabArgs {

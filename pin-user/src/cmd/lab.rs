@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cli::LabArgs,
+    cli::{Accel, LabArgs},
     exit,
     latency::{SchedPolicy, compare, plot},
 };
@@ -102,6 +102,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
         args.out.display()
     );
     let mut files = Vec::new();
+    let mut vm: Option<guest::Vm> = None;
     for (i, step) in steps.iter().enumerate() {
         let path = args.out.join(format!("{}.json", step.name));
         eprintln!(
@@ -113,10 +114,25 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
         );
         match step.guest {
             None => run_latency(&me, &latency_args(step, &args), &path)?,
-            Some(flavour) => guest::run_step(&me, step, flavour, &args, &path)?,
+            Some(flavour) => {
+                let name = format!("pinguard-lab-{flavour}");
+                if vm.as_ref().is_none_or(|v| v.name != name) {
+                    // One guest at a time: the last one goes first.
+                    drop(vm.take());
+                    let booted = guest::boot(&args.kernels, flavour, args.accel)?;
+                    eprintln!(
+                        "pinguard lab: guest {} booted under {}",
+                        booted.name, booted.accel
+                    );
+                    vm = Some(booted);
+                }
+                let booted = vm.as_ref().expect("booted above");
+                guest::run_step(&me, step, booted, &args, &path)?;
+            }
         }
         files.push(path);
     }
+    drop(vm);
     write_comparison(&files, &args.out)?;
     Ok(ExitCode::from(exit::OK))
 }
@@ -185,22 +201,201 @@ fn check_images(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The guest half: boots the lab guest and measures inside it.
+/// The guest half: boots the lab guest (KVM first, TCG where KVM cannot
+/// boot it) and measures inside it with `pinguard latency --vm`.
 mod guest {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        os::unix::{fs::DirBuilderExt as _, net::UnixStream, process::CommandExt as _},
+        process::Child,
+        time::{Duration, Instant},
+    };
+
     use super::*;
 
-    pub fn run_step(
-        _me: &Path,
-        step: &Step,
+    /// Booting to the agent's first answer under KVM (the lab guest takes a
+    /// few seconds); under TCG (emulation) it takes longer.
+    const KVM_BOOT: Duration = Duration::from_secs(20);
+    const TCG_BOOT: Duration = Duration::from_secs(120);
+
+    /// A booted lab guest, killed on drop.
+    pub struct Vm {
+        child: Child,
+        pub name: String,
+        pub accel: &'static str,
+        serial: PathBuf,
+        /// Its agent socket and serial log, removed with it.
+        dir: PathBuf,
+    }
+
+    impl Drop for Vm {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// The QEMU command line of the lab guest `flavour`, named `name`, its
+    /// agent on `sock` (the standard port, which `latency --vm` finds on
+    /// the command line).
+    pub fn qemu_args(
+        images: &Path,
         flavour: &str,
-        _args: &LabArgs,
-        _out: &Path,
+        name: &str,
+        accel: &str,
+        sock: &Path,
+        serial: &Path,
+    ) -> Vec<String> {
+        let dir = images.join(flavour);
+        [
+            "-name",
+            name,
+            "-accel",
+            accel,
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-kernel",
+            &dir.join("vmlinuz").display().to_string(),
+            "-initrd",
+            &dir.join("initrd.img").display().to_string(),
+            "-append",
+            "console=ttyS0 quiet",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-serial",
+            &format!("file:{}", serial.display()),
+            "-device",
+            "virtio-serial",
+            "-chardev",
+            &format!("socket,path={},server=on,wait=off,id=qga0", sock.display()),
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn boot_with(images: &Path, flavour: &str, accel: &'static str) -> anyhow::Result<Vm> {
+        let dir = std::env::temp_dir().join(format!(
+            "pinguard-lab-{}-{flavour}-{accel}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let sock = dir.join("qga.sock");
+        let serial = dir.join("serial.log");
+        let name = format!("pinguard-lab-{flavour}");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(qemu_args(images, flavour, &name, accel, &sock, &serial))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The guest goes when pinguard goes, however it goes.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .context("starting qemu-system-x86_64 (install qemu-system-x86)")?;
+        let vm = Vm {
+            child,
+            name,
+            accel,
+            serial,
+            dir,
+        };
+        let timeout = if accel == "kvm" { KVM_BOOT } else { TCG_BOOT };
+        if agent_answers(&sock, timeout) {
+            Ok(vm)
+        } else {
+            let tail = std::fs::read_to_string(&vm.serial).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(3).collect();
+            bail!(
+                "the {flavour} guest's agent did not answer within {timeout:?} under {accel} \
+                 (serial console ends: {:?})",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )
+        }
+    }
+
+    /// Boots `flavour`: KVM first; where KVM cannot boot a stock kernel (a
+    /// nested host whose KVM is PVM, say) under TCG, and says so.
+    pub fn boot(images: &Path, flavour: &str, accel: Accel) -> anyhow::Result<Vm> {
+        match accel {
+            Accel::Kvm => boot_with(images, flavour, "kvm"),
+            Accel::Tcg => boot_with(images, flavour, "tcg"),
+            Accel::Auto => boot_with(images, flavour, "kvm").or_else(|e| {
+                eprintln!("pinguard lab: {e}; booting it under TCG (emulation) instead");
+                boot_with(images, flavour, "tcg")
+            }),
+        }
+    }
+
+    /// Whether the agent on `sock` answers `guest-sync` within `timeout`.
+    fn agent_answers(sock: &Path, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let mut id = 0u64;
+        while Instant::now() < end {
+            if let Ok(stream) = UnixStream::connect(sock) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let Ok(mut writer) = stream.try_clone() else {
+                    return false;
+                };
+                let mut reader = BufReader::new(stream);
+                while Instant::now() < end {
+                    id += 1;
+                    // 0xff first: the agent drops a half-read command.
+                    let mut msg = vec![0xff];
+                    msg.extend_from_slice(
+                        format!(r#"{{"execute":"guest-sync","arguments":{{"id":{id}}}}}"#)
+                            .as_bytes(),
+                    );
+                    msg.push(b'\n');
+                    if writer.write_all(&msg).is_err() {
+                        break;
+                    }
+                    // Answers to earlier ids may come first; a read times out
+                    // (2 s) while the guest still boots.
+                    let mut line = Vec::new();
+                    while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                        let text = String::from_utf8_lossy(&line).replace(' ', "");
+                        if text.contains(&format!("\"return\":{id}}}")) {
+                            return true;
+                        }
+                        line.clear();
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    }
+
+    pub fn run_step(
+        me: &Path,
+        step: &Step,
+        vm: &Vm,
+        args: &LabArgs,
+        out: &Path,
     ) -> anyhow::Result<()> {
-        bail!(
-            "{}: measuring inside the {flavour} guest needs `pinguard latency --vm`, which this \
-             build does not have; run with --host-only",
-            step.name
-        )
+        let mut a = latency_args(step, args);
+        a.push("--vm".into());
+        a.push(vm.name.clone());
+        run_latency(me, &a, out)
     }
 }
 
