@@ -166,7 +166,10 @@ impl Run {
             parts.push(policy_short(p, prio));
         }
         if self.place.is_none() && self.kernel_release.is_none() {
-            parts.insert(0, self.file.clone());
+            let name = Path::new(&self.file)
+                .file_name()
+                .map_or_else(|| self.file.clone(), |n| n.to_string_lossy().into_owned());
+            parts.insert(0, name);
         }
         parts.join(" ")
     }

@@ -375,48 +375,55 @@ pub const RUN_COLORS: [RGBColor; 10] = [
     RGBColor(0xBC, 0xBD, 0x22),
 ];
 
-/// Counts per bin of `width` µs from 0 to `end` (the bins past it are left out).
-fn bins(buckets: &[(u64, u64)], width: u64, end: u64) -> Vec<u64> {
-    let mut out = vec![0u64; (end / width + 1) as usize];
-    for &(us, c) in buckets.iter().filter(|b| b.0 <= end) {
-        out[(us / width) as usize] += c;
+/// Bins per decade of the overlay's logarithmic latency axis.
+pub const BINS_PER_DECADE: f64 = 20.0;
+
+/// Log-spaced bins from 1 µs: bin `k` holds latencies in
+/// `[10^(k/20), 10^((k+1)/20))` (0 µs falls in bin 0).
+fn log_bin(us: u64) -> usize {
+    ((us.max(1) as f64).log10() * BINS_PER_DECADE).floor() as usize
+}
+
+fn bin_edge(k: usize) -> f64 {
+    10f64.powf(k as f64 / BINS_PER_DECADE)
+}
+
+/// Counts per log-spaced bin (see [`log_bin`]), up to the last non-empty one.
+fn log_bins(buckets: &[(u64, u64)]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for &(us, c) in buckets {
+        let k = log_bin(us);
+        if out.len() <= k {
+            out.resize(k + 1, 0);
+        }
+        out[k] += c;
     }
     out
 }
 
 /// Draws every run's histogram in one picture: a stepped line per run in
-/// its own colour, counts on a log scale, the axis cut past the bulk (see
-/// [`axis_end`]) and each run's samples beyond it, overflows and max named
-/// in the legend.
+/// its own colour, counts on a log scale over a logarithmic latency axis
+/// (20 bins per decade), so a bulk at 5-50 µs and a tail at 20 ms are both
+/// readable whichever run is noisiest; the legend names each run with its
+/// samples, cyclictest's overflows (samples past its -h range, whose values
+/// it does not give) and its max.
 pub fn draw_overlay<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     runs: &[Run],
 ) -> Result<(), PlotError> {
     const W: &str = "latency histograms";
     root.fill(&BACKGROUND).map_err(draw_err(W))?;
-    let extents: Vec<Extent> = runs
-        .iter()
-        .map(|r| {
-            Extent::of(
-                &r.buckets,
-                r.p99_9_us,
-                r.above_histogram.iter().any(|p| p == "p99.9"),
-                r.max_us,
-            )
-        })
-        .collect();
-    let end = axis_end(&extents);
-    // About 400 bins across, whatever the range.
-    let width = end.div_ceil(400).max(1);
-    let binned: Vec<Vec<u64>> = runs.iter().map(|r| bins(&r.buckets, width, end)).collect();
+    let binned: Vec<Vec<u64>> = runs.iter().map(|r| log_bins(&r.buckets)).collect();
+    let bins = binned.iter().map(Vec::len).max().unwrap_or(1).max(1);
     let peak = binned.iter().flatten().copied().max().unwrap_or(1).max(1);
-    let x_max = (end + width) as f64 * 1.02;
+    let first = binned
+        .iter()
+        .filter_map(|b| b.iter().position(|c| *c > 0))
+        .min()
+        .unwrap_or(0);
+    let x_min = (bin_edge(first) * 0.8).max(0.8);
+    let x_max = bin_edge(bins) * 1.25;
     let y_max = (peak as f64 * 4.0).max(10.0);
-    let per = if width == 1 {
-        "samples per µs".to_string()
-    } else {
-        format!("samples per {width} µs")
-    };
     let mut chart = ChartBuilder::on(root)
         .caption(
             format!("cyclictest latency, {} runs", runs.len()),
@@ -425,12 +432,14 @@ pub fn draw_overlay<DB: DrawingBackend>(
         .margin(15)
         .x_label_area_size(50)
         .y_label_area_size(80)
-        .build_cartesian_2d(0f64..x_max, (BASE..y_max).log_scale())
+        .build_cartesian_2d((x_min..x_max).log_scale(), (BASE..y_max).log_scale())
         .map_err(draw_err(W))?;
     chart
         .configure_mesh()
-        .x_desc(format!("latency (µs), up to {end} µs"))
-        .y_desc(format!("{per} (log scale)"))
+        .x_desc("latency (µs, log scale)")
+        .y_desc(format!(
+            "samples per bin ({BINS_PER_DECADE} per decade, log scale)"
+        ))
         .x_label_formatter(&|v| number(*v))
         .y_label_formatter(&|v| number(*v))
         .axis_desc_style(("sans-serif", 16))
@@ -441,25 +450,21 @@ pub fn draw_overlay<DB: DrawingBackend>(
     for (i, (run, counts)) in runs.iter().zip(&binned).enumerate() {
         let color = RUN_COLORS[i % RUN_COLORS.len()];
         let y = |c: u64| if c == 0 { BASE } else { c as f64 };
-        let points: Vec<(f64, f64)> = counts
-            .iter()
-            .enumerate()
-            .flat_map(|(b, c)| {
-                let x = (b as u64 * width) as f64;
-                [(x, y(*c)), (x + width as f64, y(*c))]
-            })
-            .collect();
-        let mut label = format!("{} ({} samples", run.label, run.samples);
-        match beyond_note(
-            &run.buckets,
-            run.overflows,
-            run.histogram_range_us,
-            run.max_us,
-            end,
-        ) {
-            Some(n) => label.push_str(&format!("; {n})")),
-            None => label.push_str(&format!(", max {} µs)", run.max_us)),
+        let start = counts.iter().position(|c| *c > 0).unwrap_or(0);
+        let mut points: Vec<(f64, f64)> = vec![(bin_edge(start), BASE)];
+        for (k, c) in counts.iter().enumerate().skip(start) {
+            points.push((bin_edge(k), y(*c)));
+            points.push((bin_edge(k + 1), y(*c)));
         }
+        points.push((bin_edge(counts.len()), BASE));
+        let mut label = format!("{} ({} samples", run.label, run.samples);
+        if run.overflows > 0 {
+            match run.histogram_range_us {
+                Some(r) => label.push_str(&format!(", {} overflows ≥{r} µs", run.overflows)),
+                None => label.push_str(&format!(", {} overflows", run.overflows)),
+            }
+        }
+        label.push_str(&format!(", max {} µs)", run.max_us));
         chart
             .draw_series([PathElement::new(points, color.stroke_width(2))])
             .map_err(draw_err(W))?
@@ -863,10 +868,14 @@ mod tests {
             "3 beyond 500 µs, 22 overflows (≥1000 µs), max 16974 µs"
         );
         assert_eq!(beyond_note(&[(10, 9)], 0, Some(1000), 10, 500), None);
+        // 20 log bins per decade: 1 µs in bin 0, 10 µs in bin 20, 100 in 40.
         assert_eq!(
-            bins(&[(0, 1), (3, 2), (4, 5), (9, 1)], 2, 8),
-            [1, 2, 5, 0, 0]
+            (log_bin(0), log_bin(1), log_bin(10), log_bin(100)),
+            (0, 0, 20, 40)
         );
+        let b = log_bins(&[(1, 2), (10, 3), (11, 1), (100, 4)]);
+        assert_eq!((b.len(), b[0], b[20], b[40]), (41, 2, 4, 4));
+        assert!((bin_edge(20) - 10.0).abs() < 1e-9);
     }
 
     #[test]
@@ -899,12 +908,12 @@ mod tests {
             assert_eq!(fill_count(&svg, c, "rect"), 1, "run {i}: one legend mark");
             assert!(svg.contains(&run.label), "{} not in the legend", run.label);
         }
-        // The fixture's 17 ms outlier does not stretch the axis; it is named.
+        // The fixture's overflows (values unknown) and its max are named.
         assert!(
-            svg.contains("22 overflows (≥1000 µs), max 16974 µs"),
+            svg.contains("22 overflows ≥1000 µs, max 16974 µs"),
             "no overflow note"
         );
-        assert!(svg.contains("samples per"), "no y axis label");
+        assert!(svg.contains("latency (µs, log scale)"), "no x axis label");
         let dir = tempfile::tempdir().unwrap();
         let written = write_overlay(&runs, Some(dir.path()), Some(dir.path())).unwrap();
         assert_eq!(written.len(), 2);
