@@ -389,7 +389,7 @@ fn policy_other_really_measures_a_sched_other_thread() {
         RUN_TIMEOUT,
     );
     assert_eq!(t.code(), Some(0), "{}", t.stderr);
-    assert!(t.stdout.contains("SCHED_OTHER"), "{}", t.stdout);
+    assert_eq!(row(&t.stdout, "policy"), ["other"], "{}", t.stdout);
 }
 
 #[test]
