@@ -38,6 +38,10 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// the kernel's own vCPU -> thread map, for guests started without QMP or
 /// thread names (most distributions mount it at boot).
 const DEBUGFS: &str = "/sys/kernel/debug";
+/// bpffs, where `pinguard run` pins its programs (crash-safe restarts). The
+/// daemon mounts it itself when it can; mounted here so that the lab looks
+/// like a systemd host before and after the tests.
+const BPFFS: &str = "/sys/fs/bpf";
 
 const W: &str = "setup";
 
@@ -49,6 +53,7 @@ struct State {
     bpf_linker: Option<String>,
     tracefs: bool,
     debugfs: bool,
+    bpffs: bool,
 }
 
 pub fn run() -> Result<()> {
@@ -69,7 +74,8 @@ pub fn run() -> Result<()> {
         || !state.apt_missing.is_empty()
         || state.bpf_linker.is_none()
         || !state.tracefs
-        || !state.debugfs;
+        || !state.debugfs
+        || !state.bpffs;
     if state.nightly.is_none() {
         install_nightly()?;
     }
@@ -87,6 +93,9 @@ pub fn run() -> Result<()> {
     }
     if !state.debugfs {
         mount("debugfs", DEBUGFS)?;
+    }
+    if !state.bpffs {
+        mount("bpf", BPFFS)?;
     }
     kvm_device_group()?;
     kube_validate()?;
@@ -192,6 +201,7 @@ fn detect() -> Result<State> {
         bpf_linker: probe_line(Command::new("bpf-linker").arg("--version")),
         tracefs: mounted("tracefs", TRACEFS),
         debugfs: mounted("debugfs", DEBUGFS),
+        bpffs: mounted("bpf", BPFFS),
     })
 }
 
@@ -214,6 +224,7 @@ fn report_present(s: &State) {
     }
     line(s.tracefs, &format!("tracefs mounted at {TRACEFS}"));
     line(s.debugfs, &format!("debugfs mounted at {DEBUGFS}"));
+    line(s.bpffs, &format!("bpffs mounted at {BPFFS}"));
 }
 
 /// What a non-root user would have to run themselves.
@@ -230,6 +241,9 @@ fn root_commands(s: &State) -> Vec<String> {
     }
     if !s.tracefs {
         cmds.push(format!("mount -t tracefs nodev {TRACEFS}"));
+    }
+    if !s.bpffs {
+        cmds.push(format!("mount -t bpf nodev {BPFFS}"));
     }
     cmds
 }
