@@ -4,14 +4,15 @@
 //! recursing without bound; where a parser has a cheap invariant (a CPU list
 //! round-trips, a config error names its file) the target checks it too.
 //! The same entry points serve three runners:
-//! - `cargo test` replays the committed corpus (`pin-user/fuzz/corpus/TARGET/`,
-//!   real inputs captured on a lab host plus what libFuzzer kept) and mutates
-//!   it with proptest (`robustness.rs`): the short run CI does;
+//! - `cargo test` replays the committed inputs and mutates them with
+//!   proptest (`robustness.rs`): the short run CI does. They are
+//!   `pin-user/fuzz/seeds/TARGET/` (real inputs captured on a lab host, named
+//!   for what they are) and `pin-user/fuzz/corpus/TARGET/` (what libFuzzer
+//!   kept because it reached new code, minimized);
 //! - `cargo xtask fuzz` runs libFuzzer on each target (`pin-user/fuzz/`,
-//!   coverage-guided, nightly), which adds the inputs that reach new code to
-//!   the corpus: commit them;
+//!   coverage-guided, nightly), which grows and minimizes the corpus: commit it;
 //! - a crash libFuzzer finds is written to `pin-user/fuzz/artifacts/TARGET/`;
-//!   it becomes a unit test next to its parser (and its input a corpus file).
+//!   it becomes a unit test next to its parser (and its input a seed).
 use std::path::Path;
 
 use crate::{

@@ -79,7 +79,11 @@ fn libfuzzer(args: &FuzzArgs) -> Result<()> {
     };
     let mut found = Vec::new();
     for target in targets {
+        // New inputs go to corpus/ (minimized below); seeds/ is read only.
         let corpus = fuzz_dir.join("corpus").join(target);
+        let seeds = fuzz_dir.join("seeds").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
         let before = count_files(&corpus);
         let artifacts = fuzz_dir.join("artifacts").join(target);
         let crashes_before = count_files(&artifacts);
@@ -89,12 +93,31 @@ fn libfuzzer(args: &FuzzArgs) -> Result<()> {
             .arg(&fuzz_dir)
             .arg(target)
             .arg(&corpus)
+            .arg(&seeds)
             .arg("--")
             .arg(format!("-max_total_time={}", args.secs))
             // The eBPF object is not needed to fuzz parsers.
             .env("AYA_BUILD_SKIP", "1");
         let ok = util::run(W, &mut cmd).is_ok();
-        let (after, crashes) = (count_files(&corpus), count_files(&artifacts));
+        let crashes = count_files(&artifacts);
+        if !ok && crashes == crashes_before {
+            bail!(
+                "cargo fuzz failed for {target} without a crash input (a build error? see above)"
+            );
+        }
+        if ok {
+            // Keep only the inputs that add coverage, so the committed corpus
+            // stays small enough to replay in every `cargo test`.
+            let mut cmin = Command::new("cargo");
+            cmin.current_dir(util::root())
+                .args(["+nightly", "fuzz", "cmin", "--fuzz-dir"])
+                .arg(&fuzz_dir)
+                .arg(target)
+                .arg(&corpus)
+                .env("AYA_BUILD_SKIP", "1");
+            util::run(W, &mut cmin)?;
+        }
+        let after = count_files(&corpus);
         eprintln!(
             "{W}: {target}: corpus {before} → {after} inputs{}",
             if after > before {

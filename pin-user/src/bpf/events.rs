@@ -581,7 +581,7 @@ mod tests {
             ("irq", bytes(&noise(event::IRQ))),
             ("softirq", bytes(&noise(event::SOFTIRQ))),
         ];
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/event");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/event");
         let write = std::env::var_os("PINGUARD_WRITE_CORPUS").is_some();
         for (name, record) in seeds {
             assert!(decode(&record).is_ok(), "{name}");

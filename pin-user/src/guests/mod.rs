@@ -33,7 +33,7 @@ mod qmp;
 
 use libvirt::{DEFAULT_LIBVIRT_DIR, LibvirtStatus};
 pub use qemu::parse_vcpu_thread_name;
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub use {libvirt::parse_libvirt_status, qmp::parse_cpus_fast};
 
 /// What the kernel says a process is, from its file descriptors: only a
