@@ -28,7 +28,12 @@ use testkit::{host, which};
 use crate::{build, util};
 
 mod daemon;
+mod intruders;
+mod noise;
 mod observer;
+mod peers;
+pub mod vcpu_guest;
+mod whole;
 
 const W: &str = "bench";
 
@@ -45,13 +50,29 @@ pub enum Suite {
     Observer,
     /// `pinguard run` with a QEMU/KVM guest: re-pin latency, CPU and RSS under load.
     Daemon,
+    /// The whole daemon (defaults) against one empty program: throughput
+    /// ratios on a housekeeping CPU and a guarded vCPU, ns/event.
+    DaemonOverhead,
+    /// pinguard, bpftrace, perf sched and a ps loop side by side: cost and
+    /// detection of short intruders.
+    Peers,
 }
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to measure (repeatable; default: both).
-    #[arg(long = "suite", value_enum, value_name = "SUITE")]
+    /// What to measure (repeatable or comma-separated; default: all).
+    #[arg(
+        long = "suite",
+        visible_alias = "only",
+        value_enum,
+        value_name = "SUITE",
+        value_delimiter = ','
+    )]
     suites: Vec<Suite>,
+    /// Interleaved without/with pairs per tool in daemon-overhead and peers
+    /// (default 7, or 3 with --quick).
+    #[arg(long, value_name = "N")]
+    pairs: Option<usize>,
     /// Observer scenario (repeatable; default: all three).
     #[arg(long = "scenario", value_enum, value_name = "SCENARIO")]
     scenarios: Vec<observer::Scenario>,
@@ -105,7 +126,12 @@ fn install_signal_handlers() -> Result<()> {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let suites = if args.suites.is_empty() {
-        vec![Suite::Observer, Suite::Daemon]
+        vec![
+            Suite::Observer,
+            Suite::Daemon,
+            Suite::DaemonOverhead,
+            Suite::Peers,
+        ]
     } else {
         args.suites.clone()
     };
@@ -119,7 +145,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         None
     };
-    let needs_bpf = daemon_plan.is_some() || observer_plan.as_ref().is_some_and(|p| p.loads_bpf());
+    let (overhead, peers) = (
+        suites.contains(&Suite::DaemonOverhead),
+        suites.contains(&Suite::Peers),
+    );
+    let whole_plan = if overhead || peers {
+        Some(whole::Plan::from_args(args, overhead, peers)?)
+    } else {
+        None
+    };
+    let needs_bpf = daemon_plan.is_some()
+        || whole_plan.is_some()
+        || observer_plan.as_ref().is_some_and(|p| p.loads_bpf());
     if needs_bpf && !util::is_root() {
         bail!(
             "bench loads eBPF programs, starts pinguard run and sets kernel.bpf_stats_enabled: run it as root"
@@ -165,6 +202,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         _ => None,
     };
     drop(stats);
+    let whole = match (&whole_plan, &bin) {
+        (Some(plan), Some(bin)) => Some(whole::run(plan, bin)),
+        _ => None,
+    };
     let idle_after = idle_pct(Duration::from_secs(1))?;
     warn_if_busy(idle_after, "after");
 
@@ -179,6 +220,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         md.push_str(&d.markdown());
         json["daemon"] = d.json();
     }
+    if let Some(Ok(w)) = &whole {
+        md.push_str(&w.markdown());
+        json["whole_daemon"] = w.json();
+        let dir = util::target_dir()?.join("bench");
+        let mut own = host.json();
+        own["whole_daemon"] = w.json();
+        let text = serde_json::to_string_pretty(&own).context("serializing the results")?;
+        fs::write(dir.join("whole-daemon.json"), text + "\n")
+            .context("writing target/bench/whole-daemon.json")?;
+        fs::write(dir.join("whole-daemon.md"), host.markdown() + &w.markdown())
+            .context("writing target/bench/whole-daemon.md")?;
+        eprintln!("{W}: wrote {}/whole-daemon.{{json,md}}", dir.display());
+    }
     println!("{md}");
     let out = util::root().join("bench-out");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -186,6 +240,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let json = serde_json::to_string_pretty(&json).context("serializing the results")?;
     fs::write(out.join("bench.json"), json + "\n").context("writing bench-out/bench.json")?;
     eprintln!("{W}: wrote bench-out/bench.md and bench-out/bench.json");
+    if let Some(Err(e)) = whole {
+        return Err(
+            e.context("daemon-overhead/peers suites (the report above has the other results)")
+        );
+    }
     match daemon {
         Some(Err(e)) => Err(e.context("daemon suite (the report above has the other results)")),
         _ => Ok(()),

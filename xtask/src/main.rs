@@ -73,6 +73,9 @@ enum Cmd {
     /// Regenerate deploy/kubernetes/{configmap,prometheusrule}.yaml from
     /// packaging/pinguard.toml and dashboards/prometheus/pinguard.rules.yml.
     Manifests,
+    /// The bench's one-vCPU KVM guest (started by `bench`, not by hand).
+    #[command(name = "bench-vcpu-guest", hide = true)]
+    BenchVcpuGuest(bench::vcpu_guest::GuestArgs),
 }
 
 /// The soak test of `tests/tests/soak.rs`, `secs` long, against a fresh build.
@@ -106,6 +109,9 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run::run(&args),
         Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Fuzz(args) => fuzz::run(&args).map(|()| ExitCode::SUCCESS),
+        Cmd::BenchVcpuGuest(args) => {
+            bench::vcpu_guest::guest_main(&args).map(|()| ExitCode::SUCCESS)
+        }
         Cmd::Soak { secs } => soak(secs).map(|()| ExitCode::SUCCESS),
         Cmd::Package { maintainer } => package::run(&maintainer).map(|()| ExitCode::SUCCESS),
         Cmd::Manifests => manifests::run().map(|()| ExitCode::SUCCESS),

@@ -20,6 +20,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "stress-ng",
     "bpftool",
     "linux-perf",
+    // The peers `cargo xtask bench --only peers` measures pinguard against.
+    "bpftrace",
     // A TrueType font for the pictures `pinguard latency` draws.
     "fonts-dejavu-core",
     // libvirt, for the tests of pinguard on libvirt domains (libvirtd is

@@ -287,7 +287,7 @@ pub fn run(plan: &Plan, bin: &Path, stats: &BpfStats) -> Result<DaemonReport> {
 
 /// Another guest would be managed by our daemon (and pinned in enforce mode),
 /// another pinguard would re-pin our guest too: wait until neither runs.
-fn wait_until_alone() -> Result<()> {
+pub(super) fn wait_until_alone() -> Result<()> {
     let deadline = Instant::now() + QUIET_TIMEOUT;
     let mut told = false;
     loop {
@@ -354,13 +354,13 @@ fn wait_affinity(tid: u32, cpu: usize, timeout: Duration) -> Result<()> {
 
 /// Runs the calling thread on one CPU and with a 1 µs timer slack while
 /// alive (short poll sleeps then take what they ask for); restores both.
-struct PollerSetup {
+pub(super) struct PollerSetup {
     affinity: nix::sched::CpuSet,
     slack: nix::libc::c_int,
 }
 
 impl PollerSetup {
-    fn new(cpu: usize) -> Result<Self> {
+    pub(super) fn new(cpu: usize) -> Result<Self> {
         let affinity = sched_getaffinity(Pid::from_raw(0)).context("reading our own affinity")?;
         threads::pin_current_thread(cpu)
             .with_context(|| format!("pinning the poller to CPU {cpu}"))?;
@@ -428,7 +428,7 @@ fn measure_repins(
 
 /// The ids of the BPF programs `pid` holds, from its fds' fdinfo
 /// (bpftool here cannot show holders), with their names from bpftool.
-fn daemon_programs(pid: u32) -> Result<Vec<(u64, String)>> {
+pub(super) fn daemon_programs(pid: u32) -> Result<Vec<(u64, String)>> {
     let mut ids = Vec::new();
     let fd_dir = format!("/proc/{pid}/fd");
     for e in fs::read_dir(&fd_dir).with_context(|| format!("listing {fd_dir}"))? {

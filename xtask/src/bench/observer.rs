@@ -452,7 +452,7 @@ impl<'a> Loads<'a> {
 }
 
 /// `perf bench sched pipe -l N` with both processes on `cpu`: ops/s.
-fn perf_pipe(cpu: usize, loops: u64) -> Result<f64> {
+pub(super) fn perf_pipe(cpu: usize, loops: u64) -> Result<f64> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", &cpu.to_string()]).args([
         "perf",
@@ -491,13 +491,13 @@ fn parse_perf_pipe(out: &str) -> Option<f64> {
 }
 
 /// A `pinguard attach --program NAME [--owner CPU=TID]` child.
-struct Attached {
+pub(super) struct Attached {
     child: Process,
     name: String,
 }
 
 impl Attached {
-    fn start(bin: &Path, name: &str, owners: &[(usize, u32)]) -> Result<Self> {
+    pub(super) fn start(bin: &Path, name: &str, owners: &[(usize, u32)]) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args([
             "attach",
@@ -525,11 +525,11 @@ impl Attached {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.pid()
     }
 
-    fn stop(self) -> Result<()> {
+    pub(super) fn stop(self) -> Result<()> {
         self.child
             .try_terminate(STOP_TIMEOUT)
             .map(drop)
