@@ -452,7 +452,7 @@ impl<'a> Loads<'a> {
 }
 
 /// `perf bench sched pipe -l N` with both processes on `cpu`: ops/s.
-pub(super) fn perf_pipe(cpu: usize, loops: u64) -> Result<f64> {
+fn perf_pipe(cpu: usize, loops: u64) -> Result<f64> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", &cpu.to_string()]).args([
         "perf",
@@ -482,7 +482,7 @@ pub(super) fn perf_pipe(cpu: usize, loops: u64) -> Result<f64> {
 }
 
 /// ops/s from perf's "  26.600650 usecs/op" line (more digits than its ops/sec line).
-fn parse_perf_pipe(out: &str) -> Option<f64> {
+pub(super) fn parse_perf_pipe(out: &str) -> Option<f64> {
     out.lines().find_map(|l| {
         let mut it = l.split_whitespace();
         let v: f64 = it.next()?.parse().ok()?;

@@ -341,6 +341,13 @@ fn text_bytes(lines: &[String]) -> u64 {
     lines.iter().map(|l| l.len() as u64 + 1).sum()
 }
 
+/// utime + stime from /proc/PID/stat (fields 14-15).
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    (11..13).map(|i| f.get(i)?.parse::<u64>().ok()).sum()
+}
+
 /// utime + stime + cutime + cstime from /proc/PID/stat (fields 14-17).
 pub fn parse_cpu_ticks_with_children(stat: &str) -> Option<u64> {
     let rest = stat.rsplit_once(')')?.1;
@@ -450,6 +457,46 @@ fn field(s: &str, key: &str) -> Option<u32> {
     s[at..].split_whitespace().next()?.parse().ok()
 }
 
+/// How many intruders the daemon's `/intruders` lists at most
+/// (pin-user/src/daemon/http.rs, `TOP_INTRUDERS`).
+pub const TOP_INTRUDERS: usize = 100;
+
+/// (cpu, tid) of the `intruder` violations in the daemon's `/violations`.
+pub fn parse_violation_tids(body: &str) -> Result<HashSet<(u32, u32)>> {
+    let v: Value = serde_json::from_str(body).context("/violations is not JSON")?;
+    let list = v.as_array().context("/violations is not a JSON array")?;
+    Ok(list
+        .iter()
+        .filter(|i| i["kind"] == "intruder")
+        .filter_map(|i| Some((i["cpu"].as_u64()? as u32, i["tid"].as_u64()? as u32)))
+        .collect())
+}
+
+/// `bpftool map dump name THREADS --json` without BTF: each entry's key and
+/// value as hex byte strings. Key `ThreadKey { cpu: u32, tid: u32 }`, value
+/// `ThreadStats` starting with `run_ns: u64` (pin-common, `#[repr(C)]`,
+/// little-endian here): (cpu, tid) -> run_ns.
+pub fn parse_threads_map(dump: &Value) -> HashMap<(u32, u32), u64> {
+    let bytes = |v: &Value| -> Option<Vec<u8>> {
+        v.as_array()?
+            .iter()
+            .map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect()
+    };
+    let u32_at = |b: &[u8], i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?));
+    dump.as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let k = bytes(&e["key"])?;
+            let v = bytes(&e["value"])?;
+            let run = u64::from_le_bytes(v.get(0..8)?.try_into().ok()?);
+            Some(((u32_at(&k, 0)?, u32_at(&k, 4)?), run))
+        })
+        .collect()
+}
+
 /// The daemon's `/intruders`: (cpu, tid) -> run_ns.
 pub fn parse_intruders(body: &str) -> Result<HashMap<(u32, u32), u64>> {
     let v: Value = serde_json::from_str(body).context("/intruders is not JSON")?;
@@ -514,6 +561,23 @@ mod tests {
     fn stat_ticks_include_children() {
         let stat = "4242 (sh) S 1 4242 4242 0 -1 4194560 500 0 0 0 3 2 40 50 20 0 1 0 100";
         assert_eq!(parse_cpu_ticks_with_children(stat), Some(95));
+        assert_eq!(parse_cpu_ticks(stat), Some(5));
+    }
+
+    #[test]
+    fn threads_map_dump() {
+        let dump: Value = serde_json::from_str(
+            r#"[{"key":["0x01","0x00","0x00","0x00","0xd1","0x1e","0x00","0x00"],
+                 "value":["0x90","0x60","0x83","0x00","0x00","0x00","0x00","0x00","0x03"]},
+                {"key":["0x01"],"value":[]}]"#,
+        )
+        .unwrap();
+        let m = parse_threads_map(&dump);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[&(1, 0x1ed1)], 0x836090);
+        let v = r#"[{"kind":"intruder","cpu":1,"tid":5,"tgid":5,"comm":"x","detail":""},
+                    {"kind":"migration_in","cpu":1,"tid":6,"tgid":6,"comm":"y","detail":""}]"#;
+        assert_eq!(parse_violation_tids(v).unwrap(), [(1, 5)].into());
     }
 
     #[test]
