@@ -49,8 +49,10 @@ pub enum Tool {
 
 /// The bpftrace one-liner: switches into each tid on the guarded CPU.
 fn bpftrace_program() -> String {
+    // BEGIN runs once every probe is attached: the readiness signal.
     format!(
-        "tracepoint:sched:sched_switch /cpu == {GUARDED_CPU}/ {{ @[args->next_pid] = count(); }}"
+        "BEGIN {{ printf(\"ready\\n\"); }} \
+         tracepoint:sched:sched_switch /cpu == {GUARDED_CPU}/ {{ @[args->next_pid] = count(); }}"
     )
 }
 
@@ -178,8 +180,8 @@ impl Running {
                 let mut cmd = Command::new("bpftrace");
                 cmd.arg("-e").arg(bpftrace_program());
                 let mut p = Process::try_spawn_group(&mut cmd)?;
-                p.try_wait_stdout("\"Attaching 1 probe...\"", START_TIMEOUT, |l| {
-                    l.starts_with("Attaching")
+                p.try_wait_stdout("\"ready\" (its BEGIN probe)", START_TIMEOUT, |l| {
+                    l.trim() == "ready"
                 })?;
                 (Handle::Process(p), None)
             }
@@ -280,7 +282,7 @@ impl Running {
                 }
                 let out = p
                     .try_finish(STOP_TIMEOUT)
-                    .with_context(|| format!("stopping {}", tool.label()))?;
+                    .with_context(|| format!("stopping {} (SIGINT)", tool.label()))?;
                 match tool {
                     Tool::Bpftrace => (
                         text_bytes(&out.stdout) + text_bytes(&out.stderr),
