@@ -236,18 +236,12 @@ mod guest {
         }
     }
 
-    /// The QEMU command line of the lab guest `flavour`, named `name`, its
-    /// agent on `sock` (the standard port, which `latency --vm` finds on
-    /// the command line).
-    pub fn qemu_args(
-        images: &Path,
-        flavour: &str,
-        name: &str,
-        accel: &str,
-        sock: &Path,
-        serial: &Path,
-    ) -> Vec<String> {
+    /// The QEMU command line of the lab guest `flavour`, named `name`, in
+    /// `run` its agent's socket (the standard port) and its QMP monitor,
+    /// which `latency --vm` finds on the command line, and its serial log.
+    pub fn qemu_args(images: &Path, flavour: &str, name: &str, accel: &str, run: &Path) -> Vec<String> {
         let dir = images.join(flavour);
+        let (sock, qmp, serial) = (run.join("qga.sock"), run.join("qmp.sock"), run.join("serial.log"));
         [
             "-name",
             name,
@@ -268,6 +262,8 @@ mod guest {
             "-nodefaults",
             "-serial",
             &format!("file:{}", serial.display()),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp.display()),
             "-device",
             "virtio-serial",
             "-chardev",
@@ -294,7 +290,7 @@ mod guest {
         let serial = dir.join("serial.log");
         let name = format!("pinguard-lab-{flavour}");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(qemu_args(images, flavour, &name, accel, &sock, &serial))
+        cmd.args(qemu_args(images, flavour, &name, accel, &dir))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -402,6 +398,28 @@ mod guest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_is_named_and_reachable_as_latency_vm_expects() {
+        let a = guest::qemu_args(
+            Path::new("/k"),
+            "rt",
+            "pinguard-lab-rt",
+            "tcg",
+            Path::new("/run/x"),
+        )
+        .join(" ");
+        for part in [
+            "-name pinguard-lab-rt -accel tcg",
+            "-kernel /k/rt/vmlinuz -initrd /k/rt/initrd.img",
+            "-qmp unix:/run/x/qmp.sock,server=on,wait=off",
+            "socket,path=/run/x/qga.sock,server=on,wait=off,id=qga0",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-serial file:/run/x/serial.log",
+        ] {
+            assert!(a.contains(part), "{part:?} not in {a}");
+        }
+    }
 
     #[test]
     fn the_experiment_is_host_then_each_kernel_each_policy() {
