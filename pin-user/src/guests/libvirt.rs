@@ -25,6 +25,9 @@ pub struct LibvirtStatus {
     pub name: String,
     pub pid: u32,
     pub vcpus: Vec<Vcpu>,
+    /// The guest agent's channel socket (`<channel type='unix'>` with
+    /// `<target type='virtio' name='org.qemu.guest_agent.0'/>`), if any.
+    pub agent: Option<std::path::PathBuf>,
 }
 
 /// Parses `/run/libvirt/qemu/<domain>.xml` (`<domstatus pid=..>` with
@@ -81,7 +84,32 @@ pub fn parse_libvirt_status(xml: &str, fallback_name: &str) -> Result<LibvirtSta
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| fallback_name.to_string());
-    Ok(LibvirtStatus { name, pid, vcpus })
+    let agent = root
+        .children()
+        .find(|n| n.has_tag_name("domain"))
+        .and_then(|d| d.children().find(|n| n.has_tag_name("devices")))
+        .and_then(|devices| {
+            devices
+                .children()
+                .filter(|c| c.has_tag_name("channel") && c.attribute("type") == Some("unix"))
+                .find(|c| {
+                    c.children().any(|t| {
+                        t.has_tag_name("target")
+                            && t.attribute("type") == Some("virtio")
+                            && t.attribute("name") == Some(super::qemu::AGENT_PORT)
+                    })
+                })
+        })
+        .and_then(|c| c.children().find(|n| n.has_tag_name("source")))
+        .and_then(|s| s.attribute("path"))
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from);
+    Ok(LibvirtStatus {
+        name,
+        pid,
+        vcpus,
+        agent,
+    })
 }
 
 /// How deep elements nest, from the markup alone (comments, CDATA,
@@ -233,6 +261,15 @@ OVERWRITTEN AND LOST.
       <vcpu id='0' enabled='yes' hotpluggable='no' order='1'/>
       <vcpu id='1' enabled='yes' hotpluggable='yes' order='2'/>
     </vcpus>
+    <devices>
+      <channel type='unix'>
+        <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-59-web/org.qemu.guest_agent.0'/>
+        <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/>
+      </channel>
+      <channel type='spicevmc'>
+        <target type='virtio' name='com.redhat.spice.0'/>
+      </channel>
+    </devices>
   </domain>
 </domstatus>"#;
         let st = parse_libvirt_status(xml, "file-stem").unwrap();
@@ -255,8 +292,15 @@ OVERWRITTEN AND LOST.
         // Old libvirt: no ids, no embedded domain.
         let old = "<domstatus state='running' pid='12262'><vcpus><vcpu pid='12266'/>\
                    <vcpu pid='12267'/></vcpus></domstatus>";
+        assert_eq!(
+            st.agent.as_deref(),
+            Some(Path::new(
+                "/var/lib/libvirt/qemu/channel/target/domain-59-web/org.qemu.guest_agent.0"
+            ))
+        );
         let st = parse_libvirt_status(old, "testvm").unwrap();
         assert_eq!(st.name, "testvm");
+        assert_eq!(st.agent, None);
         assert_eq!(
             st.vcpus[1],
             Vcpu {

@@ -27,6 +27,7 @@ use thiserror::Error;
 
 use crate::host::procfs::{Proc, ThreadInfo};
 
+pub mod agent;
 mod libvirt;
 pub mod qemu;
 mod qmp;
@@ -78,7 +79,8 @@ pub fn is_kvm_guest(proc: &Proc, pid: u32) -> bool {
     kvm_identity(proc, pid) != KvmIdentity::NotKvm
 }
 use qemu::{is_qemu_argv, parse_guest_kthread_name, parse_qemu_cmdline};
-use qmp::{QMP_TIMEOUT, QmpError, query_cpus_fast};
+use agent::AgentAddr;
+use qmp::{QMP_TIMEOUT, QmpError, query_cpus_fast, query_kvm_enabled};
 
 /// Where a guest's vCPU map came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -293,7 +295,212 @@ struct Candidate {
     vhost: Vec<u32>,
 }
 
+/// A guest to measure inside (`latency --vm`): unlike the guests
+/// [`Discoverer::scan`] returns, it may run under TCG (no KVM vCPU fds, its
+/// vCPU threads named `CPU n/TCG`), as long as something authoritative (QMP,
+/// libvirt's status, QEMU's thread names) names its vCPU threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasurableGuest {
+    pub name: String,
+    pub pid: u32,
+    /// Sorted by index.
+    pub vcpus: Vec<Vcpu>,
+    pub source: Source,
+    pub manager: Manager,
+    /// `kvm`, `tcg`, or what the command line asked for when nothing says more.
+    pub accelerator: String,
+    /// How to reach its guest agent, or why it cannot be.
+    pub agent: Result<AgentAddr, String>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FindError {
+    #[error("no running QEMU guest is named {name:?} (guests here: {})", if seen.is_empty() { "none".to_string() } else { seen.join(", ") })]
+    NotFound { name: String, seen: Vec<String> },
+    #[error("{count} QEMU processes are named {name:?} (pids {pids}): give each guest its own -name")]
+    Ambiguous {
+        name: String,
+        count: usize,
+        pids: String,
+    },
+    #[error(
+        "guest {name} (pid {pid}): cannot tell its vCPU threads apart ({why}); start QEMU with a \
+         -qmp unix:PATH,server=on,wait=off socket or -name {name},debug-threads=on"
+    )]
+    NoVcpus { name: String, pid: u32, why: String },
+    #[error("cannot list processes: {0}")]
+    Proc(String),
+}
+
 impl Discoverer {
+    /// Finds the guest called `name` (libvirt domain or QEMU `-name`) for a
+    /// measurement inside it: its vCPU threads (QMP `query-cpus-fast` first),
+    /// its accelerator and its guest agent.
+    pub fn find_measurable(&mut self, name: &str) -> Result<MeasurableGuest, FindError> {
+        let mut warnings = Vec::new();
+        let mut libvirt = libvirt::read_status_dir(&self.opts.libvirt_dir, None, &mut warnings);
+        let pids = self
+            .proc
+            .pids()
+            .map_err(|e| FindError::Proc(e.to_string()))?;
+        let mut seen = Vec::new();
+        let mut hits = Vec::new();
+        for pid in pids {
+            let Ok(Some(argv)) = self.proc.cmdline(pid) else {
+                continue;
+            };
+            let lv = libvirt.remove(&pid);
+            if argv.is_empty() || (lv.is_none() && !is_qemu_argv(&argv)) {
+                continue;
+            }
+            let cmd = parse_qemu_cmdline(&argv);
+            let gname = lv
+                .as_ref()
+                .map(|l| l.name.clone())
+                .or_else(|| cmd.name.clone())
+                .unwrap_or_else(|| format!("pid-{pid}"));
+            if gname == name {
+                hits.push((pid, cmd, lv));
+            } else {
+                seen.push(gname);
+            }
+        }
+        for w in warnings {
+            log::warn!("{w}");
+        }
+        let (pid, cmd, lv) = match hits.len() {
+            0 => {
+                seen.sort();
+                seen.dedup();
+                return Err(FindError::NotFound {
+                    name: name.into(),
+                    seen,
+                });
+            }
+            1 => hits.remove(0),
+            count => {
+                return Err(FindError::Ambiguous {
+                    name: name.into(),
+                    count,
+                    pids: hits
+                        .iter()
+                        .map(|h| h.0.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        };
+        let threads = self.proc.threads(pid).unwrap_or_default();
+        let tids: HashSet<u32> = threads.iter().map(|t| t.tid).collect();
+        let valid = |v: &[Vcpu]| !v.is_empty() && v.iter().all(|v| tids.contains(&v.tid));
+        let mut why = Vec::new();
+        let mut found: Option<(Vec<Vcpu>, Source)> = None;
+        let mut kvm_enabled: Option<bool> = None;
+        if lv.is_none() {
+            for sock in &cmd.qmp_sockets {
+                let path = self.resolve(pid, sock);
+                match query_cpus_fast(&path, QMP_TIMEOUT).map(|v| self.host_tids(pid, v)) {
+                    Ok(v) if valid(&v) => {
+                        kvm_enabled = query_kvm_enabled(&path, QMP_TIMEOUT).ok();
+                        found = Some((v, Source::Qmp));
+                        break;
+                    }
+                    Ok(_) => why.push(format!(
+                        "QMP socket {} named threads that are not this process's",
+                        path.display()
+                    )),
+                    Err(e) => why.push(format!("QMP socket {}: {e}", path.display())),
+                }
+            }
+            if cmd.qmp_sockets.is_empty() {
+                why.push("no QMP socket on its command line".into());
+            }
+        }
+        if found.is_none()
+            && let Some(l) = &lv
+        {
+            if valid(&l.vcpus) {
+                found = Some((l.vcpus.clone(), Source::Libvirt));
+            } else {
+                why.push("libvirt's status names no live vCPU threads".into());
+            }
+        }
+        let named: Vec<Vcpu> = threads
+            .iter()
+            .filter_map(|t| parse_vcpu_thread_name(&t.comm).map(|index| Vcpu { index, tid: t.tid }))
+            .collect();
+        let tcg_names = threads.iter().any(|t| {
+            t.comm.ends_with("/TCG") && parse_vcpu_thread_name(&t.comm).is_some()
+        });
+        if found.is_none() {
+            if named.is_empty() {
+                why.push("no thread is named CPU n/KVM or CPU n/TCG".into());
+            } else {
+                found = Some((named, Source::ThreadNames));
+            }
+        }
+        let Some((mut vcpus, source)) = found else {
+            return Err(FindError::NoVcpus {
+                name: name.into(),
+                pid,
+                why: why.join("; "),
+            });
+        };
+        vcpus.sort();
+        let accelerator = match kvm_enabled {
+            Some(true) => "kvm".to_string(),
+            Some(false) => "tcg".to_string(),
+            None if tcg_names => "tcg".to_string(),
+            None => match kvm_identity(&self.proc, pid) {
+                KvmIdentity::Guest { vcpus } if !vcpus.is_empty() => "kvm".into(),
+                KvmIdentity::Guest { .. } | KvmIdentity::NotKvm => "tcg".into(),
+                KvmIdentity::Unreadable => cmd.accel.clone().unwrap_or_else(|| "unknown".into()),
+            },
+        };
+        let agent = match &lv {
+            Some(l) => match &l.agent {
+                Some(socket) => Ok(AgentAddr::Libvirt {
+                    domain: l.name.clone(),
+                    socket: socket.clone(),
+                }),
+                None => Err(format!(
+                    "libvirt domain {} has no guest agent channel: add <channel type='unix'><target \
+                     type='virtio' name='{}'/></channel> to its <devices> (virsh edit {})",
+                    l.name,
+                    qemu::AGENT_PORT,
+                    l.name
+                )),
+            },
+            None => match cmd.agent_sockets.first() {
+                Some(p) => Ok(AgentAddr::Socket(self.resolve(pid, p))),
+                None if !cmd.other_agents.is_empty() => Err(format!(
+                    "its guest agent port ({}) is not on a unix socket chardev pinguard can \
+                     connect to",
+                    cmd.other_agents.join(", ")
+                )),
+                None => Err(format!(
+                    "its command line has no guest agent port: add -device virtio-serial \
+                     -chardev socket,path=/run/NAME-qga.sock,server=on,wait=off,id=qga0 \
+                     -device virtserialport,chardev=qga0,name={}",
+                    qemu::AGENT_PORT
+                )),
+            },
+        };
+        Ok(MeasurableGuest {
+            name: name.into(),
+            pid,
+            vcpus,
+            source,
+            manager: if lv.is_some() {
+                Manager::Libvirt
+            } else {
+                Manager::None
+            },
+            accelerator,
+            agent,
+        })
+    }
+
     pub fn new(proc: Proc, opts: DiscoverOptions) -> Self {
         Self {
             proc,

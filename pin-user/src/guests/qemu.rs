@@ -49,7 +49,18 @@ pub struct QemuCmdline {
     pub qmp_sockets: Vec<PathBuf>,
     /// QMP monitors pinguard cannot use (TCP, stdio, abstract sockets).
     pub other_qmp: Vec<String>,
+    /// Unix sockets of the guest agent: a `-chardev socket,path=P,id=X`
+    /// behind a `-device virtserialport,chardev=X,name=org.qemu.guest_agent.0`.
+    pub agent_sockets: Vec<PathBuf>,
+    /// Agent ports pinguard cannot reach (a chardev that is no unix socket).
+    pub other_agents: Vec<String>,
+    /// The accelerator asked for (`-accel X`, `-machine accel=X`,
+    /// `-enable-kvm`), first one only: QEMU falls back along a list.
+    pub accel: Option<String>,
 }
+
+/// The virtio-serial port name qemu-guest-agent listens on.
+pub const AGENT_PORT: &str = "org.qemu.guest_agent.0";
 
 /// Splits QEMU's `key=value,key=value` option syntax, where `,,` is a
 /// literal comma.
@@ -109,12 +120,18 @@ pub fn parse_qemu_cmdline(argv: &[String]) -> QemuCmdline {
     // chardev id -> socket path, and the chardevs of QMP (-mon mode=control) monitors
     let mut chardevs: HashMap<String, Option<PathBuf>> = HashMap::new();
     let mut qmp_mons: Vec<String> = Vec::new();
+    let mut agent_ports: Vec<String> = Vec::new();
     let mut i = 1;
     while i < argv.len() {
         let arg = argv[i].as_str();
         // QEMU accepts --opt as well as -opt.
         let opt_name = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-'));
         let value = argv.get(i + 1).map(String::as_str);
+        if opt_name == Some("enable-kvm") {
+            out.accel.get_or_insert_with(|| "kvm".into());
+            i += 1;
+            continue;
+        }
         let (Some(name), Some(value)) = (opt_name, value) else {
             i += 1;
             continue;
@@ -151,6 +168,28 @@ pub fn parse_qemu_cmdline(argv: &[String]) -> QemuCmdline {
                     chardevs.insert(id.to_string(), path);
                 }
             }
+            "device" => {
+                let opts = parse_opts(value, "driver");
+                if opt(&opts, "driver") == Some("virtserialport")
+                    && opt(&opts, "name") == Some(AGENT_PORT)
+                    && let Some(chardev) = opt(&opts, "chardev")
+                {
+                    agent_ports.push(chardev.to_string());
+                }
+            }
+            "accel" => {
+                let opts = parse_opts(value, "accel");
+                if out.accel.is_none() {
+                    out.accel = opt(&opts, "accel").map(str::to_string);
+                }
+            }
+            "machine" | "M" => {
+                let opts = parse_opts(value, "type");
+                if let Some(a) = opt(&opts, "accel") {
+                    // "kvm:tcg": the first one QEMU could start with.
+                    out.accel = a.split(':').next().map(str::to_string);
+                }
+            }
             "mon" => {
                 let opts = parse_opts(value, "chardev");
                 if opt(&opts, "mode") == Some("control")
@@ -165,6 +204,12 @@ pub fn parse_qemu_cmdline(argv: &[String]) -> QemuCmdline {
             }
         }
         i += 2;
+    }
+    for id in agent_ports {
+        match chardevs.get(&id) {
+            Some(Some(path)) => out.agent_sockets.push(path.clone()),
+            _ => out.other_agents.push(format!("chardev={id}")),
+        }
     }
     for id in qmp_mons {
         match chardevs.get(&id) {
@@ -267,6 +312,23 @@ mod tests {
         ));
         assert_eq!(c.qmp_sockets, vec![PathBuf::from("/tmp/a,b.sock")]);
         assert_eq!(c.name, None);
+        // The guest agent's port and the accelerator.
+        let c = parse_qemu_cmdline(&args(
+            "qemu-system-x86_64 -accel tcg -m 256 -device virtio-serial \
+             -chardev socket,path=/tmp/q/qga.sock,server=on,wait=off,id=qga0 \
+             -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0 \
+             -chardev socket,id=other,path=/tmp/o.sock \
+             -device virtserialport,chardev=other,name=com.example.0 \
+             -chardev pty,id=pty0 -device virtserialport,chardev=pty0,name=org.qemu.guest_agent.0",
+        ));
+        assert_eq!(c.agent_sockets, vec![PathBuf::from("/tmp/q/qga.sock")]);
+        assert_eq!(c.other_agents, vec!["chardev=pty0".to_string()]);
+        assert_eq!(c.accel.as_deref(), Some("tcg"));
+        let c = parse_qemu_cmdline(&args("qemu-system-x86_64 -machine q35,accel=kvm:tcg"));
+        assert_eq!(c.accel.as_deref(), Some("kvm"));
+        let c = parse_qemu_cmdline(&args("qemu-system-x86_64 -m 1G -enable-kvm"));
+        assert_eq!(c.accel.as_deref(), Some("kvm"));
+        assert!(c.agent_sockets.is_empty());
         // A trailing option without its value is ignored, not a panic.
         assert_eq!(
             parse_qemu_cmdline(&args("qemu-system-x86_64 -qmp")),

@@ -60,14 +60,14 @@ pub enum QmpError {
 }
 
 /// "Permission denied" rather than "Permission denied (os error 13)".
-fn io_reason(e: &io::Error) -> String {
+pub(super) fn io_reason(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(code) => Errno::from_raw(code).desc().to_string(),
         None => e.to_string(),
     }
 }
 
-fn is_timeout(e: &io::Error) -> bool {
+pub(super) fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
@@ -78,7 +78,7 @@ fn is_timeout(e: &io::Error) -> bool {
 /// while the listener's backlog is full (QEMU listens with a backlog of 1
 /// and serves one client at a time), for at most SO_SNDTIMEO, which
 /// `UnixStream::connect` gives no way to set beforehand.
-fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream, QmpError> {
+pub(super) fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream, QmpError> {
     let addr = UnixAddr::new(path).map_err(|e| {
         QmpError::Connect(match e {
             Errno::ENAMETOOLONG => format!(
@@ -286,6 +286,17 @@ pub fn query_cpus_fast(path: &Path, timeout: Duration) -> Result<Vec<Vcpu>, QmpE
     s.execute("qmp_capabilities")?;
     let ret = s.execute("query-cpus-fast")?;
     parse_cpus_fast(&ret)
+}
+
+/// Whether the guest's vCPUs run under KVM (`query-kvm`'s `enabled`);
+/// false means TCG (emulation).
+pub fn query_kvm_enabled(path: &Path, timeout: Duration) -> Result<bool, QmpError> {
+    let mut s = QmpSession::connect(path, timeout)?;
+    s.execute("qmp_capabilities")?;
+    let ret = s.execute("query-kvm")?;
+    ret.get("enabled")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| QmpError::BadReply(format!("query-kvm returned {ret}")))
 }
 
 /// A fake QEMU monitor for the tests here and in the discovery tests.

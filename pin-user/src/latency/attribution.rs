@@ -281,6 +281,35 @@ impl Slice {
     }
 }
 
+/// What happened on the measured CPU in a window of time, from the kept
+/// history ([`Recorder::keep_history`]): the watched thread's waits that
+/// overlapped it, the threads that ran inside those waits, and the IRQs and
+/// softirqs inside the window.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WindowView {
+    pub waits: u32,
+    /// The waits' time inside the window.
+    pub wait_ns: u64,
+    /// Longest first, clipped to the window.
+    pub threads: Vec<Overlap>,
+    pub irq_ns: u64,
+    pub softirq_ns: u64,
+    pub irqs: Vec<NoiseOverlap>,
+    pub softirqs: Vec<NoiseOverlap>,
+}
+
+/// A wait of the watched thread, kept for [`Recorder::window`].
+#[derive(Debug, Clone)]
+struct PastWait {
+    wake_ns: u64,
+    wait_ns: u64,
+    threads: Vec<Overlap>,
+}
+
+/// Bound on kept waits and IRQ/softirq runs with `keep_history` (a 1 kHz
+/// guest timer and its host IRQs for about 10 minutes).
+const MAX_HISTORY: usize = 1_000_000;
+
 /// Classifies a thread that is not an intruder (ran right before the probe):
 /// a kernel thread or an allowed user thread; None when it is gone.
 pub type Resolver = Box<dyn FnMut(u32) -> Option<ThreadClass>>;
@@ -306,6 +335,10 @@ pub struct Recorder {
     probe_tids: Vec<u32>,
     end_ns: Rc<Cell<u64>>,
     resolve: Resolver,
+    /// Every wait, kept for [`Recorder::window`] (None: not kept).
+    history: Option<VecDeque<PastWait>>,
+    /// Waits or IRQ/softirq runs dropped from the history (over its bound).
+    history_dropped: u64,
 }
 
 impl Recorder {
@@ -344,7 +377,57 @@ impl Recorder {
             probe_tids: Vec::new(),
             end_ns: Rc::new(Cell::new(t0_ns.saturating_add(planned_ns))),
             resolve,
+            history: None,
+            history_dropped: 0,
         }
+    }
+
+    /// Keeps every wait and IRQ/softirq run (up to a bound) instead of the
+    /// last 10 s, so that [`Recorder::window`] can look at any time of the
+    /// run afterwards: what a guest's late wake-ups are matched with.
+    pub fn keep_history(&mut self) {
+        self.history = Some(VecDeque::new());
+    }
+
+    /// Waits or IRQ/softirq runs the history dropped (over its bound).
+    pub fn history_dropped(&self) -> u64 {
+        self.history_dropped
+    }
+
+    /// What happened on the CPU in `[w0, w1]` (CLOCK_MONOTONIC), from the
+    /// kept history (empty without [`Recorder::keep_history`]).
+    pub fn window(&self, w0: u64, w1: u64) -> WindowView {
+        let mut v = WindowView::default();
+        let mut per_tid: BTreeMap<u32, Overlap> = BTreeMap::new();
+        for w in self.history.iter().flatten() {
+            let end = w.wake_ns.saturating_add(w.wait_ns);
+            let inside = end.min(w1).saturating_sub(w.wake_ns.max(w0));
+            if inside == 0 {
+                continue;
+            }
+            v.waits += 1;
+            v.wait_ns += inside;
+            for t in &w.threads {
+                let o = per_tid.entry(t.tid).or_insert_with(|| Overlap {
+                    overlap_ns: 0,
+                    run_ns: 0,
+                    ..t.clone()
+                });
+                // A thread's time inside a wait that straddles the window
+                // is counted up to the part of the wait inside it.
+                o.overlap_ns += t.overlap_ns.min(inside);
+                o.run_ns += t.run_ns;
+            }
+        }
+        v.threads = per_tid.into_values().collect();
+        v.threads
+            .sort_by_key(|o| (std::cmp::Reverse(o.overlap_ns), o.tid));
+        let (irqs, softirqs) = self.noise_in(w0, w1);
+        v.irq_ns = irqs.iter().map(|o| o.ns).sum();
+        v.softirq_ns = softirqs.iter().map(|o| o.ns).sum();
+        v.irqs = irqs;
+        v.softirqs = softirqs;
+        v
     }
 
     /// The end of the measurement (CLOCK_MONOTONIC); events after it are
@@ -429,6 +512,13 @@ impl Recorder {
         };
         let newest_end = run.start_ns.saturating_add(run.ns);
         self.noise.push_back(run);
+        if self.history.is_some() {
+            if self.noise.len() > MAX_HISTORY {
+                self.noise.pop_front();
+                self.history_dropped += 1;
+            }
+            return;
+        }
         while let Some(front) = self.noise.front() {
             if self.noise.len() > MAX_SLICES
                 || front
@@ -568,6 +658,17 @@ impl Recorder {
         }
         let mut threads: Vec<Overlap> = per_tid.into_values().collect();
         threads.sort_by_key(|o| std::cmp::Reverse(o.overlap_ns));
+        if let Some(h) = self.history.as_mut() {
+            h.push_back(PastWait {
+                wake_ns: ep.wake_ns,
+                wait_ns: ep.wait_ns,
+                threads: threads.clone(),
+            });
+            if h.len() > MAX_HISTORY {
+                h.pop_front();
+                self.history_dropped += 1;
+            }
+        }
         let cause = dominant(
             ep.wait_ns,
             ep.irq_ns,
@@ -1049,5 +1150,43 @@ mod tests {
             }]
         );
         assert_eq!(w.cause, Cause::Softirq { ns: 40_000 });
+    }
+
+    #[test]
+    fn the_history_answers_for_any_window_of_the_run() {
+        let mut r = recorder(1);
+        r.keep_history();
+        // A vCPU-like watched thread: idle wake-ups, then one preempted by
+        // an intruder for 3 ms, with an IRQ inside; then 20 s later (beyond
+        // the 10 s the recorder keeps without history) a quiet one.
+        r.on_event(&episode(T0 + 1_000_000, 4_000, (0, "swapper/1", 0)));
+        r.on_event(&slice(4242, "stress-ng", T0 + 5_000_000, 3_000_000));
+        r.on_event(&irq(24, T0 + 6_000_000, 7_000));
+        r.on_event(&episode(
+            T0 + 5_000_000,
+            3_000_000,
+            (4242, "stress-ng", 3_000_000),
+        ));
+        r.on_event(&slice(9, "late", T0 + 20_000_000_000, 1_000));
+        r.on_event(&episode(T0 + 20_000_000_000, 5_000, (0, "", 0)));
+        let v = r.window(T0 + 4_000_000, T0 + 9_000_000);
+        assert_eq!((v.waits, v.wait_ns), (1, 3_000_000));
+        assert_eq!(v.threads.len(), 1, "{:?}", v.threads);
+        assert_eq!(v.threads[0].comm, "stress-ng");
+        assert_eq!(v.threads[0].overlap_ns, 3_000_000);
+        assert_eq!(v.irq_ns, 7_000);
+        assert_eq!(v.irqs[0].number, 24);
+        // Half the wait inside the window: the thread's time is clipped.
+        let v = r.window(T0 + 6_500_000, T0 + 7_000_000);
+        assert_eq!(v.wait_ns, 500_000);
+        assert_eq!(v.threads[0].overlap_ns, 500_000);
+        assert_eq!(v.irq_ns, 0);
+        // Nothing happened here.
+        assert_eq!(r.window(T0 + 10_000_000, T0 + 11_000_000), WindowView::default());
+        assert_eq!(r.history_dropped(), 0);
+        // Without the history there is nothing to look at.
+        let mut plain = recorder(1);
+        plain.on_event(&episode(T0, 3_000_000, (0, "", 0)));
+        assert_eq!(plain.window(T0, T0 + 1_000_000), WindowView::default());
     }
 }

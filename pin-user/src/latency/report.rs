@@ -1353,6 +1353,7 @@ pub(crate) mod tests {
                 rtt_min_ns: 80_000,
                 rtt_max_ns: 300_000,
                 method: "guest CLOCK_MONOTONIC bracketed by host reads".into(),
+                drift_ns: 0,
             },
             worst: vec![GuestWakeup {
                 cycle: 1500,
