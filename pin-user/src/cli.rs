@@ -330,6 +330,26 @@ pub struct LatencyArgs {
     /// (with --compare: the runs' histograms overlaid).
     #[arg(long, value_name = "DIR")]
     pub png: Option<PathBuf>,
+    /// Measure inside this guest (its libvirt domain name or QEMU -name)
+    /// instead of on the host: cyclictest runs in the guest, pinned to a vCPU
+    /// whose thread is on a guarded CPU (--cpu), through the guest agent, and
+    /// each of the guest's worst wake-ups is matched with what ran on that host
+    /// CPU at the same time. The guest needs qemu-guest-agent and cyclictest
+    /// (rt-tests) and the agent's port: for plain QEMU `-device virtio-serial
+    /// -chardev socket,path=/run/NAME-qga.sock,server=on,wait=off,id=qga0
+    /// -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`, for
+    /// libvirt `<channel type='unix'><target type='virtio'
+    /// name='org.qemu.guest_agent.0'/></channel>` in <devices>. A vCPU thread
+    /// not pinned to one guarded CPU is pinned to --cpu for the run and put back
+    /// after. Guest and host clocks are aligned through the agent (guest-get-time
+    /// and /proc/timer_list, bracketed by host clock reads; the report gives the
+    /// error bound).
+    #[arg(long, value_name = "NAME", conflicts_with = "compare")]
+    pub vm: Option<String>,
+    /// With --vm: the vCPU (QEMU cpu-index, the guest's CPU number) to measure
+    /// on (default: the one whose thread is pinned to --cpu, else vCPU 0).
+    #[arg(long, value_name = "N", requires = "vm")]
+    pub vcpu: Option<u32>,
     /// Lay saved runs out side by side instead of measuring, as a table
     /// (with --svg/--png, also their histograms overlaid in one picture).
     /// A RUN is a `--json` report, or plain cyclictest output (-h histogram

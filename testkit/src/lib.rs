@@ -17,6 +17,7 @@ mod error;
 pub mod guest;
 pub mod host;
 pub mod http;
+pub mod lab;
 pub mod libvirt;
 pub mod metrics;
 pub mod process;

@@ -77,6 +77,9 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<ExitCode> {
         extra: args.extra.clone(),
     };
     config.validate()?;
+    if let Some(vm) = &args.vm {
+        return super::latency_vm::run(&args, vm, &topo, &guard, &policy_config, config);
+    }
     let cyclictest = find_cyclictest()?;
     if args.svg.is_some() || args.png.is_some() {
         // Fail before a long run, not after it.
@@ -130,14 +133,14 @@ fn compare(args: &LatencyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(exit::OK))
 }
 
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     // CLOCK_MONOTONIC is what bpf_ktime_get_ns() reads.
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
 }
 
-fn steal_ns(cpu: u32) -> Option<u64> {
+pub(super) fn steal_ns(cpu: u32) -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     steal_ticks(&stat, cpu).map(|t| t * 1_000_000_000 / ticks_per_second())
 }
@@ -153,7 +156,7 @@ fn measurement_threads(pid: u32) -> Vec<u32> {
 }
 
 /// Classifies a thread that ran before cyclictest and is no intruder (None: it is gone).
-fn resolve_class(tid: u32) -> Option<ThreadClass> {
+pub(super) fn resolve_class(tid: u32) -> Option<ThreadClass> {
     let proc = Proc::default();
     let info = proc
         .tgid_of(tid)
@@ -171,7 +174,7 @@ fn resolve_class(tid: u32) -> Option<ThreadClass> {
 
 /// Loads the probe for `cpu` with noise events on: every intruder slice,
 /// IRQ and softirq during a wait becomes an event.
-fn load_probe(cpu: u32) -> anyhow::Result<(Probe, AsyncFd<EventReader>)> {
+pub(super) fn load_probe(cpu: u32) -> anyhow::Result<(Probe, AsyncFd<EventReader>)> {
     let mut probe_config = ProbeConfig::new(CpuSet::single(cpu));
     // Every intruder slice is an event: the worst wake-ups need all of them.
     probe_config.event_interval = Duration::ZERO;
@@ -375,7 +378,7 @@ fn read_results(
 
 /// What the probe's maps add up to for `cpu` (leaving out cyclictest,
 /// `pid`), and its own health counters; the probe is unloaded after.
-fn read_noise(
+pub(super) fn read_noise(
     probe: Probe,
     cpu: u32,
     pid: u32,
@@ -572,7 +575,7 @@ fn register_with_daemon(cpu: u32) -> anyhow::Result<Option<Client>> {
     Ok(Some(client))
 }
 
-fn last_lines(text: &str, n: usize) -> String {
+pub(super) fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = &lines[lines.len().saturating_sub(n)..];
     if tail.is_empty() {
@@ -583,7 +586,7 @@ fn last_lines(text: &str, n: usize) -> String {
 }
 
 /// A directory only root can read, removed on drop (cyclictest's JSON file).
-struct PrivateDir(PathBuf);
+pub(super) struct PrivateDir(PathBuf);
 
 impl PrivateDir {
     fn create() -> anyhow::Result<Self> {

@@ -7,6 +7,7 @@ pub mod completions;
 pub mod isolate;
 pub mod lab;
 pub mod latency;
+mod latency_vm;
 pub mod manpages;
 pub mod pin;
 pub mod policy;

@@ -63,10 +63,7 @@ pub enum AgentError {
         "the guest agent did not answer {command} within {timeout:?} (is qemu-guest-agent \
          running in the guest, and is no other client connected to its socket?)"
     )]
-    Timeout {
-        command: String,
-        timeout: Duration,
-    },
+    Timeout { command: String, timeout: Duration },
     #[error("the guest agent closed the connection")]
     Closed,
     #[error("the guest agent refused {command}: {desc}")]
@@ -218,7 +215,12 @@ impl Agent {
 
     /// Starts `path args...` in the guest with its output captured: the
     /// guest's pid.
-    pub fn exec(&mut self, path: &str, args: &[String], timeout: Duration) -> Result<i64, AgentError> {
+    pub fn exec(
+        &mut self,
+        path: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<i64, AgentError> {
         let v = self.call(
             "guest-exec",
             json!({ "path": path, "arg": args, "capture-output": true }),
@@ -324,7 +326,12 @@ impl Stream {
             .map_err(|e| io_error(&e, command, timeout))
     }
 
-    fn fill(&mut self, deadline: Instant, command: &str, timeout: Duration) -> Result<(), AgentError> {
+    fn fill(
+        &mut self,
+        deadline: Instant,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
         if self.received > MAX_AGENT_BYTES {
             return Err(AgentError::TooLarge(format!(
                 "more than {MAX_AGENT_BYTES} bytes in one session"
@@ -423,7 +430,13 @@ fn virsh_call(domain: &str, msg: &Value, timeout: Duration) -> Result<Value, Age
     let command = msg["execute"].as_str().unwrap_or("").to_string();
     let secs = timeout.as_secs().max(1).to_string();
     let mut child = Command::new("virsh")
-        .args(["qemu-agent-command", domain, &msg.to_string(), "--timeout", &secs])
+        .args([
+            "qemu-agent-command",
+            domain,
+            &msg.to_string(),
+            "--timeout",
+            &secs,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -438,12 +451,25 @@ fn virsh_call(domain: &str, msg: &Value, timeout: Duration) -> Result<Value, Age
             buf
         })
     };
-    let out = take(child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
-    let err = take(child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
+    let out = take(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    );
+    let err = take(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    );
     // virsh's own --timeout covers the agent; this covers virsh and libvirtd.
     let deadline = Instant::now() + timeout + Duration::from_secs(5);
     let status = loop {
-        if let Some(st) = child.try_wait().map_err(|e| AgentError::Virsh(e.to_string()))? {
+        if let Some(st) = child
+            .try_wait()
+            .map_err(|e| AgentError::Virsh(e.to_string()))?
+        {
             break st;
         }
         if Instant::now() > deadline {
@@ -456,7 +482,9 @@ fn virsh_call(domain: &str, msg: &Value, timeout: Duration) -> Result<Value, Age
     let out = out.join().unwrap_or_default();
     let err = err.join().unwrap_or_default();
     if !status.success() {
-        return Err(AgentError::Virsh(shorten(String::from_utf8_lossy(&err).trim())));
+        return Err(AgentError::Virsh(shorten(
+            String::from_utf8_lossy(&err).trim(),
+        )));
     }
     if out.len() > MAX_AGENT_LINE {
         return Err(AgentError::TooLarge(format!(
@@ -532,10 +560,7 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
             _ => return None,
         } as u32)
     };
-    let bytes: Vec<u8> = s
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
+    let bytes: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
     let body = bytes
         .iter()
         .rposition(|&c| c != b'=')
@@ -613,7 +638,8 @@ mod tests {
             let id = req["arguments"]["id"].clone();
             w.write_all(b"{\"return\": 1}\n").unwrap();
             w.write_all(&[0xff]).unwrap();
-            w.write_all(format!("{{\"return\": {id}}}\n").as_bytes()).unwrap();
+            w.write_all(format!("{{\"return\": {id}}}\n").as_bytes())
+                .unwrap();
             for a in answers {
                 let mut line = String::new();
                 if r.read_line(&mut line).unwrap() == 0 {
@@ -639,7 +665,8 @@ mod tests {
                 None,
             ],
         );
-        let mut a = Agent::connect(AgentAddr::Socket(path.clone()), Duration::from_secs(2)).unwrap();
+        let mut a =
+            Agent::connect(AgentAddr::Socket(path.clone()), Duration::from_secs(2)).unwrap();
         assert_eq!(
             a.get_time_ns(Duration::from_secs(2)).unwrap(),
             1_764_672_000_123_456_000

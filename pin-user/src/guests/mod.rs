@@ -78,8 +78,8 @@ pub fn kvm_identity(proc: &Proc, pid: u32) -> KvmIdentity {
 pub fn is_kvm_guest(proc: &Proc, pid: u32) -> bool {
     kvm_identity(proc, pid) != KvmIdentity::NotKvm
 }
-use qemu::{is_qemu_argv, parse_guest_kthread_name, parse_qemu_cmdline};
 use agent::AgentAddr;
+use qemu::{is_qemu_argv, parse_guest_kthread_name, parse_qemu_cmdline};
 use qmp::{QMP_TIMEOUT, QmpError, query_cpus_fast, query_kvm_enabled};
 
 /// Where a guest's vCPU map came from.
@@ -317,7 +317,9 @@ pub struct MeasurableGuest {
 pub enum FindError {
     #[error("no running QEMU guest is named {name:?} (guests here: {})", if seen.is_empty() { "none".to_string() } else { seen.join(", ") })]
     NotFound { name: String, seen: Vec<String> },
-    #[error("{count} QEMU processes are named {name:?} (pids {pids}): give each guest its own -name")]
+    #[error(
+        "{count} QEMU processes are named {name:?} (pids {pids}): give each guest its own -name"
+    )]
     Ambiguous {
         name: String,
         count: usize,
@@ -429,9 +431,9 @@ impl Discoverer {
             .iter()
             .filter_map(|t| parse_vcpu_thread_name(&t.comm).map(|index| Vcpu { index, tid: t.tid }))
             .collect();
-        let tcg_names = threads.iter().any(|t| {
-            t.comm.ends_with("/TCG") && parse_vcpu_thread_name(&t.comm).is_some()
-        });
+        let tcg_names = threads
+            .iter()
+            .any(|t| t.comm.ends_with("/TCG") && parse_vcpu_thread_name(&t.comm).is_some());
         if found.is_none() {
             if named.is_empty() {
                 why.push("no thread is named CPU n/KVM or CPU n/TCG".into());

@@ -1182,7 +1182,10 @@ mod tests {
         assert_eq!(v.threads[0].overlap_ns, 500_000);
         assert_eq!(v.irq_ns, 0);
         // Nothing happened here.
-        assert_eq!(r.window(T0 + 10_000_000, T0 + 11_000_000), WindowView::default());
+        assert_eq!(
+            r.window(T0 + 10_000_000, T0 + 11_000_000),
+            WindowView::default()
+        );
         assert_eq!(r.history_dropped(), 0);
         // Without the history there is nothing to look at.
         let mut plain = recorder(1);

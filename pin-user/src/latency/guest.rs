@@ -163,8 +163,11 @@ pub fn parse_verbose_output(
         }
         let parts: Vec<&str> = t.split(':').map(str::trim).collect();
         if let [thread, cycle, value] = parts[..]
-            && let (Ok(thread), Ok(cycle), Ok(value)) =
-                (thread.parse::<u32>(), cycle.parse::<u64>(), value.parse::<i64>())
+            && let (Ok(thread), Ok(cycle), Ok(value)) = (
+                thread.parse::<u32>(),
+                cycle.parse::<u64>(),
+                value.parse::<i64>(),
+            )
         {
             if thread == 0 && samples.len() < MAX_SAMPLES {
                 samples.push(Sample {
@@ -225,7 +228,10 @@ pub fn estimate(readings: &[ClockReading], resolution_ns: u64) -> Option<(i64, u
         .min_by_key(|r| r.host_after_ns - r.host_before_ns)?;
     let rtt = best.host_after_ns - best.host_before_ns;
     let mid = best.host_before_ns + rtt / 2;
-    Some((mid as i64 - best.guest_ns as i64, rtt.div_ceil(2) + resolution_ns))
+    Some((
+        mid as i64 - best.guest_ns as i64,
+        rtt.div_ceil(2) + resolution_ns,
+    ))
 }
 
 /// The guest-to-host clock map of one run: estimated before and after it,
@@ -240,7 +246,7 @@ pub struct ClockMap {
 }
 
 impl ClockMap {
-    pub fn to_host(&self, guest_ns: u64) -> u64 {
+    pub fn to_host(self, guest_ns: u64) -> u64 {
         let span = self.guest_end_ns.saturating_sub(self.guest_start_ns);
         let offset = if span == 0 {
             self.offset_start_ns
@@ -346,7 +352,10 @@ pub fn explain(w: &GuestWakeup) -> String {
             "the host left the vCPU alone: the delay was inside the guest".to_string()
         }
     });
-    parts.push(format!("vCPU waited {} in the window", fmt_ns(w.vcpu_wait_ns)));
+    parts.push(format!(
+        "vCPU waited {} in the window",
+        fmt_ns(w.vcpu_wait_ns)
+    ));
     let others: Vec<String> = w
         .threads
         .iter()
@@ -398,7 +407,13 @@ Thread 0 Interval: 1000
         assert_eq!(h.overflows, 1);
         assert_eq!(h.max_us, Some(2500));
         assert_eq!(s.len(), 4);
-        assert_eq!(s[2], Sample { cycle: 2, latency_us: 2500 });
+        assert_eq!(
+            s[2],
+            Sample {
+                cycle: 2,
+                latency_us: 2500
+            }
+        );
         assert_eq!(s[3].cycle, 4);
         assert!(parse_verbose_output("       0:       0:     120\n").is_err());
     }
@@ -490,7 +505,10 @@ Thread 0 Interval: 1000
                 base + 7_000_000,
             ]
         );
-        assert_eq!(worst_samples(&[s(0, 5), s(1, 9), s(2, 9), s(3, 1)], 2), vec![1, 2]);
+        assert_eq!(
+            worst_samples(&[s(0, 5), s(1, 9), s(2, 9), s(3, 1)], 2),
+            vec![1, 2]
+        );
     }
 
     fn view(wait: u64, threads: Vec<(u32, &str, u64)>, irq: u64, softirq: u64) -> WindowView {
@@ -516,7 +534,10 @@ Thread 0 Interval: 1000
 
     #[test]
     fn the_host_cause_needs_a_tenth_of_the_latency() {
-        let c = host_cause(2_000_000, &view(1_950_000, vec![(9, "stress", 1_900_000)], 5_000, 0));
+        let c = host_cause(
+            2_000_000,
+            &view(1_950_000, vec![(9, "stress", 1_900_000)], 5_000, 0),
+        );
         assert_eq!(
             c,
             HostCause::Preempted {
@@ -556,7 +577,10 @@ Thread 0 Interval: 1000
             explanation: String::new(),
         };
         let e = explain(&w);
-        assert!(e.starts_with("host thread stress (tid 9, intruder_user) ran 1.90ms of it"), "{e}");
+        assert!(
+            e.starts_with("host thread stress (tid 9, intruder_user) ran 1.90ms of it"),
+            "{e}"
+        );
         assert!(e.contains("vCPU waited 1.95ms"), "{e}");
     }
 }
