@@ -87,6 +87,25 @@ pub fn run(
     policy_config: &Config,
     mut config: CyclictestConfig,
 ) -> anyhow::Result<ExitCode> {
+    // The wake-up targets are computed from --secaligned's absolute timer.
+    if let Some(a) = config.extra.iter().find(|a| {
+        [
+            "-A",
+            "--aligned",
+            "--secaligned",
+            "-r",
+            "--relative",
+            "-s",
+            "--system",
+        ]
+        .iter()
+        .any(|f| a == f || a.starts_with(&format!("{f}=")) || (f.len() == 2 && a.starts_with(f)))
+    }) {
+        bail!(
+            "cyclictest argument {a:?} after `--` conflicts with --vm: pinguard aligns the guest's \
+             wake-ups itself (--secaligned, absolute timers) to match them with the host's clock"
+        );
+    }
     if args.svg.is_some() || args.png.is_some() {
         plot::ensure_font()?;
     }
