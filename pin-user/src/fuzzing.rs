@@ -18,12 +18,13 @@ use std::path::Path;
 use crate::{
     bpf::{btf::Btf, events},
     config::Config,
-    guests::{parse_cpus_fast, parse_libvirt_status, qemu::parse_qemu_cmdline},
+    guests::{agent, parse_cpus_fast, parse_libvirt_status, qemu::parse_qemu_cmdline},
     host::{
         cmdline::KernelCmdline,
         cpulist::{CpuSeq, CpuSet},
         procfs,
     },
+    latency::guest::{parse_verbose_output, realtime_offset},
 };
 
 /// A parser of untrusted input, and where its bytes come from.
@@ -49,10 +50,16 @@ pub enum Target {
     Event,
     /// `/sys/kernel/btf/vmlinux`.
     Btf,
+    /// A guest agent's reply (`latency --vm`): anything in the guest can
+    /// answer on its port.
+    AgentReply,
+    /// What a program run in a guest printed: cyclictest's `-v` output, its
+    /// `/proc/timer_list`.
+    GuestOutput,
 }
 
 impl Target {
-    pub const ALL: [Target; 10] = [
+    pub const ALL: [Target; 12] = [
         Target::Config,
         Target::CpuList,
         Target::ProcStat,
@@ -63,6 +70,8 @@ impl Target {
         Target::KernelCmdline,
         Target::Event,
         Target::Btf,
+        Target::AgentReply,
+        Target::GuestOutput,
     ];
 
     /// Its name: the corpus directory and the libFuzzer target.
@@ -78,6 +87,8 @@ impl Target {
             Target::KernelCmdline => "kernel_cmdline",
             Target::Event => "event",
             Target::Btf => "btf",
+            Target::AgentReply => "agent_reply",
+            Target::GuestOutput => "guest_output",
         }
     }
 
@@ -139,6 +150,20 @@ impl Target {
             }
             Target::Event => {
                 let _ = events::decode(data);
+            }
+            Target::AgentReply => {
+                for line in data.split(|b| *b == b'\n') {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+                        let ret = v.get("return").unwrap_or(&v);
+                        let _ = agent::parse_exec_status(ret);
+                    }
+                }
+                let _ = agent::base64_decode(&text());
+            }
+            Target::GuestOutput => {
+                let s = text();
+                let _ = parse_verbose_output(&s);
+                let _ = realtime_offset(&s);
             }
             Target::Btf => {
                 if let Ok(btf) = Btf::parse(data) {

@@ -27,6 +27,8 @@ const TARGETS: &[&str] = &[
     "kernel_cmdline",
     "event",
     "btf",
+    "agent_reply",
+    "guest_output",
 ];
 
 const CARGO_FUZZ_VERSION: &str = "0.13.1";
