@@ -1279,6 +1279,55 @@ mod tests {
     }
 
     #[test]
+    fn a_tcg_guest_is_measurable_with_its_vcpus_from_qmp_and_its_agent_socket() {
+        let fp = FakeProc::new();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        fp.process(
+            700,
+            &format!(
+                "qemu-system-x86_64 -name tcg1 -accel tcg -qmp unix:{},server=on,wait=off \
+                 -device virtio-serial -chardev socket,path=/tmp/tcg1-qga.sock,server=on,wait=off,id=qga0 \
+                 -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                sock.display()
+            ),
+        );
+        fp.thread(700, 700, "qemu-system-x86", 0);
+        fp.thread(700, 702, "CPU 0/TCG", 0);
+        fp.process(800, "qemu-system-x86_64 -name plain -accel tcg");
+        fp.thread(800, 800, "qemu-system-x86", 0);
+        fp.thread(800, 801, "CPU 0/TCG", 0);
+        let server = fake_qmp(&sock, vec![(0, 702)], GREETING);
+        let opts = DiscoverOptions {
+            libvirt_dir: dir.path().join("no-libvirt"),
+            ..Default::default()
+        };
+        let mut d = Discoverer::new(fp.proc(), opts);
+        let g = d.find_measurable("tcg1").unwrap();
+        server.join().unwrap();
+        assert_eq!((g.pid, g.source), (700, Source::Qmp));
+        assert_eq!(g.vcpus, vec![Vcpu { index: 0, tid: 702 }]);
+        assert_eq!(g.accelerator, "tcg");
+        assert_eq!(
+            g.agent,
+            Ok(AgentAddr::Socket(PathBuf::from("/tmp/tcg1-qga.sock")))
+        );
+        // No QMP, no agent port: the vCPU from its thread name, and the fix.
+        let g = d.find_measurable("plain").unwrap();
+        assert_eq!((g.source, g.vcpus[0].tid), (Source::ThreadNames, 801));
+        let why = g.agent.unwrap_err();
+        assert!(
+            why.contains("-device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"),
+            "{why}"
+        );
+        let e = d.find_measurable("nope").unwrap_err().to_string();
+        assert!(
+            e.contains("no running QEMU guest is named \"nope\"") && e.contains("plain, tcg1"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn qmp_from_cmdline_and_explicit() {
         let fake = FakeProc::new();
         let sock = fake.dir.path().join("g.sock");
