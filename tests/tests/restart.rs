@@ -298,3 +298,44 @@ fn an_incompatible_older_layout_is_replaced() {
     assert_eq!(attached(SWITCH).len(), 1);
     d.stop();
 }
+
+#[test]
+fn a_pinned_set_of_this_layout_that_cannot_be_adopted_is_replaced_not_a_crash_loop() {
+    require!(missing_bpf());
+    let _clean = CleanPins::new();
+    // This binary's layout name and program set, from a real run.
+    let mut first = Daemon::start(&format!("{OBSERVE}keep_sensors_on_exit = true\n"), &[]);
+    let dir = layout_dir();
+    let names = |sub: &str| -> Vec<String> {
+        std::fs::read_dir(dir.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    let (programs, maps) = (names("progs"), names("maps"));
+    first.stop();
+    run_subcommand("cleanup", &[], TIMEOUT).expect_code(0);
+    // The same names, but directories where bpffs pins would be files: the
+    // plan says adopt, opening them fails.
+    for p in &programs {
+        std::fs::create_dir_all(dir.join("progs").join(p)).unwrap();
+        std::fs::create_dir_all(dir.join("links").join(p)).unwrap();
+    }
+    for m in &maps {
+        std::fs::create_dir_all(dir.join("maps").join(m)).unwrap();
+    }
+
+    let mut d = Daemon::start(OBSERVE, &[]);
+    let log = d.process().stderr_lines().to_vec();
+    assert!(
+        log_has(&log, "could not adopt the eBPF programs pinned in"),
+        "{log:#?}"
+    );
+    assert!(
+        log_has(&log, "loaded the eBPF programs and pinned them"),
+        "{log:#?}"
+    );
+    assert_eq!(layout_dir(), dir);
+    assert_eq!(attached(SWITCH), [pinned_program(SWITCH)]);
+    d.stop();
+}

@@ -244,6 +244,11 @@ pub fn remove(dir: &Path) -> Result<Vec<Removed>, PinningError> {
         let subdir = dir.join(sub);
         for name in names(&subdir)? {
             let path = subdir.join(&name);
+            if path.is_dir() {
+                // Not ours: bpffs pins are files. Removed all the same.
+                out.extend(remove(&path)?);
+                continue;
+            }
             let id = match kind {
                 Kind::Link => PinnedLink::from_pin(&path)
                     .ok()

@@ -208,14 +208,25 @@ impl Probe {
     /// adopts the one a previous daemon left there (see `bpf::pinning`).
     /// Falls back to an unpinned load, saying why, when bpffs is unusable.
     pub fn load_pinned(config: &ProbeConfig) -> Result<Self, ProbeError> {
-        let started = std::time::Instant::now();
-        match pinning::ensure_bpffs() {
-            Ok(true) => log::info!("mounted bpffs at {}", pinning::BPFFS),
-            Ok(false) => {}
-            Err(e) => {
-                log::warn!("{e}; the eBPF programs are not pinned: they stop with the daemon");
-                return Self::load(config);
+        match Self::try_load_pinned(config) {
+            // bpffs refused (read-only, no right to mount it, ...): better
+            // unpinned than not at all.
+            Err(ProbeError::Pinning(e)) => {
+                log::warn!(
+                    "{e}; the eBPF programs are not pinned: they stop with the daemon \
+                     (`pinguard cleanup` removes anything left in {})",
+                    pinning::ROOT
+                );
+                Self::load(config)
             }
+            other => other,
+        }
+    }
+
+    fn try_load_pinned(config: &ProbeConfig) -> Result<Self, ProbeError> {
+        let started = std::time::Instant::now();
+        if pinning::ensure_bpffs()? {
+            log::info!("mounted bpffs at {}", pinning::BPFFS);
         }
         let root = Path::new(pinning::ROOT);
         let layout = pinning::layout(OBJECT, interval_ns(config), config.events_bytes);
@@ -234,14 +245,26 @@ impl Probe {
         }
         let dir = root.join(&layout);
         if plan.adopt.is_some() {
-            let probe = Self::adopt(config, &dir)?;
-            log::info!(
-                "adopted the eBPF programs pinned in {} ({} programs, attached while pinguard was down) in {} ms",
-                dir.display(),
-                probe.attached.len(),
-                started.elapsed().as_millis()
-            );
-            return Ok(probe);
+            match Self::adopt(config, &dir) {
+                Ok(probe) => {
+                    log::info!(
+                        "adopted the eBPF programs pinned in {} ({} programs, attached while pinguard was down) in {} ms",
+                        dir.display(),
+                        probe.attached.len(),
+                        started.elapsed().as_millis()
+                    );
+                    return Ok(probe);
+                }
+                // A start that fails the same way at every restart helps nobody.
+                Err(e) => {
+                    let removed = pinning::remove(&dir)?;
+                    log::warn!(
+                        "could not adopt the eBPF programs pinned in {} ({e}): detached and removed {} objects",
+                        dir.display(),
+                        removed.len()
+                    );
+                }
+            }
         }
         let probe = Self::load_programs(config, &[], Some(&dir)).inspect_err(|_| {
             // Nothing half-pinned stays behind a failed load.

@@ -40,6 +40,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let guard = topo.guard(config.guard.as_ref())?;
     let _lock = RunLock::acquire(Path::new(RUN_LOCK))?;
     move_self_to(&guard.housekeeping)?;
+    // The signal handlers go in before anything is pinned: a SIGTERM during
+    // start-up must detach like any other, not leave the pins of a daemon
+    // killed by the default action. (A current-thread runtime starts no
+    // thread, so it can come after move_self_to.)
+    let rt = runtime()?;
+    let entered = rt.enter();
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    drop(entered);
     let mut probe_config = ProbeConfig::new(guard.guarded.clone());
     probe_config.event_interval = config.event_interval;
     probe_config.lifecycle = true;
@@ -99,7 +109,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     http::spawn(config.listen, endpoint)
         .with_context(|| format!("cannot listen on {} (--listen / listen =)", config.listen))?;
 
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         let mut events = events.into_async().context("polling the event ring buffer")?;
         let (fx, mut discovered) = Live::new(probe, state::discover_options(&config))
             .context("starting the discovery thread")?;
@@ -133,9 +143,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let mut isolation = tokio::time::interval(daemon.config.isolation_interval);
         isolation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         isolation.tick().await; // immediate; the isolation was just applied
-        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut batch = Vec::new();
         // The loop ends on a signal or an error; either way the isolation
         // is undone afterwards when configured.
