@@ -50,6 +50,8 @@ pub struct GuestOptions {
     /// on its CPU preempts it. The default firmware soon halts: its vCPU
     /// sleeps and wakes on timer ticks.
     pub busy: bool,
+    /// `-m`: guest memory in MiB (a paused guest touches almost none of it).
+    pub memory_mib: u32,
 }
 
 impl GuestOptions {
@@ -62,6 +64,7 @@ impl GuestOptions {
             paused: true,
             qmp: true,
             busy: false,
+            memory_mib: 128,
         }
     }
 }
@@ -94,7 +97,9 @@ impl Guest {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "kvm", "-smp"])
             .arg(opts.smp.to_string())
-            .args(["-m", "128", "-display", "none", "-nodefaults", "-name"])
+            .arg("-m")
+            .arg(opts.memory_mib.to_string())
+            .args(["-display", "none", "-nodefaults", "-name"])
             .arg(&name_arg)
             .args(["-daemonize", "-pidfile"])
             .arg(&pidfile);

@@ -32,6 +32,7 @@ mod intruders;
 mod noise;
 mod observer;
 mod peers;
+pub mod scale;
 pub mod vcpu_guest;
 mod whole;
 
@@ -56,11 +57,14 @@ pub enum Suite {
     /// pinguard, bpftrace, perf sched and a ps loop side by side: cost and
     /// detection of short intruders.
     Peers,
+    /// 10 000 threads and 50 guests: audit against ps, the daemon's CPU, RSS
+    /// and rescans with guest churn (only when asked, ~2 minutes).
+    Scale,
 }
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to measure (repeatable or comma-separated; default: all).
+    /// What to measure (repeatable or comma-separated; default: all but scale).
     #[arg(
         long = "suite",
         visible_alias = "only",
@@ -154,8 +158,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let scale_plan = if suites.contains(&Suite::Scale) {
+        Some(scale::Plan::from_args(args)?)
+    } else {
+        None
+    };
     let needs_bpf = daemon_plan.is_some()
         || whole_plan.is_some()
+        || scale_plan.is_some()
         || observer_plan.as_ref().is_some_and(|p| p.loads_bpf());
     if needs_bpf && !util::is_root() {
         bail!(
@@ -206,6 +216,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         (Some(plan), Some(bin)) => Some(whole::run(plan, bin)),
         _ => None,
     };
+    let scale = match (&scale_plan, &bin) {
+        (Some(plan), Some(bin)) => Some(scale::run(plan, bin)),
+        _ => None,
+    };
     let idle_after = idle_pct(Duration::from_secs(1))?;
     warn_if_busy(idle_after, "after");
 
@@ -233,6 +247,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .context("writing target/bench/whole-daemon.md")?;
         eprintln!("{W}: wrote {}/whole-daemon.{{json,md}}", dir.display());
     }
+    if let Some(Ok(s)) = &scale {
+        md.push_str(&s.markdown());
+        json["scale"] = s.json();
+    }
     println!("{md}");
     let out = util::root().join("bench-out");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -240,6 +258,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let json = serde_json::to_string_pretty(&json).context("serializing the results")?;
     fs::write(out.join("bench.json"), json + "\n").context("writing bench-out/bench.json")?;
     eprintln!("{W}: wrote bench-out/bench.md and bench-out/bench.json");
+    if let Some(Err(e)) = scale {
+        return Err(e.context("scale suite (the report above has the other results)"));
+    }
     if let Some(Err(e)) = whole {
         return Err(
             e.context("daemon-overhead/peers suites (the report above has the other results)")

@@ -99,6 +99,8 @@ fn soak(secs: u64) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `bench --only scale` re-runs this binary as its thread holders.
+    bench::scale::hold_threads_if_asked();
     util::put_cargo_bin_on_path();
     let cli = Cli::parse();
     let result = match cli.command {
