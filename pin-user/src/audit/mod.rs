@@ -659,6 +659,7 @@ mod tests {
             last_cpu,
             allowed: set(allowed),
             start_time: 0,
+            sched: None,
         }
     }
 

@@ -41,6 +41,10 @@ pub struct ThreadInfo {
     /// tid, its identity (a tid is reused; a tid and a start time are not).
     #[serde(skip)]
     pub start_time: u64,
+    /// Its scheduling class, from the same read of `stat` (`None` when the
+    /// facts come from elsewhere than /proc).
+    #[serde(skip)]
+    pub sched: Option<Sched>,
 }
 
 impl ThreadInfo {
@@ -62,11 +66,39 @@ impl ThreadInfo {
 
 /// Reads a file, mapping "the task is gone" to `None`.
 fn read_gone_ok(path: &Path) -> io::Result<Option<String>> {
-    match fs::read_to_string(path) {
+    match read_small(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if is_gone(&e) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// What a task's `stat` or `status` holds fits here in one read (1-2 KiB).
+const PROC_READ: usize = 4096;
+
+/// `fs::read_to_string` for procfs files: the same result, in one open, two
+/// reads (the second sees the end) and a close. std asks for the size first
+/// (statx; procfs says 0) and then reads in small growing steps: ~7 system
+/// calls per file, which made `pinguard audit` on 10 000 threads as slow as
+/// `ps` (docs/BENCHMARKS.md, "Scale").
+fn read_small(path: &Path) -> io::Result<String> {
+    use std::io::Read as _;
+    let mut file = fs::File::open(path)?;
+    let mut buf = vec![0u8; PROC_READ];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// ENOENT and ESRCH both mean the task exited under us.
@@ -139,6 +171,7 @@ impl Proc {
             last_cpu: parsed.processor,
             allowed,
             start_time: parsed.start_time,
+            sched: Sched::parse_stat(&stat),
         }))
     }
 
@@ -493,6 +526,49 @@ mod tests {
         assert_eq!(proc.start_time(me, me).unwrap(), Some(main.start_time));
         assert!(main.start_time > 0);
         assert_eq!(proc.start_time(u32::MAX - 1, u32::MAX - 1).unwrap(), None);
+    }
+
+    #[test]
+    fn small_reads_are_whole_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [
+            0,
+            1,
+            PROC_READ - 1,
+            PROC_READ,
+            PROC_READ + 1,
+            3 * PROC_READ + 7,
+        ] {
+            let text: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+            let path = dir.path().join(format!("f{len}"));
+            fs::write(&path, &text).unwrap();
+            assert_eq!(read_small(&path).unwrap(), text, "{len} bytes");
+        }
+        let bad = dir.path().join("bad");
+        fs::write(&bad, [0xff, 0xfe]).unwrap();
+        assert_eq!(
+            read_small(&bad).unwrap_err().kind(),
+            io::ErrorKind::InvalidData,
+            "as fs::read_to_string"
+        );
+        assert!(is_gone(&read_small(&dir.path().join("none")).unwrap_err()));
+        // A live procfs file reads the same both ways.
+        let status = Path::new("/proc/self/status");
+        let (a, b) = (
+            read_small(status).unwrap(),
+            fs::read_to_string(status).unwrap(),
+        );
+        assert_eq!(a.lines().next(), b.lines().next());
+        assert_eq!(a.lines().count(), b.lines().count());
+    }
+
+    #[test]
+    fn a_threads_facts_carry_its_scheduling_class() {
+        let proc = Proc::default();
+        let me = std::process::id();
+        let t = proc.thread(me, me).unwrap().unwrap();
+        assert_eq!(t.sched, proc.sched(me, me));
+        assert!(t.sched.is_some());
     }
 
     #[test]

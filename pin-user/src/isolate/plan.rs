@@ -613,6 +613,7 @@ pub fn thread(
             last_cpu: 0,
             allowed: CpuSet::parse(allowed).unwrap(),
             start_time: u64::from(tid) * 10,
+            sched: None,
         },
         cpuset: cpuset.map(str::to_string),
     }

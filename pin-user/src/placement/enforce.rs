@@ -163,6 +163,7 @@ mod tests {
             last_cpu: 1,
             allowed: CpuSet::single(1),
             start_time: 0,
+            sched: None,
         };
         assert_eq!(untouchable(&t), Some(Untouchable::KernelThread));
         t.flags = pin_common::PF_NO_SETAFFINITY;

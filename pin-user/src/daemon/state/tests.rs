@@ -223,6 +223,7 @@ fn thread(tgid: u32, tid: u32, comm: &str, flags: u32) -> ThreadInfo {
         last_cpu: 1,
         allowed: cpus("0-1"),
         start_time: 1,
+        sched: None,
     }
 }
 
