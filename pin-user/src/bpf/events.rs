@@ -47,6 +47,10 @@ pub struct Migration {
     pub at_ns: u64,
 }
 
+/// CPUs of a new affinity that an [`AffinityChange`] carries: the eBPF side
+/// copies the first word of the user's mask (`pin_common::event::AffinityChange::mask`).
+pub const AFFINITY_EVENT_CPUS: u32 = u64::BITS;
+
 /// A successful sched_setaffinity call on an owner (vCPU) thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AffinityChange {
@@ -56,7 +60,8 @@ pub struct AffinityChange {
     pub caller: Thread,
     /// The owner thread.
     pub target_tid: u32,
-    /// The new affinity (its first 64 CPUs).
+    /// The new affinity's first [`AFFINITY_EVENT_CPUS`] CPUs (all of it on
+    /// a host without CPU ids beyond).
     pub mask: CpuSet,
     pub at_ns: u64,
 }
@@ -243,7 +248,9 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 cpu: r.header.cpu,
                 caller: thread(r.tid, r.tgid, &r.comm),
                 target_tid: r.target_tid,
-                mask: (0..64).filter(|b| r.mask & (1 << b) != 0).collect(),
+                mask: (0..AFFINITY_EVENT_CPUS)
+                    .filter(|b| r.mask & (1 << b) != 0)
+                    .collect(),
                 at_ns: r.at_ns,
             })
         }

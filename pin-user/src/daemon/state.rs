@@ -15,7 +15,7 @@ use std::{
 use crate::{
     bpf::{
         class::ThreadClass,
-        events::{AffinityChange, Intrusion, KernelEvent, Migration, Thread},
+        events::{AFFINITY_EVENT_CPUS, AffinityChange, Intrusion, KernelEvent, Migration, Thread},
     },
     config::{Config, Mode},
     control::{Allow, DaemonInfo, Reply, Request},
@@ -884,14 +884,33 @@ impl<E: Effects> Daemon<E> {
         }
     }
 
+    /// The new affinity of an [`AffinityChange`]. The event carries only the
+    /// mask's first [`AFFINITY_EVENT_CPUS`] CPUs; on a host with more (CPU
+    /// ids up to `MAX_CPUS`) that prefix cannot tell "CPU 100 only" from
+    /// "nothing", nor "CPU 1 only" from "CPUs 1 and 100". The event is sent at
+    /// syscall exit, so the thread's affinity now is that mask (unless it
+    /// changed again since, which another event then reports).
+    fn full_mask(&self, c: &AffinityChange) -> CpuSet {
+        if self
+            .topo
+            .online
+            .last()
+            .is_none_or(|l| l < AFFINITY_EVENT_CPUS)
+        {
+            return c.mask.clone();
+        }
+        self.fx.get(c.target_tid).unwrap_or_else(|_| c.mask.clone())
+    }
+
     fn on_affinity_change(&mut self, c: &AffinityChange) {
         let target = c.target_tid;
         let t = &c.caller;
         if let Some(a) = self.assignments.get(&target).cloned() {
+            let mask = self.full_mask(c);
             // Setting a vCPU to exactly its assigned CPU satisfies the plan,
             // whoever does it: `pinguard pin`, or libvirt when pinguard
             // pins through it.
-            if c.mask == CpuSet::single(a.cpu) {
+            if mask == CpuSet::single(a.cpu) {
                 self.verify_one(target, true);
                 return;
             }
@@ -904,7 +923,7 @@ impl<E: Effects> Daemon<E> {
                     &t.comm,
                     format!(
                         "{:?} (pid {}) set the affinity of {:?} vcpu {} (tid {target}) to {}",
-                        t.comm, t.tgid, a.vm, a.vcpu, c.mask
+                        t.comm, t.tgid, a.vm, a.vcpu, mask
                     ),
                 )
                 .of_vcpu(&a.vm, a.vcpu),

@@ -257,8 +257,13 @@ fn host() -> Fake {
 }
 
 fn daemon(fx: Fake, config: &str) -> Daemon<Fake> {
+    daemon_on(fx, config, 2)
+}
+
+/// [`daemon`] on a host of `cpus` CPUs (still CPU 1 guarded).
+fn daemon_on(fx: Fake, config: &str, cpus: u32) -> Daemon<Fake> {
     let config = Config::parse(config, std::path::Path::new("test.toml")).unwrap();
-    let topo = Topology::flat(2);
+    let topo = Topology::flat(cpus);
     let guard = topo.guard(Some(&CpuSet::single(1))).unwrap();
     let mut d = Daemon::new(
         config,
@@ -405,6 +410,44 @@ fn setting_a_vcpu_to_its_assigned_cpu_is_not_a_violation() {
     let mut h = host();
     h.aff.cpus.insert(VCPU, cpus("1"));
     let mut d = daemon(h, "");
+    d.handle(&KernelEvent::AffinityChange(AffinityChange {
+        cpu: 1,
+        caller: ev_thread(STRANGER, STRANGER, "pinguard"),
+        target_tid: VCPU,
+        mask: cpus("1"),
+        at_ns: 0,
+    }));
+    assert!(kinds(&d).is_empty(), "{:?}", d.recent.to_vec());
+}
+
+#[test]
+fn on_a_host_of_more_than_64_cpus_a_change_is_judged_by_the_whole_new_mask() {
+    // The event holds the new mask's first 64 CPUs: "CPUs 1 and 100" arrives
+    // as {1}, which alone would pass for the vCPU's own CPU.
+    let mut h = host();
+    h.aff.cpus.insert(VCPU, cpus("1"));
+    let mut d = daemon_on(h, "", 128);
+    assert!(kinds(&d).is_empty(), "{:?}", d.recent.to_vec());
+    d.fx.aff.cpus.insert(VCPU, cpus("1,100"));
+    d.handle(&KernelEvent::AffinityChange(AffinityChange {
+        cpu: 1,
+        caller: ev_thread(STRANGER, STRANGER, "taskset"),
+        target_tid: VCPU,
+        mask: cpus("1"),
+        at_ns: 0,
+    }));
+    assert!(
+        kinds(&d).contains(&ViolationKind::AffinityChanged),
+        "widening to CPU 100 not reported: {:?}",
+        d.recent.to_vec()
+    );
+    let v = &d.recent.to_vec()[0];
+    assert!(v.detail.contains("1,100"), "{}", v.detail);
+
+    // And exactly its CPU, set by `pinguard pin`, is still no violation.
+    let mut h = host();
+    h.aff.cpus.insert(VCPU, cpus("1"));
+    let mut d = daemon_on(h, "", 128);
     d.handle(&KernelEvent::AffinityChange(AffinityChange {
         cpu: 1,
         caller: ev_thread(STRANGER, STRANGER, "pinguard"),
