@@ -128,7 +128,9 @@ pub struct Run {
     pub above: Vec<Above>,
     /// A pinguard daemon that ran meanwhile: "enforce (pid 1234)".
     pub daemon: Option<String>,
+    /// "1.23s intruder rustc (tid 4242)": what ran longest on the CPU.
     pub top_noise_source: Option<String>,
+    /// "5.32ms intruder git (tid 27346)": the longest wait and its cause.
     pub worst_wait: Option<String>,
     pub notes: Vec<String>,
     /// Non-empty 1-µs buckets `[µs, count]` (for the overlay plot).
@@ -209,11 +211,11 @@ impl Run {
                 .noise
                 .top_source
                 .as_ref()
-                .map(|s| format!("{} {}", s.label, fmt_ns(s.ns))),
+                .map(|s| format!("{} {}", fmt_ns(s.ns), s.label)),
             worst_wait: r
                 .worst
                 .first()
-                .map(|w| format!("{} ({})", w.cause.who(), fmt_ns(w.wait_ns))),
+                .map(|w| format!("{} {}", fmt_ns(w.wait_ns), w.cause.who())),
             notes,
             buckets: h.buckets.clone(),
         };
@@ -662,10 +664,12 @@ pub fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
     }
     if runs.iter().any(|r| r.source == Source::Pinguard) {
         rows.push(row("top noise source", &|r| {
-            r.top_noise_source.clone().unwrap_or_else(|| "-".into())
+            r.top_noise_source
+                .as_deref()
+                .map_or_else(|| "-".into(), without_tid)
         }));
-        rows.push(row("worst wait cause", &|r| {
-            r.worst_wait.clone().unwrap_or_else(|| "-".into())
+        rows.push(row("worst wait", &|r| {
+            r.worst_wait.as_deref().map_or_else(|| "-".into(), without_tid)
         }));
     }
     rows.push(row("file", &|r| {
@@ -676,6 +680,18 @@ pub fn rows(c: &Comparison) -> Vec<(String, Vec<String>)> {
     rows.push(row("source", &|r| r.source.describe().to_string()));
     rows
 }
+
+/// "intruder rustc (tid 4242)" -> "intruder rustc": thread ids make the
+/// text table wide and mean nothing across runs (the JSON keeps them).
+fn without_tid(s: &str) -> String {
+    match (s.find(" (tid "), s.rfind(')')) {
+        (Some(a), Some(b)) if b > a => format!("{}{}", &s[..a], &s[b + 1..]),
+        _ => s.to_string(),
+    }
+}
+
+/// Longest cell of the text table.
+const MAX_CELL: usize = 30;
 
 /// The table as text: one column per run, the label on top (when the
 /// labels were given; the automatic label is the where / kernel /
@@ -690,6 +706,15 @@ pub fn render(c: &Comparison, labelled: bool) -> String {
                 c.runs.iter().map(|r| r.label.clone()).collect(),
             ),
         );
+    }
+    // Free-form cells (noise sources, causes) are shortened so a table of
+    // eight runs stays readable; --json has them whole.
+    for (_, cells) in rows.iter_mut() {
+        for cell in cells.iter_mut() {
+            if cell.chars().count() > MAX_CELL {
+                *cell = cell.chars().take(MAX_CELL - 1).collect::<String>() + "…";
+            }
+        }
     }
     let first_w = rows
         .iter()
@@ -976,6 +1001,25 @@ mod tests {
         let run = load(&p, DEFAULT_THRESHOLDS_US).unwrap();
         assert_eq!(run.auto_label(), "guest lab-rt (tcg) 6.1 PREEMPT_RT fifo95");
         assert_eq!(run.kernel_release.as_deref(), Some("6.1.0-28-rt-amd64"));
+    }
+
+    #[test]
+    fn noise_cells_lose_their_thread_ids() {
+        assert_eq!(without_tid("1.23s intruder rustc (tid 42)"), "1.23s intruder rustc");
+        assert_eq!(without_tid("2.00ms hard IRQs"), "2.00ms hard IRQs");
+        let c = four_runs();
+        let t = render(&c, false);
+        assert!(row_cells(&t, "worst wait")[0].starts_with("1.98ms intruder pg-spiker"), "{t}");
+    }
+
+    fn row_cells(t: &str, name: &str) -> Vec<String> {
+        let l = t.lines().find(|l| l.starts_with(name)).unwrap();
+        l[name.len()..]
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     #[test]
