@@ -815,3 +815,68 @@ fn a_missing_cyclictest_says_how_to_install_it() {
         "{err}"
     );
 }
+
+#[test]
+fn lab_host_only_writes_every_report_the_table_and_the_overlay() {
+    require!(missing_cyclictest());
+    let _cpu = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lab");
+    let r = run(
+        &[
+            "lab",
+            "--guard",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--duration",
+            "1s",
+            "--host-only",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    for name in [
+        "host-other.json",
+        "host-fifo95.json",
+        "table.txt",
+        "table.json",
+        "latency-compare.svg",
+        "latency-compare.png",
+    ] {
+        assert!(
+            out.join(name).is_file(),
+            "{name} missing from {}",
+            out.display()
+        );
+    }
+    let other: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("host-other.json")).unwrap())
+            .unwrap();
+    assert_eq!(other["run"]["policy"], "other", "{}", other["run"]);
+    let table = std::fs::read_to_string(out.join("table.txt")).unwrap();
+    assert_eq!(row(&table, "policy"), ["other", "fifo95"], "{table}");
+    assert_eq!(r.stdout.trim(), table.trim(), "the table is printed too");
+    let t: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("table.json")).unwrap()).unwrap();
+    assert_eq!(t["runs"].as_array().unwrap().len(), 2);
+    // Without the lab guest's images the guest half is refused up front.
+    let r = run(
+        &[
+            "lab",
+            "--guard",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--kernels",
+            "/nonexistent",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(r.code(), Some(2), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cargo xtask lab-guest") && r.stderr.contains("--host-only"),
+        "{}",
+        r.stderr
+    );
+}
