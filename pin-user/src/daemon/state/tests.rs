@@ -405,6 +405,28 @@ fn another_tool_widening_a_vcpu_is_reported_and_undone() {
 }
 
 #[test]
+fn a_widening_nothing_traced_is_caught_at_the_next_tick_culprit_unknown() {
+    // No syscall tracepoints (the default): a widened affinity that moved
+    // nothing sends no event; the periodic verify finds and undoes it.
+    let mut d = daemon(host(), ENFORCE);
+    d.fx.aff.cpus.insert(VCPU, cpus("0-1"));
+    d.tick();
+    assert_eq!(kinds(&d), [ViolationKind::VcpuDrift]);
+    let v = &d.recent.to_vec()[0];
+    assert!(v.detail.ends_with(super::CULPRIT_UNKNOWN), "{}", v.detail);
+    assert_eq!(d.fx.aff.cpus[&VCPU], cpus("1"), "not re-pinned");
+    // With them, the affinity_changed violation names the caller instead.
+    let mut d = daemon(
+        host(),
+        &format!("{ENFORCE}\n[observer]\naffinity_syscalls = true\n"),
+    );
+    d.fx.aff.cpus.insert(VCPU, cpus("0-1"));
+    d.tick();
+    let v = &d.recent.to_vec()[0];
+    assert!(!v.detail.contains("unknown"), "{}", v.detail);
+}
+
+#[test]
 fn setting_a_vcpu_to_its_assigned_cpu_is_not_a_violation() {
     // `pinguard pin` (or libvirt, pinning for pinguard) in observe mode.
     let mut h = host();
