@@ -448,10 +448,12 @@ fn run_in_guest(
     // Wait until the guest's clock is 20-80 ms into a second.
     let guest_now = |host: u64| (host as i64 - clock.0).max(0) as u64;
     let frac = guest_now(monotonic_ns()) % 1_000_000_000;
-    let wait_ns = (1_020_000_000 - frac) % 1_000_000_000;
-    if wait_ns > 60_000_000 || frac > 80_000_000 {
-        std::thread::sleep(Duration::from_nanos(wait_ns));
-    }
+    let wait_ns = match frac {
+        ..20_000_000 => 20_000_000 - frac,
+        20_000_000..=80_000_000 => 0,
+        _ => 1_020_000_000 - frac,
+    };
+    std::thread::sleep(Duration::from_nanos(wait_ns));
     let cmdline = format!("cyclictest {}", args.join(" "));
     let pid = agent
         .exec("cyclictest", args, AGENT_TIMEOUT)
