@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: what pinguard costs on this machine.
 //!
-//! Two suites, both by default:
+//! Four suites, all by default (`--only` picks some):
 //! - `observer` ([`observer`]): the sched_switch program's cost per event
 //!   (kernel bpf_stats) and the throughput a context-switch-heavy load loses
 //!   with it attached, in three scenarios (a housekeeping CPU, a guarded CPU
@@ -9,6 +9,10 @@
 //! - `daemon` ([`daemon`]): `pinguard run` against a real QEMU/KVM guest:
 //!   re-pin latency after an affinity change, and the daemon's CPU, memory
 //!   and in-kernel cost while the host runs a context-switch-heavy load.
+//! - `daemon-overhead` and `peers` ([`whole`]): the whole daemon with its
+//!   defaults against one empty program (its floor) and against bpftrace,
+//!   `perf sched record` and a `ps` loop, as throughput ratios from
+//!   interleaved pairs ([`noise`]), and which short intruders each one finds.
 //!
 //! Targets are printed next to the results but never fail the run: this is a
 //! measurement. Errors (cannot attach, cannot pin, bpftool missing) do.

@@ -280,6 +280,17 @@ impl Running {
                 if tool == Tool::Ps {
                     p.signal(Signal::SIGTERM);
                 }
+                // bpftrace sometimes misses a SIGINT that lands just before
+                // it blocks in epoll_wait with no event to come (seen about
+                // once in five stops here): repeat it until it has exited.
+                let (t0, mut last) = (Instant::now(), Instant::now());
+                while !exited(p.pid()) && t0.elapsed() < STOP_TIMEOUT {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last.elapsed() >= Duration::from_secs(2) {
+                        p.signal(Signal::SIGINT);
+                        last = Instant::now();
+                    }
+                }
                 let out = p
                     .try_finish(STOP_TIMEOUT)
                     .with_context(|| format!("stopping {} (SIGINT)", tool.label()))?;
@@ -328,6 +339,16 @@ impl Drop for Running {
         if let Some(f) = self.file.take() {
             let _ = fs::remove_file(f);
         }
+    }
+}
+
+/// Exited and not yet reaped (a zombie), or gone.
+fn exited(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
     }
 }
 
