@@ -283,8 +283,10 @@ impl Running {
                 // bpftrace sometimes misses a SIGINT that lands just before
                 // it blocks in epoll_wait with no event to come (seen about
                 // once in five stops here): repeat it until it has exited.
+                // Not perf: a second SIGINT cuts short its finishing of the
+                // file (build-ids, header), which then reads back empty.
                 let (t0, mut last) = (Instant::now(), Instant::now());
-                while !exited(p.pid()) && t0.elapsed() < STOP_TIMEOUT {
+                while tool == Tool::Bpftrace && !exited(p.pid()) && t0.elapsed() < STOP_TIMEOUT {
                     std::thread::sleep(Duration::from_millis(100));
                     if last.elapsed() >= Duration::from_secs(2) {
                         p.signal(Signal::SIGINT);
