@@ -425,55 +425,50 @@ fn perf_run_times(file: &Path) -> Result<HashMap<u32, u64>> {
     ))
 }
 
-/// From `perf script` lines of sched_switch events
-/// (`[001]   722.547772024:  sched:sched_switch: prev_comm=.. prev_pid=N .. ==> next_comm=.. next_pid=M ..`):
-/// each slice on `cpu` runs from the switch that put `next_pid` on it to the
-/// next switch on that CPU, whose `prev_pid` it is; the slice is that
-/// task's. A task already running when the recording began has no start and
-/// its first slice is not counted. Other events are ignored.
+/// Run time per tid on `cpu` from `perf script` lines: the sum of the
+/// `sched:sched_stat_runtime` events recorded on that CPU
+/// (`[001]  722.547763998: sched:sched_stat_runtime: comm=perf pid=25336 runtime=76154 [ns]`),
+/// the scheduler's own accounting as it charges run time (what
+/// `perf sched latency` sums too). Slices from `sched_switch` pairs cannot
+/// be built here: on this kernel perf records no switch out of the idle task
+/// (`prev_comm=swapper/N`), so an intruder that wakes an idle CPU has no
+/// recorded start. A tid also counts as seen (run time 0 unless accounted)
+/// when a `sched_switch` on that CPU names it.
 pub fn switch_run_times(text: &str, cpu: usize) -> HashMap<u32, u64> {
     let mut times: HashMap<u32, u64> = HashMap::new();
-    let mut current: Option<(u32, u64)> = None;
     let want = format!("[{cpu:03}]");
     for line in text.lines() {
         let line = line.trim_start();
         let Some(rest) = line.strip_prefix(&want) else {
             continue;
         };
-        let Some((time, event)) = rest.split_once(':') else {
+        let Some((_, event)) = rest.split_once(':') else {
             continue;
         };
-        let Some(trace) = event.trim_start().strip_prefix("sched:sched_switch:") else {
-            continue;
-        };
-        let Some(t) = parse_ns(time.trim()) else {
-            continue;
-        };
-        let Some((prev, next)) = trace.split_once(" ==> ") else {
-            continue;
-        };
-        let (Some(prev_pid), Some(next_pid)) = (field(prev, "prev_pid="), field(next, "next_pid="))
-        else {
-            continue;
-        };
-        if let Some((tid, since)) = current
-            && tid == prev_pid
-            && t >= since
+        let event = event.trim_start();
+        if let Some(trace) = event.strip_prefix("sched:sched_stat_runtime:") {
+            let (Some(pid), Some(ns)) = (field(trace, " pid="), field64(trace, " runtime=")) else {
+                continue;
+            };
+            *times.entry(pid).or_default() += ns;
+        } else if let Some(trace) = event.strip_prefix("sched:sched_switch:")
+            && let Some((prev, next)) = trace.split_once(" ==> ")
         {
-            *times.entry(tid).or_default() += t - since;
+            for tid in [field(prev, "prev_pid="), field(next, "next_pid=")]
+                .into_iter()
+                .flatten()
+                .filter(|&t| t != 0)
+            {
+                times.entry(tid).or_default();
+            }
         }
-        current = Some((next_pid, t));
     }
     times
 }
 
-/// "722.547772024" (seconds, 9 decimals with --ns) -> ns.
-fn parse_ns(s: &str) -> Option<u64> {
-    let (secs, frac) = s.split_once('.')?;
-    if frac.len() != 9 {
-        return None;
-    }
-    Some(secs.parse::<u64>().ok()? * 1_000_000_000 + frac.parse::<u64>().ok()?)
+fn field64(s: &str, key: &str) -> Option<u64> {
+    let at = s.rfind(key)? + key.len();
+    s[at..].split_whitespace().next()?.parse().ok()
 }
 
 /// The number after the last ` key` (comms may contain spaces, not `=`-keys).
@@ -566,20 +561,19 @@ mod tests {
     }
 
     #[test]
-    fn perf_switches_give_slices_per_cpu() {
+    fn perf_runtime_per_cpu() {
         let text = "\
 [001]   10.000000000:       sched:sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=intruder-20us next_pid=500 next_prio=120
-[000]   10.000001000:       sched:sched_switch: prev_comm=a b prev_pid=7 prev_prio=120 prev_state=S ==> next_comm=x next_pid=500 next_prio=120
-[001]   10.000020500:       sched:sched_switch: prev_comm=intruder-20us prev_pid=500 prev_prio=120 prev_state=S ==> next_comm=opt 9x prev_pid=3 next_pid=600 next_prio=120
+[000]   10.000001000: sched:sched_stat_runtime: comm=a b pid=500 runtime=999 [ns]
+[001]   10.000020500: sched:sched_stat_runtime: comm=intruder-20us pid=500 runtime=20500 [ns]
+[001]   10.000020600:       sched:sched_switch: prev_comm=intruder-20us prev_pid=500 prev_prio=120 prev_state=S ==> next_comm=opt 9x pid=3 next_pid=600 next_prio=120
 [001]   10.000030500: sched:sched_wakeup: comm=x pid=1 prio=120 target_cpu=001
-[001]   10.000050500:       sched:sched_switch: prev_comm=opt 9x prev_pid=600 prev_prio=120 prev_state=R ==> next_comm=intruder-20us next_pid=500 next_prio=120
-[001]   10.000051000:       sched:sched_switch: prev_comm=intruder-20us prev_pid=500 prev_prio=120 prev_state=S ==> next_comm=swapper/1 next_pid=0 next_prio=120
+[001]   10.000050500: sched:sched_stat_runtime: comm=intruder-20us pid=500 runtime=500 [ns]
 ";
         let t = switch_run_times(text, 1);
-        assert_eq!(t[&500], 20_500 + 500);
-        assert_eq!(t[&600], 30_000);
-        assert!(!t.contains_key(&7), "CPU 0's events are not CPU 1's");
-        assert_eq!(parse_ns("1.5"), None);
+        assert_eq!(t[&500], 21_000, "CPU 0's accounting is not CPU 1's");
+        assert_eq!(t[&600], 0, "seen in a switch, no run time accounted");
+        assert!(!t.contains_key(&0) && !t.contains_key(&1));
     }
 
     #[test]
