@@ -239,7 +239,10 @@ pub struct Config {
     pub verify_interval: Duration,
     /// How often /proc is rescanned for guests (a safety net behind exec/exit events).
     pub rescan_interval: Duration,
-    /// Keep kernel BPF statistics on to export pinguard's own eBPF cost.
+    /// Keep kernel BPF statistics on to export pinguard's own eBPF cost. Off
+    /// by default: while on, the kernel times every BPF program run of the
+    /// host (~50 ns per sched_switch here: half of what pinguard costs on a
+    /// housekeeping CPU, docs/BENCHMARKS.md), not only pinguard's.
     pub bpf_stats: bool,
     /// `runtime`: apply the runtime isolation at start and keep it.
     pub isolation: Isolation,
@@ -293,7 +296,7 @@ impl Default for Config {
             event_interval: Duration::from_secs(1),
             verify_interval: Duration::from_secs(1),
             rescan_interval: Duration::from_secs(30),
-            bpf_stats: true,
+            bpf_stats: false,
             isolation: Isolation::Off,
             isolation_interval: Duration::from_secs(5),
             isolation_undo_on_exit: false,
@@ -515,7 +518,7 @@ mod tests {
             mode = "enforce"
             listen = "0.0.0.0:9000"
             event_interval = "500ms"
-            bpf_stats = false
+            bpf_stats = true
             isolation = "runtime"
             isolation_interval = "2s"
             isolation_undo_on_exit = true
@@ -546,7 +549,7 @@ mod tests {
             vec![("web".to_string(), CpuSeq::parse("2,3").unwrap())]
         );
         assert_eq!(c.min_interval, Duration::from_millis(50));
-        assert!(!c.bpf_stats);
+        assert!(c.bpf_stats);
         assert_eq!(c.isolation, Isolation::Runtime);
         assert_eq!(c.isolation_interval, Duration::from_secs(2));
         assert!(c.isolation_undo_on_exit);

@@ -63,7 +63,9 @@ fn busiest(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> (St
 }
 
 /// The daemons here export the kernel's counters every 100 ms.
-const CONFIG: &str = "verify_interval = \"100ms\"\n";
+/// `bpf_stats`: the sched_switch program's run count is the export clock of
+/// [`current`].
+const CONFIG: &str = "verify_interval = \"100ms\"\nbpf_stats = true\n";
 
 /// The metric's value once everything up to now has been exported: waits for
 /// the daemon's next export (its count of sched_switch program runs, which

@@ -34,9 +34,10 @@ pub const FLOOR_PROGRAM: &str = "empty_tp_btf";
 pub enum Tool {
     /// `pinguard run --guard 1`, defaults (observe mode), watching the guest.
     Pinguard,
-    /// The same with `bpf_stats = false`: what the default statistics cost
-    /// (the kernel times every BPF program run while they are on).
-    PinguardNoStats,
+    /// The same with `bpf_stats = true`: what the statistics cost (the kernel
+    /// times every BPF program run while they are on), and the run where the
+    /// programs' ns/event are read.
+    PinguardStats,
     /// `pinguard attach --program empty_tp_btf`: one empty tp_btf program on sched_switch.
     Floor,
     /// A bpftrace one-liner counting sched_switch per tid on the guarded CPU.
@@ -62,7 +63,7 @@ impl Tool {
     pub fn label(self) -> &'static str {
         match self {
             Tool::Pinguard => "pinguard run",
-            Tool::PinguardNoStats => "pinguard run, bpf_stats = false",
+            Tool::PinguardStats => "pinguard run, bpf_stats = true",
             Tool::Floor => "floor: empty tp_btf program",
             Tool::Bpftrace => "bpftrace one-liner",
             Tool::PerfSched => "perf sched record -a",
@@ -73,7 +74,7 @@ impl Tool {
     pub fn key(self) -> &'static str {
         match self {
             Tool::Pinguard => "pinguard",
-            Tool::PinguardNoStats => "pinguard_bpf_stats_off",
+            Tool::PinguardStats => "pinguard_bpf_stats_on",
             Tool::Floor => "floor_empty_tp_btf",
             Tool::Bpftrace => "bpftrace",
             Tool::PerfSched => "perf_sched_record",
@@ -87,9 +88,9 @@ impl Tool {
             Tool::Pinguard => format!(
                 "pinguard run --guard {GUARDED_CPU} --listen 127.0.0.1:PORT --config EMPTY_FILE"
             ),
-            Tool::PinguardNoStats => format!(
+            Tool::PinguardStats => format!(
                 "pinguard run --guard {GUARDED_CPU} --listen 127.0.0.1:PORT --config FILE \
-                 (FILE: `bpf_stats = false`)"
+                 (FILE: `bpf_stats = true`)"
             ),
             Tool::Floor => {
                 format!("pinguard attach --guard {GUARDED_CPU} --program {FLOOR_PROGRAM}")
@@ -102,10 +103,7 @@ impl Tool {
 
     /// Whether it reports run time per thread (not only who ran).
     pub fn reports_run_time(self) -> bool {
-        matches!(
-            self,
-            Tool::Pinguard | Tool::PinguardNoStats | Tool::PerfSched
-        )
+        matches!(self, Tool::Pinguard | Tool::PinguardStats | Tool::PerfSched)
     }
 }
 
@@ -146,13 +144,13 @@ impl Running {
     pub fn start(tool: Tool, bin: &Path, dir: &Path, guest: &str) -> Result<Self> {
         let started = Instant::now();
         let (handle, file) = match tool {
-            Tool::Pinguard | Tool::PinguardNoStats => {
+            Tool::Pinguard | Tool::PinguardStats => {
                 let opts = DaemonOptions {
                     bin: bin.to_path_buf(),
                     guard: GUARDED_CPU,
                     // Pinguard: no bench-only setting, the defaults as shipped.
-                    config: if tool == Tool::PinguardNoStats {
-                        "bpf_stats = false\n".into()
+                    config: if tool == Tool::PinguardStats {
+                        "bpf_stats = true\n".into()
                     } else {
                         String::new()
                     },
@@ -320,7 +318,7 @@ impl Running {
                             Output::Seen(ps_tids_on(&text, GUARDED_CPU)),
                         )
                     }
-                    Tool::Pinguard | Tool::PinguardNoStats | Tool::Floor => {
+                    Tool::Pinguard | Tool::PinguardStats | Tool::Floor => {
                         unreachable!("not a plain process")
                     }
                 }

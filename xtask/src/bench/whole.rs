@@ -62,7 +62,7 @@ impl Plan {
         }
         let mut tools = vec![Tool::Pinguard];
         if overhead {
-            tools.extend([Tool::PinguardNoStats, Tool::Floor]);
+            tools.extend([Tool::PinguardStats, Tool::Floor]);
         }
         let mut needed = vec!["perf"];
         if peers {
@@ -105,7 +105,7 @@ struct Sample {
 }
 
 /// Cost of the daemon's programs over the with-runs of one load (bpf_stats:
-/// the daemon turns BPF statistics on itself, `bpf_stats = true` by default).
+/// the daemon turns BPF statistics on itself with `bpf_stats = true`).
 #[derive(Default, Clone)]
 struct ProgCost {
     /// name -> (run_time_ns, run_cnt)
@@ -452,7 +452,7 @@ fn measure_tool(
         cpu_window: Duration::ZERO,
         bytes: 0,
         lifetime: Duration::ZERO,
-        costs: (tool == Tool::Pinguard).then(Default::default),
+        costs: (tool == Tool::PinguardStats).then(Default::default),
     };
     let mut running: Option<Running> = None;
     let stop = |r: Running, res: &mut ToolResult| -> Result<()> {
@@ -736,7 +736,7 @@ impl WholeReport {
     /// sched_switch ns/event on the guarded CPU alone, from the housekeeping
     /// and guarded loads' different mixes of CPU 0 and CPU 1 switches.
     fn per_cpu_switch_cost(&self) -> Option<[f64; 2]> {
-        let costs = self.tool(Tool::Pinguard)?.costs.as_ref()?;
+        let costs = self.tool(Tool::PinguardStats)?.costs.as_ref()?;
         let point = |c: &ProgCost| -> Option<(f64, [f64; 2])> {
             let (ns, _) = *c.programs.get(SWITCH_PROGRAM)?;
             let [a, b] = c.switches?;
@@ -887,9 +887,12 @@ impl WholeReport {
             s.push('\n');
         }
 
-        if let Some(costs) = self.tool(Tool::Pinguard).and_then(|p| p.costs.as_ref()) {
+        if let Some(costs) = self
+            .tool(Tool::PinguardStats)
+            .and_then(|p| p.costs.as_ref())
+        {
             s.push_str(
-                "pinguard's programs during its with-runs (bpf_stats, which the daemon turns on by default; \
+                "pinguard's programs during the with-runs of `bpf_stats = true` (\
                  ns/run includes bpf_stats' own timing):\n\n| program | housekeeping load: runs/s | ns/run | \
                  guarded load: runs/s | ns/run |\n|---|---:|---:|---:|---:|\n",
             );
