@@ -24,7 +24,7 @@ use crate::{
         cpulist::{CpuSeq, CpuSet},
         procfs,
     },
-    latency::guest::{parse_verbose_output, realtime_offset},
+    latency::guest::{parse_verbose_output, realtime_offset, secaligned_base, wake_targets},
 };
 
 /// A parser of untrusted input, and where its bytes come from.
@@ -162,7 +162,11 @@ impl Target {
             }
             Target::GuestOutput => {
                 let s = text();
-                let _ = parse_verbose_output(&s);
+                if let Ok((_, samples)) = parse_verbose_output(&s) {
+                    // What latency --vm computes from them (a guest's numbers).
+                    let base = secaligned_base(samples.first().map_or(0, |x| x.cycle));
+                    let _ = wake_targets(base, 1_000_000, &samples);
+                }
                 let _ = realtime_offset(&s);
             }
             Target::Btf => {

@@ -5,9 +5,11 @@
 //! pinguard allows one daemon per host (an `flock` on
 //! /run/pinguard/pinguard.lock). The second daemon runs in a mount namespace
 //! of its own with a private tmpfs on /run/pinguard (`unshare --mount`), so
-//! it takes its own lock and needs no test-only switch in the binary; it
-//! still sees the host's kernel, /proc and guests, as a second host's
-//! daemon would see its own.
+//! it takes its own lock and needs no test-only switch in the binary, and a
+//! bpffs of its own on /sys/fs/bpf, as a second host has its own kernel
+//! objects (on the host's, it would adopt the first daemon's pinned programs
+//! and share its maps); it still sees the host's kernel, /proc and guests, as
+//! a second host's daemon would see its own.
 //!
 //! Both guard CPU 1 in observe mode. One intruder thread runs on CPU 1;
 //! host "a" allowlists it by name, host "b" does not, so only "b" ranks
@@ -156,7 +158,7 @@ fn two_daemons_are_two_instances_with_their_own_fleet_values() {
         "sh",
         "-c",
         "mkdir -p /run/pinguard && mount -t tmpfs -o mode=0700 pinguard-fleet /run/pinguard \
-         && exec \"$0\" \"$@\"",
+         && mount -t bpf pinguard-fleet /sys/fs/bpf && exec \"$0\" \"$@\"",
     ]
     .map(String::from)
     .to_vec();

@@ -65,6 +65,11 @@ pub enum ProbeError {
     CpuOutOfRange(u32),
     #[error(transparent)]
     Pinning(#[from] PinningError),
+    #[error(
+        "the eBPF programs pinned in {dir} belong to a running pinguard (pid {pid}): one daemon per \
+         host (stop it first; two daemons sharing one bpffs would share their maps)"
+    )]
+    InUse { dir: String, pid: u32 },
     #[error("program {name}: its link cannot be pinned: {source}")]
     Link {
         name: &'static str,
@@ -210,8 +215,12 @@ impl Probe {
     pub fn load_pinned(config: &ProbeConfig) -> Result<Self, ProbeError> {
         match Self::try_load_pinned(config) {
             // bpffs refused (read-only, no right to mount it, ...): better
-            // unpinned than not at all.
-            Err(ProbeError::Pinning(e)) => {
+            // unpinned than not at all, unless something of ours is still
+            // pinned and attached there (a removal that failed): a second
+            // observer beside it would double the cost of every switch.
+            Err(ProbeError::Pinning(e))
+                if pinning::scan(Path::new(pinning::ROOT)).map_or(true, |f| f.is_empty()) =>
+            {
                 log::warn!(
                     "{e}; the eBPF programs are not pinned: they stop with the daemon \
                      (`pinguard cleanup` removes anything left in {})",
@@ -246,6 +255,8 @@ impl Probe {
         let dir = root.join(&layout);
         if plan.adopt.is_some() {
             match Self::adopt(config, &dir) {
+                // Not ours to take over, nor to remove.
+                Err(e @ ProbeError::InUse { .. }) => return Err(e),
                 Ok(probe) => {
                     log::info!(
                         "adopted the eBPF programs pinned in {} ({} programs, attached while pinguard was down) in {} ms",
@@ -301,6 +312,17 @@ impl Probe {
             noise_events: false,
             _logger: None,
         };
+        // A daemon in another mount namespace (with its own run lock) may
+        // still be using these pins: its tgid is in the map it wrote.
+        if let Some(pid) = probe.daemon_tgid()?
+            && pid != std::process::id()
+            && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "pinguard")
+        {
+            return Err(ProbeError::InUse {
+                dir: dir.display().to_string(),
+                pid,
+            });
+        }
         probe.set_daemon_tgid()?;
         probe.clear::<TaskInfo>(map::TASKS)?;
         probe.clear::<u32>(map::GUESTS)?;
@@ -328,6 +350,16 @@ impl Probe {
             ignore_missing(h.remove(&k)).map_err(map_err(name))?;
         }
         Ok(())
+    }
+
+    /// The tgid the last daemon wrote for the programs (None: none yet).
+    fn daemon_tgid(&mut self) -> Result<Option<u32>, ProbeError> {
+        let m = self
+            .ebpf
+            .map_mut(map::DAEMON_TGID)
+            .ok_or(ProbeError::MissingMap(map::DAEMON_TGID))?;
+        let arr: Array<_, u32> = Array::try_from(m).map_err(map_err(map::DAEMON_TGID))?;
+        Ok(arr.get(&0, 0).ok().filter(|&t| t != 0))
     }
 
     /// Writes our tgid for the programs, whose own threads never produce events.

@@ -627,7 +627,7 @@ fn measure(
     }
     let start_ticks =
         stat_start_ticks(&stat).context("the guest thread's /proc stat has no start time")?;
-    let base = secaligned_base(start_ticks * (1_000_000_000 / GUEST_USER_HZ));
+    let base = secaligned_base(start_ticks.saturating_mul(1_000_000_000 / GUEST_USER_HZ));
     let guest_start = before.first().map(|r| r.guest_ns).unwrap_or(0);
     let guest_end = after.last().map(|r| r.guest_ns).unwrap_or(guest_start);
     let map = ClockMap {

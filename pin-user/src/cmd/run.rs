@@ -55,7 +55,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     probe_config.lifecycle = true;
     probe_config.affinity = config.affinity_syscalls;
     let mut probe = Probe::load_pinned(&probe_config)?;
-    let events = probe.take_events()?;
+    // Until `Sensors` owns the probe, a failure must unpin by hand: the
+    // next start would adopt programs nobody asked to keep.
+    let events = match probe.take_events() {
+        Ok(events) => events,
+        Err(e) => {
+            let _ = probe.unpin();
+            return Err(e.into());
+        }
+    };
     // Kept for the daemon's lifetime: the kernel counts program run time
     // only while someone holds the statistics fd.
     let _stats = config

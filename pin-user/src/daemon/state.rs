@@ -1458,11 +1458,15 @@ impl<E: Effects> Daemon<E> {
     }
 
     fn register(&mut self, conn: u64, peer: u32, a: Allow) -> Result<(), String> {
-        // Only the client itself or its children: a registration names what
-        // the client runs, not whatever it would like left alone.
-        if a.pid != peer && self.fx.parent(a.pid) != Some(peer) {
+        // A whole process only if it is the client itself or its child: a
+        // registration names what the client runs, not whatever it would
+        // like left alone. One thread, named with its start time, may belong
+        // to any process: `latency --vm` measures through a guest's vCPU
+        // thread, which QEMU runs, not the client (the socket takes root
+        // clients only, and the allowance ends with the connection).
+        if a.tid.is_none() && a.pid != peer && self.fx.parent(a.pid) != Some(peer) {
             return Err(format!(
-                "pid {} is neither the caller (pid {peer}) nor its child",
+                "pid {} is neither the caller (pid {peer}) nor its child: name one thread of it",
                 a.pid
             ));
         }

@@ -252,8 +252,9 @@ impl ClockMap {
             self.offset_start_ns
         } else {
             let at = guest_ns.clamp(self.guest_start_ns, self.guest_end_ns) - self.guest_start_ns;
-            let d = (self.offset_end_ns - self.offset_start_ns) as i128;
-            self.offset_start_ns + (d * at as i128 / span as i128) as i64
+            let d = self.offset_end_ns as i128 - self.offset_start_ns as i128;
+            (self.offset_start_ns as i128 + d * at as i128 / span as i128)
+                .clamp(i64::MIN as i128, i64::MAX as i128) as i64
         };
         (guest_ns as i64).saturating_add(offset).max(0) as u64
     }
@@ -266,29 +267,32 @@ impl ClockMap {
 pub fn secaligned_base(thread_start_ns: u64) -> u64 {
     let s = thread_start_ns / 1_000_000_000;
     let frac = thread_start_ns % 1_000_000_000;
-    (if frac > 900_000_000 { s + 2 } else { s + 1 }) * 1_000_000_000
+    (if frac > 900_000_000 { s + 2 } else { s + 1 }).saturating_mul(1_000_000_000)
 }
 
 /// Each sample's wake-up target on the guest's clock, as cyclictest sets
 /// them: `base + interval` first, then one interval on, and further on past
 /// a wake-up that was later than the next target (it never sleeps to a
 /// target already past). Missing cycles (values cyclictest's ring lost)
-/// are assumed one interval each.
+/// are assumed one interval each. The samples are what the guest printed:
+/// any numbers, so the arithmetic saturates and the catch-up is one division,
+/// not a loop as long as the latency a guest claims.
 pub fn wake_targets(base_ns: u64, interval_ns: u64, samples: &[Sample]) -> Vec<u64> {
+    let interval_ns = interval_ns.max(1);
     let mut out = Vec::with_capacity(samples.len());
-    let mut next = base_ns + interval_ns;
+    let mut next = base_ns.saturating_add(interval_ns);
     let mut expected_cycle = 0u64;
     for s in samples {
         if s.cycle > expected_cycle {
-            next += (s.cycle - expected_cycle) * interval_ns;
+            next = next.saturating_add((s.cycle - expected_cycle).saturating_mul(interval_ns));
         }
         out.push(next);
-        let woke = next + s.latency_us * 1_000;
-        next += interval_ns;
-        while woke > next {
-            next += interval_ns;
+        let woke = next.saturating_add(s.latency_us.saturating_mul(1_000));
+        next = next.saturating_add(interval_ns);
+        if woke > next {
+            next = next.saturating_add((woke - next).div_ceil(interval_ns).saturating_mul(interval_ns));
         }
-        expected_cycle = s.cycle + 1;
+        expected_cycle = s.cycle.saturating_add(1);
     }
     out
 }
@@ -583,4 +587,21 @@ Thread 0 Interval: 1000
         );
         assert!(e.contains("vCPU waited 1.95ms"), "{e}");
     }
+
+    #[test]
+    fn a_guest_claiming_absurd_latencies_or_cycles_costs_no_time_and_no_panic() {
+        let samples = [
+            Sample { cycle: 0, latency_us: u64::MAX },
+            Sample { cycle: u64::MAX, latency_us: 1_000_000_000_000_000 },
+            Sample { cycle: 3, latency_us: 5 },
+        ];
+        let t = wake_targets(u64::MAX - 5, 1_000_000, &samples);
+        assert_eq!(t.len(), 3);
+        assert!(t.iter().all(|&x| x == u64::MAX), "{t:?}");
+        assert_eq!(secaligned_base(u64::MAX), u64::MAX);
+        // A late sample pushes the next target past its wake-up, in one step.
+        let t = wake_targets(0, 1_000, &[Sample { cycle: 0, latency_us: 10 }, Sample { cycle: 1, latency_us: 0 }]);
+        assert_eq!(t, [1_000, 11_000], "the first target not before the late wake-up");
+    }
+
 }

@@ -737,10 +737,16 @@ fn registered_measuring_threads_are_neither_evicted_nor_intruders() {
 #[test]
 fn registrations_are_checked_and_end_with_their_process() {
     let mut d = daemon(with_latency(), ENFORCE);
-    // Not the caller's own process or child.
+    // Not the caller's own process or child, as a whole.
     let r = d.control(1, LAT, allow(STRANGER, None, false));
     assert!(!r.ok);
     assert!(r.error.unwrap().contains("neither the caller"));
+    // One thread of it, by tid and start time (a guest's vCPU thread that
+    // `latency --vm` measures through): allowed, and gone with the connection.
+    assert!(d.control(3, LAT, allow(STRANGER, Some(STRANGER), false)).ok);
+    assert_eq!(d.fx.allowed.get(&STRANGER), Some(&Some(1)));
+    d.disconnected(3);
+    assert_eq!(d.fx.allowed.get(&STRANGER), None);
     // A start time that is not the thread's: the id was reused.
     let mut a = allow(CT, Some(CT_T), false);
     if let Request::Allow(a) = &mut a {
