@@ -181,7 +181,7 @@ pub fn scan(root: &Path) -> Result<Vec<Found>, PinningError> {
     let mut out = Vec::new();
     for name in names(root)? {
         let path = root.join(&name);
-        let is_dir = path.is_dir();
+        let is_dir = is_real_dir(&path);
         let sub = |s| {
             if is_dir {
                 names(&path.join(s))
@@ -226,7 +226,8 @@ pub struct Removed {
 /// program or map is freed when nothing references it any more.
 pub fn remove(dir: &Path) -> Result<Vec<Removed>, PinningError> {
     let mut out = Vec::new();
-    if !dir.is_dir() {
+    // A symlink is removed, never followed: it could lead to another tool's pins.
+    if !is_real_dir(dir) {
         std::fs::remove_file(dir).map_err(io_err(dir))?;
         out.push(Removed {
             path: dir.to_owned(),
@@ -242,9 +243,13 @@ pub fn remove(dir: &Path) -> Result<Vec<Removed>, PinningError> {
         (MAPS, Kind::Map),
     ] {
         let subdir = dir.join(sub);
+        if !is_real_dir(&subdir) {
+            // Absent, or something else under our name (a symlink): below.
+            continue;
+        }
         for name in names(&subdir)? {
             let path = subdir.join(&name);
-            if path.is_dir() {
+            if is_real_dir(&path) {
                 // Not ours: bpffs pins are files. Removed all the same.
                 out.extend(remove(&path)?);
                 continue;
@@ -266,9 +271,7 @@ pub fn remove(dir: &Path) -> Result<Vec<Removed>, PinningError> {
                 id,
             });
         }
-        if subdir.exists() {
-            std::fs::remove_dir(&subdir).map_err(io_err(&subdir))?;
-        }
+        std::fs::remove_dir(&subdir).map_err(io_err(&subdir))?;
     }
     // Anything else someone put there.
     for name in names(dir)? {
@@ -277,6 +280,11 @@ pub fn remove(dir: &Path) -> Result<Vec<Removed>, PinningError> {
     }
     std::fs::remove_dir(dir).map_err(io_err(dir))?;
     Ok(out)
+}
+
+/// A directory itself, not a symlink to one.
+fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
 /// Removes everything pinguard pinned: what `pinguard cleanup` does.
@@ -561,4 +569,22 @@ mod tests {
         assert_ne!(a, layout(b"object", 1_000_000, 4096));
         assert_ne!(a, layout(b"object", 1_000_000_000, 8192));
     }
+
+    #[test]
+    fn removal_unlinks_symlinks_and_never_follows_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let other = tmp.path().join("another-tool");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("its-pin"), "").unwrap();
+        let root = tmp.path().join("pinguard");
+        let layout = root.join("v1");
+        std::fs::create_dir_all(layout.join(MAPS)).unwrap();
+        std::os::unix::fs::symlink(&other, layout.join(LINKS)).unwrap();
+        std::os::unix::fs::symlink(&other, layout.join(MAPS).join("x")).unwrap();
+        std::os::unix::fs::symlink(&other, root.join("v0")).unwrap();
+        remove_all(&root).unwrap();
+        assert!(!root.exists());
+        assert!(other.join("its-pin").exists(), "followed a symlink out of our directory");
+    }
+
 }

@@ -429,7 +429,8 @@ async fn measure(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let control = register_with_daemon(cpu)?;
+    let control =
+        register_with_daemon(std::process::id(), None, cpu, "pinguard latency", "cyclictest")?;
     let t0 = monotonic_ns();
     let mut ct = Cyclictest::spawn(path, &args)?;
     let pid = ct.pid();
@@ -542,33 +543,41 @@ async fn measure(
     }))
 }
 
-/// Tells a running `pinguard run` (if any) that this process and its
-/// children (cyclictest) may run on `cpu` for as long as it runs: an
-/// enforcing daemon would evict cyclictest's measurement thread and count
-/// it as an intruder. Registered before cyclictest starts, so its very
+/// Tells a running `pinguard run` (if any) that `pid` and its children
+/// (`latency`'s cyclictest), or one thread `tid` of it (a guest's vCPU for
+/// `latency --vm`), may run on `cpu` for as long as the connection is open:
+/// an enforcing daemon would evict the measurement thread and count it as an
+/// intruder. Registered before cyclictest starts, so its very
 /// first slice there is covered; the connection stays open for the run.
-fn register_with_daemon(cpu: u32) -> anyhow::Result<Option<Client>> {
+pub(super) fn register_with_daemon(
+    pid: u32,
+    tid: Option<u32>,
+    cpu: u32,
+    what: &str,
+    subject: &str,
+) -> anyhow::Result<Option<Client>> {
     let Some(mut client) = Client::connect(std::path::Path::new(control::CONTROL_SOCKET))? else {
         return Ok(None);
     };
-    let pid = std::process::id();
+    let thread = tid.unwrap_or(pid);
     let start_time = Proc::default()
-        .start_time(pid, pid)
+        .start_time(pid, thread)
         .ok()
         .flatten()
-        .context("reading pinguard's own start time")?;
+        .with_context(|| format!("reading the start time of {subject} (thread {thread})"))?;
     client
         .allow(Allow {
             pid,
-            tid: None,
+            tid,
             start_time,
             cpu,
-            children: true,
-            what: "pinguard latency".into(),
+            // A whole process comes with its children (cyclictest); one thread alone.
+            children: tid.is_none(),
+            what: what.into(),
         })
-        .context("registering the measurement with the running daemon")?;
+        .with_context(|| format!("registering {subject} with the running daemon"))?;
     eprintln!(
-        "pinguard: a pinguard daemon (pid {}, {} mode) guards CPUs {}: cyclictest is registered with it \
+        "pinguard: a pinguard daemon (pid {}, {} mode) guards CPUs {}: {subject} is registered with it \
          (not evicted, not an intruder)",
         client.daemon.pid, client.daemon.mode, client.daemon.guarded
     );

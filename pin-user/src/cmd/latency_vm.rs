@@ -36,7 +36,7 @@ use crate::{
     cli::LatencyArgs,
     cmd::{move_self_to, policy, runtime, wait_for_stop},
     config::Config,
-    control::{self, Allow, Client, DaemonInfo},
+    control::DaemonInfo,
     exit,
     guests::{
         DiscoverOptions, Discoverer, MeasurableGuest,
@@ -46,7 +46,7 @@ use crate::{
         Host, affinity,
         cmdline::KernelCmdline,
         cpulist::CpuSet,
-        procfs::{Proc, Sched},
+        procfs::Sched,
         topology::{Guard, Topology},
     },
     latency::{
@@ -523,7 +523,13 @@ fn measure(
 
     // An enforcing daemon would take a vCPU it does not know (a TCG guest's)
     // for an intruder and move it off the CPU: it is registered for the run.
-    let control = register_vcpu_with_daemon(target.guest.pid, target.vcpu_tid, cpu)?;
+    let control = super::latency::register_with_daemon(
+        target.guest.pid,
+        Some(target.vcpu_tid),
+        cpu,
+        "pinguard latency --vm",
+        "the vCPU thread",
+    )?;
     let steal_before = steal_ns(cpu);
     let started_unix_s = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -723,34 +729,6 @@ fn measure(
         ));
     }
     Ok(report)
-}
-
-/// Tells a running `pinguard run` (if any) that the guest's vCPU thread may
-/// run on `cpu` for as long as this connection stays open.
-fn register_vcpu_with_daemon(pid: u32, tid: u32, cpu: u32) -> anyhow::Result<Option<Client>> {
-    let Some(mut client) = Client::connect(std::path::Path::new(control::CONTROL_SOCKET))? else {
-        return Ok(None);
-    };
-    let start_time = Proc::default()
-        .start_time(pid, tid)
-        .ok()
-        .flatten()
-        .with_context(|| format!("reading the start time of vCPU thread {tid}"))?;
-    client
-        .allow(Allow {
-            pid,
-            tid: Some(tid),
-            start_time,
-            cpu,
-            children: false,
-            what: "pinguard latency --vm".into(),
-        })
-        .context("registering the measured vCPU with the running daemon")?;
-    eprintln!(
-        "pinguard: a pinguard daemon (pid {}, {} mode) guards CPUs {}: the vCPU thread is registered with it",
-        client.daemon.pid, client.daemon.mode, client.daemon.guarded
-    );
-    Ok(Some(client))
 }
 
 /// The guest's `n` worst wake-ups, each with the host's account of its window.
