@@ -138,6 +138,20 @@ pub fn run(
         &guard.guarded.to_string(),
         &guard.housekeeping.to_string(),
     );
+    // From here on a SIGINT or SIGTERM must not end the process by its
+    // default action with the vCPU still pinned: tokio's handlers, once
+    // installed, stay for the life of the process (one in the short set-up
+    // before the measurement listens is ignored; during it, it stops the run).
+    {
+        let rt = runtime()?;
+        let _entered = rt.enter();
+        for kind in [
+            tokio::signal::unix::SignalKind::interrupt(),
+            tokio::signal::unix::SignalKind::terminate(),
+        ] {
+            let _handler = tokio::signal::unix::signal(kind).context("installing the signal handlers")?;
+        }
+    }
     // Pinned for the run only, put back on every way out (the guard's drop).
     let pinned = match pin {
         true => Some(PinnedForRun::pin(vcpu.tid, cpu).with_context(|| {
@@ -243,14 +257,59 @@ fn choose_vcpu(
             vcpu.tid
         ),
         (None, w) => {
+            // A guarded CPU another guest's vCPU is pinned to is that guest's:
+            // pinning this vCPU there would take CPU time from it (and a
+            // registration would keep an enforcing daemon from evicting it).
+            let owners = other_owners(guest.pid, guarded);
             let cpu = match w {
-                Some(w) if guarded.contains(w) => w,
+                Some(w) if guarded.contains(w) => {
+                    if let Some(owner) = owners.get(&w) {
+                        eprintln!(
+                            "pinguard: warning: --cpu {w} is {owner}'s: the measured vCPU shares it for the run"
+                        );
+                    }
+                    w
+                }
                 Some(w) => bail!("--cpu {w}: CPU {w} is not guarded (guarded CPUs: {guarded})"),
-                None => guarded.first().context("no guarded CPU to measure on")?,
+                None => match guarded.iter().find(|c| !owners.contains_key(c)) {
+                    Some(c) => c,
+                    None => bail!(
+                        "every guarded CPU is another guest's ({}): pin a vCPU of {} to a guarded CPU \
+                         first, or name one with --cpu to share it for the run",
+                        owners
+                            .iter()
+                            .map(|(c, o)| format!("CPU {c}: {o}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        guest.name
+                    ),
+                },
             };
             Ok((vcpu, cpu, true))
         }
     }
+}
+
+/// Guarded CPUs that a vCPU of another guest (not `pid`) is pinned to alone,
+/// with that vCPU's name: what discovery finds on the host now.
+fn other_owners(pid: u32, guarded: &CpuSet) -> std::collections::BTreeMap<u32, String> {
+    let guests = Discoverer::new(Default::default(), DiscoverOptions::default())
+        .scan()
+        .map(|d| d.guests)
+        .unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for g in guests.iter().filter(|g| g.pid != pid) {
+        for v in &g.vcpus {
+            if let Ok(a) = affinity::get(v.tid)
+                && a.len() == 1
+                && let Some(c) = a.first()
+                && guarded.contains(c)
+            {
+                out.insert(c, format!("guest {} vCPU {}", g.name, v.index));
+            }
+        }
+    }
+    out
 }
 
 /// A vCPU thread pinned for the run; its affinity is put back on drop.
@@ -598,9 +657,12 @@ fn measure(
                 }
             }
         });
-        let r = result;
+        if result.is_err() {
+            // The agent thread must not run cyclictest to its end first.
+            stop.store(true, Ordering::Relaxed);
+        }
         events.get_mut().drain(&mut handle);
-        r
+        result
     })?;
     let elapsed_ns = monotonic_ns().saturating_sub(t0);
     let after = read_clock(agent, facts.offs_real_ns)?;
