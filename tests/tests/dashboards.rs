@@ -914,8 +914,10 @@ fn every_dashboard_and_rule_query_returns_data_from_a_live_daemon() {
     // affinity and places every vCPU it finds (sharing CPU 1 if need be);
     // their series only add to ours, and the checks below name our VM.
     let irqs_before = proc_irqs_on(CPU);
-    // Observe mode (the default) with the defaults: an empty config.
-    let mut opts = DaemonOptions::new("");
+    // Observe mode (the default) with the defaults, except BPF statistics:
+    // every panel must have data, the program cost panels included, and
+    // those need `bpf_stats = true` (off by default).
+    let mut opts = DaemonOptions::new("bpf_stats = true\n");
     opts.guard = CPU;
     let mut daemon = Daemon::start_with(&opts);
     let exposition = daemon.scrape();

@@ -125,6 +125,27 @@ fn wait_until_unloaded(name: &str) {
     });
 }
 
+/// `pinguard_violations_total` summed over kinds on CPU 1.
+fn violations(d: &Daemon) -> f64 {
+    ["intruder", "migration_in"]
+        .iter()
+        .filter_map(|k| d.metric("pinguard_violations_total", &[("cpu", "1"), ("kind", k)]))
+        .sum()
+}
+
+/// The same, as the daemon last saved it for its successor.
+fn saved_violations() -> Option<f64> {
+    let text = std::fs::read_to_string("/run/pinguard/counters.json").ok()?;
+    let saved: Vec<Value> = serde_json::from_str(&text).ok()?;
+    Some(
+        saved
+            .iter()
+            .filter(|c| c["name"] == "pinguard_violations_total" && c["labels"]["cpu"] == "1")
+            .filter_map(|c| c["value"].as_f64())
+            .sum(),
+    )
+}
+
 fn log_has(lines: &[String], needle: &str) -> bool {
     lines.iter().any(|l| l.contains(needle))
 }
@@ -149,6 +170,18 @@ fn a_killed_daemons_observer_keeps_counting_and_the_next_daemon_adopts_it() {
     let program = pinned_program(SWITCH);
     assert_eq!(attached(SWITCH), [program]);
     let before_kill = intruder_seconds(&first);
+    // The daemon's own counters: some violation on CPU 1 (this host's own
+    // threads run there), saved at a tick for whoever adopts the pins.
+    let counted = first.wait_metric(
+        "a violation on CPU 1",
+        "pinguard_violations_total",
+        &[("cpu", "1"), ("kind", "intruder")],
+        |v| v > 0.0,
+    );
+    let counted = counted.max(violations(&first));
+    wait_for("the counters saved at a tick", TIMEOUT, || {
+        saved_violations().filter(|v| *v >= counted)
+    });
     kill(first);
 
     // Down: the pinned link keeps the program attached and counting.
@@ -180,6 +213,13 @@ fn a_killed_daemons_observer_keeps_counting_and_the_next_daemon_adopts_it() {
         attached(SWITCH),
         [program],
         "adopting must keep the one attachment, not add a second"
+    );
+    // Its own counters went on from where the killed daemon's were.
+    assert!(log_has(&log, "carried"), "{log:#?}");
+    let carried = violations(&second);
+    assert!(
+        carried >= counted,
+        "violations on CPU 1 went {counted} -> {carried} across the restart"
     );
     // The kernel counted the intruder while no daemon ran.
     let after = intruder_seconds(&second);

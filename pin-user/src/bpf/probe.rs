@@ -373,6 +373,11 @@ impl Probe {
             .map_err(map_err(map::DAEMON_TGID))
     }
 
+    /// Whether this probe took over a previous daemon's pinned programs.
+    pub fn adopted(&self) -> bool {
+        matches!(self.ebpf, Objects::Adopted { .. })
+    }
+
     /// Where the programs are pinned, if they are.
     pub fn pinned_dir(&self) -> Option<&Path> {
         self.pins.as_ref().map(|p| p.dir.as_path())

@@ -23,7 +23,7 @@ use crate::{
         effects::{Live, SharedProbe},
         health::Health,
         http::{self, Endpoint},
-        metrics::Metrics,
+        metrics::{Carried, Metrics},
         runlock::{RUN_LOCK, RunLock},
         socket::{self, Message},
         state::{self, Daemon},
@@ -74,6 +74,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .ok()
         })
         .flatten();
+    let adopted = probe.adopted();
     let probe = SharedProbe::new(probe);
     let sensors = Sensors {
         probe: probe.clone(),
@@ -82,6 +83,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let keep_sensors = sensors.keep.clone();
 
     let metrics = Arc::new(Metrics::new());
+    // The kernel side carried on while no daemon ran: so do the daemon's own
+    // counters, from what the previous one saved at its last tick.
+    if adopted {
+        match std::fs::read(COUNTERS_FILE)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<Carried>>(&b).ok())
+        {
+            Some(saved) => log::info!(
+                "carried {} counters over from the previous daemon ({COUNTERS_FILE})",
+                metrics.carry_over(&saved)
+            ),
+            None => log::info!("no counters of the previous daemon to carry over ({COUNTERS_FILE})"),
+        }
+    } else {
+        let _ = std::fs::remove_file(COUNTERS_FILE);
+    }
     let vcpus = VcpuTable::default();
     let undecodable = Arc::new(AtomicU64::new(0));
     metrics
@@ -121,6 +138,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let mut events = events.into_async().context("polling the event ring buffer")?;
         let (fx, mut discovered) = Live::new(probe, state::discover_options(&config))
             .context("starting the discovery thread")?;
+        let counters_of = metrics.clone();
         let mut daemon = Daemon::new(config.clone(), topo, guard.clone(), fx, metrics, recent, vcpus);
         // Where `pinguard latency` registers its measuring threads.
         let (control_tx, mut control) = tokio::sync::mpsc::channel(64);
@@ -178,6 +196,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 },
                 _ = tick.tick() => {
                     daemon.tick();
+                    save_counters(&counters_of);
                     health.ticked();
                     health.scanning(daemon.scanning_since());
                 }
@@ -192,9 +211,39 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         daemon.stop_isolation();
         // As reloaded last.
         keep_sensors.store(daemon.config.keep_sensors_on_exit, Ordering::Relaxed);
+        // Kept with the pins for the next daemon, or gone with them.
+        if daemon.config.keep_sensors_on_exit {
+            save_counters(&counters_of);
+        } else {
+            let _ = std::fs::remove_file(COUNTERS_FILE);
+        }
         outcome?;
         Ok(ExitCode::from(exit::OK))
     })
+}
+
+/// What a daemon that adopts this one's pins carries over (root-only, in the
+/// run lock's directory).
+const COUNTERS_FILE: &str = "/run/pinguard/counters.json";
+
+/// Writes the carried counters, atomically (a crash mid-write leaves the
+/// previous file). Best effort: a failure costs the carry-over, nothing else.
+fn save_counters(metrics: &Metrics) {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let tmp = format!("{COUNTERS_FILE}.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(&metrics.carried()).unwrap_or_default())?;
+        std::fs::rename(&tmp, COUNTERS_FILE)
+    };
+    if let Err(e) = write() {
+        log::debug!("saving the counters to {COUNTERS_FILE}: {e}");
+    }
 }
 
 /// Detaches the eBPF programs when the daemon exits (a signal, an error, a

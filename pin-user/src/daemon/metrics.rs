@@ -13,6 +13,14 @@ use prometheus::{
 
 use crate::{config::Mode, daemon::violation::ViolationKind, host::cpulist::CpuSet};
 
+/// One counter value a restart carries over (`/run/pinguard/counters.json`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Carried {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: u64,
+}
+
 /// The `action` label of `pinguard_enforcement_errors_total`: what the
 /// daemon (`daemon::state`) tried, placing a new guest, re-pinning a drifted
 /// vCPU or evicting an intruder.
@@ -194,6 +202,75 @@ impl Metrics {
                 .inc_by(0);
         }
         m
+    }
+
+    /// The daemon's own counters that a restart carries over (with the
+    /// kernel side it adopts), as (name, labels, value). Per-VM series are
+    /// not among them: they leave with their guest.
+    pub fn carried(&self) -> Vec<Carried> {
+        let mut out = Vec::new();
+        for (name, vec) in self.carried_vecs() {
+            for mf in vec.collect() {
+                for m in mf.get_metric() {
+                    let labels = m
+                        .get_label()
+                        .iter()
+                        .map(|l| (l.name().to_string(), l.value().to_string()))
+                        .collect();
+                    let value = m.get_counter().get_value() as u64;
+                    if value > 0 {
+                        out.push(Carried { name: name.into(), labels, value });
+                    }
+                }
+            }
+        }
+        for (name, c) in self.carried_singles() {
+            if c.get() > 0 {
+                out.push(Carried { name: name.into(), labels: Default::default(), value: c.get() });
+            }
+        }
+        out
+    }
+
+    /// Adds what a previous daemon counted ([`Self::carried`]); entries
+    /// this daemon does not carry, or with other labels, are skipped.
+    pub fn carry_over(&self, saved: &[Carried]) -> usize {
+        let mut n = 0;
+        for s in saved {
+            let labels: std::collections::HashMap<&str, &str> =
+                s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            if let Some((_, vec)) = self.carried_vecs().into_iter().find(|(name, _)| *name == s.name)
+                && let Ok(c) = vec.get_metric_with(&labels)
+            {
+                c.inc_by(s.value);
+                n += 1;
+            } else if let Some((_, c)) =
+                self.carried_singles().into_iter().find(|(name, _)| *name == s.name)
+                && labels.is_empty()
+            {
+                c.inc_by(s.value);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn carried_vecs(&self) -> [(&'static str, &IntCounterVec); 5] {
+        [
+            ("pinguard_violations_total", &self.violations),
+            ("pinguard_evictions_total", &self.evictions),
+            ("pinguard_enforcement_errors_total", &self.enforcement_errors),
+            ("pinguard_config_reloads_total", &self.config_reloads),
+            ("pinguard_isolation_repairs_total", &self.isolation_repairs),
+        ]
+    }
+
+    fn carried_singles(&self) -> [(&'static str, &IntCounter); 3] {
+        [
+            ("pinguard_tasks_vanished_total", &self.tasks_vanished),
+            ("pinguard_discovery_errors_total", &self.discovery_errors),
+            ("pinguard_discovery_scans_total", &self.discovery_scans),
+        ]
     }
 
     /// The registry's text exposition, kernel series included (the
@@ -407,4 +484,27 @@ mod tests {
             "a zero for a departed VM is dropped, a count stays for the daemon to remove: {text}"
         );
     }
+
+    #[test]
+    fn counters_carry_over_to_the_next_daemon_but_per_vm_series_do_not() {
+        let old = Metrics::new();
+        old.violations.with_label_values(&["1", "intruder"]).inc_by(7);
+        old.evictions.with_label_values(&["1"]).inc_by(3);
+        old.discovery_scans.inc_by(5);
+        old.repins.with_label_values(&["gone-vm"]).inc();
+        let saved = old.carried();
+        let json = serde_json::to_string(&saved).unwrap();
+        let new = Metrics::new();
+        new.violations.with_label_values(&["1", "intruder"]).inc();
+        let back: Vec<Carried> = serde_json::from_str(&json).unwrap();
+        assert_eq!(new.carry_over(&back), 3);
+        assert_eq!(new.violations.with_label_values(&["1", "intruder"]).get(), 8);
+        assert_eq!(new.evictions.with_label_values(&["1"]).get(), 3);
+        assert_eq!(new.discovery_scans.get(), 5);
+        assert!(!new.render().contains("gone-vm"), "a gone guest's series came back");
+        // A saved entry this daemon does not know is skipped, not a panic.
+        let odd = Carried { name: "pinguard_violations_total".into(), labels: [("x".into(), "y".into())].into(), value: 1 };
+        assert_eq!(new.carry_over(&[odd]), 0);
+    }
+
 }
