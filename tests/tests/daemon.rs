@@ -90,6 +90,18 @@ fn observe_mode_reports_guests_and_intruders_and_changes_no_affinity() {
         "daemon accounted {accounted} ns for tid {tid}, schedstat says {ran_ns} ns: {entry}"
     );
     assert_eq!(entry["comm"], "pg-intruder", "{entry}");
+    // One CPU, newest first, a few: what finds a short intruder on a busy host.
+    let (code, body) = daemon.get("/intruders?cpu=1&sort=recent&limit=3");
+    assert_eq!(code, 200, "{body}");
+    let recent: Value = serde_json::from_str(&body).unwrap();
+    let recent = recent.as_array().unwrap();
+    assert!(
+        !recent.is_empty() && recent.len() <= 3 && recent.iter().all(|i| i["cpu"] == 1),
+        "{body}"
+    );
+    let (code, body) = daemon.get("/intruders?sort=newest");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("sort: expected run or recent"), "{body}");
     daemon.wait_metric(
         "the intrusion violation",
         "pinguard_violations_total",

@@ -15,7 +15,7 @@ use std::{
 use axum::{
     Router,
     extract::State,
-    http::{StatusCode, header},
+    http::{StatusCode, Uri, header},
     response::{Html, IntoResponse, Response},
     routing::get,
 };
@@ -41,8 +41,76 @@ const MAX_CONNECTIONS: usize = 256;
 /// scraper (Prometheus, every 15 s or more) just reconnects.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How many intruders `/intruders` lists.
+/// How many intruders `/intruders` lists unless `?limit=` says otherwise.
 pub const TOP_INTRUDERS: usize = 100;
+
+/// What `/intruders?cpu=N&sort=run|recent&limit=K` asks for. By total run
+/// time alone, a busy host's long-running intruders keep a short, recent
+/// one off the list (all of them are in the kernel's map): `cpu` and
+/// `sort=recent` find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntrudersQuery {
+    pub cpu: Option<u32>,
+    /// By when the thread last intruded (the kernel's last event for it,
+    /// at most one per `event_interval`), newest first; else by run time.
+    pub recent: bool,
+    pub limit: usize,
+}
+
+impl IntrudersQuery {
+    /// Parses a query string; an unknown key or a bad value is an error
+    /// that names it.
+    pub fn parse(query: Option<&str>) -> Result<Self, String> {
+        let mut q = Self {
+            cpu: None,
+            recent: false,
+            limit: TOP_INTRUDERS,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "cpu" => {
+                    q.cpu = Some(value.parse().map_err(|_| {
+                        format!("cpu: expected a CPU number, got {value:?}")
+                    })?)
+                }
+                "sort" => {
+                    q.recent = match value {
+                        "run" => false,
+                        "recent" => true,
+                        _ => return Err(format!("sort: expected run or recent, got {value:?}")),
+                    }
+                }
+                "limit" => {
+                    q.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=pin_common::MAX_THREADS as usize).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "limit: expected 1 to {}, got {value:?}",
+                                pin_common::MAX_THREADS
+                            )
+                        })?
+                }
+                _ => return Err(format!("unknown parameter {key:?}: expected cpu, sort or limit")),
+            }
+        }
+        Ok(q)
+    }
+
+    /// The records it asks for, from (record, last event time) pairs.
+    pub fn select(&self, mut all: Vec<(IntruderRecord, u64)>) -> Vec<IntruderRecord> {
+        all.retain(|(r, _)| self.cpu.is_none_or(|c| r.cpu == c));
+        if self.recent {
+            all.sort_by_key(|(r, last)| (std::cmp::Reverse(*last), std::cmp::Reverse(r.run_ns)));
+        } else {
+            all.sort_by_key(|(r, _)| std::cmp::Reverse(r.run_ns));
+        }
+        all.truncate(self.limit);
+        all.into_iter().map(|(r, _)| r).collect()
+    }
+}
 
 /// What the routes read.
 #[derive(Clone)]
@@ -116,15 +184,19 @@ async fn violations(State(ep): State<Endpoint>) -> Response {
 }
 
 /// The top intruders, read from the kernel's per-thread map now.
-async fn intruders(State(ep): State<Endpoint>) -> Response {
+async fn intruders(State(ep): State<Endpoint>, uri: Uri) -> Response {
+    let query = match IntrudersQuery::parse(uri.query()) {
+        Ok(q) => q,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
     let threads = match ep.probe.lock().threads() {
         Ok(t) => t,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     };
-    let mut list: Vec<IntruderRecord> = threads
+    let all = threads
         .into_iter()
         .filter_map(|(k, t)| {
-            Some(IntruderRecord {
+            let record = IntruderRecord {
                 cpu: k.cpu,
                 tid: k.tid,
                 tgid: t.tgid,
@@ -133,12 +205,11 @@ async fn intruders(State(ep): State<Endpoint>) -> Response {
                 run_ns: t.run_ns,
                 slices: t.slices,
                 max_slice_ns: t.max_slice_ns,
-            })
+            };
+            Some((record, t.last_event_ns))
         })
         .collect();
-    list.sort_by_key(|i| std::cmp::Reverse(i.run_ns));
-    list.truncate(TOP_INTRUDERS);
-    json(&list)
+    json(&query.select(all))
 }
 
 /// Binds now (so a taken port fails the start with a clear error), serves
@@ -284,5 +355,48 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(cpu: u32, tid: u32, run_ns: u64) -> IntruderRecord {
+        IntruderRecord {
+            cpu,
+            tid,
+            tgid: tid,
+            comm: format!("t{tid}"),
+            class: ThreadClass::IntruderUser,
+            run_ns,
+            slices: 1,
+            max_slice_ns: run_ns,
+        }
+    }
+
+    #[test]
+    fn a_short_recent_intruder_is_found_by_cpu_and_recency() {
+        // A long-running one seen long ago, a short one just now, another CPU.
+        let all = || vec![(rec(1, 10, 9_000_000), 100), (rec(1, 11, 20_000), 900), (rec(2, 12, 5_000_000), 950)];
+        let by_run = IntrudersQuery::parse(Some("limit=1")).unwrap().select(all());
+        assert_eq!(by_run.iter().map(|r| r.tid).collect::<Vec<_>>(), [10]);
+        let recent = IntrudersQuery::parse(Some("cpu=1&sort=recent&limit=1")).unwrap().select(all());
+        assert_eq!(recent.iter().map(|r| r.tid).collect::<Vec<_>>(), [11]);
+        let default = IntrudersQuery::parse(None).unwrap().select(all());
+        assert_eq!(default.iter().map(|r| r.tid).collect::<Vec<_>>(), [10, 12, 11]);
+    }
+
+    #[test]
+    fn bad_parameters_name_themselves() {
+        for (q, needle) in [
+            ("cpu=x", "cpu: expected a CPU number"),
+            ("sort=new", "sort: expected run or recent"),
+            ("limit=0", "limit: expected 1 to"),
+            ("tid=3", "unknown parameter \"tid\""),
+        ] {
+            let e = IntrudersQuery::parse(Some(q)).unwrap_err();
+            assert!(e.contains(needle), "{q}: {e}");
+        }
     }
 }
