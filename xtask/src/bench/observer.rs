@@ -462,13 +462,19 @@ fn perf_pipe(cpu: usize, loops: u64) -> Result<f64> {
         "-l",
         &loops.to_string(),
     ]);
+    run_perf_pipe(&mut cmd)
+}
+
+/// Runs a `perf bench sched pipe` command line (whatever wraps it: taskset,
+/// chrt) and returns its ops/s.
+pub(super) fn run_perf_pipe(cmd: &mut Command) -> Result<f64> {
     let out = cmd
         .output()
-        .with_context(|| format!("could not run `{}`", util::show(&cmd)))?;
+        .with_context(|| format!("could not run `{}`", util::show(cmd)))?;
     if !out.status.success() {
         bail!(
             "`{}` failed ({}): {}",
-            util::show(&cmd),
+            util::show(cmd),
             util::describe(out.status),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -476,7 +482,7 @@ fn perf_pipe(cpu: usize, loops: u64) -> Result<f64> {
     parse_perf_pipe(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
         format!(
             "no \"usecs/op\" line in the output of `{}`",
-            util::show(&cmd)
+            util::show(cmd)
         )
     })
 }

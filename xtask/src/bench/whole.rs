@@ -28,7 +28,7 @@ use super::{
     BenchArgs, GUARDED_CPU, OTHER_CPU, W, daemon,
     intruders::{BURSTS_US, Intruders, Intrusion},
     noise::{self, Comparison},
-    observer::parse_perf_pipe,
+    observer::run_perf_pipe,
     peers::{self, Output, Running, Tool},
     prog_stats, spread,
     vcpu_guest::VcpuGuest,
@@ -370,23 +370,7 @@ fn perf_pipe_fifo(loops: u64) -> Result<f64> {
         "-l",
         &loops.to_string(),
     ]);
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not run `{}`", util::show(&cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            util::show(&cmd),
-            util::describe(out.status),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    parse_perf_pipe(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
-        format!(
-            "no \"usecs/op\" line in the output of `{}`",
-            util::show(&cmd)
-        )
-    })
+    run_perf_pipe(&mut cmd)
 }
 
 fn sample(guest: &mut VcpuGuest, (hk_n, g_n): (u64, u64)) -> Result<Sample> {
